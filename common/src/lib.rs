@@ -1,0 +1,16 @@
+//! Ferry's shared ground: everything two daemons must agree on.
+//!
+//! This crate owns the node configuration file ([`config`]), the mutual
+//! challenge-response handshake on the cluster key ([`auth`]), the framed bincode
+//! transport every tarpc service runs over ([`transport`]), the RPC service traits and
+//! their wire types ([`fsproto`] for the file service), and the tracing set-up every
+//! binary calls first ([`logging`]).
+//!
+//! It owns no daemon logic: `fs-server`, `fuse-client`, `migd` and `home-proxy`
+//! depend on it; it depends on none of them.
+
+pub mod auth;
+pub mod config;
+pub mod fsproto;
+pub mod logging;
+pub mod transport;

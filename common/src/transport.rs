@@ -1,0 +1,100 @@
+//! The transport every Ferry RPC runs over: TCP, the cluster-key handshake, then
+//! length-delimited bincode frames carrying tarpc messages.
+//!
+//! Frames are capped ([`DEFAULT_MAX_FRAME`]); an oversized frame or one that does not
+//! decode ends that one connection with a logged error and nothing else changes.
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+use tarpc::serde_transport::Transport;
+use tarpc::tokio_serde::formats::Bincode;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::codec::{Framed, LengthDelimitedCodec};
+
+use crate::auth::{client_handshake, server_handshake, ClusterKey, HandshakeError};
+
+/// Largest frame accepted by default: a 1 MiB write or read plus headroom, with room
+/// for readdir batches. Larger frames are refused.
+pub const DEFAULT_MAX_FRAME: usize = 8 << 20;
+
+/// A tarpc transport over an authenticated TCP stream.
+pub type RpcTransport<In, Out> = Transport<TcpStream, In, Out, Bincode<In, Out>>;
+
+/// Why a connection to a peer could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("handshake with {addr} failed: {source}")]
+    Handshake {
+        addr: SocketAddr,
+        source: HandshakeError,
+    },
+}
+
+/// Wraps an authenticated stream into a tarpc transport with a frame cap.
+pub fn frame<In, Out>(stream: TcpStream, max_frame: usize) -> RpcTransport<In, Out>
+where
+    In: for<'de> Deserialize<'de>,
+    Out: Serialize,
+{
+    let codec = LengthDelimitedCodec::builder()
+        .max_frame_length(max_frame)
+        .new_codec();
+    tarpc::serde_transport::new(Framed::new(stream, codec), Bincode::default())
+}
+
+/// Connects to a peer's service, proves the key, and returns the framed transport and
+/// the peer's proven name.
+pub async fn connect<In, Out>(
+    addr: SocketAddr,
+    key: &ClusterKey,
+    my_name: &str,
+    max_frame: usize,
+) -> Result<(RpcTransport<In, Out>, String), ConnectError>
+where
+    In: for<'de> Deserialize<'de>,
+    Out: Serialize,
+{
+    let mut stream = TcpStream::connect(addr)
+        .await
+        .map_err(|source| ConnectError::Connect { addr, source })?;
+    let _ = stream.set_nodelay(true);
+    let peer = client_handshake(&mut stream, key, my_name)
+        .await
+        .map_err(|source| ConnectError::Handshake { addr, source })?;
+    Ok((frame(stream, max_frame), peer))
+}
+
+/// Accepts one connection and authenticates it. Returns `None` (after logging why)
+/// when the peer fails the handshake; the caller just accepts the next one.
+pub async fn accept_authenticated(
+    stream: TcpStream,
+    peer_addr: SocketAddr,
+    key: &ClusterKey,
+    my_name: &str,
+) -> Option<(TcpStream, String)> {
+    let mut stream = stream;
+    let _ = stream.set_nodelay(true);
+    match server_handshake(&mut stream, key, my_name).await {
+        Ok(peer) => {
+            tracing::debug!(%peer_addr, %peer, "peer authenticated");
+            Some((stream, peer))
+        }
+        Err(e) => {
+            tracing::warn!(%peer_addr, error = %e, "refused connection: handshake failed");
+            None
+        }
+    }
+}
+
+/// Binds a listener, with a message that names the address on failure.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))
+}

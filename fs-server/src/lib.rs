@@ -1,0 +1,1 @@
+//! fs-server: not yet written.

@@ -1,0 +1,1 @@
+//! fuse-client: not yet written.

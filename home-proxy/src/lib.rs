@@ -1,0 +1,1 @@
+//! home-proxy: not yet written.

@@ -1,0 +1,1 @@
+//! migd: not yet written.

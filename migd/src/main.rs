@@ -1,0 +1,3 @@
+fn main() {
+    common::logging::init("migd");
+}

@@ -1,0 +1,1 @@
+//! The local-cluster harness: not yet written.
