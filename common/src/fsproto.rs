@@ -20,6 +20,35 @@
 
 use serde::{Deserialize, Serialize};
 
+// CHANGED(fuse-client): the channel-kind preamble, so fs-server knows what a new
+// connection is for (requests, or the callback channel paired by token).
+/// What a connection to fs-server carries. Right after the cluster-key handshake the
+/// client writes one byte, the kind; a [`ChannelKind::Callbacks`] connection then writes
+/// the 8-byte little-endian token it passed to [`FileService::register`] on its
+/// requests connection. Then tarpc frames follow: on a requests connection the client
+/// calls [`FileService`]; on a callbacks connection the *server* calls
+/// [`CacheCallback`] and the client answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ChannelKind {
+    /// The client calls [`FileService`].
+    Requests = 0,
+    /// The server calls [`CacheCallback`]; followed by the 8-byte token.
+    Callbacks = 1,
+}
+
+// CHANGED(fuse-client): byte <-> kind conversion for the preamble.
+impl ChannelKind {
+    /// The kind a preamble byte names, if any.
+    pub fn from_byte(b: u8) -> Option<ChannelKind> {
+        match b {
+            0 => Some(ChannelKind::Requests),
+            1 => Some(ChannelKind::Callbacks),
+            _ => None,
+        }
+    }
+}
+
 /// An opaque, server-signed name for a file, directory or symlink.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct FileHandle(#[serde(with = "serde_bytes")] pub Vec<u8>);
