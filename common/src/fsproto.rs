@@ -19,6 +19,7 @@
 //! file is served uncached until the sharing ends. See `docs/protocol.md`.
 
 use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 // CHANGED(fuse-client): the channel-kind preamble, so fs-server knows what a new
 // connection is for (requests, or the callback channel paired by token).
@@ -348,4 +349,67 @@ pub trait CacheCallback {
     /// Drop the cached entry `name` in directory `parent_ino` (renamed or removed
     /// by another client).
     async fn invalidate_entry(parent_ino: u64, name: Vec<u8>);
+}
+
+// CHANGED(fs-server): preamble read/write helpers over the fuse-client's ChannelKind.
+impl ChannelKind {
+    /// Writes the preamble: the kind byte, then `token` (LE) for callbacks.
+    pub async fn write_preamble<S: AsyncWrite + Unpin>(
+        self,
+        s: &mut S,
+        token: u64,
+    ) -> std::io::Result<()> {
+        let mut buf = vec![self as u8];
+        if self == ChannelKind::Callbacks {
+            buf.extend_from_slice(&token.to_le_bytes());
+        }
+        s.write_all(&buf).await
+    }
+
+    /// Reads a preamble: the kind and, for callbacks, the token (0 for requests).
+    /// An unknown kind byte is `InvalidData`.
+    pub async fn read_preamble<S: AsyncRead + Unpin>(
+        s: &mut S,
+    ) -> std::io::Result<(ChannelKind, u64)> {
+        let b = s.read_u8().await?;
+        match ChannelKind::from_byte(b) {
+            Some(ChannelKind::Requests) => Ok((ChannelKind::Requests, 0)),
+            Some(ChannelKind::Callbacks) => Ok((ChannelKind::Callbacks, s.read_u64_le().await?)),
+            None => Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("unknown fs channel kind {b} (expected 0 = requests, 1 = callbacks)"),
+            )),
+        }
+    }
+}
+
+// CHANGED(fs-server): one call that connects, authenticates and writes the preamble.
+/// Connects to an fs-server, proves the key, writes the preamble (`token` is sent for
+/// [`ChannelKind::Callbacks`] only), and returns the framed transport and the server's
+/// proven name. For requests wrap it in a [`FileServiceClient`]; for callbacks serve
+/// [`CacheCallback`] on it.
+pub async fn connect_channel<In, Out>(
+    addr: std::net::SocketAddr,
+    key: &crate::auth::ClusterKey,
+    my_name: &str,
+    max_frame: usize,
+    kind: ChannelKind,
+    token: u64,
+) -> Result<(crate::transport::RpcTransport<In, Out>, String), crate::transport::ConnectError>
+where
+    In: for<'de> Deserialize<'de>,
+    Out: Serialize,
+{
+    use crate::transport::ConnectError;
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|source| ConnectError::Connect { addr, source })?;
+    let _ = stream.set_nodelay(true);
+    let peer = crate::auth::client_handshake(&mut stream, key, my_name)
+        .await
+        .map_err(|source| ConnectError::Handshake { addr, source })?;
+    kind.write_preamble(&mut stream, token)
+        .await
+        .map_err(|source| ConnectError::Connect { addr, source })?;
+    Ok((crate::transport::frame(stream, max_frame), peer))
 }
