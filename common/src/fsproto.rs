@@ -18,6 +18,10 @@
 //! fs-server calls every caching client back ([`CacheCallback::invalidate`]) and the
 //! file is served uncached until the sharing ends. See `docs/protocol.md`.
 
+// CHANGED(fuse-client): the tarpc-generated client and request types of FileService
+// take up to 8 arguments; clippy's too_many_arguments fires inside the macro expansion.
+#![allow(clippy::too_many_arguments)]
+
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 

@@ -1,5 +1,41 @@
-fn main() {
+//! `fuse-client --config FILE`: mounts the cluster's super-root and serves it until
+//! SIGTERM or SIGINT, then unmounts.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+
+/// Mounts Ferry's super-root "/..." (every volume of the cluster under one root).
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// The node's configuration file (TOML).
+    #[arg(long)]
+    config: PathBuf,
+}
+
+fn main() -> anyhow::Result<()> {
     common::logging::init("fuse-client");
-    tracing::error!("fuse-client is not implemented yet");
-    std::process::exit(2);
+    let args = Args::parse();
+    let config = common::config::NodeConfig::load(&args.config)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("fuse-client")
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(fuse_client::run(config, shutdown_signal()))
+        .context("fuse-client failed")?;
+    Ok(())
+}
+
+/// Resolves on the first SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("can install a SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("can install a SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
 }

@@ -1,0 +1,770 @@
+//! The FUSE file system: fuser's [`Filesystem`] callbacks mapped onto the file
+//! service.
+//!
+//! Every callback copies what it needs out of the request, moves the `Reply*` into a
+//! tokio task and returns at once, so the FUSE threads never wait on the network. The
+//! task makes the call(s) through [`ServerConn`] and answers the kernel.
+//!
+//! State shared by the tasks lives in [`Inner`]: the inode table, the open files and
+//! directories, the volume list, and the notification queue. `ops.rs` holds the
+//! operations themselves, `dir.rs` the directory listing.
+
+mod dir;
+mod ops;
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::future::Future;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use common::auth::ClusterKey;
+use common::config::NodeConfig;
+use common::fsproto::{Creds, FsResult, OpenFile};
+use fuser::{
+    FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
+    KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLock, ReplyOpen, ReplyStatfs,
+    ReplyWrite, Request, TimeOrNow, WriteFlags,
+};
+
+use crate::conn::{CallbackSink, ServerConn};
+use crate::convert::{creds, errno};
+use crate::inodes::{InodeTable, ROOT_INO};
+use crate::notify::NotifyQueue;
+use crate::volumes::Volumes;
+
+pub use dir::DirState;
+
+/// An open file of ours.
+#[derive(Debug)]
+pub struct OpenState {
+    pub ino: u64,
+    pub server: Arc<ServerConn>,
+    pub file: OpenFile,
+    /// The opener's credentials: reads and writes go on with them (POSIX checks at
+    /// open time only).
+    pub creds: Creds,
+    /// Opened with FOPEN_DIRECT_IO (no page cache for this handle).
+    pub direct: bool,
+}
+
+/// What an entry reply carries.
+pub struct EntryOut {
+    pub attr: FileAttr,
+    pub ttl: Duration,
+}
+
+/// Everything the tasks share.
+pub struct Inner {
+    pub(crate) rt: tokio::runtime::Handle,
+    pub(crate) servers: HashMap<String, Arc<ServerConn>>,
+    pub(crate) inodes: Mutex<InodeTable>,
+    pub(crate) volumes: tokio::sync::Mutex<Volumes>,
+    pub(crate) opens: Mutex<HashMap<u64, Arc<OpenState>>>,
+    pub(crate) dirs: Mutex<HashMap<u64, Arc<tokio::sync::Mutex<DirState>>>>,
+    next_fh: AtomicU64,
+    pub(crate) notify: NotifyQueue,
+    attr_ttl: Duration,
+    mounted_at: SystemTime,
+}
+
+impl Inner {
+    /// Builds the shared state with one [`ServerConn`] per cluster node.
+    pub fn new(
+        config: &NodeConfig,
+        key: ClusterKey,
+        rt: tokio::runtime::Handle,
+        notify: NotifyQueue,
+    ) -> Arc<Inner> {
+        Arc::new_cyclic(|me: &std::sync::Weak<Inner>| {
+            let sink: std::sync::Weak<dyn CallbackSink> = me.clone();
+            let servers = config
+                .nodes
+                .iter()
+                .map(|n| {
+                    let conn = ServerConn::new(
+                        n.name.clone(),
+                        config.fs_addr(n),
+                        key.clone(),
+                        config.node.clone(),
+                        config.fs.max_frame_bytes,
+                        config.reconnect_timeout(),
+                        sink.clone(),
+                    );
+                    (n.name.clone(), conn)
+                })
+                .collect();
+            Inner {
+                rt,
+                servers,
+                inodes: Mutex::new(InodeTable::default()),
+                volumes: tokio::sync::Mutex::new(Volumes::default()),
+                opens: Mutex::new(HashMap::new()),
+                dirs: Mutex::new(HashMap::new()),
+                next_fh: AtomicU64::new(1),
+                notify,
+                attr_ttl: Duration::from_millis(config.fuse.attr_ttl_ms),
+                mounted_at: SystemTime::now(),
+            }
+        })
+    }
+
+    pub(crate) fn ttl(&self, uncached: bool) -> Duration {
+        if uncached {
+            Duration::ZERO
+        } else {
+            self.attr_ttl
+        }
+    }
+
+    pub(crate) fn new_fh(&self) -> u64 {
+        self.next_fh.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub(crate) fn open_state(&self, fh: u64) -> FsResult<Arc<OpenState>> {
+        self.opens
+            .lock()
+            .expect("opens lock")
+            .get(&fh)
+            .cloned()
+            .ok_or_else(|| common::fsproto::FsError::new(libc::EBADF, format!("no open file {fh}")))
+    }
+
+    /// The super-root's attributes.
+    pub(crate) fn root_attr(&self) -> FileAttr {
+        FileAttr {
+            ino: INodeNo(ROOT_INO),
+            size: 0,
+            blocks: 0,
+            atime: self.mounted_at,
+            mtime: self.mounted_at,
+            ctime: self.mounted_at,
+            crtime: self.mounted_at,
+            kind: FileType::Directory,
+            perm: 0o555,
+            nlink: 2,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            blksize: 4096,
+            flags: 0,
+        }
+    }
+
+    fn spawn<F>(&self, fut: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        self.rt.spawn(fut);
+    }
+}
+
+impl CallbackSink for Inner {
+    fn invalidate(
+        &self,
+        server: &str,
+        ino: u64,
+        uncached: bool,
+    ) -> futures::future::BoxFuture<'static, ()> {
+        let inos = {
+            let mut table = self.inodes.lock().expect("inode lock");
+            let inos = table.by_server_ino(server, ino);
+            if uncached {
+                for &i in &inos {
+                    table.set_uncached(i, true);
+                }
+            }
+            inos
+        };
+        let waits: Vec<_> = inos
+            .iter()
+            .map(|&i| self.notify.inval_inode_wait(i))
+            .collect();
+        Box::pin(async move {
+            for w in waits {
+                let _ = w.await;
+            }
+        })
+    }
+
+    fn invalidate_entry(&self, server: &str, parent_ino: u64, name: Vec<u8>) {
+        let parents = self
+            .inodes
+            .lock()
+            .expect("inode lock")
+            .by_server_ino(server, parent_ino);
+        for p in parents {
+            self.notify.inval_entry(p, name.clone());
+        }
+    }
+
+    fn reconnected(&self, server: &str) {
+        // The server may have restarted and lost track of what we cache: drop it all.
+        let inos = self.inodes.lock().expect("inode lock").of_server(server);
+        tracing::info!(%server, files = inos.len(), "dropping cached data of the reconnected server's files");
+        for i in inos {
+            self.notify.inval_inode(i);
+        }
+    }
+}
+
+/// The fuser file system: a thin shell over [`Inner`].
+pub struct FerryFs {
+    inner: Arc<Inner>,
+}
+
+impl FerryFs {
+    pub fn new(inner: Arc<Inner>) -> FerryFs {
+        FerryFs { inner }
+    }
+}
+
+fn reply_entry(reply: ReplyEntry, r: FsResult<EntryOut>, what: &str) {
+    match r {
+        Ok(e) => reply.entry(&e.ttl, &e.attr, Generation(0)),
+        Err(e) => {
+            log_err(what, &e);
+            reply.error(errno(&e))
+        }
+    }
+}
+
+fn reply_empty(reply: ReplyEmpty, r: FsResult<()>, what: &str) {
+    match r {
+        Ok(()) => reply.ok(),
+        Err(e) => {
+            log_err(what, &e);
+            reply.error(errno(&e))
+        }
+    }
+}
+
+fn reply_attr(reply: ReplyAttr, r: FsResult<(FileAttr, Duration)>, what: &str) {
+    match r {
+        Ok((attr, ttl)) => reply.attr(&ttl, &attr),
+        Err(e) => {
+            log_err(what, &e);
+            reply.error(errno(&e))
+        }
+    }
+}
+
+/// Expected outcomes (a missing name, a full disk, a refused permission) are logged
+/// at debug; the rest at warn.
+fn log_err(what: &str, e: &common::fsproto::FsError) {
+    match e.errno {
+        libc::ENOENT
+        | libc::EEXIST
+        | libc::ENOTEMPTY
+        | libc::EACCES
+        | libc::EPERM
+        | libc::EAGAIN
+        | libc::ENOTDIR
+        | libc::EISDIR
+        | libc::EXDEV
+        | libc::ENODATA
+        | libc::ENOSYS
+        | libc::EROFS
+        | libc::ENAMETOOLONG
+        | libc::ENOSPC
+        | libc::EINVAL => {
+            tracing::debug!(op = what, error = %e, "refused")
+        }
+        _ => tracing::warn!(op = what, error = %e, "failed"),
+    }
+}
+
+fn name_vec(name: &OsStr) -> Vec<u8> {
+    name.as_bytes().to_vec()
+}
+
+impl Filesystem for FerryFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let _ = config.set_max_write(1 << 20);
+        if let Err(max) = config.set_max_readahead(1 << 20) {
+            let _ = config.set_max_readahead(max);
+        }
+        let _ = config.set_max_background(64);
+        let _ = config.set_congestion_threshold(48);
+        for (name, cap) in [
+            ("ASYNC_READ", InitFlags::FUSE_ASYNC_READ),
+            ("BIG_WRITES", InitFlags::FUSE_BIG_WRITES),
+            ("MAX_PAGES", InitFlags::FUSE_MAX_PAGES),
+            ("AUTO_INVAL_DATA", InitFlags::FUSE_AUTO_INVAL_DATA),
+            ("POSIX_LOCKS", InitFlags::FUSE_POSIX_LOCKS),
+            ("FLOCK_LOCKS", InitFlags::FUSE_FLOCK_LOCKS),
+            ("DO_READDIRPLUS", InitFlags::FUSE_DO_READDIRPLUS),
+            ("READDIRPLUS_AUTO", InitFlags::FUSE_READDIRPLUS_AUTO),
+            ("PARALLEL_DIROPS", InitFlags::FUSE_PARALLEL_DIROPS),
+            ("ASYNC_DIO", InitFlags::FUSE_ASYNC_DIO),
+            ("CACHE_SYMLINKS", InitFlags::FUSE_CACHE_SYMLINKS),
+            ("EXPORT_SUPPORT", InitFlags::FUSE_EXPORT_SUPPORT),
+        ] {
+            if let Err(missing) = config.add_capabilities(cap) {
+                tracing::info!(capability = name, ?missing, "kernel lacks FUSE capability");
+            }
+        }
+        tracing::debug!(abi = ?config.kernel_abi(), "FUSE connection initialised");
+        Ok(())
+    }
+
+    fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let (inner, creds, name) = (self.inner.clone(), creds(req), name_vec(name));
+        self.inner.spawn(async move {
+            let r = inner.lookup(creds, parent.0, name).await;
+            reply_entry(reply, r, "lookup")
+        });
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.inner
+            .inodes
+            .lock()
+            .expect("inode lock")
+            .forget(ino.0, nlookup);
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        let inner = self.inner.clone();
+        self.inner.spawn(async move {
+            let r = inner.getattr(ino.0, fh.map(|f| f.0)).await;
+            reply_attr(reply, r, "getattr")
+        });
+    }
+
+    fn setattr(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let (inner, creds) = (self.inner.clone(), creds(req));
+        let set = common::fsproto::SetAttr {
+            mode,
+            uid,
+            gid,
+            size,
+            atime: atime.map(crate::convert::set_time),
+            mtime: mtime.map(crate::convert::set_time),
+        };
+        self.inner.spawn(async move {
+            let r = inner.setattr(creds, ino.0, set, fh.map(|f| f.0)).await;
+            reply_attr(reply, r, "setattr")
+        });
+    }
+
+    fn readlink(&self, req: &Request, ino: INodeNo, reply: ReplyData) {
+        let (inner, creds) = (self.inner.clone(), creds(req));
+        self.inner.spawn(async move {
+            match inner.readlink(creds, ino.0).await {
+                Ok(target) => reply.data(&target),
+                Err(e) => {
+                    log_err("readlink", &e);
+                    reply.error(errno(&e))
+                }
+            }
+        });
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let (inner, creds, name) = (self.inner.clone(), creds(req), name_vec(name));
+        self.inner.spawn(async move {
+            let r = inner.mknod(creds, parent.0, name, mode, umask, rdev).await;
+            reply_entry(reply, r, "mknod")
+        });
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let (inner, creds, name) = (self.inner.clone(), creds(req), name_vec(name));
+        self.inner.spawn(async move {
+            let r = inner.mkdir(creds, parent.0, name, mode, umask).await;
+            reply_entry(reply, r, "mkdir")
+        });
+    }
+
+    fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let (inner, creds, name) = (self.inner.clone(), creds(req), name_vec(name));
+        self.inner.spawn(async move {
+            let r = inner.unlink(creds, parent.0, name, false).await;
+            reply_empty(reply, r, "unlink")
+        });
+    }
+
+    fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let (inner, creds, name) = (self.inner.clone(), creds(req), name_vec(name));
+        self.inner.spawn(async move {
+            let r = inner.unlink(creds, parent.0, name, true).await;
+            reply_empty(reply, r, "rmdir")
+        });
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let (inner, creds, name) = (self.inner.clone(), creds(req), name_vec(link_name));
+        let target = target.as_os_str().as_bytes().to_vec();
+        self.inner.spawn(async move {
+            let r = inner.symlink(creds, parent.0, name, target).await;
+            reply_entry(reply, r, "symlink")
+        });
+    }
+
+    fn rename(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let (inner, creds) = (self.inner.clone(), creds(req));
+        let (name, newname) = (name_vec(name), name_vec(newname));
+        self.inner.spawn(async move {
+            let r = inner
+                .rename(creds, parent.0, name, newparent.0, newname, flags.bits())
+                .await;
+            reply_empty(reply, r, "rename")
+        });
+    }
+
+    fn link(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        let (inner, creds, name) = (self.inner.clone(), creds(req), name_vec(newname));
+        self.inner.spawn(async move {
+            let r = inner.link(creds, ino.0, newparent.0, name).await;
+            reply_entry(reply, r, "link")
+        });
+    }
+
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let (inner, creds) = (self.inner.clone(), creds(req));
+        self.inner.spawn(async move {
+            match inner.open(creds, ino.0, flags.0).await {
+                Ok((fh, fopen)) => reply.opened(FileHandle(fh), fopen),
+                Err(e) => {
+                    log_err("open", &e);
+                    reply.error(errno(&e))
+                }
+            }
+        });
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let inner = self.inner.clone();
+        self.inner.spawn(async move {
+            match inner.read(ino.0, fh.0, offset, size).await {
+                Ok(data) => {
+                    reply.data(&data);
+                    inner.after_io(ino.0, fh.0);
+                }
+                Err(e) => {
+                    log_err("read", &e);
+                    reply.error(errno(&e))
+                }
+            }
+        });
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let inner = self.inner.clone();
+        let data = serde_bytes::ByteBuf::from(data.to_vec());
+        self.inner.spawn(async move {
+            match inner.write(fh.0, offset, data).await {
+                Ok(n) => {
+                    reply.written(n);
+                    inner.after_io(ino.0, fh.0);
+                }
+                Err(e) => {
+                    log_err("write", &e);
+                    reply.error(errno(&e))
+                }
+            }
+        });
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        let inner = self.inner.clone();
+        self.inner.spawn(async move {
+            let r = inner.flush(fh.0, lock_owner.0).await;
+            reply_empty(reply, r, "flush")
+        });
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        let inner = self.inner.clone();
+        self.inner.spawn(async move {
+            let r = inner.release(fh.0, lock_owner.map(|o| o.0)).await;
+            reply_empty(reply, r, "release")
+        });
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        let inner = self.inner.clone();
+        self.inner.spawn(async move {
+            let r = inner.fsync(fh.0, datasync).await;
+            reply_empty(reply, r, "fsync")
+        });
+    }
+
+    fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.inner.opendir(creds(req), ino.0) {
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Err(e) => {
+                log_err("opendir", &e);
+                reply.error(errno(&e))
+            }
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        reply: ReplyDirectory,
+    ) {
+        let inner = self.inner.clone();
+        self.inner
+            .spawn(async move { inner.readdir(ino.0, fh.0, offset, reply).await });
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        reply: ReplyDirectoryPlus,
+    ) {
+        let inner = self.inner.clone();
+        self.inner
+            .spawn(async move { inner.readdirplus(ino.0, fh.0, offset, reply).await });
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.inner.dirs.lock().expect("dirs lock").remove(&fh.0);
+        reply.ok();
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        // fs-server performs namespace changes durably before answering them.
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, ino: INodeNo, reply: ReplyStatfs) {
+        let inner = self.inner.clone();
+        self.inner.spawn(async move {
+            match inner.statfs(ino.0).await {
+                Ok(s) => reply.statfs(
+                    s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize,
+                ),
+                Err(e) => {
+                    log_err("statfs", &e);
+                    reply.error(errno(&e))
+                }
+            }
+        });
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let (inner, creds, name) = (self.inner.clone(), creds(req), name_vec(name));
+        self.inner.spawn(async move {
+            match inner
+                .create(creds, parent.0, name, mode, umask, flags)
+                .await
+            {
+                Ok((entry, fh, fopen)) => reply.created(
+                    &entry.ttl,
+                    &entry.attr,
+                    Generation(0),
+                    FileHandle(fh),
+                    fopen,
+                ),
+                Err(e) => {
+                    log_err("create", &e);
+                    reply.error(errno(&e))
+                }
+            }
+        });
+    }
+
+    fn getlk(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        lock_owner: LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        pid: u32,
+        reply: ReplyLock,
+    ) {
+        let inner = self.inner.clone();
+        let lock = common::fsproto::Lock {
+            start,
+            end,
+            typ,
+            pid,
+        };
+        self.inner.spawn(async move {
+            match inner.getlk(fh.0, lock_owner.0, lock).await {
+                Ok(l) => reply.locked(l.start, l.end, l.typ, l.pid),
+                Err(e) => {
+                    log_err("getlk", &e);
+                    reply.error(errno(&e))
+                }
+            }
+        });
+    }
+
+    fn setlk(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        lock_owner: LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        pid: u32,
+        sleep: bool,
+        reply: ReplyEmpty,
+    ) {
+        let inner = self.inner.clone();
+        let lock = common::fsproto::Lock {
+            start,
+            end,
+            typ,
+            pid,
+        };
+        self.inner.spawn(async move {
+            let r = inner.setlk(fh.0, lock_owner.0, lock, sleep).await;
+            reply_empty(reply, r, "setlk")
+        });
+    }
+}
+
+/// Errno for operations the super-root refuses (it is read-only).
+pub(crate) fn root_is_read_only(what: &str) -> common::fsproto::FsError {
+    common::fsproto::FsError::new(
+        libc::EPERM,
+        format!(
+            "{what}: the super-root lists volumes only; nothing can be created or changed in it"
+        ),
+    )
+}
