@@ -312,20 +312,27 @@ fn start_node(
         ))
     })?;
     let out = child.stdout.take().expect("stdout is piped");
+    // Both the parent ("pid N") and the child ("ready" / "error: ...") write here, in
+    // either order; read until both have closed it.
     let mut holder = None;
-    let mut outcome = Err(fail("node-init ended without saying ready".into()));
+    let mut ready = false;
+    let mut error = None;
     for line in BufReader::new(out).lines() {
         let Ok(line) = line else { break };
         if let Some(p) = line.strip_prefix("pid ") {
             holder = p.trim().parse::<i32>().ok();
         } else if line == "ready" {
-            outcome = holder.ok_or_else(|| fail("node-init said ready before its pid".into()));
-            break;
+            ready = true;
         } else if let Some(e) = line.strip_prefix("error: ") {
-            outcome = Err(fail(e.to_owned()));
-            break;
+            error = Some(e.to_owned());
         }
     }
+    let outcome = match (holder, ready, error) {
+        (_, _, Some(e)) => Err(fail(e)),
+        (Some(h), true, None) => Ok(h),
+        (None, _, None) => Err(fail("node-init did not report its pid".into())),
+        (Some(_), false, None) => Err(fail("node-init ended without saying ready".into())),
+    };
     let _ = child.wait();
     outcome
 }
