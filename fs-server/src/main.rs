@@ -1,5 +1,41 @@
-fn main() {
+//! `fs-server --config FILE`: serves this node's volumes on `ports.fs` of its address.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use common::config::NodeConfig;
+
+/// Serves this node's volumes to the Ferry cluster.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// Node configuration file (TOML).
+    #[arg(long, default_value = "/etc/ferry/node.toml")]
+    config: PathBuf,
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
     common::logging::init("fs-server");
-    tracing::error!("fs-server is not implemented yet");
-    std::process::exit(2);
+    let args = Args::parse();
+    let config = NodeConfig::load(&args.config)?;
+    let addr = config.fs_addr(config.me());
+    let listener = common::transport::bind(addr)
+        .await
+        .with_context(|| format!("fs-server of node {}", config.node))?;
+    fs_server::run(config, listener, shutdown_signal())
+        .await
+        .context("fs-server failed to start")?;
+    Ok(())
 }
