@@ -1,0 +1,98 @@
+//! The `migd` command line: argument types (clap derive) and the functions the thin
+//! `main` calls.
+
+use crate::engine::dump::{dump, DumpOptions};
+use crate::engine::restore::{restore, RestoreOptions};
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "migd",
+    about = "Ferry migration daemon and checkpoint/restore engine"
+)]
+pub struct Cli {
+    /// Node config file (daemon mode).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub cmd: Option<Cmd>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Cmd {
+    /// Freeze a process and write its image; then kill it (default) or let it go on.
+    Dump {
+        #[arg(long)]
+        pid: i32,
+        #[arg(long)]
+        images: PathBuf,
+        /// Let the process run on unchanged after the dump.
+        #[arg(long)]
+        leave_running: bool,
+    },
+    /// Rebuild a process from an image and let it run.
+    Restore {
+        #[arg(long)]
+        images: PathBuf,
+        /// Do not wait for the process; exit once it runs.
+        #[arg(long)]
+        detach: bool,
+    },
+}
+
+/// Runs `migd dump`; prints one summary line.
+pub fn run_dump(pid: i32, images: PathBuf, leave_running: bool) -> anyhow::Result<()> {
+    let r = dump(&DumpOptions {
+        pid,
+        images: images.clone(),
+        leave_running,
+    })?;
+    println!(
+        "dumped pid {}: {} threads, {} areas, {} fds, {} bytes of pages, frozen {:.1} ms; process {}",
+        r.pid,
+        r.threads,
+        r.areas,
+        r.fds,
+        r.page_bytes,
+        r.frozen_ms,
+        if r.left_running { "left running" } else { "killed" }
+    );
+    Ok(())
+}
+
+/// Runs `migd restore`. Returns the exit code to use (or dies of the process's signal).
+pub fn run_restore(images: PathBuf, detach: bool) -> anyhow::Result<i32> {
+    use std::io::Write;
+    let (_, status) = restore(&RestoreOptions { images, detach }, |r| {
+        println!(
+            "restored pid {} (pid {} here, init stub {}): {} threads, {} areas, {} fds, {} bytes of pages, {:.1} ms",
+            r.pid, r.outer_pid, r.stub_pid, r.threads, r.areas, r.fds, r.page_bytes, r.restore_ms
+        );
+        let _ = std::io::stdout().flush();
+    })?;
+    match status {
+        None => Ok(0),
+        Some(st) if libc::WIFEXITED(st) => Ok(libc::WEXITSTATUS(st)),
+        Some(st) if libc::WIFSIGNALED(st) => {
+            eprintln!("restored process died of signal {}", libc::WTERMSIG(st));
+            crate::sys::die_of_signal(libc::WTERMSIG(st))
+        }
+        Some(st) => Ok(128 + (st & 0x7f)),
+    }
+}
+
+/// Placeholder daemon mode: logs and waits for SIGTERM.
+pub fn run_daemon(config: PathBuf) -> anyhow::Result<()> {
+    tracing::info!(config = %config.display(), "daemon not implemented yet; waiting for SIGTERM");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        term.recv().await;
+        tracing::info!("SIGTERM: exiting");
+        Ok::<_, std::io::Error>(())
+    })?;
+    Ok(())
+}

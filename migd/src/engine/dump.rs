@@ -1,0 +1,763 @@
+//! `migd dump`: freeze a process, extract its state into an image directory, then
+//! kill it or let it run on.
+
+use super::fdinfo::{classify_link, parse_fdinfo, LinkKind};
+use super::freeze::{FreezeError, Frozen, Stopped};
+use super::image::{
+    self, Area, AreaKind, Creds, FdImage, FdKind, Manifest, PageWriter, Rseq, SigAction,
+    ThreadImage,
+};
+use super::inject::{InjectError, Injector, GADGET};
+use super::maps::{parse_smaps, MapArea};
+use super::{procfs, regs};
+use crate::sys;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Debug, Clone)]
+pub struct DumpOptions {
+    pub pid: i32,
+    pub images: PathBuf,
+    pub leave_running: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct DumpReport {
+    pub pid: i32,
+    pub threads: usize,
+    pub areas: usize,
+    pub page_bytes: u64,
+    pub fds: usize,
+    pub frozen_ms: f64,
+    pub left_running: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DumpError {
+    #[error("refusing to dump pid {pid}: {what}; the process was left running untouched")]
+    Refused { pid: i32, what: String },
+    #[error(transparent)]
+    Freeze(#[from] FreezeError),
+    #[error(transparent)]
+    Inject(#[from] InjectError),
+    #[error(transparent)]
+    Image(#[from] image::ImageError),
+    #[error("reading {path}: {source}")]
+    Proc {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("pid {pid}: reading memory at {addr:#x} ({len} bytes): {errno}")]
+    Memory {
+        pid: i32,
+        addr: u64,
+        len: usize,
+        errno: nix::errno::Errno,
+    },
+    #[error("pid {pid}: {what}")]
+    Other { pid: i32, what: String },
+}
+
+fn read_proc(path: String) -> Result<String, DumpError> {
+    std::fs::read_to_string(&path).map_err(|source| DumpError::Proc { path, source })
+}
+
+fn read_link(path: String) -> Result<String, DumpError> {
+    std::fs::read_link(&path)
+        .map(|p| p.to_string_lossy().into_owned())
+        .map_err(|source| DumpError::Proc { path, source })
+}
+
+/// Dumps `opts.pid` into `opts.images`.
+pub fn dump(opts: &DumpOptions) -> Result<DumpReport, DumpError> {
+    let pid = opts.pid;
+    let _span = tracing::info_span!("dump", pid).entered();
+    if !Path::new(&format!("/proc/{pid}")).exists() {
+        return Err(FreezeError::NoProcess { pid }.into());
+    }
+    // Refusals that need no freeze, so that the process is not even interrupted.
+    precheck(pid)?;
+    std::fs::create_dir_all(&opts.images).map_err(|source| DumpError::Proc {
+        path: opts.images.display().to_string(),
+        source,
+    })?;
+    let frozen = Frozen::freeze(pid)?;
+    let t0 = Instant::now();
+    // Check again now that nothing can change under us.
+    precheck(pid)?;
+    let manifest = collect(pid, &frozen, &opts.images)?;
+    let report = DumpReport {
+        pid,
+        threads: manifest.threads.len(),
+        areas: manifest.areas.len(),
+        page_bytes: manifest.pages_len,
+        fds: manifest.fds.len(),
+        frozen_ms: 0.0,
+        left_running: opts.leave_running,
+    };
+    image::write_manifest(&opts.images, &manifest)?;
+    let frozen_ms = t0.elapsed().as_secs_f64() * 1e3;
+    if opts.leave_running {
+        frozen.thaw();
+    } else {
+        frozen.kill();
+    }
+    Ok(DumpReport {
+        frozen_ms,
+        ..report
+    })
+}
+
+fn refuse(pid: i32, what: impl Into<String>) -> DumpError {
+    DumpError::Refused {
+        pid,
+        what: what.into(),
+    }
+}
+
+fn precheck(pid: i32) -> Result<(), DumpError> {
+    let kids = procfs::children_of(pid);
+    if !kids.is_empty() {
+        return Err(refuse(
+            pid,
+            format!("it has child processes {kids:?} that would be left outside the image"),
+        ));
+    }
+    for (fd, link) in list_fds(pid)? {
+        match classify_link(&link) {
+            LinkKind::Path(_) | LinkKind::Pipe(_) => {}
+            LinkKind::Socket(ino) => {
+                return Err(refuse(
+                    pid,
+                    format!(
+                        "fd {fd}: {} (sockets cannot be moved)",
+                        socket_kind(pid, ino)
+                    ),
+                ))
+            }
+            LinkKind::AnonInode(name) => {
+                return Err(refuse(pid, format!("fd {fd}: {name} (not supported yet)")))
+            }
+            LinkKind::Other(o) => {
+                return Err(refuse(pid, format!("fd {fd}: {o} (unsupported kind)")))
+            }
+        }
+    }
+    let smaps =
+        parse_smaps(&read_proc(format!("/proc/{pid}/smaps"))?).map_err(|e| DumpError::Other {
+            pid,
+            what: e.to_string(),
+        })?;
+    for a in &smaps {
+        let special = a.name.starts_with("[vvar") || a.name == "[vdso]" || a.name == "[vsyscall]";
+        if !special && (a.has_flag("io") || a.has_flag("pf")) {
+            return Err(refuse(
+                pid,
+                format!(
+                    "area {:#x}-{:#x} {}: device (I/O or PFN) mapping",
+                    a.start, a.end, a.name
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn socket_kind(pid: i32, ino: u64) -> String {
+    let needle = format!(" {ino} ");
+    for (file, kind) in [
+        ("tcp", "TCP socket"),
+        ("tcp6", "TCP socket (IPv6)"),
+        ("udp", "UDP socket"),
+        ("udp6", "UDP socket (IPv6)"),
+        ("unix", "UNIX socket"),
+        ("raw", "raw socket"),
+        ("raw6", "raw socket (IPv6)"),
+        ("netlink", "netlink socket"),
+        ("packet", "packet socket"),
+    ] {
+        if let Ok(t) = std::fs::read_to_string(format!("/proc/{pid}/net/{file}")) {
+            if t.lines().any(|l| format!("{l} ").contains(&needle)) {
+                return kind.to_string();
+            }
+        }
+    }
+    format!("socket:[{ino}]")
+}
+
+fn list_fds(pid: i32) -> Result<Vec<(i32, String)>, DumpError> {
+    let dir = format!("/proc/{pid}/fd");
+    let rd = std::fs::read_dir(&dir).map_err(|source| DumpError::Proc {
+        path: dir.clone(),
+        source,
+    })?;
+    let mut fds: Vec<i32> = rd
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    fds.sort();
+    let mut out = Vec::new();
+    for fd in fds {
+        match read_link(format!("{dir}/{fd}")) {
+            Ok(l) => out.push((fd, l)),
+            Err(DumpError::Proc { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(out)
+}
+
+/// Per-thread state read with ptrace alone.
+fn thread_basics(pid: i32, t: &Stopped) -> Result<ThreadImage, DumpError> {
+    let status = read_proc(format!("/proc/{pid}/task/{}/status", t.tid))?;
+    let vtid = procfs::innermost_id(&status, "NSpid").unwrap_or(t.tid);
+    let r = t.regs()?;
+    let conf = t.rseq()?;
+    let rseq = (conf.rseq_abi_pointer != 0).then_some(Rseq {
+        ptr: conf.rseq_abi_pointer,
+        len: conf.rseq_abi_size,
+        sig: conf.signature,
+    });
+    let robust_list = sys::get_robust_list(t.tid).map_err(|e| DumpError::Other {
+        pid,
+        what: format!("get_robust_list({}): {e}", t.tid),
+    })?;
+    let name = read_proc(format!("/proc/{pid}/task/{}/comm", t.tid))?
+        .trim_end_matches('\n')
+        .to_string();
+    Ok(ThreadImage {
+        tid: vtid,
+        regs: regs::to_words(&r),
+        xsave: t.xsave()?,
+        sigmask: t.sigmask()?,
+        pending: t.pending(false)?.iter().map(|s| s.to_vec()).collect(),
+        clear_tid: 0,
+        robust_list,
+        rseq,
+        altstack: (0, libc::SS_DISABLE, 0),
+        name,
+    })
+}
+
+struct Injected {
+    sigactions: Vec<SigAction>,
+    brk: u64,
+    itimers: [[i64; 4]; 3],
+    per_thread: Vec<(u64, (u64, i32, u64))>,
+}
+
+fn u64_at(b: &[u8], off: usize) -> u64 {
+    u64::from_ne_bytes(b[off..off + 8].try_into().unwrap())
+}
+
+/// State only the process can tell: read by running syscalls inside it.
+fn inject_reads(pid: i32, frozen: &Frozen, smaps: &[MapArea]) -> Result<Injected, DumpError> {
+    let leader = &frozen.threads[0];
+    let lr = leader.regs()?;
+    let area = smaps
+        .iter()
+        .find(|a| a.start <= lr.rip && lr.rip < a.end && a.prot & libc::PROT_EXEC != 0)
+        .or_else(|| {
+            smaps
+                .iter()
+                .find(|a| a.prot & libc::PROT_EXEC != 0 && a.name != "[vsyscall]")
+        })
+        .ok_or_else(|| DumpError::Other {
+            pid,
+            what: "no executable area to run injected syscalls from".into(),
+        })?;
+    let gaddr = area.start;
+    let orig = sys::ptrace_peekdata(leader.tid, gaddr).map_err(|e| DumpError::Memory {
+        pid,
+        addr: gaddr,
+        len: 8,
+        errno: e,
+    })?;
+    let mut word = orig.to_ne_bytes();
+    word[..3].copy_from_slice(&GADGET);
+    let saved: Vec<(sys::Regs, u64)> = frozen
+        .threads
+        .iter()
+        .map(|t| Ok((t.regs()?, t.sigmask()?)))
+        .collect::<Result<_, FreezeError>>()?;
+    sys::ptrace_pokedata(leader.tid, gaddr, u64::from_ne_bytes(word)).map_err(|e| {
+        DumpError::Memory {
+            pid,
+            addr: gaddr,
+            len: 8,
+            errno: e,
+        }
+    })?;
+    let result = (|| -> Result<Injected, DumpError> {
+        for t in &frozen.threads {
+            t.set_sigmask(!0)?;
+        }
+        let inj = Injector { gadget: gaddr };
+        let prot = (libc::PROT_READ | libc::PROT_WRITE) as u64;
+        let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64;
+        let scratch = inj.ok(
+            leader,
+            libc::SYS_mmap,
+            &[0, 8192, prot, flags, u64::MAX, 0],
+            || "mmap(scratch)".into(),
+        )? as u64;
+        let rd = |len: usize| -> Result<Vec<u8>, DumpError> {
+            let mut b = vec![0u8; len];
+            sys::vm_read(pid, scratch, &mut b).map_err(|e| DumpError::Memory {
+                pid,
+                addr: scratch,
+                len,
+                errno: e,
+            })?;
+            Ok(b)
+        };
+        let mut sigactions = Vec::new();
+        for sig in 1..=64i32 {
+            if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+                continue;
+            }
+            inj.ok(
+                leader,
+                libc::SYS_rt_sigaction,
+                &[sig as u64, 0, scratch, 8],
+                || format!("rt_sigaction({sig})"),
+            )?;
+            let b = rd(32)?;
+            let (handler, flags, restorer, mask) =
+                (u64_at(&b, 0), u64_at(&b, 8), u64_at(&b, 16), u64_at(&b, 24));
+            if handler != 0 || flags != 0 || mask != 0 {
+                sigactions.push(SigAction {
+                    sig,
+                    handler,
+                    flags,
+                    restorer,
+                    mask,
+                });
+            }
+        }
+        let brk = inj.call(leader, libc::SYS_brk, &[0])?.ret as u64;
+        let mut itimers = [[0i64; 4]; 3];
+        for (which, it) in itimers.iter_mut().enumerate() {
+            inj.ok(
+                leader,
+                libc::SYS_getitimer,
+                &[which as u64, scratch],
+                || format!("getitimer({which})"),
+            )?;
+            let b = rd(32)?;
+            for (i, v) in it.iter_mut().enumerate() {
+                *v = u64_at(&b, i * 8) as i64;
+            }
+        }
+        let mut per_thread = Vec::new();
+        for t in &frozen.threads {
+            inj.ok(
+                t,
+                libc::SYS_prctl,
+                &[sys::kabi::PR_GET_TID_ADDRESS as u64, scratch],
+                || "prctl(PR_GET_TID_ADDRESS)".into(),
+            )?;
+            let ctid = u64_at(&rd(8)?, 0);
+            inj.ok(t, libc::SYS_sigaltstack, &[0, scratch], || {
+                "sigaltstack".into()
+            })?;
+            let b = rd(24)?;
+            per_thread.push((ctid, (u64_at(&b, 0), u64_at(&b, 8) as i32, u64_at(&b, 16))));
+        }
+        inj.ok(leader, libc::SYS_munmap, &[scratch, 8192], || {
+            "munmap(scratch)".into()
+        })?;
+        Ok(Injected {
+            sigactions,
+            brk,
+            itimers,
+            per_thread,
+        })
+    })();
+    // Put everything back whatever happened.
+    let _ = sys::ptrace_pokedata(leader.tid, gaddr, orig);
+    for (t, (r, m)) in frozen.threads.iter().zip(&saved) {
+        let _ = t.set_regs(r);
+        let _ = t.set_sigmask(*m);
+    }
+    result
+}
+
+fn collect(pid: i32, frozen: &Frozen, dir: &Path) -> Result<Manifest, DumpError> {
+    let status = read_proc(format!("/proc/{pid}/status"))?;
+    let smaps0 =
+        parse_smaps(&read_proc(format!("/proc/{pid}/smaps"))?).map_err(|e| DumpError::Other {
+            pid,
+            what: e.to_string(),
+        })?;
+    let mut threads = frozen
+        .threads
+        .iter()
+        .map(|t| thread_basics(pid, t))
+        .collect::<Result<Vec<_>, _>>()?;
+    let shared_pending = frozen.threads[0]
+        .pending(true)?
+        .iter()
+        .map(|s| s.to_vec())
+        .collect();
+    let inj = inject_reads(pid, frozen, &smaps0)?;
+    for (ti, (ctid, alt)) in threads.iter_mut().zip(&inj.per_thread) {
+        ti.clear_tid = *ctid;
+        ti.altstack = *alt;
+    }
+    let mut mm =
+        procfs::parse_stat_mm(&read_proc(format!("/proc/{pid}/stat"))?).ok_or_else(|| {
+            DumpError::Other {
+                pid,
+                what: "cannot parse /proc/PID/stat".into(),
+            }
+        })?;
+    mm.brk = inj.brk;
+    let auxv = std::fs::read(format!("/proc/{pid}/auxv")).map_err(|source| DumpError::Proc {
+        path: format!("/proc/{pid}/auxv"),
+        source,
+    })?;
+    mm.auxv = procfs::parse_auxv(&auxv);
+
+    let mut pw = PageWriter::create(dir)?;
+    let smaps =
+        parse_smaps(&read_proc(format!("/proc/{pid}/smaps"))?).map_err(|e| DumpError::Other {
+            pid,
+            what: e.to_string(),
+        })?;
+    let areas = dump_memory(pid, &smaps, &mut pw)?;
+    let fds = dump_fds(pid, &mut pw)?;
+    let (pages_len, chunk_crcs) = pw.finish()?;
+
+    let mut rlimits = Vec::new();
+    for res in 0..16 {
+        let (cur, max) = sys::prlimit_get(pid, res).map_err(|e| DumpError::Other {
+            pid,
+            what: format!("prlimit({res}): {e}"),
+        })?;
+        rlimits.push((res, cur, max));
+    }
+    let personality =
+        u64::from_str_radix(read_proc(format!("/proc/{pid}/personality"))?.trim(), 16).unwrap_or(0);
+    let groups = procfs::status_field(&status, "Groups")
+        .unwrap_or("")
+        .split_whitespace()
+        .filter_map(|g| g.parse().ok())
+        .collect();
+    let xsave_len = threads[0].xsave.len();
+    Ok(Manifest {
+        version: image::IMAGE_VERSION,
+        pid: procfs::innermost_id(&status, "NSpid").unwrap_or(pid),
+        comm: read_proc(format!("/proc/{pid}/comm"))?
+            .trim_end()
+            .to_string(),
+        exe: read_link(format!("/proc/{pid}/exe"))?,
+        threads,
+        shared_pending,
+        sigactions: inj.sigactions,
+        itimers: inj.itimers,
+        areas,
+        mm,
+        rlimits,
+        cwd: read_link(format!("/proc/{pid}/cwd"))?,
+        umask: u32::from_str_radix(procfs::status_field(&status, "Umask").unwrap_or("022"), 8)
+            .unwrap_or(0o022),
+        personality,
+        creds: Creds {
+            uid: procfs::id_triple(&status, "Uid").unwrap_or_default(),
+            gid: procfs::id_triple(&status, "Gid").unwrap_or_default(),
+            groups,
+        },
+        fds,
+        pages_len,
+        chunk_crcs,
+        xsave_len,
+    })
+}
+
+fn area_kind(pid: i32, a: &MapArea) -> Result<Option<AreaKind>, DumpError> {
+    Ok(Some(match a.name.as_str() {
+        "[vsyscall]" => return Ok(None),
+        "[vvar]" => AreaKind::Vvar,
+        "[vvar_vclock]" => AreaKind::VvarVclock,
+        "[vdso]" => AreaKind::Vdso,
+        n if a.shared
+            && (n.starts_with("/dev/zero")
+                || n.starts_with("/SYSV")
+                || n.starts_with("/memfd:")) =>
+        {
+            AreaKind::SharedMem {
+                name: n.to_string(),
+            }
+        }
+        n if a.is_file() && (n.ends_with(" (deleted)") || n.starts_with("/memfd:")) => {
+            if a.shared {
+                return Err(refuse(
+                    pid,
+                    format!(
+                        "area {:#x}-{:#x}: shared mapping of deleted file {n}",
+                        a.start, a.end
+                    ),
+                ));
+            }
+            AreaKind::DeletedFile {
+                path: n.to_string(),
+            }
+        }
+        n if a.is_file() => {
+            let mf = format!("/proc/{pid}/map_files/{:x}-{:x}", a.start, a.end);
+            let md =
+                std::fs::metadata(&mf).map_err(|source| DumpError::Proc { path: mf, source })?;
+            AreaKind::File {
+                path: n.to_string(),
+                size: md.size(),
+                mtime: md.mtime(),
+                mtime_nsec: md.mtime_nsec(),
+            }
+        }
+        _ => AreaKind::Anon,
+    }))
+}
+
+const PM_PRESENT: u64 = 1 << 63;
+const PM_SWAP: u64 = 1 << 62;
+const PM_FILE: u64 = 1 << 61;
+
+fn dump_memory(pid: i32, smaps: &[MapArea], pw: &mut PageWriter) -> Result<Vec<Area>, DumpError> {
+    let pm_path = format!("/proc/{pid}/pagemap");
+    let pagemap = std::fs::File::open(&pm_path).map_err(|source| DumpError::Proc {
+        path: pm_path.clone(),
+        source,
+    })?;
+    let mem_path = format!("/proc/{pid}/mem");
+    let mem = std::fs::File::open(&mem_path).map_err(|source| DumpError::Proc {
+        path: mem_path.clone(),
+        source,
+    })?;
+    let page = sys::page_size();
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 8 << 20];
+    for a in smaps {
+        let Some(kind) = area_kind(pid, a)? else {
+            continue;
+        };
+        let npages = a.len() / page;
+        let wanted: Vec<bool> = match &kind {
+            AreaKind::Vvar | AreaKind::VvarVclock | AreaKind::Vdso => vec![false; npages as usize],
+            AreaKind::File { .. } if a.shared => vec![false; npages as usize],
+            AreaKind::SharedMem { .. } | AreaKind::DeletedFile { .. } => {
+                vec![true; npages as usize]
+            }
+            AreaKind::Anon | AreaKind::File { .. } => {
+                let mut raw = vec![0u8; npages as usize * 8];
+                pagemap
+                    .read_exact_at(&mut raw, a.start / page * 8)
+                    .map_err(|source| DumpError::Proc {
+                        path: pm_path.clone(),
+                        source,
+                    })?;
+                raw.chunks_exact(8)
+                    .map(|e| {
+                        let v = u64::from_ne_bytes(e.try_into().unwrap());
+                        v & (PM_PRESENT | PM_SWAP) != 0 && v & PM_FILE == 0
+                    })
+                    .collect()
+            }
+        };
+        let mut runs = Vec::new();
+        let mut i = 0usize;
+        while i < wanted.len() {
+            if !wanted[i] {
+                i += 1;
+                continue;
+            }
+            let s = i;
+            while i < wanted.len() && wanted[i] {
+                i += 1;
+            }
+            let addr = a.start + s as u64 * page;
+            let len = (i - s) as u64 * page;
+            let off = pw.offset();
+            let mut done = 0u64;
+            while done < len {
+                let n = ((len - done) as usize).min(buf.len());
+                let at = addr + done;
+                let chunk = &mut buf[..n];
+                let ok = matches!(sys::vm_read(pid, at, chunk), Ok(got) if got == n);
+                if !ok {
+                    // Unreadable protections (PROT_NONE etc.): /proc/PID/mem reads with force.
+                    mem.read_exact_at(chunk, at)
+                        .map_err(|e| DumpError::Memory {
+                            pid,
+                            addr: at,
+                            len: n,
+                            errno: nix::errno::Errno::from_raw(
+                                e.raw_os_error().unwrap_or(libc::EIO),
+                            ),
+                        })?;
+                }
+                pw.write(chunk)?;
+                done += n as u64;
+            }
+            runs.push((addr, (i - s) as u64, off));
+        }
+        let madv = a
+            .vmflags
+            .iter()
+            .filter(|f| matches!(f.as_str(), "dc" | "dd" | "wf" | "hg" | "nh" | "lo"))
+            .cloned()
+            .collect();
+        out.push(Area {
+            start: a.start,
+            end: a.end,
+            prot: a.prot,
+            shared: a.shared,
+            offset: a.offset,
+            growsdown: a.has_flag("gd"),
+            name: a.name.clone(),
+            kind,
+            madv,
+            runs,
+        });
+    }
+    Ok(out)
+}
+
+fn dump_fds(pid: i32, pw: &mut PageWriter) -> Result<Vec<FdImage>, DumpError> {
+    let fds = list_fds(pid)?;
+    let pidfd = sys::pidfd_open(pid).map_err(|e| DumpError::Other {
+        pid,
+        what: format!("pidfd_open: {e}"),
+    })?;
+    let mut out: Vec<FdImage> = Vec::new();
+    for (fd, link) in &fds {
+        let fd = *fd;
+        let info = parse_fdinfo(&read_proc(format!("/proc/{pid}/fdinfo/{fd}"))?).map_err(|e| {
+            DumpError::Other {
+                pid,
+                what: format!("fd {fd}: {e}"),
+            }
+        })?;
+        let dup_of = fds
+            .iter()
+            .take_while(|(f, _)| *f < fd)
+            .filter(|(_, l)| l == link)
+            .find(|(f, _)| sys::kcmp_file(pid, pid, *f, fd) == Ok(0))
+            .map(|(f, _)| *f);
+        let proc_path = format!("/proc/{pid}/fd/{fd}");
+        let kind = match classify_link(link) {
+            LinkKind::Path(path) => {
+                let md = std::fs::metadata(&proc_path).map_err(|source| DumpError::Proc {
+                    path: proc_path.clone(),
+                    source,
+                })?;
+                let ft = md.file_type();
+                use std::os::unix::fs::FileTypeExt;
+                if ft.is_fifo() {
+                    FdKind::Fifo { path }
+                } else if ft.is_file() && md.nlink() == 0 {
+                    let (data_off, len) = if dup_of.is_none() {
+                        let data = std::fs::read(&proc_path).map_err(|source| DumpError::Proc {
+                            path: proc_path.clone(),
+                            source,
+                        })?;
+                        (pw.write(&data)?, data.len() as u64)
+                    } else {
+                        (0, 0)
+                    };
+                    FdKind::Deleted {
+                        path,
+                        pos: info.pos,
+                        data_off,
+                        len,
+                        mode: md.mode() & 0o7777,
+                    }
+                } else {
+                    FdKind::File {
+                        path,
+                        pos: info.pos,
+                    }
+                }
+            }
+            LinkKind::Pipe(inode) => {
+                let (size, data) = pipe_contents(pid, pidfd.as_raw_fd(), fd, &proc_path)?;
+                FdKind::Pipe {
+                    inode,
+                    write_end: info.flags & libc::O_ACCMODE == libc::O_WRONLY,
+                    size,
+                    data,
+                }
+            }
+            LinkKind::Socket(ino) => {
+                return Err(refuse(pid, format!("fd {fd}: {}", socket_kind(pid, ino))))
+            }
+            LinkKind::AnonInode(n) => {
+                return Err(refuse(pid, format!("fd {fd}: {n} (not supported yet)")))
+            }
+            LinkKind::Other(o) => {
+                return Err(refuse(pid, format!("fd {fd}: {o} (unsupported kind)")))
+            }
+        };
+        out.push(FdImage {
+            fd,
+            flags: info.flags,
+            cloexec: info.flags & libc::O_CLOEXEC != 0,
+            dup_of,
+            kind,
+        });
+    }
+    // Data buffered in a pipe is carried once, by the first fd naming it.
+    let mut seen = std::collections::BTreeSet::new();
+    for f in &mut out {
+        if let FdKind::Pipe { inode, data, .. } = &mut f.kind {
+            if !seen.insert(*inode) {
+                data.clear();
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Size and buffered bytes of a pipe, read without consuming them.
+fn pipe_contents(
+    pid: i32,
+    pidfd: i32,
+    fd: i32,
+    proc_path: &str,
+) -> Result<(i32, Vec<u8>), DumpError> {
+    let err = |what: String| DumpError::Other { pid, what };
+    let theirs =
+        sys::pidfd_getfd(pidfd, fd).map_err(|e| err(format!("fd {fd}: pidfd_getfd: {e}")))?;
+    let size = sys::pipe_size(theirs.as_raw_fd())
+        .map_err(|e| err(format!("fd {fd}: F_GETPIPE_SZ: {e}")))?;
+    let rd = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(proc_path)
+        .map_err(|source| DumpError::Proc {
+            path: proc_path.to_string(),
+            source,
+        })?;
+    let (r, w) = sys::pipe().map_err(|e| err(format!("pipe: {e}")))?;
+    let _ = sys::set_pipe_size(w.as_raw_fd(), size.max(4096));
+    let n = match sys::tee(rd.as_raw_fd(), w.as_raw_fd(), size as usize) {
+        Ok(n) => n,
+        Err(nix::errno::Errno::EAGAIN) => 0,
+        Err(e) => return Err(err(format!("fd {fd}: tee: {e}"))),
+    };
+    let mut data = vec![0u8; n];
+    let mut got = 0;
+    while got < n {
+        let k = sys::read_raw(r.as_raw_fd(), &mut data[got..]);
+        if k <= 0 {
+            break;
+        }
+        got += k as usize;
+    }
+    data.truncate(got);
+    Ok((size, data))
+}
+
+use std::os::unix::fs::OpenOptionsExt;

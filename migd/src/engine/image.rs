@@ -1,0 +1,385 @@
+//! The image: a versioned JSON manifest (`manifest.json`, with a checksummed header
+//! line) plus one page file (`pages.img`) whose 1 MiB chunks each carry a crc32c in
+//! the manifest. See docs/image-format.md.
+
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+pub const IMAGE_VERSION: u32 = 1;
+pub const MANIFEST_FILE: &str = "manifest.json";
+pub const PAGES_FILE: &str = "pages.img";
+pub const CHUNK: u64 = 1 << 20;
+const MAGIC: &str = "FERRY-IMAGE";
+
+/// Everything about one process except its page contents.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    pub version: u32,
+    /// The pid as the process saw it (innermost pid namespace).
+    pub pid: i32,
+    pub comm: String,
+    pub exe: String,
+    pub threads: Vec<ThreadImage>,
+    pub shared_pending: Vec<Vec<u8>>,
+    pub sigactions: Vec<SigAction>,
+    /// ITIMER_REAL, VIRTUAL, PROF: [interval_sec, interval_usec, value_sec, value_usec].
+    pub itimers: [[i64; 4]; 3],
+    pub areas: Vec<Area>,
+    pub mm: MmFields,
+    pub rlimits: Vec<(i32, u64, u64)>,
+    pub cwd: String,
+    pub umask: u32,
+    pub personality: u64,
+    pub creds: Creds,
+    pub fds: Vec<FdImage>,
+    /// Size of pages.img and the crc32c of each CHUNK-sized piece of it.
+    pub pages_len: u64,
+    pub chunk_crcs: Vec<u32>,
+    /// Size of the XSAVE buffers (must match at restore).
+    pub xsave_len: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ThreadImage {
+    /// The tid as the process saw it.
+    pub tid: i32,
+    /// user_regs_struct as 27 words, in the kernel's order.
+    pub regs: Vec<u64>,
+    #[serde(with = "hex_bytes")]
+    pub xsave: Vec<u8>,
+    pub sigmask: u64,
+    pub pending: Vec<Vec<u8>>,
+    pub clear_tid: u64,
+    pub robust_list: (u64, u64),
+    pub rseq: Option<Rseq>,
+    /// sigaltstack: (ss_sp, ss_flags, ss_size).
+    pub altstack: (u64, i32, u64),
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct Rseq {
+    pub ptr: u64,
+    pub len: u32,
+    pub sig: u32,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct SigAction {
+    pub sig: i32,
+    pub handler: u64,
+    pub flags: u64,
+    pub restorer: u64,
+    pub mask: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct MmFields {
+    pub start_code: u64,
+    pub end_code: u64,
+    pub start_data: u64,
+    pub end_data: u64,
+    pub start_brk: u64,
+    pub brk: u64,
+    pub start_stack: u64,
+    pub arg_start: u64,
+    pub arg_end: u64,
+    pub env_start: u64,
+    pub env_end: u64,
+    pub auxv: Vec<u64>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Creds {
+    pub uid: [u32; 3],
+    pub gid: [u32; 3],
+    pub groups: Vec<u32>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub enum AreaKind {
+    Anon,
+    /// A file mapping; `size`/`mtime` are checked at restore when private.
+    File {
+        path: String,
+        size: u64,
+        mtime: i64,
+        mtime_nsec: i64,
+    },
+    /// A file mapping whose file was deleted: its contents travel as pages.
+    DeletedFile {
+        path: String,
+    },
+    /// Shared anonymous memory ("/dev/zero (deleted)", "/SYSV…") or a memfd: contents travel.
+    SharedMem {
+        name: String,
+    },
+    Vvar,
+    VvarVclock,
+    Vdso,
+}
+
+/// One area of the address space.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Area {
+    pub start: u64,
+    pub end: u64,
+    pub prot: i32,
+    pub shared: bool,
+    pub offset: u64,
+    pub growsdown: bool,
+    pub name: String,
+    pub kind: AreaKind,
+    pub madv: Vec<String>,
+    /// Runs of saved pages: (first address, page count, offset in pages.img).
+    pub runs: Vec<(u64, u64, u64)>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum FdKind {
+    /// A file reopened by path at its offset.
+    File { path: String, pos: u64 },
+    /// A file with no name left: its contents travel (`data` is a page-file range).
+    Deleted {
+        path: String,
+        pos: u64,
+        data_off: u64,
+        len: u64,
+        mode: u32,
+    },
+    /// One end of a pipe; both ends inside the process share `inode`.
+    Pipe {
+        inode: u64,
+        write_end: bool,
+        size: i32,
+        data: Vec<u8>,
+    },
+    /// A FIFO reopened by path.
+    Fifo { path: String },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FdImage {
+    pub fd: i32,
+    pub flags: i32,
+    pub cloexec: bool,
+    /// A lower fd sharing the same open file description.
+    pub dup_of: Option<i32>,
+    pub kind: FdKind,
+}
+
+/// Errors reading or writing an image.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("image {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("image {path}: not a Ferry image (bad header line); was it written by `migd dump`?")]
+    BadHeader { path: PathBuf },
+    #[error("image {path}: version {found}, this migd reads version {IMAGE_VERSION}")]
+    Version { path: PathBuf, found: u32 },
+    #[error("image {path}: manifest is {found} bytes, header says {expected} (truncated?)")]
+    Truncated {
+        path: PathBuf,
+        expected: u64,
+        found: u64,
+    },
+    #[error("image {path}: checksum mismatch in {what}; the image is corrupt, dump again")]
+    Checksum { path: PathBuf, what: String },
+    #[error("image {path}: cannot decode manifest: {source}")]
+    Decode {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ImageError + '_ {
+    move |source| ImageError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Writes the manifest with its header line `FERRY-IMAGE v1 len=N crc32c=X`.
+pub fn write_manifest(dir: &Path, m: &Manifest) -> Result<(), ImageError> {
+    let path = dir.join(MANIFEST_FILE);
+    let body = serde_json::to_vec(m).map_err(|source| ImageError::Decode {
+        path: path.clone(),
+        source,
+    })?;
+    let header = format!(
+        "{MAGIC} v{} len={} crc32c={:08x}\n",
+        m.version,
+        body.len(),
+        crc32c::crc32c(&body)
+    );
+    let mut f = std::fs::File::create(&path).map_err(io_err(&path))?;
+    f.write_all(header.as_bytes()).map_err(io_err(&path))?;
+    f.write_all(&body).map_err(io_err(&path))?;
+    f.sync_all().map_err(io_err(&path))?;
+    Ok(())
+}
+
+/// Reads and checks the manifest, then checks every chunk of pages.img.
+pub fn read_image(dir: &Path) -> Result<Manifest, ImageError> {
+    let path = dir.join(MANIFEST_FILE);
+    let data = std::fs::read(&path).map_err(io_err(&path))?;
+    let nl = data
+        .iter()
+        .position(|&b| b == b'\n')
+        .ok_or_else(|| ImageError::BadHeader { path: path.clone() })?;
+    let header = std::str::from_utf8(&data[..nl])
+        .map_err(|_| ImageError::BadHeader { path: path.clone() })?;
+    let parts: Vec<&str> = header.split(' ').collect();
+    if parts.len() != 4 || parts[0] != MAGIC {
+        return Err(ImageError::BadHeader { path });
+    }
+    let version: u32 = parts[1]
+        .strip_prefix('v')
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| ImageError::BadHeader { path: path.clone() })?;
+    if version != IMAGE_VERSION {
+        return Err(ImageError::Version {
+            path,
+            found: version,
+        });
+    }
+    let len: u64 = parts[2]
+        .strip_prefix("len=")
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| ImageError::BadHeader { path: path.clone() })?;
+    let crc = parts[3]
+        .strip_prefix("crc32c=")
+        .and_then(|v| u32::from_str_radix(v, 16).ok())
+        .ok_or_else(|| ImageError::BadHeader { path: path.clone() })?;
+    let body = &data[nl + 1..];
+    if body.len() as u64 != len {
+        return Err(ImageError::Truncated {
+            path,
+            expected: len,
+            found: body.len() as u64,
+        });
+    }
+    if crc32c::crc32c(body) != crc {
+        return Err(ImageError::Checksum {
+            path,
+            what: "manifest".into(),
+        });
+    }
+    let m: Manifest = serde_json::from_slice(body).map_err(|source| ImageError::Decode {
+        path: path.clone(),
+        source,
+    })?;
+    check_pages(dir, &m)?;
+    Ok(m)
+}
+
+fn check_pages(dir: &Path, m: &Manifest) -> Result<(), ImageError> {
+    let path = dir.join(PAGES_FILE);
+    let f = std::fs::File::open(&path).map_err(io_err(&path))?;
+    let len = f.metadata().map_err(io_err(&path))?.len();
+    if len != m.pages_len {
+        return Err(ImageError::Truncated {
+            path,
+            expected: m.pages_len,
+            found: len,
+        });
+    }
+    let expected_chunks = m.pages_len.div_ceil(CHUNK) as usize;
+    if m.chunk_crcs.len() != expected_chunks {
+        return Err(ImageError::Checksum {
+            path,
+            what: "chunk table".into(),
+        });
+    }
+    let map = crate::sys::FileMap::map(std::os::fd::AsRawFd::as_raw_fd(&f), len as usize).map_err(
+        |e| ImageError::Io {
+            path: path.clone(),
+            source: e.into(),
+        },
+    )?;
+    for (i, chunk) in map.bytes().chunks(CHUNK as usize).enumerate() {
+        if crc32c::crc32c(chunk) != m.chunk_crcs[i] {
+            return Err(ImageError::Checksum {
+                path,
+                what: format!("page chunk {i} (bytes {}..)", i as u64 * CHUNK),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Appends page data to pages.img, computing chunk checksums as it goes.
+pub struct PageWriter {
+    path: PathBuf,
+    file: std::io::BufWriter<std::fs::File>,
+    len: u64,
+    crcs: Vec<u32>,
+    cur: u32,
+}
+
+impl PageWriter {
+    pub fn create(dir: &Path) -> Result<PageWriter, ImageError> {
+        let path = dir.join(PAGES_FILE);
+        let f = std::fs::File::create(&path).map_err(io_err(&path))?;
+        Ok(PageWriter {
+            path,
+            file: std::io::BufWriter::with_capacity(4 << 20, f),
+            len: 0,
+            crcs: Vec::new(),
+            cur: 0,
+        })
+    }
+    pub fn offset(&self) -> u64 {
+        self.len
+    }
+    pub fn write(&mut self, mut data: &[u8]) -> Result<u64, ImageError> {
+        let at = self.len;
+        self.file.write_all(data).map_err(io_err(&self.path))?;
+        while !data.is_empty() {
+            let room = (CHUNK - self.len % CHUNK) as usize;
+            let n = room.min(data.len());
+            self.cur = crc32c::crc32c_append(self.cur, &data[..n]);
+            self.len += n as u64;
+            data = &data[n..];
+            if self.len.is_multiple_of(CHUNK) {
+                self.crcs.push(self.cur);
+                self.cur = 0;
+            }
+        }
+        Ok(at)
+    }
+    /// Flushes and syncs; returns (length, chunk checksums).
+    pub fn finish(mut self) -> Result<(u64, Vec<u32>), ImageError> {
+        if !self.len.is_multiple_of(CHUNK) {
+            self.crcs.push(self.cur);
+        }
+        self.file.flush().map_err(io_err(&self.path))?;
+        self.file.get_ref().sync_all().map_err(io_err(&self.path))?;
+        Ok((self.len, self.crcs))
+    }
+}
+
+mod hex_bytes {
+    use serde::{Deserialize, Deserializer, Serializer};
+    pub fn serialize<S: Serializer>(b: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        let mut out = String::with_capacity(b.len() * 2);
+        for x in b {
+            out.push_str(&format!("{x:02x}"));
+        }
+        s.serialize_str(&out)
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s = String::deserialize(d)?;
+        if s.len() % 2 != 0 {
+            return Err(serde::de::Error::custom("odd hex length"));
+        }
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).map_err(serde::de::Error::custom))
+            .collect()
+    }
+}

@@ -1,0 +1,13 @@
+//! The checkpoint/restore engine: freeze ([`freeze`]), read the layout ([`maps`]) and
+//! fds ([`fdinfo`]), run syscalls inside the target ([`inject`]), write and read images
+//! ([`image`]); [`dump`] and [`restore`] put them together.
+
+pub mod dump;
+pub mod fdinfo;
+pub mod freeze;
+pub mod image;
+pub mod inject;
+pub mod maps;
+pub mod procfs;
+pub mod regs;
+pub mod restore;

@@ -1,0 +1,356 @@
+//! Rebuilding the address space inside the seized child: drop what it inherited from
+//! migd, move the vDSO block to its old place, map every area at its old address with
+//! its old protection, fill the saved pages, and set the mm fields.
+
+use super::{Ctx, RestoreError};
+use crate::engine::image::{Area, AreaKind, Manifest};
+use crate::engine::maps::{parse_smaps, MapArea};
+use crate::sys::{self, kabi};
+
+fn vdso_kind(name: &str) -> Option<AreaKind> {
+    match name {
+        "[vvar]" => Some(AreaKind::Vvar),
+        "[vvar_vclock]" => Some(AreaKind::VvarVclock),
+        "[vdso]" => Some(AreaKind::Vdso),
+        _ => None,
+    }
+}
+
+/// The vDSO block of the image must have the layout this kernel makes.
+pub fn check_vdso_layout(m: &Manifest) -> Result<(), RestoreError> {
+    let own = parse_smaps(&std::fs::read_to_string("/proc/self/maps").unwrap_or_default())
+        .unwrap_or_default();
+    for kind in [AreaKind::Vvar, AreaKind::VvarVclock, AreaKind::Vdso] {
+        let img = m
+            .areas
+            .iter()
+            .find(|a| a.kind == kind)
+            .map(|a| a.end - a.start);
+        let here = own
+            .iter()
+            .find(|a| vdso_kind(&a.name).as_ref() == Some(&kind))
+            .map(|a| a.len());
+        if img != here {
+            return Err(RestoreError::Refused {
+                what: format!("vDSO layout differs: {kind:?} is {img:?} bytes in the image, {here:?} here (different kernel?)"),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn smaps_of(pid: i32) -> Result<Vec<MapArea>, RestoreError> {
+    let p = format!("/proc/{pid}/smaps");
+    let t = std::fs::read_to_string(&p).map_err(|source| RestoreError::Io { path: p, source })?;
+    parse_smaps(&t).map_err(|e| RestoreError::Other {
+        what: e.to_string(),
+    })
+}
+
+pub fn rebuild(ctx: &Ctx, m: &Manifest, pages: &[u8]) -> Result<(), RestoreError> {
+    let t = &ctx.leader;
+    // 1. The stub's rseq registration points into memory about to go away.
+    let conf = t.rseq()?;
+    if conf.rseq_abi_pointer != 0 {
+        ctx.ok(
+            t,
+            libc::SYS_rseq,
+            &[
+                conf.rseq_abi_pointer,
+                conf.rseq_abi_size as u64,
+                kabi::RSEQ_FLAG_UNREGISTER,
+                conf.signature as u64,
+            ],
+            "rseq(unregister)",
+        )?;
+    }
+    // 2. No fd of migd survives.
+    ctx.ok(
+        t,
+        kabi::SYS_CLOSE_RANGE,
+        &[0, u32::MAX as u64, 0],
+        "close_range",
+    )?;
+    // 3. Unmap everything inherited except the gadget and the vDSO block.
+    let own = smaps_of(ctx.pid)?;
+    for a in &own {
+        if a.name == "[vsyscall]"
+            || vdso_kind(&a.name).is_some()
+            || (a.start >= ctx.gadget && a.end <= ctx.gadget + ctx.gadget_len)
+        {
+            continue;
+        }
+        ctx.ok(
+            t,
+            libc::SYS_munmap,
+            &[a.start, a.len()],
+            &format!("munmap({:#x})", a.start),
+        )?;
+    }
+    // 4. vDSO block to its old place.
+    move_vdso(ctx, m, &own)?;
+    // 5. Map the areas.
+    for a in &m.areas {
+        map_area(ctx, a)?;
+    }
+    // 6. Fill.
+    for a in &m.areas {
+        for &(addr, n, off) in &a.runs {
+            let len = (n * sys::page_size()) as usize;
+            let src =
+                pages
+                    .get(off as usize..off as usize + len)
+                    .ok_or_else(|| RestoreError::Other {
+                        what: format!("area {:#x}: page run beyond pages.img", a.start),
+                    })?;
+            let mut done = 0;
+            while done < len {
+                let w = sys::vm_write(ctx.pid, addr + done as u64, &src[done..]).map_err(|e| {
+                    RestoreError::Other {
+                        what: format!("writing pages at {:#x}: {e}", addr + done as u64),
+                    }
+                })?;
+                if w == 0 {
+                    return Err(RestoreError::Other {
+                        what: format!("writing pages at {:#x}: short write", addr + done as u64),
+                    });
+                }
+                done += w;
+            }
+        }
+    }
+    // 7. Final protections and madvise bits.
+    for a in &m.areas {
+        if is_vdso(a) {
+            continue;
+        }
+        if fill_prot(a) != a.prot {
+            ctx.ok(
+                t,
+                libc::SYS_mprotect,
+                &[a.start, a.end - a.start, a.prot as u64],
+                &format!("mprotect({:#x})", a.start),
+            )?;
+        }
+        for f in &a.madv {
+            let advice = match f.as_str() {
+                "dc" => libc::MADV_DONTFORK,
+                "dd" => libc::MADV_DONTDUMP,
+                "wf" => libc::MADV_WIPEONFORK,
+                "hg" => libc::MADV_HUGEPAGE,
+                "nh" => libc::MADV_NOHUGEPAGE,
+                _ => continue,
+            };
+            ctx.ok(
+                t,
+                libc::SYS_madvise,
+                &[a.start, a.end - a.start, advice as u64],
+                &format!("madvise({:#x}, {f})", a.start),
+            )?;
+        }
+    }
+    // 8. mm fields, auxv and exe.
+    set_mm(ctx, m)
+}
+
+fn is_vdso(a: &Area) -> bool {
+    matches!(
+        a.kind,
+        AreaKind::Vvar | AreaKind::VvarVclock | AreaKind::Vdso
+    )
+}
+
+fn fill_prot(a: &Area) -> i32 {
+    if a.runs.is_empty() {
+        a.prot
+    } else {
+        a.prot | libc::PROT_READ | libc::PROT_WRITE
+    }
+}
+
+fn move_vdso(ctx: &Ctx, m: &Manifest, own: &[MapArea]) -> Result<(), RestoreError> {
+    let t = &ctx.leader;
+    let cur: Vec<&MapArea> = own
+        .iter()
+        .filter(|a| vdso_kind(&a.name).is_some())
+        .collect();
+    let want: Vec<&Area> = m.areas.iter().filter(|a| is_vdso(a)).collect();
+    if want.is_empty() {
+        for a in cur {
+            ctx.ok(t, libc::SYS_munmap, &[a.start, a.len()], "munmap(vdso)")?;
+        }
+        return Ok(());
+    }
+    let (cs, ce) = (
+        cur.iter().map(|a| a.start).min().unwrap_or(0),
+        cur.iter().map(|a| a.end).max().unwrap_or(0),
+    );
+    let (ws, we) = (
+        want.iter().map(|a| a.start).min().unwrap_or(0),
+        want.iter().map(|a| a.end).max().unwrap_or(0),
+    );
+    if cs == ws && ce == we {
+        return Ok(());
+    }
+    let mremap = |from: u64, len: u64, to: u64| {
+        ctx.ok(
+            t,
+            libc::SYS_mremap,
+            &[
+                from,
+                len,
+                len,
+                (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64,
+                to,
+            ],
+            &format!("mremap(vdso {from:#x} -> {to:#x})"),
+        )
+    };
+    let mut base = cs;
+    if cs < we && ws < ce {
+        // Overlap: go through a free hole first.
+        let hole = super::free_hole(
+            &m.areas,
+            ce - cs,
+            &[(ctx.gadget, ctx.gadget + ctx.gadget_len), (ws, we)],
+        )?;
+        for a in &cur {
+            mremap(a.start, a.len(), hole + (a.start - cs))?;
+        }
+        base = hole;
+    }
+    for a in &cur {
+        let kind = vdso_kind(&a.name);
+        let w = want
+            .iter()
+            .find(|w| Some(&w.kind) == kind.as_ref())
+            .ok_or_else(|| RestoreError::Refused {
+                what: format!("{} exists here but not in the image", a.name),
+            })?;
+        mremap(base + (a.start - cs), a.len(), w.start)?;
+    }
+    Ok(())
+}
+
+fn map_area(ctx: &Ctx, a: &Area) -> Result<(), RestoreError> {
+    let t = &ctx.leader;
+    let len = a.end - a.start;
+    let prot = fill_prot(a) as u64;
+    let mut flags = libc::MAP_FIXED
+        | if a.shared {
+            libc::MAP_SHARED
+        } else {
+            libc::MAP_PRIVATE
+        };
+    if a.growsdown {
+        flags |= libc::MAP_GROWSDOWN;
+    }
+    let what = format!("mmap({:#x}-{:#x} {})", a.start, a.end, a.name);
+    match &a.kind {
+        AreaKind::Vvar | AreaKind::VvarVclock | AreaKind::Vdso => Ok(()),
+        AreaKind::Anon | AreaKind::DeletedFile { .. } => {
+            flags |= libc::MAP_ANONYMOUS;
+            ctx.ok(
+                t,
+                libc::SYS_mmap,
+                &[a.start, len, prot, flags as u64, u64::MAX, 0],
+                &what,
+            )
+            .map(drop)
+        }
+        AreaKind::SharedMem { .. } => {
+            flags = libc::MAP_FIXED | libc::MAP_SHARED | libc::MAP_ANONYMOUS;
+            ctx.ok(
+                t,
+                libc::SYS_mmap,
+                &[a.start, len, prot, flags as u64, u64::MAX, 0],
+                &what,
+            )
+            .map(drop)
+        }
+        AreaKind::File { path, .. } => {
+            let mode = if a.shared && a.prot & libc::PROT_WRITE != 0 {
+                libc::O_RDWR
+            } else {
+                libc::O_RDONLY
+            };
+            let fd = ctx.open(t, path, mode | libc::O_CLOEXEC, 0)?;
+            let r = ctx.ok(
+                t,
+                libc::SYS_mmap,
+                &[a.start, len, prot, flags as u64, fd as u64, a.offset],
+                &what,
+            );
+            ctx.ok(t, libc::SYS_close, &[fd as u64], "close")?;
+            r.map(drop)
+        }
+    }
+}
+
+fn set_mm(ctx: &Ctx, m: &Manifest) -> Result<(), RestoreError> {
+    let t = &ctx.leader;
+    let exe_fd = ctx
+        .open(t, &m.exe, libc::O_RDONLY | libc::O_CLOEXEC, 0)
+        .ok();
+    let mm = &m.mm;
+    let auxv_bytes: Vec<u8> = mm.auxv.iter().flat_map(|w| w.to_ne_bytes()).collect();
+    let auxv_addr = ctx.put(2048, &auxv_bytes)?;
+    let map = kabi::PrctlMmMap {
+        start_code: mm.start_code,
+        end_code: mm.end_code,
+        start_data: mm.start_data,
+        end_data: mm.end_data,
+        start_brk: mm.start_brk,
+        brk: mm.brk,
+        start_stack: mm.start_stack,
+        arg_start: mm.arg_start,
+        arg_end: mm.arg_end,
+        env_start: mm.env_start,
+        env_end: mm.env_end,
+        auxv: auxv_addr,
+        auxv_size: auxv_bytes.len() as u32,
+        exe_fd: exe_fd.map(|f| f as u32).unwrap_or(u32::MAX),
+    };
+    // SAFETY-free byte view: PrctlMmMap is repr(C) integers; copy field by field.
+    let bytes = mm_map_bytes(&map);
+    let addr = ctx.put(0, &bytes)?;
+    ctx.ok(
+        t,
+        libc::SYS_prctl,
+        &[
+            kabi::PR_SET_MM as u64,
+            kabi::PR_SET_MM_MAP,
+            addr,
+            bytes.len() as u64,
+            0,
+        ],
+        "prctl(PR_SET_MM_MAP)",
+    )?;
+    if let Some(fd) = exe_fd {
+        ctx.ok(t, libc::SYS_close, &[fd as u64], "close")?;
+    }
+    Ok(())
+}
+
+fn mm_map_bytes(m: &kabi::PrctlMmMap) -> Vec<u8> {
+    let mut v = Vec::with_capacity(104);
+    for w in [
+        m.start_code,
+        m.end_code,
+        m.start_data,
+        m.end_data,
+        m.start_brk,
+        m.brk,
+        m.start_stack,
+        m.arg_start,
+        m.arg_end,
+        m.env_start,
+        m.env_end,
+        m.auxv,
+    ] {
+        v.extend_from_slice(&w.to_ne_bytes());
+    }
+    v.extend_from_slice(&m.auxv_size.to_ne_bytes());
+    v.extend_from_slice(&m.exe_fd.to_ne_bytes());
+    v
+}

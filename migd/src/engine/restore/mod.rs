@@ -1,0 +1,526 @@
+//! `migd restore`: rebuild a process from an image and let it run.
+//!
+//! A child of a reaping stub (pid 1 of a new pid namespace) is created with its old
+//! pid, then shaped from outside by injected system calls (see [`crate::engine::inject`]):
+//! memory ([`memory`]), fds ([`files`]), signals, threads with their old tids, and
+//! finally registers. The gadget page is unmapped last, from a syscall-exit stop.
+
+pub mod files;
+pub mod memory;
+pub mod spawn;
+
+use super::freeze::{FreezeError, StopKind, Stopped};
+use super::image::{self, AreaKind, Manifest};
+use super::inject::{InjectError, Injector};
+use super::maps::parse_smaps;
+use super::regs;
+use crate::sys::{self, kabi};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+use std::time::Instant;
+
+const GADGET_LEN: u64 = 64 * 1024;
+const SCRATCH_PATH_OFF: u64 = 32 * 1024;
+
+#[derive(Debug, Clone)]
+pub struct RestoreOptions {
+    pub images: PathBuf,
+    pub detach: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct RestoreReport {
+    /// The pid the process sees (its old pid).
+    pub pid: i32,
+    /// The same process as the caller's pid namespace sees it.
+    pub outer_pid: i32,
+    /// The namespace's init stub, as the caller sees it.
+    pub stub_pid: i32,
+    pub threads: usize,
+    pub areas: usize,
+    pub page_bytes: u64,
+    pub fds: usize,
+    pub restore_ms: f64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error(transparent)]
+    Image(#[from] image::ImageError),
+    #[error("refusing to restore: {what}; nothing was created")]
+    Refused { what: String },
+    #[error("creating the process: {what}")]
+    Spawn { what: String },
+    #[error(transparent)]
+    Freeze(#[from] FreezeError),
+    #[error(transparent)]
+    Inject(#[from] InjectError),
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("restore: {what}")]
+    Other { what: String },
+}
+
+/// The process being shaped and the means to run syscalls in it.
+pub struct Ctx {
+    pub pid: i32,
+    pub leader: Stopped,
+    pub inj: Injector,
+    pub gadget: u64,
+    pub gadget_len: u64,
+}
+
+impl Ctx {
+    fn scratch(&self) -> u64 {
+        self.gadget + 4096
+    }
+    /// Writes bytes into the scratch area at `off`; returns their address there.
+    pub fn put(&self, off: u64, bytes: &[u8]) -> Result<u64, RestoreError> {
+        let addr = self.scratch() + off;
+        sys::vm_write(self.pid, addr, bytes).map_err(|e| RestoreError::Other {
+            what: format!("writing scratch: {e}"),
+        })?;
+        Ok(addr)
+    }
+    pub fn ok(&self, t: &Stopped, nr: i64, args: &[u64], what: &str) -> Result<i64, RestoreError> {
+        Ok(self.inj.ok(t, nr, args, || what.to_string())?)
+    }
+    /// openat(AT_FDCWD, path, flags, mode) inside the process.
+    pub fn open(
+        &self,
+        t: &Stopped,
+        path: &str,
+        flags: i32,
+        mode: u32,
+    ) -> Result<i32, RestoreError> {
+        let mut b = path.as_bytes().to_vec();
+        b.push(0);
+        let addr = self.put(SCRATCH_PATH_OFF, &b)?;
+        Ok(self.ok(
+            t,
+            libc::SYS_openat,
+            &[libc::AT_FDCWD as u64, addr, flags as u64, mode as u64],
+            &format!("open({path})"),
+        )? as i32)
+    }
+}
+
+/// A free range of `len` bytes: outside every image area, this process's own areas
+/// and `extra`.
+pub fn free_hole(
+    areas: &[image::Area],
+    len: u64,
+    extra: &[(u64, u64)],
+) -> Result<u64, RestoreError> {
+    let own = parse_smaps(&std::fs::read_to_string("/proc/self/maps").unwrap_or_default())
+        .unwrap_or_default();
+    let mut busy: Vec<(u64, u64)> = areas
+        .iter()
+        .map(|a| {
+            (
+                a.start
+                    .saturating_sub(if a.growsdown { 64 << 20 } else { 0 }),
+                a.end,
+            )
+        })
+        .collect();
+    busy.extend(own.iter().map(|a| (a.start, a.end)));
+    busy.extend_from_slice(extra);
+    let margin = 1 << 20;
+    let mut cand: u64 = 0x1000_0000;
+    while cand < 0x7f00_0000_0000 {
+        if busy
+            .iter()
+            .all(|&(s, e)| cand + len + margin <= s || cand >= e + margin)
+        {
+            return Ok(cand);
+        }
+        cand += 0x1000_0000;
+    }
+    Err(RestoreError::Other {
+        what: "no free address range for the restore gadget".into(),
+    })
+}
+
+fn precheck(m: &Manifest) -> Result<(), RestoreError> {
+    let refuse = |what: String| Err(RestoreError::Refused { what });
+    if m.pid <= 1 {
+        return refuse(format!(
+            "the image's pid is {}; an init process cannot be restored",
+            m.pid
+        ));
+    }
+    if m.xsave_len != 0 && m.xsave_len != sys::xsave_size() {
+        return refuse(format!(
+            "the image's XSAVE area is {} bytes, this CPU's is {} (different CPU features)",
+            m.xsave_len,
+            sys::xsave_size()
+        ));
+    }
+    memory::check_vdso_layout(m)?;
+    for a in &m.areas {
+        if let AreaKind::File {
+            path,
+            size,
+            mtime,
+            mtime_nsec,
+        } = &a.kind
+        {
+            let md = std::fs::metadata(path).map_err(|source| RestoreError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            if !a.shared
+                && (md.size() != *size || md.mtime() != *mtime || md.mtime_nsec() != *mtime_nsec)
+            {
+                return refuse(format!(
+                    "mapped file {path} changed since the dump (size or mtime differ)"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Restores the image. `running` is called once the process runs (with the report);
+/// without `detach`, then waits for it and returns its raw wait status.
+pub fn restore(
+    opts: &RestoreOptions,
+    running: impl FnOnce(&RestoreReport),
+) -> Result<(RestoreReport, Option<i32>), RestoreError> {
+    let m = image::read_image(&opts.images)?;
+    let _span = tracing::info_span!("restore", pid = m.pid).entered();
+    precheck(&m)?;
+    let pages_path = opts.images.join(image::PAGES_FILE);
+    let pages_file = std::fs::File::open(&pages_path).map_err(|source| RestoreError::Io {
+        path: pages_path.display().to_string(),
+        source,
+    })?;
+    let pages = sys::FileMap::map(pages_file.as_raw_fd(), m.pages_len as usize).map_err(|e| {
+        RestoreError::Io {
+            path: pages_path.display().to_string(),
+            source: e.into(),
+        }
+    })?;
+    let gadget = free_hole(&m.areas, GADGET_LEN, &[])?;
+    let t0 = Instant::now();
+    let sp = spawn::spawn(m.pid, gadget, GADGET_LEN as usize)?;
+    let ctx = Ctx {
+        pid: sp.target,
+        leader: sp.leader,
+        inj: Injector { gadget },
+        gadget,
+        gadget_len: GADGET_LEN,
+    };
+    let threads = match shape(&ctx, &m, pages.bytes()) {
+        Ok(t) => t,
+        Err(e) => {
+            let _ = sys::kill(sp.stub, libc::SIGKILL);
+            let _ = sys::wait_child(sp.stub);
+            return Err(e);
+        }
+    };
+    for t in threads {
+        t.detach()?;
+    }
+    ctx.leader.detach()?;
+    let report = RestoreReport {
+        pid: m.pid,
+        outer_pid: sp.target,
+        stub_pid: sp.stub,
+        threads: m.threads.len(),
+        areas: m.areas.len(),
+        page_bytes: m.pages_len,
+        fds: m.fds.len(),
+        restore_ms: t0.elapsed().as_secs_f64() * 1e3,
+    };
+    running(&report);
+    if opts.detach {
+        return Ok((report, None));
+    }
+    let st = sys::wait_child(sp.stub).map_err(|e| RestoreError::Other {
+        what: format!("waiting for the stub: {e}"),
+    })?;
+    let mut b = [0u8; 4];
+    let status = if sys::read_raw(sp.status.as_raw_fd(), &mut b) == 4 {
+        i32::from_ne_bytes(b)
+    } else {
+        st
+    };
+    Ok((report, Some(status)))
+}
+
+/// Shapes the seized child into the image; returns the other threads, still stopped.
+fn shape(ctx: &Ctx, m: &Manifest, pages: &[u8]) -> Result<Vec<Stopped>, RestoreError> {
+    let t = &ctx.leader;
+    t.set_sigmask(!0)?;
+    if let Ok((_, max)) = sys::prlimit_get(ctx.pid, libc::RLIMIT_NOFILE as i32) {
+        let _ = sys::prlimit_set(ctx.pid, libc::RLIMIT_NOFILE as i32, max, max);
+    }
+    memory::rebuild(ctx, m, pages)?;
+    files::restore_fds(ctx, m, pages)?;
+    let mut cwd = m.cwd.as_bytes().to_vec();
+    cwd.push(0);
+    let a = ctx.put(SCRATCH_PATH_OFF, &cwd)?;
+    ctx.ok(t, libc::SYS_chdir, &[a], &format!("chdir({})", m.cwd))?;
+    ctx.ok(t, libc::SYS_umask, &[m.umask as u64], "umask")?;
+    ctx.ok(t, libc::SYS_personality, &[m.personality], "personality")?;
+    restore_sigactions(ctx, m)?;
+
+    // Threads, with their old tids.
+    let mut others = Vec::new();
+    for ti in &m.threads[1..] {
+        let set_tid = ctx.put(256, &ti.tid.to_ne_bytes())?;
+        let flags = libc::CLONE_VM
+            | libc::CLONE_FS
+            | libc::CLONE_FILES
+            | libc::CLONE_SIGHAND
+            | libc::CLONE_THREAD
+            | libc::CLONE_SYSVSEM;
+        let args = kabi::CloneArgs {
+            flags: flags as u64,
+            set_tid,
+            set_tid_size: 1,
+            ..Default::default()
+        };
+        let words = [
+            args.flags,
+            args.pidfd,
+            args.child_tid,
+            args.parent_tid,
+            args.exit_signal,
+            args.stack,
+            args.stack_size,
+            args.tls,
+            args.set_tid,
+            args.set_tid_size,
+            args.cgroup,
+        ];
+        let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_ne_bytes()).collect();
+        let a = ctx.put(0, &bytes)?;
+        let out = ctx
+            .inj
+            .call(t, libc::SYS_clone3, &[a, bytes.len() as u64])?;
+        if out.ret != ti.tid as i64 {
+            return Err(RestoreError::Other {
+                what: format!("clone3(set_tid=[{}]) returned {}", ti.tid, out.ret),
+            });
+        }
+        let new = out.new_tid.ok_or_else(|| RestoreError::Other {
+            what: format!("thread {}: no clone event", ti.tid),
+        })?;
+        let st = sys::wait_tid(new).map_err(|e| RestoreError::Other {
+            what: format!("waiting for new thread {new}: {e}"),
+        })?;
+        match super::freeze::decode(new, st)? {
+            StopKind::Event => {}
+            _ => {
+                return Err(RestoreError::Other {
+                    what: format!("thread {}: unexpected first stop {st:#x}", ti.tid),
+                })
+            }
+        }
+        others.push(Stopped { tid: new });
+    }
+    let all: Vec<&Stopped> = std::iter::once(&ctx.leader).chain(others.iter()).collect();
+    for (st, ti) in all.iter().zip(&m.threads) {
+        per_thread(ctx, st, ti)?;
+    }
+    // Pending signals, queued by the process to itself while everything is blocked.
+    for info in &m.shared_pending {
+        let sig = i32::from_ne_bytes(info[..4].try_into().unwrap());
+        let a = ctx.put(0, info)?;
+        ctx.ok(
+            t,
+            libc::SYS_rt_sigqueueinfo,
+            &[m.pid as u64, sig as u64, a],
+            "rt_sigqueueinfo",
+        )?;
+    }
+    for ti in &m.threads {
+        for info in &ti.pending {
+            let sig = i32::from_ne_bytes(info[..4].try_into().unwrap());
+            let a = ctx.put(0, info)?;
+            ctx.ok(
+                t,
+                libc::SYS_rt_tgsigqueueinfo,
+                &[m.pid as u64, ti.tid as u64, sig as u64, a],
+                "rt_tgsigqueueinfo",
+            )?;
+        }
+    }
+    for &(res, cur, max) in &m.rlimits {
+        sys::prlimit_set(ctx.pid, res, cur, max).map_err(|e| RestoreError::Other {
+            what: format!("prlimit({res}): {e}"),
+        })?;
+    }
+    restore_creds(ctx, m)?;
+    for (which, it) in m.itimers.iter().enumerate() {
+        if it.iter().any(|&v| v != 0) {
+            let b: Vec<u8> = it.iter().flat_map(|v| v.to_ne_bytes()).collect();
+            let a = ctx.put(0, &b)?;
+            ctx.ok(t, libc::SYS_setitimer, &[which as u64, a, 0], "setitimer")?;
+        }
+    }
+    for (st, ti) in others.iter().zip(&m.threads[1..]) {
+        final_regs(ctx, st, ti)?;
+    }
+    // Last: unmap the gadget from inside, stopping at the syscall exit.
+    let mut r = t.regs()?;
+    r.rip = ctx.gadget;
+    r.rax = libc::SYS_munmap as u64;
+    r.rdi = ctx.gadget;
+    r.rsi = ctx.gadget_len;
+    r.orig_rax = u64::MAX;
+    t.set_regs(&r)?;
+    for _ in 0..2 {
+        match t.cont_and_wait(0, true)? {
+            StopKind::Syscall => {}
+            _ => {
+                return Err(RestoreError::Other {
+                    what: "unmapping the gadget: unexpected stop".into(),
+                })
+            }
+        }
+    }
+    final_regs(ctx, t, &m.threads[0])?;
+    Ok(others)
+}
+
+fn restore_sigactions(ctx: &Ctx, m: &Manifest) -> Result<(), RestoreError> {
+    let t = &ctx.leader;
+    let mut order: Vec<i32> = (1..=64)
+        .filter(|&s| s != libc::SIGKILL && s != libc::SIGSTOP && s != libc::SIGCHLD)
+        .collect();
+    order.push(libc::SIGCHLD);
+    for sig in order {
+        let (h, f, r, mask) = m
+            .sigactions
+            .iter()
+            .find(|a| a.sig == sig)
+            .map(|a| (a.handler, a.flags, a.restorer, a.mask))
+            .unwrap_or((0, 0, 0, 0));
+        let b: Vec<u8> = [h, f, r, mask]
+            .iter()
+            .flat_map(|w| w.to_ne_bytes())
+            .collect();
+        let a = ctx.put(0, &b)?;
+        ctx.ok(
+            t,
+            libc::SYS_rt_sigaction,
+            &[sig as u64, a, 0, 8],
+            &format!("rt_sigaction({sig})"),
+        )?;
+    }
+    Ok(())
+}
+
+fn per_thread(ctx: &Ctx, t: &Stopped, ti: &image::ThreadImage) -> Result<(), RestoreError> {
+    ctx.ok(
+        t,
+        libc::SYS_set_tid_address,
+        &[ti.clear_tid],
+        "set_tid_address",
+    )?;
+    if ti.robust_list.0 != 0 {
+        ctx.ok(
+            t,
+            libc::SYS_set_robust_list,
+            &[ti.robust_list.0, ti.robust_list.1],
+            "set_robust_list",
+        )?;
+    }
+    let (sp, flags, size) = ti.altstack;
+    if flags & libc::SS_DISABLE == 0 && size != 0 {
+        let mut b = Vec::new();
+        b.extend_from_slice(&sp.to_ne_bytes());
+        b.extend_from_slice(&((flags & !libc::SS_ONSTACK) as i64).to_ne_bytes());
+        b.extend_from_slice(&size.to_ne_bytes());
+        let a = ctx.put(512, &b)?;
+        ctx.ok(t, libc::SYS_sigaltstack, &[a, 0], "sigaltstack")?;
+    }
+    let mut name = ti.name.as_bytes().to_vec();
+    name.truncate(15);
+    name.push(0);
+    let a = ctx.put(768, &name)?;
+    ctx.ok(
+        t,
+        libc::SYS_prctl,
+        &[libc::PR_SET_NAME as u64, a],
+        "prctl(PR_SET_NAME)",
+    )?;
+    if let Some(rs) = ti.rseq {
+        ctx.ok(
+            t,
+            libc::SYS_rseq,
+            &[rs.ptr, rs.len as u64, 0, rs.sig as u64],
+            &format!("rseq(register {:#x}) in tid {}", rs.ptr, ti.tid),
+        )?;
+    }
+    Ok(())
+}
+
+fn final_regs(ctx: &Ctx, t: &Stopped, ti: &image::ThreadImage) -> Result<(), RestoreError> {
+    let mut r = regs::from_words(&ti.regs).ok_or_else(|| RestoreError::Other {
+        what: format!("thread {}: bad register record", ti.tid),
+    })?;
+    regs::fix_for_restore(&mut r);
+    if let Some(rs) = ti.rseq {
+        // An IP inside an rseq critical section goes to its abort handler.
+        let mut b = [0u8; 8];
+        if sys::vm_read(ctx.pid, rs.ptr + 8, &mut b).is_ok() {
+            let cs = u64::from_ne_bytes(b);
+            let mut d = [0u8; 32];
+            if cs != 0 && sys::vm_read(ctx.pid, cs, &mut d).is_ok() {
+                let start = u64::from_ne_bytes(d[8..16].try_into().unwrap());
+                let len = u64::from_ne_bytes(d[16..24].try_into().unwrap());
+                let abort = u64::from_ne_bytes(d[24..32].try_into().unwrap());
+                if r.rip >= start && r.rip < start + len {
+                    r.rip = abort;
+                }
+            }
+        }
+    }
+    let mut x = ti.xsave.clone();
+    if x.len() >= 520 {
+        // xstate_bv: keep the legacy x87/SSE state (incl. MXCSR) from the buffer.
+        x[512] |= 3;
+        t.set_xsave(&x)?;
+    }
+    t.set_regs(&r)?;
+    t.set_sigmask(ti.sigmask)?;
+    Ok(())
+}
+
+fn restore_creds(ctx: &Ctx, m: &Manifest) -> Result<(), RestoreError> {
+    let t = &ctx.leader;
+    let c = &m.creds;
+    if c.uid == [0, 0, 0] && c.gid == [0, 0, 0] {
+        return Ok(());
+    }
+    let b: Vec<u8> = c.groups.iter().flat_map(|g| g.to_ne_bytes()).collect();
+    let a = ctx.put(0, &b)?;
+    ctx.ok(
+        t,
+        libc::SYS_setgroups,
+        &[c.groups.len() as u64, a],
+        "setgroups",
+    )?;
+    ctx.ok(
+        t,
+        libc::SYS_setresgid,
+        &[c.gid[0] as u64, c.gid[1] as u64, c.gid[2] as u64],
+        "setresgid",
+    )?;
+    ctx.ok(
+        t,
+        libc::SYS_setresuid,
+        &[c.uid[0] as u64, c.uid[1] as u64, c.uid[2] as u64],
+        "setresuid",
+    )?;
+    Ok(())
+}

@@ -1,0 +1,506 @@
+//! Thin wrappers over the raw system calls the engine needs. Every `unsafe` block of
+//! the crate lives here, each with the reason it holds.
+
+pub mod kabi;
+
+use nix::errno::Errno;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+
+pub type Regs = libc::user_regs_struct;
+
+fn check(ret: libc::c_long) -> Result<libc::c_long, Errno> {
+    if ret == -1 {
+        Err(Errno::last())
+    } else {
+        Ok(ret)
+    }
+}
+
+fn ptrace_raw(
+    req: libc::c_uint,
+    tid: i32,
+    addr: usize,
+    data: usize,
+) -> Result<libc::c_long, Errno> {
+    Errno::clear();
+    // SAFETY: ptrace with integer or caller-checked pointer arguments; every caller
+    // passes pointers to live buffers of the size the request writes.
+    let r = unsafe {
+        libc::ptrace(
+            req,
+            tid,
+            addr as *mut libc::c_void,
+            data as *mut libc::c_void,
+        )
+    };
+    if r == -1 && Errno::last_raw() != 0 {
+        Err(Errno::last())
+    } else {
+        Ok(r)
+    }
+}
+
+pub fn ptrace_seize(tid: i32, options: libc::c_int) -> Result<(), Errno> {
+    ptrace_raw(libc::PTRACE_SEIZE, tid, 0, options as usize).map(drop)
+}
+pub fn ptrace_interrupt(tid: i32) -> Result<(), Errno> {
+    ptrace_raw(libc::PTRACE_INTERRUPT, tid, 0, 0).map(drop)
+}
+pub fn ptrace_cont(tid: i32, sig: i32) -> Result<(), Errno> {
+    ptrace_raw(libc::PTRACE_CONT, tid, 0, sig as usize).map(drop)
+}
+pub fn ptrace_syscall(tid: i32, sig: i32) -> Result<(), Errno> {
+    ptrace_raw(libc::PTRACE_SYSCALL, tid, 0, sig as usize).map(drop)
+}
+pub fn ptrace_detach(tid: i32, sig: i32) -> Result<(), Errno> {
+    ptrace_raw(libc::PTRACE_DETACH, tid, 0, sig as usize).map(drop)
+}
+pub fn ptrace_peekdata(tid: i32, addr: u64) -> Result<u64, Errno> {
+    ptrace_raw(libc::PTRACE_PEEKDATA, tid, addr as usize, 0).map(|v| v as u64)
+}
+pub fn ptrace_pokedata(tid: i32, addr: u64, word: u64) -> Result<(), Errno> {
+    ptrace_raw(libc::PTRACE_POKEDATA, tid, addr as usize, word as usize).map(drop)
+}
+pub fn ptrace_getregs(tid: i32) -> Result<Regs, Errno> {
+    // SAFETY: user_regs_struct is plain integers; all-zero is a valid value.
+    let mut regs: Regs = unsafe { std::mem::zeroed() };
+    ptrace_raw(
+        libc::PTRACE_GETREGS,
+        tid,
+        0,
+        &mut regs as *mut Regs as usize,
+    )?;
+    Ok(regs)
+}
+pub fn ptrace_setregs(tid: i32, regs: &Regs) -> Result<(), Errno> {
+    ptrace_raw(libc::PTRACE_SETREGS, tid, 0, regs as *const Regs as usize).map(drop)
+}
+/// Reads a register set (e.g. NT_X86_XSTATE) into `buf`; returns the length the kernel filled.
+pub fn ptrace_getregset(tid: i32, note: libc::c_int, buf: &mut [u8]) -> Result<usize, Errno> {
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    ptrace_raw(
+        libc::PTRACE_GETREGSET,
+        tid,
+        note as usize,
+        &mut iov as *mut libc::iovec as usize,
+    )?;
+    Ok(iov.iov_len)
+}
+pub fn ptrace_setregset(tid: i32, note: libc::c_int, buf: &[u8]) -> Result<(), Errno> {
+    let mut iov = libc::iovec {
+        iov_base: buf.as_ptr() as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
+    ptrace_raw(
+        libc::PTRACE_SETREGSET,
+        tid,
+        note as usize,
+        &mut iov as *mut libc::iovec as usize,
+    )
+    .map(drop)
+}
+pub fn ptrace_getsigmask(tid: i32) -> Result<u64, Errno> {
+    let mut mask: u64 = 0;
+    ptrace_raw(
+        libc::PTRACE_GETSIGMASK,
+        tid,
+        8,
+        &mut mask as *mut u64 as usize,
+    )?;
+    Ok(mask)
+}
+pub fn ptrace_setsigmask(tid: i32, mask: u64) -> Result<(), Errno> {
+    ptrace_raw(
+        libc::PTRACE_SETSIGMASK,
+        tid,
+        8,
+        &mask as *const u64 as usize,
+    )
+    .map(drop)
+}
+/// Reads up to 64 queued siginfos (128 bytes each) of a thread or, with `shared`, of
+/// the thread group, without dequeuing them.
+pub fn ptrace_peeksiginfo(tid: i32, shared: bool) -> Result<Vec<[u8; 128]>, Errno> {
+    let mut out = Vec::new();
+    loop {
+        let mut buf = [[0u8; 128]; 16];
+        let args = kabi::PtracePeekSiginfoArgs {
+            off: out.len() as u64,
+            flags: if shared {
+                kabi::PTRACE_PEEKSIGINFO_SHARED
+            } else {
+                0
+            },
+            nr: 16,
+        };
+        let n = ptrace_raw(
+            libc::PTRACE_PEEKSIGINFO,
+            tid,
+            &args as *const kabi::PtracePeekSiginfoArgs as usize,
+            buf.as_mut_ptr() as usize,
+        )?;
+        if n <= 0 {
+            return Ok(out);
+        }
+        out.extend_from_slice(&buf[..n as usize]);
+    }
+}
+pub fn ptrace_get_rseq(tid: i32) -> Result<kabi::PtraceRseqConfiguration, Errno> {
+    let mut conf = kabi::PtraceRseqConfiguration::default();
+    ptrace_raw(
+        kabi::PTRACE_GET_RSEQ_CONFIGURATION,
+        tid,
+        std::mem::size_of::<kabi::PtraceRseqConfiguration>(),
+        &mut conf as *mut _ as usize,
+    )?;
+    Ok(conf)
+}
+pub fn ptrace_geteventmsg(tid: i32) -> Result<u64, Errno> {
+    let mut msg: libc::c_ulong = 0;
+    ptrace_raw(
+        libc::PTRACE_GETEVENTMSG,
+        tid,
+        0,
+        &mut msg as *mut libc::c_ulong as usize,
+    )?;
+    Ok(msg as u64)
+}
+
+/// waitpid(tid, __WALL); returns the raw status.
+pub fn wait_tid(tid: i32) -> Result<i32, Errno> {
+    loop {
+        let mut status = 0;
+        // SAFETY: status is a valid out-pointer.
+        let r = unsafe { libc::waitpid(tid, &mut status, libc::__WALL) };
+        if r == -1 {
+            if Errno::last() == Errno::EINTR {
+                continue;
+            }
+            return Err(Errno::last());
+        }
+        return Ok(status);
+    }
+}
+
+/// waitpid(pid, 0) for a plain child; returns the raw status.
+pub fn wait_child(pid: i32) -> Result<i32, Errno> {
+    loop {
+        let mut status = 0;
+        // SAFETY: status is a valid out-pointer.
+        let r = unsafe { libc::waitpid(pid, &mut status, 0) };
+        if r == -1 {
+            if Errno::last() == Errno::EINTR {
+                continue;
+            }
+            return Err(Errno::last());
+        }
+        return Ok(status);
+    }
+}
+
+/// Reads `buf.len()` bytes of another process's memory at `addr`.
+pub fn vm_read(pid: i32, addr: u64, buf: &mut [u8]) -> Result<usize, Errno> {
+    let local = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    let remote = libc::iovec {
+        iov_base: addr as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
+    // SAFETY: the local iovec covers `buf`, which we own mutably; remote memory is
+    // accessed by the kernel on the other process's behalf.
+    let r = unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) };
+    check(r as libc::c_long).map(|n| n as usize)
+}
+
+/// Writes `buf` into another process's memory at `addr`.
+pub fn vm_write(pid: i32, addr: u64, buf: &[u8]) -> Result<usize, Errno> {
+    let local = libc::iovec {
+        iov_base: buf.as_ptr() as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
+    let remote = libc::iovec {
+        iov_base: addr as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
+    // SAFETY: the local iovec covers `buf`, which the kernel only reads.
+    let r = unsafe { libc::process_vm_writev(pid, &local, 1, &remote, 1, 0) };
+    check(r as libc::c_long).map(|n| n as usize)
+}
+
+pub fn kcmp_file(pid1: i32, pid2: i32, fd1: i32, fd2: i32) -> Result<i64, Errno> {
+    // SAFETY: kcmp takes only integers.
+    let r = unsafe { libc::syscall(libc::SYS_kcmp, pid1, pid2, kabi::KCMP_FILE, fd1, fd2) };
+    check(r)
+}
+
+pub fn pidfd_open(pid: i32) -> Result<OwnedFd, Errno> {
+    // SAFETY: pidfd_open takes only integers.
+    let r = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    // SAFETY: on success the kernel returned a new fd that we now own.
+    check(r).map(|fd| unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+pub fn pidfd_getfd(pidfd: RawFd, fd: i32) -> Result<OwnedFd, Errno> {
+    // SAFETY: pidfd_getfd takes only integers.
+    let r = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd, fd, 0) };
+    // SAFETY: on success the kernel returned a new fd that we now own.
+    check(r).map(|fd| unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// get_robust_list(tid): (head, len).
+pub fn get_robust_list(tid: i32) -> Result<(u64, u64), Errno> {
+    let mut head: u64 = 0;
+    let mut len: libc::size_t = 0;
+    // SAFETY: both out-pointers are valid for the sizes the kernel writes.
+    let r = unsafe { libc::syscall(libc::SYS_get_robust_list, tid, &mut head, &mut len) };
+    check(r).map(|_| (head, len as u64))
+}
+
+pub fn prlimit_get(pid: i32, res: i32) -> Result<(u64, u64), Errno> {
+    let mut old = libc::rlimit64 {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `old` is a valid out-pointer; the new-limit pointer is null.
+    let r = unsafe { libc::prlimit64(pid, res as _, std::ptr::null(), &mut old) };
+    check(r as libc::c_long).map(|_| (old.rlim_cur, old.rlim_max))
+}
+
+pub fn prlimit_set(pid: i32, res: i32, cur: u64, max: u64) -> Result<(), Errno> {
+    let new = libc::rlimit64 {
+        rlim_cur: cur,
+        rlim_max: max,
+    };
+    // SAFETY: `new` is a valid in-pointer; the old-limit pointer is null.
+    let r = unsafe { libc::prlimit64(pid, res as _, &new, std::ptr::null_mut()) };
+    check(r as libc::c_long).map(drop)
+}
+
+/// clone3 with `args`; returns 0 in the child, the child's pid in the parent.
+///
+/// # Safety
+/// Without CLONE_VM this behaves as fork: the caller must be single-threaded or keep
+/// the child to async-signal-safe work.
+pub unsafe fn clone3(args: &kabi::CloneArgs) -> Result<i32, Errno> {
+    // SAFETY: `args` points to a valid clone_args of the size passed; the caller
+    // upholds the fork-safety contract documented above.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            args as *const kabi::CloneArgs,
+            std::mem::size_of::<kabi::CloneArgs>(),
+        )
+    };
+    check(r).map(|v| v as i32)
+}
+
+/// fork(2).
+///
+/// # Safety
+/// The caller must be single-threaded or keep the child to async-signal-safe work.
+pub unsafe fn fork() -> Result<i32, Errno> {
+    // SAFETY: contract forwarded to the caller.
+    let r = unsafe { libc::fork() };
+    check(r as libc::c_long).map(|v| v as i32)
+}
+
+pub fn unshare(flags: i32) -> Result<(), Errno> {
+    // SAFETY: unshare takes only integers.
+    check(unsafe { libc::unshare(flags) } as libc::c_long).map(drop)
+}
+
+/// mmap a fresh anonymous area at exactly `addr` (fails if anything is there).
+pub fn mmap_anon_noreplace(addr: u64, len: usize, prot: i32) -> Result<*mut u8, Errno> {
+    // SAFETY: MAP_FIXED_NOREPLACE never replaces an existing mapping.
+    let p = unsafe {
+        libc::mmap(
+            addr as *mut libc::c_void,
+            len,
+            prot,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | kabi::MAP_FIXED_NOREPLACE,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        Err(Errno::last())
+    } else {
+        Ok(p.cast())
+    }
+}
+
+/// A read-only mapping of a whole file, unmapped on drop.
+pub struct FileMap {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl FileMap {
+    pub fn map(fd: RawFd, len: usize) -> Result<FileMap, Errno> {
+        if len == 0 {
+            return Ok(FileMap {
+                ptr: std::ptr::null_mut(),
+                len: 0,
+            });
+        }
+        // SAFETY: a new shared read-only mapping chosen by the kernel; nothing aliases it.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(Errno::last());
+        }
+        Ok(FileMap { ptr: p.cast(), len })
+    }
+    pub fn bytes(&self) -> &[u8] {
+        if self.len == 0 {
+            return &[];
+        }
+        // SAFETY: ptr/len describe a live read-only mapping owned by self. The file may
+        // be truncated underneath (SIGBUS); image files belong to the engine.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
+impl Drop for FileMap {
+    fn drop(&mut self) {
+        if self.len > 0 {
+            // SAFETY: unmapping exactly the mapping this value owns.
+            unsafe { libc::munmap(self.ptr.cast(), self.len) };
+        }
+    }
+}
+
+/// Sets every signal's mask bit in the calling thread.
+pub fn block_all_signals() {
+    // SAFETY: sigset is initialised by sigfillset before use.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut set);
+        libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+    }
+}
+
+/// pause(2).
+pub fn pause() {
+    // SAFETY: pause takes no arguments.
+    unsafe { libc::pause() };
+}
+
+/// _exit(2): leaves without running destructors or atexit handlers (for forked children).
+pub fn exit_now(code: i32) -> ! {
+    // SAFETY: _exit never returns and is async-signal-safe.
+    unsafe { libc::_exit(code) }
+}
+
+/// Writes `buf` to a raw fd (async-signal-safe, for forked children).
+pub fn write_raw(fd: RawFd, buf: &[u8]) -> isize {
+    // SAFETY: buf is a valid slice for its length.
+    unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) }
+}
+
+/// Reads from a raw fd.
+pub fn read_raw(fd: RawFd, buf: &mut [u8]) -> isize {
+    // SAFETY: buf is a valid mutable slice for its length.
+    unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) }
+}
+
+/// Resets a signal's disposition to default and raises it (to die of the same signal).
+pub fn die_of_signal(sig: i32) -> ! {
+    // SAFETY: plain libc calls; if the signal does not kill us we exit.
+    unsafe {
+        libc::signal(sig, libc::SIG_DFL);
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, sig);
+        libc::sigprocmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+        libc::raise(sig);
+        libc::_exit(128 + sig)
+    }
+}
+
+/// tee(2) between two pipes without consuming the source.
+pub fn tee(fd_in: RawFd, fd_out: RawFd, len: usize) -> Result<usize, Errno> {
+    // SAFETY: tee takes only integers.
+    let r = unsafe { libc::tee(fd_in, fd_out, len, libc::SPLICE_F_NONBLOCK) };
+    check(r as libc::c_long).map(|v| v as usize)
+}
+
+/// pipe2(O_CLOEXEC).
+pub fn pipe() -> Result<(OwnedFd, OwnedFd), Errno> {
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+}
+
+/// fcntl(fd, F_GETPIPE_SZ).
+pub fn pipe_size(fd: RawFd) -> Result<i32, Errno> {
+    // SAFETY: fcntl with an integer command.
+    check(unsafe { libc::fcntl(fd, libc::F_GETPIPE_SZ) } as libc::c_long).map(|v| v as i32)
+}
+
+/// fcntl(fd, F_SETPIPE_SZ, size).
+pub fn set_pipe_size(fd: RawFd, size: i32) -> Result<(), Errno> {
+    // SAFETY: fcntl with integer arguments.
+    check(unsafe { libc::fcntl(fd, libc::F_SETPIPE_SZ, size) } as libc::c_long).map(drop)
+}
+
+/// Sends `sig` to a process.
+pub fn kill(pid: i32, sig: i32) -> Result<(), Errno> {
+    // SAFETY: kill takes only integers.
+    check(unsafe { libc::kill(pid, sig) } as libc::c_long).map(drop)
+}
+
+/// Returns this machine's page size.
+pub fn page_size() -> u64 {
+    4096
+}
+
+/// XSAVE area size from CPUID(0xD, 0).EBX (the size for the currently enabled features).
+pub fn xsave_size() -> usize {
+    let r = std::arch::x86_64::__cpuid_count(0xd, 0);
+    r.ebx as usize
+}
+
+/// Maps `len` bytes RWX at exactly `addr` and copies `code` to its start (for the
+/// restore gadget, in the forked child that becomes the restored process).
+pub fn install_gadget(addr: u64, len: usize, code: &[u8]) -> Result<(), Errno> {
+    let p = mmap_anon_noreplace(
+        addr,
+        len,
+        libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC,
+    )?;
+    if p as u64 != addr {
+        return Err(Errno::EEXIST);
+    }
+    // SAFETY: p points to `len` fresh writable bytes that nothing else references and
+    // code.len() <= len (callers pass a few bytes into at least a page).
+    unsafe { std::ptr::copy_nonoverlapping(code.as_ptr(), p, code.len().min(len)) };
+    Ok(())
+}
+
+/// waitpid(-1, 0) for any child; returns (pid, raw status).
+pub fn wait_any() -> Result<(i32, i32), Errno> {
+    loop {
+        let mut status = 0;
+        // SAFETY: status is a valid out-pointer.
+        let r = unsafe { libc::waitpid(-1, &mut status, 0) };
+        if r == -1 {
+            if Errno::last() == Errno::EINTR {
+                continue;
+            }
+            return Err(Errno::last());
+        }
+        return Ok((r, status));
+    }
+}
