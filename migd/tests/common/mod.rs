@@ -112,6 +112,7 @@ impl Workload {
             restorers.push(r);
             pid = new_pid;
         }
+        let _ = child.wait();
         let last = restorers.pop().expect("at least one dump");
         let o = last.wait_with_output().unwrap();
         assert!(
