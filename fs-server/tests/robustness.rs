@@ -14,7 +14,9 @@ use util::*;
 async fn wrong_key_is_refused_and_the_server_keeps_serving() {
     let s = TestServer::start().await;
     let bad = client_with_key(s.addr, b"not-the-cluster-key-at-all").await;
-    let err = bad.err().expect("a client with the wrong key was accepted");
+    let Err(err) = bad else {
+        panic!("a client with the wrong key was accepted");
+    };
     assert!(
         err.to_string().contains("handshake"),
         "client side error should name the handshake: {err}"
