@@ -253,6 +253,13 @@ impl Server {
         })
     }
 
+    /// The ino of what a handle names, if it still exists (for callbacks).
+    pub fn ino_of_handle(&self, h: &FileHandle) -> Option<u64> {
+        let r = self.resolve(h).ok()?;
+        let st = sys::fstatx(r.fd.as_fd(), false).ok()?;
+        Some(attr_of(&r.volume.name, &st).ino)
+    }
+
     /// Switches this (blocking) thread to the caller's credentials until the guard
     /// drops. uid 0 is root unless `fs.squash_root`, then nobody.
     pub fn as_user(&self, c: &Creds) -> FsResult<CredGuard> {

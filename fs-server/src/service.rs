@@ -45,6 +45,28 @@ pub async fn invalidate_all(clients: Vec<CacheCallbackClient>, ino: u64) {
     futures::future::join_all(calls).await;
 }
 
+/// Tells clients to drop cached directory entries (`(parent ino, name)`), waiting for
+/// their answers (each bounded by [`CALLBACK_TIMEOUT`]).
+pub async fn invalidate_entries(clients: Vec<CacheCallbackClient>, entries: Vec<(u64, Vec<u8>)>) {
+    if clients.is_empty() || entries.is_empty() {
+        return;
+    }
+    let calls = clients.into_iter().map(|c| {
+        let entries = entries.clone();
+        async move {
+            for (parent, name) in entries {
+                let mut ctx = tarpc::context::current();
+                ctx.deadline = Instant::now() + CALLBACK_TIMEOUT;
+                if let Err(e) = c.invalidate_entry(ctx, parent, name).await {
+                    tracing::warn!(parent, error = %e, "invalidate_entry callback failed; going on without it");
+                    return;
+                }
+            }
+        }
+    });
+    futures::future::join_all(calls).await;
+}
+
 /// One session's view of the server.
 #[derive(Clone)]
 pub struct Conn {
@@ -78,6 +100,22 @@ macro_rules! run {
 }
 
 impl Conn {
+    /// A name appeared: other clients may hold a negative entry for it. Told in the
+    /// background (a create does not wait for every other client).
+    fn entry_added(&self, session: u64, parent: Option<u64>, name: Vec<u8>) {
+        let Some(parent) = parent else { return };
+        let clients = self.srv.state.other_callbacks(session);
+        if !clients.is_empty() {
+            tokio::spawn(invalidate_entries(clients, vec![(parent, name)]));
+        }
+    }
+
+    /// Names changed in directories other clients may have cached.
+    async fn entry_changed(&self, session: u64, entries: Vec<(u64, Vec<u8>)>) {
+        let clients = self.srv.state.other_callbacks(session);
+        invalidate_entries(clients, entries).await;
+    }
+
     async fn finish_open(&self, n: data::NewOpen) -> Opened {
         tracing::debug!(id = n.open.id, ino = n.open.ino, cache = ?n.outcome.cache,
             callbacks = n.outcome.notify.len(), "opened");
@@ -146,11 +184,15 @@ impl FileService for Conn {
                 _ => None,
             };
             let attr = meta::setattr(srv, &creds, &handle, &set, o.as_ref().map(|o| &o.fd))?;
+            // A size change alters the data every other holder may have cached.
             let notify = if truncating {
                 srv.resolve(&handle)
                     .ok()
                     .and_then(|r| crate::sys::fstatx(std::os::fd::AsFd::as_fd(&r.fd), false).ok())
-                    .map(|st| srv.state.after_write(crate::server::file_key(&st), session))
+                    .map(|st| {
+                        srv.state
+                            .holders_except(crate::server::file_key(&st), session)
+                    })
                     .unwrap_or_default()
             } else {
                 Vec::new()
@@ -190,9 +232,13 @@ impl FileService for Conn {
         umask: u32,
         rdev: u32,
     ) -> FsResult<Entry> {
-        run!(self, "mknod", |srv| dir::mknod(
-            srv, &creds, &parent, &name, mode, umask, rdev
-        ))
+        let session = self.session.id;
+        let (e, pino, name) = run!(self, "mknod", |srv: &Server| {
+            let e = dir::mknod(srv, &creds, &parent, &name, mode, umask, rdev)?;
+            Ok((e, srv.ino_of_handle(&parent), name))
+        })?;
+        self.entry_added(session, pino, name);
+        Ok(e)
     }
 
     async fn mkdir(
@@ -204,9 +250,13 @@ impl FileService for Conn {
         mode: u32,
         umask: u32,
     ) -> FsResult<Entry> {
-        run!(self, "mkdir", |srv| dir::mkdir(
-            srv, &creds, &parent, &name, mode, umask
-        ))
+        let session = self.session.id;
+        let (e, pino, name) = run!(self, "mkdir", |srv: &Server| {
+            let e = dir::mkdir(srv, &creds, &parent, &name, mode, umask)?;
+            Ok((e, srv.ino_of_handle(&parent), name))
+        })?;
+        self.entry_added(session, pino, name);
+        Ok(e)
     }
 
     async fn symlink(
@@ -217,9 +267,13 @@ impl FileService for Conn {
         name: Vec<u8>,
         target: Vec<u8>,
     ) -> FsResult<Entry> {
-        run!(self, "symlink", |srv| dir::symlink(
-            srv, &creds, &parent, &name, &target
-        ))
+        let session = self.session.id;
+        let (e, pino, name) = run!(self, "symlink", |srv: &Server| {
+            let e = dir::symlink(srv, &creds, &parent, &name, &target)?;
+            Ok((e, srv.ino_of_handle(&parent), name))
+        })?;
+        self.entry_added(session, pino, name);
+        Ok(e)
     }
 
     async fn link(
@@ -230,13 +284,13 @@ impl FileService for Conn {
         new_parent: FileHandle,
         new_name: Vec<u8>,
     ) -> FsResult<Entry> {
-        run!(self, "link", |srv| dir::link(
-            srv,
-            &creds,
-            &target,
-            &new_parent,
-            &new_name
-        ))
+        let session = self.session.id;
+        let (e, pino, name) = run!(self, "link", |srv: &Server| {
+            let e = dir::link(srv, &creds, &target, &new_parent, &new_name)?;
+            Ok((e, srv.ino_of_handle(&new_parent), new_name))
+        })?;
+        self.entry_added(session, pino, name);
+        Ok(e)
     }
 
     async fn unlink(
@@ -246,9 +300,14 @@ impl FileService for Conn {
         parent: FileHandle,
         name: Vec<u8>,
     ) -> FsResult<()> {
-        run!(self, "unlink", |srv| dir::unlink(
-            srv, &creds, &parent, &name
-        ))
+        let session = self.session.id;
+        let (pino, name) = run!(self, "unlink", |srv: &Server| {
+            dir::unlink(srv, &creds, &parent, &name)?;
+            Ok((srv.ino_of_handle(&parent), name))
+        })?;
+        self.entry_changed(session, pino.map(|p| (p, name)).into_iter().collect())
+            .await;
+        Ok(())
     }
 
     async fn rmdir(
@@ -258,7 +317,14 @@ impl FileService for Conn {
         parent: FileHandle,
         name: Vec<u8>,
     ) -> FsResult<()> {
-        run!(self, "rmdir", |srv| dir::rmdir(srv, &creds, &parent, &name))
+        let session = self.session.id;
+        let (pino, name) = run!(self, "rmdir", |srv: &Server| {
+            dir::rmdir(srv, &creds, &parent, &name)?;
+            Ok((srv.ino_of_handle(&parent), name))
+        })?;
+        self.entry_changed(session, pino.map(|p| (p, name)).into_iter().collect())
+            .await;
+        Ok(())
     }
 
     async fn rename(
@@ -271,15 +337,20 @@ impl FileService for Conn {
         new_name: Vec<u8>,
         flags: u32,
     ) -> FsResult<()> {
-        run!(self, "rename", |srv| dir::rename(
-            srv,
-            &creds,
-            &parent,
-            &name,
-            &new_parent,
-            &new_name,
-            flags
-        ))
+        let session = self.session.id;
+        let changed = run!(self, "rename", |srv: &Server| {
+            dir::rename(srv, &creds, &parent, &name, &new_parent, &new_name, flags)?;
+            let mut changed = Vec::new();
+            if let Some(p) = srv.ino_of_handle(&parent) {
+                changed.push((p, name));
+            }
+            if let Some(p) = srv.ino_of_handle(&new_parent) {
+                changed.push((p, new_name));
+            }
+            Ok(changed)
+        })?;
+        self.entry_changed(session, changed).await;
+        Ok(())
     }
 
     async fn open(
@@ -307,9 +378,11 @@ impl FileService for Conn {
         flags: i32,
     ) -> FsResult<(Entry, Opened)> {
         let session = self.session.id;
-        let mut n = run!(self, "create", |srv| data::create(
-            srv, session, &creds, &parent, &name, mode, umask, flags
-        ))?;
+        let (mut n, pino, name) = run!(self, "create", |srv: &Server| {
+            let n = data::create(srv, session, &creds, &parent, &name, mode, umask, flags)?;
+            Ok((n, srv.ino_of_handle(&parent), name))
+        })?;
+        self.entry_added(session, pino, name);
         let entry = n.entry.take().expect("create returns the entry");
         Ok((entry, self.finish_open(n).await))
     }

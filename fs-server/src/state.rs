@@ -244,6 +244,31 @@ impl State {
             .collect()
     }
 
+    /// The callback clients of every session but `session` (for namespace changes,
+    /// which any client may have cached).
+    pub fn other_callbacks(&self, session: u64) -> Vec<CacheCallbackClient> {
+        self.lock()
+            .callbacks
+            .iter()
+            .filter(|(s, _)| **s != session)
+            .map(|(_, c)| c.clone())
+            .collect()
+    }
+
+    /// The callback clients of the other sessions holding a file open (for changes of
+    /// its data made outside a write, e.g. truncation).
+    pub fn holders_except(&self, key: FileKey, session: u64) -> Vec<CacheCallbackClient> {
+        let g = self.lock();
+        let Some(fs) = g.files.get(&key) else {
+            return Vec::new();
+        };
+        fs.holders
+            .keys()
+            .filter(|s| **s != session)
+            .filter_map(|s| g.callbacks.get(s).cloned())
+            .collect()
+    }
+
     /// Whether a file is write-shared now.
     pub fn is_write_shared(&self, key: FileKey) -> bool {
         self.lock()

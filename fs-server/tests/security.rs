@@ -438,3 +438,42 @@ async fn proc_mounts_are_never_entered_and_others_only_with_cross_mounts() {
         s.stop().await;
     }
 }
+
+#[tokio::test]
+async fn supplementary_groups_of_the_caller_are_used() {
+    let s = TestServer::start().await;
+    let c = s.client().await;
+    let r = s.root_entry(&c).await;
+    let p = s.vol().join("grp");
+    std::fs::write(&p, b"group data").unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o640)).unwrap();
+    std::os::unix::fs::chown(&p, Some(1001), Some(2000)).unwrap();
+    let e = c
+        .lookup(ctx(), user(1000), r.handle.clone(), b"grp".to_vec())
+        .await
+        .unwrap()
+        .unwrap();
+    let mut member = user(1000);
+    member.groups = vec![5, 2000];
+    c.open(ctx(), member, e.handle.clone(), libc::O_RDONLY)
+        .await
+        .unwrap()
+        .expect("a member of the file's group may read it");
+    let err = c
+        .open(ctx(), user(1000), e.handle.clone(), libc::O_RDONLY)
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(
+        err.errno,
+        libc::EACCES,
+        "a non-member read a 0640 file: {err}"
+    );
+    // The worker threads went back to root: root still reads everything.
+    for _ in 0..8 {
+        c.open(ctx(), root(), e.handle.clone(), libc::O_RDONLY)
+            .await
+            .unwrap()
+            .expect("root after user requests");
+    }
+}

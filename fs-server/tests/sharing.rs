@@ -292,3 +292,115 @@ async fn reopen_keeps_the_cache_only_if_nobody_changed_the_file() {
         "file changed behind the client's back"
     );
 }
+
+#[tokio::test]
+async fn removing_or_renaming_a_name_calls_back_the_other_clients_first() {
+    let s = TestServer::start().await;
+    let (a, _ra) = session_with_callbacks(s.addr, "wsa", 44).await;
+    let (_b, rb) = session_with_callbacks(s.addr, "wsb", 55).await;
+    let r = s.root_entry(&a).await;
+    std::fs::write(s.vol().join("gone"), b"").unwrap();
+    std::fs::write(s.vol().join("moved"), b"").unwrap();
+    a.unlink(ctx(), root(), r.handle.clone(), b"gone".to_vec())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        *rb.1.lock().unwrap(),
+        vec![(r.attr.ino, b"gone".to_vec())],
+        "the other client was not told of the unlink before it was answered"
+    );
+    a.rename(
+        ctx(),
+        root(),
+        r.handle.clone(),
+        b"moved".to_vec(),
+        r.handle.clone(),
+        b"there".to_vec(),
+        0,
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let got = rb.1.lock().unwrap().clone();
+    assert!(
+        got.contains(&(r.attr.ino, b"moved".to_vec()))
+            && got.contains(&(r.attr.ino, b"there".to_vec())),
+        "rename callbacks: {got:?}"
+    );
+}
+
+#[tokio::test]
+async fn truncating_a_file_calls_back_the_other_holders() {
+    let s = TestServer::start().await;
+    let (a, _ra) = session_with_callbacks(s.addr, "wsa", 66).await;
+    let (b, rb) = session_with_callbacks(s.addr, "wsb", 77).await;
+    let r = s.root_entry(&a).await;
+    std::fs::write(s.vol().join("t"), b"0123456789").unwrap();
+    let e = a
+        .lookup(ctx(), root(), r.handle.clone(), b"t".to_vec())
+        .await
+        .unwrap()
+        .unwrap();
+    b.open(ctx(), root(), e.handle.clone(), libc::O_RDONLY)
+        .await
+        .unwrap()
+        .unwrap();
+    a.setattr(
+        ctx(),
+        root(),
+        e.handle.clone(),
+        common::fsproto::SetAttr {
+            size: Some(2),
+            ..Default::default()
+        },
+        None,
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(
+        *rb.0.lock().unwrap(),
+        vec![(e.attr.ino, true)],
+        "the reader was not called back before the truncate was answered"
+    );
+}
+
+#[tokio::test]
+async fn a_waiting_lock_does_not_hold_up_other_requests_of_its_connection() {
+    let s = TestServer::start().await;
+    let a = s.client().await;
+    let b = s.client().await;
+    let r = s.root_entry(&a).await;
+    std::fs::write(s.vol().join("w"), b"x").unwrap();
+    let e = a
+        .lookup(ctx(), root(), r.handle.clone(), b"w".to_vec())
+        .await
+        .unwrap()
+        .unwrap();
+    let fa = open_rw(&a, &e).await;
+    let fb = open_rw(&b, &e).await;
+    a.setlk(ctx(), fa.clone(), 1, wrlck(0, 0), false, false)
+        .await
+        .unwrap()
+        .unwrap();
+    let waiter = {
+        let b = b.clone();
+        let fb = fb.clone();
+        tokio::spawn(async move { b.setlk(ctx(), fb, 2, wrlck(0, 0), true, false).await })
+    };
+    // The waiter cannot finish before A flushes; B's other requests are served
+    // meanwhile, on the same connection.
+    for _ in 0..20 {
+        b.getattr(ctx(), e.handle.clone())
+            .await
+            .unwrap()
+            .expect("getattr while a lock waits");
+    }
+    assert!(
+        !waiter.is_finished(),
+        "the waiter got a lock that A still holds"
+    );
+    a.flush(ctx(), fa, 1).await.unwrap().unwrap();
+    waiter.await.unwrap().unwrap().expect("granted after flush");
+}

@@ -155,15 +155,20 @@ pub async fn client_with_key(
     Ok(FileServiceClient::new(tarpc::client::Config::default(), t).spawn())
 }
 
-/// What a client's callback channel was told.
+/// What a client's callback channel was told: invalidations, then entry drops.
 #[derive(Clone, Default)]
-pub struct Recorder(pub Arc<Mutex<Vec<(u64, bool)>>>);
+pub struct Recorder(
+    pub Arc<Mutex<Vec<(u64, bool)>>>,
+    pub Arc<Mutex<Vec<(u64, Vec<u8>)>>>,
+);
 
 impl CacheCallback for Recorder {
     async fn invalidate(self, _: Context, ino: u64, uncached: bool) {
         self.0.lock().unwrap().push((ino, uncached));
     }
-    async fn invalidate_entry(self, _: Context, _parent_ino: u64, _name: Vec<u8>) {}
+    async fn invalidate_entry(self, _: Context, parent_ino: u64, name: Vec<u8>) {
+        self.1.lock().unwrap().push((parent_ino, name));
+    }
 }
 
 /// A registered session with a callback channel that records invalidations.
