@@ -155,12 +155,12 @@ pub async fn client_with_key(
     Ok(FileServiceClient::new(tarpc::client::Config::default(), t).spawn())
 }
 
+/// Entry drops a callback channel was told: (parent ino, name).
+pub type EntryLog = Arc<Mutex<Vec<(u64, Vec<u8>)>>>;
+
 /// What a client's callback channel was told: invalidations, then entry drops.
 #[derive(Clone, Default)]
-pub struct Recorder(
-    pub Arc<Mutex<Vec<(u64, bool)>>>,
-    pub Arc<Mutex<Vec<(u64, Vec<u8>)>>>,
-);
+pub struct Recorder(pub Arc<Mutex<Vec<(u64, bool)>>>, pub EntryLog);
 
 impl CacheCallback for Recorder {
     async fn invalidate(self, _: Context, ino: u64, uncached: bool) {
