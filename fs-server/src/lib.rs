@@ -33,6 +33,7 @@ use futures::StreamExt;
 use tarpc::server::{BaseChannel, Channel};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
+use tracing::Instrument;
 
 pub use server::{Server, StartError};
 
@@ -67,7 +68,9 @@ pub async fn serve(srv: Arc<Server>, listener: TcpListener, shutdown: impl Futur
             _ = &mut shutdown => break,
             acc = listener.accept() => match acc {
                 Ok((stream, addr)) => {
-                    conns.spawn(connection(srv.clone(), stream, addr));
+                    // The span tags tarpc's own messages (e.g. a bad frame) with the peer.
+                    let span = tracing::info_span!("fs_conn", peer = %addr);
+                    conns.spawn(connection(srv.clone(), stream, addr).instrument(span));
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");

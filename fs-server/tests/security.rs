@@ -477,3 +477,64 @@ async fn supplementary_groups_of_the_caller_are_used() {
             .expect("root after user requests");
     }
 }
+
+#[tokio::test]
+async fn the_root_export_hides_proc_sys_and_dev() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = common::config::NodeConfig {
+        fs: Default::default(),
+        ..config_for(dir.path())
+    };
+    config.fs.export_root = true;
+    let s = TestServer::start_in(dir, config).await;
+    let c = s.client().await;
+    let r = c
+        .root(ctx(), "ws1".into())
+        .await
+        .unwrap()
+        .expect("root export named after the node");
+    for name in ["proc", "sys", "dev"] {
+        let e = c
+            .lookup(ctx(), root(), r.handle.clone(), name.as_bytes().to_vec())
+            .await
+            .unwrap()
+            .expect_err(&format!("/{name} was entered"));
+        assert_eq!(e.errno, libc::ENOENT, "/{name}: {e}");
+    }
+    let names: Vec<String> = c
+        .readdir(ctx(), root(), r.handle.clone(), 0, 4096, true)
+        .await
+        .unwrap()
+        .unwrap()
+        .iter()
+        .map(|e| String::from_utf8_lossy(&e.name).into_owned())
+        .collect();
+    for name in ["proc", "sys", "dev"] {
+        assert!(
+            !names.contains(&name.to_string()),
+            "readdir / shows {name}: {names:?}"
+        );
+    }
+    assert!(
+        names.contains(&"tmp".to_string()),
+        "readdir / lacks tmp: {names:?}"
+    );
+    let tmp = c
+        .lookup(ctx(), root(), r.handle.clone(), b"tmp".to_vec())
+        .await
+        .unwrap()
+        .expect("/tmp");
+    let d = s
+        .dir
+        .path()
+        .file_name()
+        .unwrap()
+        .as_encoded_bytes()
+        .to_vec();
+    let td = c
+        .lookup(ctx(), root(), tmp.handle.clone(), d)
+        .await
+        .unwrap()
+        .expect("the test's temp dir through the root export");
+    assert_eq!(td.attr.kind, common::fsproto::FileKind::Dir);
+}
