@@ -170,6 +170,10 @@ impl Server {
     pub fn new(config: NodeConfig, key: ClusterKey) -> Result<Arc<Server>, StartError> {
         // Each client's umask is applied by hand; the process one must not interfere.
         sys::set_umask(0);
+        match sys::raise_nofile() {
+            Ok(n) => tracing::debug!(limit = n, "open file limit"),
+            Err(e) => tracing::warn!(error = %e, "cannot raise the open file limit"),
+        }
         let mounts = Mounts::default();
         let mut volumes = Vec::new();
         for v in config.exported_volumes() {

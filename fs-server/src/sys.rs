@@ -383,6 +383,21 @@ pub fn fstatfs(fd: BorrowedFd<'_>) -> io::Result<libc::statfs> {
     Ok(st)
 }
 
+/// Raises the soft limit of open files to the hard limit (each client open and lock
+/// owner holds a descriptor). Returns the new limit.
+pub fn raise_nofile() -> io::Result<u64> {
+    // SAFETY: rlimit is plain old data; all-zero is a valid value.
+    let mut rl: libc::rlimit = unsafe { std::mem::zeroed() };
+    // SAFETY: `rl` is a writable rlimit.
+    cvt(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) })?;
+    if rl.rlim_cur < rl.rlim_max {
+        rl.rlim_cur = rl.rlim_max;
+        // SAFETY: `rl` is a valid rlimit.
+        cvt(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &rl) })?;
+    }
+    Ok(rl.rlim_cur)
+}
+
 /// Sets the process umask (fs-server applies each client's umask itself).
 pub fn set_umask(mask: u32) {
     // SAFETY: umask cannot fail.

@@ -42,9 +42,12 @@ pub fn readdir(
     let dfd = sys::reopen(d.fd.as_fd(), libc::O_RDONLY | libc::O_DIRECTORY)
         .map_err(|e| fs_err(e, format!("readdir in volume {}", d.volume.name)))?;
     let max = max.clamp(1, MAX_ENTRIES) as usize;
+    // Keep the answer well inside one frame whatever the names' lengths.
+    let budget = srv.config.fs.max_frame_bytes / 2;
+    let mut used = 0usize;
     let mut out = Vec::with_capacity(max.min(256));
     let mut pos = cookie as i64;
-    while out.len() < max {
+    while out.len() < max && used < budget {
         let raw = sys::read_dir_at(dfd.as_fd(), pos, max - out.len())
             .map_err(|e| fs_err(e, "readdir: getdents"))?;
         if raw.is_empty() {
@@ -70,11 +73,24 @@ pub fn readdir(
                 match srv.entry_of(&d.volume, fd.as_fd(), d.mount_id, &e.name) {
                     Ok(ent) => (ent.attr.kind, plus.then_some(ent)),
                     Err(err) if err.errno == libc::ENOENT => continue,
-                    Err(err) => return Err(err),
+                    // One odd entry (no handle support, no permission) must not hide
+                    // the rest: list it bare; the client's lookup will say what fails.
+                    Err(err) => {
+                        tracing::debug!(name = %String::from_utf8_lossy(&e.name), error = %err,
+                            "readdir: entry without attributes");
+                        match known {
+                            Some(k) => (k, None),
+                            None => continue,
+                        }
+                    }
                 }
             } else {
                 (known.unwrap_or(FileKind::File), None)
             };
+            used += e.name.len() + 48 + entry.as_ref().map_or(0, |x| x.handle.0.len() + 128);
+            if used > budget && !out.is_empty() {
+                break;
+            }
             out.push(DirEntry {
                 name: e.name,
                 kind,
