@@ -3,7 +3,7 @@
 # kernel (FUSE). Idempotent: when everything is already there it only checks and says so.
 set -euo pipefail
 
-pkgs=(fuse3 sshfs sqlite3 iproute2 iputils-ping bc xz-utils git python3 perl procps psmisc util-linux)
+pkgs=(fuse3 sshfs openssh-server openssh-client sqlite3 iproute2 iputils-ping bc xz-utils git python3 perl procps psmisc util-linux)
 missing=()
 for p in "${pkgs[@]}"; do
     if ! dpkg -s "$p" >/dev/null 2>&1; then
