@@ -154,7 +154,7 @@ async fn connection(srv: Arc<Server>, stream: TcpStream, addr: SocketAddr) {
             } else {
                 tracing::info!(%addr, node = %peer, "callback connection closed");
             }
-            srv.state.drop_pending(token);
+            srv.state.detach_callback(token);
         }
     }
 }

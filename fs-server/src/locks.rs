@@ -49,13 +49,21 @@ fn lock_fd(
     f: &OpenFile,
     flock: bool,
 ) -> FsResult<(Arc<std::os::fd::OwnedFd>, FileKey)> {
+    if let Some(key) = temp_key(srv, session, f) {
+        if let Some(existing) = srv.state.lock_fd(&(session, owner, key, flock)) {
+            return Ok((existing, key));
+        }
+    }
     let mode = accmode(srv, session, f);
     let (fd, key) = temp_fd(srv, session, f, mode)?;
     let k: LockKey = (session, owner, key, flock);
-    if let Some(existing) = srv.state.lock_fd(&k) {
-        return Ok((existing, key));
-    }
-    Ok((srv.state.insert_lock_fd(k, fd), key))
+    let fd = srv.state.insert_lock_fd(k, fd).ok_or_else(|| {
+        FsError::new(
+            libc::ENOTCONN,
+            "the client session ended; its locks are gone",
+        )
+    })?;
+    Ok((fd, key))
 }
 
 /// F_OFD_GETLK: the lock that would block `lock`, or F_UNLCK.

@@ -137,31 +137,41 @@ impl State {
         }
     }
 
-    /// A callback channel arrived for `token`. Returns false if the token is already
-    /// served by a callback channel (the new one is refused).
-    pub fn attach_callback(&self, token: u64, client: CacheCallbackClient) -> bool {
+    /// A callback channel arrived for `token` (before or after `register`).
+    pub fn attach_callback(&self, token: u64, client: CacheCallbackClient) {
         let mut g = self.lock();
         match g.tokens.get(&token).copied() {
             Some(s) => {
                 g.callbacks.insert(s, client);
-                true
             }
             None => {
                 g.pending.insert(token, client);
-                true
             }
         }
     }
 
-    /// Forgets a pending callback channel that ended before its session registered.
-    pub fn drop_pending(&self, token: u64) {
-        self.lock().pending.remove(&token);
+    /// Forgets the callback channel of `token` once its connection ended.
+    pub fn detach_callback(&self, token: u64) {
+        let mut g = self.lock();
+        g.pending.remove(&token);
+        if let Some(s) = g.tokens.get(&token).copied() {
+            g.callbacks.remove(&s);
+        }
     }
 
-    /// Records an open and decides how the client may cache it.
-    pub fn add_open(&self, o: Arc<OpenEntry>, version: Version, truncating: bool) -> OpenOutcome {
+    /// Records an open and decides how the client may cache it. `None` if the session
+    /// has ended meanwhile (the open is then dropped, not leaked).
+    pub fn add_open(
+        &self,
+        o: Arc<OpenEntry>,
+        version: Version,
+        truncating: bool,
+    ) -> Option<OpenOutcome> {
         let mut g = self.lock();
         let inner = &mut *g;
+        if !inner.sessions.contains_key(&o.session) {
+            return None;
+        }
         let fs = inner.files.entry(o.key).or_default();
         let was_shared = fs.write_shared();
         let was_holding = fs.holders.contains_key(&o.session);
@@ -194,7 +204,7 @@ impl State {
             Vec::new()
         };
         inner.opens.insert(o.id, o);
-        OpenOutcome { cache, notify }
+        Some(OpenOutcome { cache, notify })
     }
 
     /// The open `id` of `session`, if this server knows it.
@@ -283,12 +293,13 @@ impl State {
     }
 
     /// Stores a lock descriptor unless one raced in first; returns the one to use.
-    pub fn insert_lock_fd(&self, k: LockKey, fd: OwnedFd) -> Arc<OwnedFd> {
-        self.lock()
-            .locks
-            .entry(k)
-            .or_insert_with(|| Arc::new(fd))
-            .clone()
+    /// `None` if the session has ended meanwhile (so no lock can outlive it).
+    pub fn insert_lock_fd(&self, k: LockKey, fd: OwnedFd) -> Option<Arc<OwnedFd>> {
+        let mut g = self.lock();
+        if !g.sessions.contains_key(&k.0) {
+            return None;
+        }
+        Some(g.locks.entry(k).or_insert_with(|| Arc::new(fd)).clone())
     }
 
     /// Closes the lock descriptor(s) of an owner on a file, releasing its locks.

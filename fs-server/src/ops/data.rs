@@ -49,7 +49,8 @@ fn register(
     });
     let outcome = srv
         .state
-        .add_open(open.clone(), version_of(&st), truncating);
+        .add_open(open.clone(), version_of(&st), truncating)
+        .ok_or_else(|| FsError::new(libc::ENOTCONN, "the client session ended during open"))?;
     Ok((open, attr, outcome))
 }
 
