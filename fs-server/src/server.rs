@@ -45,6 +45,23 @@ pub struct Volume {
     pub root: OwnedFd,
     pub root_mount: i32,
     pub root_handle: FileHandle,
+    /// The root's path as the kernel names it, for volumes that are a subtree (not
+    /// "/"): objects reached by handle must still lie beneath it.
+    pub beneath: Option<Vec<u8>>,
+}
+
+impl Volume {
+    /// Whether the object `fd` refers to still lies beneath this volume's root (a
+    /// handle minted inside may name a file that was moved out since).
+    fn contains(&self, fd: BorrowedFd<'_>) -> bool {
+        let Some(prefix) = &self.beneath else {
+            return true;
+        };
+        match sys::fd_path(fd) {
+            Ok(p) => p.starts_with(prefix) && (p.len() == prefix.len() || p[prefix.len()] == b'/'),
+            Err(_) => false,
+        }
+    }
 }
 
 /// The identity of a file on this server: (device, inode).
@@ -195,6 +212,17 @@ impl Server {
             })?;
             mounts.register(mount_id, mfd);
             let root_handle = handle::encode(&key, &v.name, mount_id, &kh);
+            let beneath = match sys::fd_path(root.as_fd()) {
+                Ok(p) if p == b"/" => None,
+                Ok(p) => Some(p),
+                Err(source) => {
+                    return Err(StartError::VolumeRoot {
+                        name: v.name.clone(),
+                        path: v.path.clone(),
+                        source,
+                    })
+                }
+            };
             tracing::info!(volume = %v.name, path = %v.path.display(), mount_id, "exporting volume");
             volumes.push(Arc::new(Volume {
                 name: v.name,
@@ -202,6 +230,7 @@ impl Server {
                 root,
                 root_mount: mount_id,
                 root_handle,
+                beneath,
             }));
         }
         let mut seed = [0u8; 4];
@@ -250,6 +279,15 @@ impl Server {
         })?;
         let fd = sys::open_by_handle(mfd.as_fd(), &d.kernel, libc::O_PATH | libc::O_NOFOLLOW)
             .map_err(|e| fs_err(e, format!("open by handle in volume {}", volume.name)))?;
+        if !volume.contains(fd.as_fd()) {
+            return Err(FsError::new(
+                libc::ESTALE,
+                format!(
+                    "the file this handle names was moved out of volume {}",
+                    volume.name
+                ),
+            ));
+        }
         Ok(Resolved {
             volume,
             mount_id: d.mount_id,

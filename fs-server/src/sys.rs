@@ -143,6 +143,23 @@ pub fn proc_path(fd: BorrowedFd<'_>) -> CString {
     CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd())).expect("no NUL in a number")
 }
 
+/// The path the kernel gives for what `fd` refers to (readlink of its magic link),
+/// relative to this process's root; " (deleted)" is appended for unlinked files.
+pub fn fd_path(fd: BorrowedFd<'_>) -> io::Result<Vec<u8>> {
+    let path = proc_path(fd);
+    let mut buf = vec![0u8; libc::PATH_MAX as usize + 1];
+    // SAFETY: `path` is a valid C string and `buf` is writable for its length.
+    let n = cvt_size(unsafe {
+        libc::readlink(
+            path.as_ptr(),
+            buf.as_mut_ptr() as *mut libc::c_char,
+            buf.len(),
+        )
+    })?;
+    buf.truncate(n);
+    Ok(buf)
+}
+
 /// Reopens what an O_PATH fd refers to with `flags`, permission-checked as the caller.
 pub fn reopen(fd: BorrowedFd<'_>, flags: i32) -> io::Result<OwnedFd> {
     let path = proc_path(fd);

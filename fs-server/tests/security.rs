@@ -538,3 +538,53 @@ async fn the_root_export_hides_proc_sys_and_dev() {
         .expect("the test's temp dir through the root export");
     assert_eq!(td.attr.kind, common::fsproto::FileKind::Dir);
 }
+
+#[tokio::test]
+async fn a_file_moved_out_of_the_volume_is_no_longer_reachable_by_its_handle() {
+    let s = TestServer::start().await;
+    let c = s.client().await;
+    let r = s.root_entry(&c).await;
+    std::fs::create_dir(s.vol().join("d")).unwrap();
+    std::fs::write(s.vol().join("d/f"), b"inside").unwrap();
+    let d = c
+        .lookup(ctx(), root(), r.handle.clone(), b"d".to_vec())
+        .await
+        .unwrap()
+        .unwrap();
+    let f = c
+        .lookup(ctx(), root(), d.handle.clone(), b"f".to_vec())
+        .await
+        .unwrap()
+        .unwrap();
+    // A local process moves the directory out of the volume.
+    std::fs::rename(s.vol().join("d"), s.dir.path().join("d-out")).unwrap();
+    for (h, what) in [(&d.handle, "directory"), (&f.handle, "file")] {
+        let e = c
+            .getattr(ctx(), h.clone())
+            .await
+            .unwrap()
+            .expect_err(&format!("{what} moved out of the volume still reachable"));
+        assert_eq!(e.errno, libc::ESTALE, "{what}: {e}");
+    }
+    let e = c
+        .create(
+            ctx(),
+            root(),
+            d.handle.clone(),
+            b"new".to_vec(),
+            0o644,
+            0,
+            libc::O_RDWR,
+        )
+        .await
+        .unwrap()
+        .expect_err("create in a directory moved out of the volume");
+    assert_eq!(e.errno, libc::ESTALE, "{e}");
+    assert!(!s.dir.path().join("d-out/new").exists());
+    // Moved back, the same handles work again.
+    std::fs::rename(s.dir.path().join("d-out"), s.vol().join("d")).unwrap();
+    c.getattr(ctx(), f.handle.clone())
+        .await
+        .unwrap()
+        .expect("handle after the file came back");
+}
