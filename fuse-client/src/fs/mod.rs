@@ -715,15 +715,10 @@ impl Filesystem for FerryFs {
         reply: ReplyLock,
     ) {
         let inner = self.inner.clone();
-        let lock = common::fsproto::Lock {
-            start,
-            end,
-            typ,
-            pid,
-        };
+        let lock = proto_lock(start, end, typ, pid);
         self.inner.spawn(async move {
             match inner.getlk(fh.0, lock_owner.0, lock).await {
-                Ok(l) => reply.locked(l.start, l.end, l.typ, l.pid),
+                Ok(l) => reply.locked(l.start.min(OFFSET_MAX), l.end.min(OFFSET_MAX), l.typ, l.pid),
                 Err(e) => {
                     log_err("getlk", &e);
                     reply.error(errno(&e))
@@ -746,16 +741,23 @@ impl Filesystem for FerryFs {
         reply: ReplyEmpty,
     ) {
         let inner = self.inner.clone();
-        let lock = common::fsproto::Lock {
-            start,
-            end,
-            typ,
-            pid,
-        };
+        let lock = proto_lock(start, end, typ, pid);
         self.inner.spawn(async move {
             let r = inner.setlk(fh.0, lock_owner.0, lock, sleep).await;
             reply_empty(reply, r, "setlk")
         });
+    }
+}
+
+/// The kernel's "to end of file" (OFFSET_MAX); the protocol says u64::MAX.
+const OFFSET_MAX: u64 = i64::MAX as u64;
+
+fn proto_lock(start: u64, end: u64, typ: i32, pid: u32) -> common::fsproto::Lock {
+    common::fsproto::Lock {
+        start,
+        end: if end >= OFFSET_MAX { u64::MAX } else { end },
+        typ,
+        pid,
     }
 }
 
