@@ -318,6 +318,20 @@ impl Server {
         })
     }
 
+    /// Whether an object reached from a parent on mount `parent_mount` may be shown:
+    /// same mount, or a mount the policy lets lookups enter ([`mounts::may_enter`]).
+    pub fn may_enter(&self, fd: BorrowedFd<'_>, parent_mount: i32) -> FsResult<bool> {
+        let mount = sys::mount_id(fd).map_err(|e| fs_err(e, "stat (mount id)"))? as i32;
+        if mount == parent_mount {
+            return Ok(true);
+        }
+        Ok(self
+            .mounts
+            .info(mount)
+            .map(|i| mounts::may_enter(&i, self.config.fs.cross_mounts))
+            .unwrap_or(false))
+    }
+
     /// The entry of an object just reached through `fd` (O_PATH) from a parent on mount
     /// `parent_mount`. Crossing into another mount obeys the mount policy: a refused
     /// mount point answers ENOENT.
@@ -328,26 +342,20 @@ impl Server {
         parent_mount: i32,
         name: &[u8],
     ) -> FsResult<Entry> {
-        let st = sys::fstatx(fd, true).map_err(|e| fs_err(e, "stat"))?;
-        let mount = st.stx_mnt_id as i32;
-        if mount != parent_mount {
-            let info = self.mounts.info(mount);
-            let allowed = info
-                .as_ref()
-                .map(|i| mounts::may_enter(i, self.config.fs.cross_mounts))
-                .unwrap_or(false);
-            if !allowed {
-                tracing::debug!(volume = %volume.name, name = %String::from_utf8_lossy(name),
-                    mount = ?info, "not entering mount");
-                return Err(FsError::new(
-                    libc::ENOENT,
-                    format!(
-                        "{:?} is a mount point fs-server does not enter",
-                        String::from_utf8_lossy(name)
-                    ),
-                ));
-            }
+        // The mount first, without asking its file system anything: a FUSE mount may
+        // refuse or hang a real stat.
+        if !self.may_enter(fd, parent_mount)? {
+            tracing::debug!(volume = %volume.name, name = %String::from_utf8_lossy(name),
+                "not entering mount");
+            return Err(FsError::new(
+                libc::ENOENT,
+                format!(
+                    "{:?} is a mount point fs-server does not enter",
+                    String::from_utf8_lossy(name)
+                ),
+            ));
         }
+        let st = sys::fstatx(fd, true).map_err(|e| fs_err(e, "stat"))?;
         let (kh, mid) = sys::name_to_handle(fd).map_err(|e| {
             fs_err(
                 e,

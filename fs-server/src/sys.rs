@@ -193,6 +193,25 @@ pub fn fstatx(fd: BorrowedFd<'_>, dont_sync: bool) -> io::Result<libc::statx> {
     statx(fd, c"", flags)
 }
 
+/// The mount id of what `fd` refers to, asking the file system for nothing: statx
+/// with an empty mask, which even a FUSE mount that refuses us (no allow_other) or
+/// whose daemon hangs answers without a request.
+pub fn mount_id(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    // SAFETY: statx is plain old data; all-zero is a valid value.
+    let mut st: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: the empty path is a valid C string and `st` a writable statx.
+    cvt(unsafe {
+        libc::statx(
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW | libc::AT_STATX_DONT_SYNC,
+            0,
+            &mut st,
+        )
+    })?;
+    Ok(st.stx_mnt_id)
+}
+
 pub fn mkdirat(dir: BorrowedFd<'_>, name: &CStr, mode: u32) -> io::Result<()> {
     // SAFETY: `name` is a valid C string.
     cvt(unsafe { libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), mode as libc::mode_t) })?;

@@ -61,8 +61,7 @@ pub fn readdir(
             let known = dtype_kind(e.typ);
             // Directories may be mount points: check those (and unknown types) the way
             // lookup would, so that refused mounts never show.
-            let need_entry = plus || matches!(known, None | Some(FileKind::Dir));
-            let (kind, entry) = if need_entry {
+            let (kind, entry) = if plus || known.is_none() {
                 let Ok(cname) = component(&e.name) else {
                     continue;
                 };
@@ -84,6 +83,20 @@ pub fn readdir(
                         }
                     }
                 }
+            } else if known == Some(FileKind::Dir) {
+                // Directories may be mount points fs-server does not enter: leave
+                // those out, as lookup answers ENOENT for them.
+                let Ok(cname) = component(&e.name) else {
+                    continue;
+                };
+                let Ok(fd) = sys::openat(d.fd.as_fd(), &cname, libc::O_PATH | libc::O_NOFOLLOW, 0)
+                else {
+                    continue;
+                };
+                if !srv.may_enter(fd.as_fd(), d.mount_id).unwrap_or(false) {
+                    continue;
+                }
+                (FileKind::Dir, None)
             } else {
                 (known.unwrap_or(FileKind::File), None)
             };
