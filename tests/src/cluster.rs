@@ -211,7 +211,11 @@ impl Cluster {
 
     /// Whether a daemon runs on a node (false for stubs that said "not implemented yet").
     pub fn has_daemon(&self, node: &str, daemon: &str) -> bool {
-        self.daemon_pid(node, daemon).is_some()
+        let stub = self
+            .node(node)
+            .daemon(daemon)
+            .is_some_and(|d| d.absent.is_some());
+        !stub && self.daemon_pid(node, daemon).is_some()
     }
 
     /// Panics, naming what is missing, unless every node runs every daemon in `names`.

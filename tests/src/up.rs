@@ -1,7 +1,7 @@
 //! `cluster up`: namespaces, network, configs, key, then the daemons, phase by phase.
 
 use std::io::{BufRead, BufReader};
-use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::net::IpAddr;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -398,6 +398,24 @@ pub fn alive(pid: i32) -> bool {
     !is_zombie(pid)
 }
 
+/// Whether a process of `pid`'s network namespace listens on TCP `port` (read from
+/// `/proc/<pid>/net/tcp{,6}`, so probing makes no connection the daemon would log).
+pub fn listening(pid: i32, port: u16) -> bool {
+    let want = format!(":{port:04X}");
+    ["tcp", "tcp6"].iter().any(|f| {
+        std::fs::read_to_string(format!("/proc/{pid}/net/{f}"))
+            .unwrap_or_default()
+            .lines()
+            .skip(1)
+            .any(|l| {
+                let mut cols = l.split_whitespace();
+                let local = cols.nth(1).unwrap_or("");
+                let st = cols.nth(1).unwrap_or("");
+                local.ends_with(&want) && st == "0A"
+            })
+    })
+}
+
 /// Whether `mountpoint` is mounted in the mount namespace of `pid`.
 pub fn mounted_in(pid: i32, mountpoint: &Path) -> bool {
     let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")) else {
@@ -427,10 +445,7 @@ pub fn wait_ready(
     let started = Instant::now();
     loop {
         let ready = match spec.ready {
-            Ready::Port(port) => cfg.as_ref().is_some_and(|c| {
-                let addr = SocketAddr::new(IpAddr::V4(n.addr), port(c));
-                TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
-            }),
+            Ready::Port(port) => cfg.as_ref().is_some_and(|c| listening(pid, port(c))),
             Ready::Mounted => {
                 let mp = cfg
                     .as_ref()
@@ -443,20 +458,21 @@ pub fn wait_ready(
         if ready && alive(pid) {
             return Ok(d);
         }
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains(STUB_MARKER) {
+            // A stub: tolerated whether it exited or idles; `down` still stops it.
+            tracing::warn!(
+                node,
+                daemon = spec.name,
+                "daemon is a stub ({STUB_MARKER}); tolerated"
+            );
+            return Ok(DaemonState {
+                name: spec.name.into(),
+                pid: Some(pid).filter(|p| alive(*p)),
+                absent: Some(STUB_MARKER.into()),
+            });
+        }
         if !alive(pid) {
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            if text.contains(STUB_MARKER) {
-                tracing::warn!(
-                    node,
-                    daemon = spec.name,
-                    "daemon is a stub ({STUB_MARKER}); tolerated"
-                );
-                return Ok(DaemonState {
-                    name: spec.name.into(),
-                    pid: None,
-                    absent: Some(STUB_MARKER.into()),
-                });
-            }
             if !spec.required {
                 tracing::warn!(node, daemon = spec.name, log = %log.display(), "optional daemon exited at start; continuing without it");
                 return Ok(DaemonState {

@@ -129,7 +129,8 @@ fn main() -> anyhow::Result<()> {
                     .daemons
                     .iter()
                     .map(|d| match (d.pid, &d.absent) {
-                        (Some(p), _) => format!("{} ({p})", d.name),
+                        (Some(p), None) => format!("{} ({p})", d.name),
+                        (Some(p), Some(why)) => format!("{} ({p}, {why})", d.name),
                         (None, Some(why)) => format!("{} absent: {why}", d.name),
                         (None, None) => format!("{} absent", d.name),
                     })
