@@ -185,12 +185,20 @@ impl ServerConn {
                 }
                 Err(e) => e.to_string(),
             };
+            // Short-patience calls (discovery) stay quiet: a node being down is
+            // normal for them.
+            let quiet = patience < self.reconnect_timeout;
+            let first = first_failure.is_none();
             let since = *first_failure.get_or_insert_with(Instant::now);
             if since.elapsed() >= patience {
-                tracing::error!(
-                    server = %self.node, addr = %self.addr, op = what, error = %failure,
-                    "giving up after {patience:?} without fs-server; answering EIO"
-                );
+                if quiet {
+                    tracing::debug!(server = %self.node, addr = %self.addr, op = what, error = %failure, "fs-server did not answer");
+                } else {
+                    tracing::error!(
+                        server = %self.node, addr = %self.addr, op = what, error = %failure,
+                        "giving up after {patience:?} without fs-server; answering EIO"
+                    );
+                }
                 return Err(FsError::new(
                     libc::EIO,
                     format!(
@@ -199,10 +207,14 @@ impl ServerConn {
                     ),
                 ));
             }
-            tracing::warn!(
-                server = %self.node, addr = %self.addr, op = what, error = %failure,
-                "fs-server unavailable; retrying"
-            );
+            if first && !quiet {
+                tracing::warn!(
+                    server = %self.node, addr = %self.addr, op = what, error = %failure,
+                    "fs-server unavailable; retrying for up to {patience:?}"
+                );
+            } else {
+                tracing::debug!(server = %self.node, op = what, error = %failure, "still retrying");
+            }
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(MAX_BACKOFF);
         }
