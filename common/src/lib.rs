@@ -13,4 +13,6 @@ pub mod auth;
 pub mod config;
 pub mod fsproto;
 pub mod logging;
+// CHANGED(migration): the migd<->migd protocol and the local `migrate` messages.
+pub mod migproto;
 pub mod transport;

@@ -82,17 +82,9 @@ pub fn run_restore(images: PathBuf, detach: bool) -> anyhow::Result<i32> {
     }
 }
 
-/// Placeholder daemon mode: logs and waits for SIGTERM.
+// CHANGED(migration): daemon mode is migd::daemon::run.
+/// Daemon mode: serves migrations until SIGTERM.
 pub fn run_daemon(config: PathBuf) -> anyhow::Result<()> {
-    tracing::info!(config = %config.display(), "daemon not implemented yet; waiting for SIGTERM");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        term.recv().await;
-        tracing::info!("SIGTERM: exiting");
-        Ok::<_, std::io::Error>(())
-    })?;
+    crate::daemon::run(&config)?;
     Ok(())
 }

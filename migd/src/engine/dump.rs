@@ -117,7 +117,8 @@ fn refuse(pid: i32, what: impl Into<String>) -> DumpError {
     }
 }
 
-fn precheck(pid: i32) -> Result<(), DumpError> {
+// CHANGED(migration): pub so engine::handoff can dump and keep the process frozen.
+pub fn precheck(pid: i32) -> Result<(), DumpError> {
     let kids = procfs::children_of(pid);
     if !kids.is_empty() {
         return Err(refuse(
@@ -385,7 +386,8 @@ fn inject_reads(pid: i32, frozen: &Frozen, smaps: &[MapArea]) -> Result<Injected
     result
 }
 
-fn collect(pid: i32, frozen: &Frozen, dir: &Path) -> Result<Manifest, DumpError> {
+// CHANGED(migration): pub so engine::handoff can dump and keep the process frozen.
+pub fn collect(pid: i32, frozen: &Frozen, dir: &Path) -> Result<Manifest, DumpError> {
     let status = read_proc(format!("/proc/{pid}/status"))?;
     let smaps0 =
         parse_smaps(&read_proc(format!("/proc/{pid}/smaps"))?).map_err(|e| DumpError::Other {

@@ -1,0 +1,172 @@
+//! The migration protocol: what migd asks of another node's migd, and what the host of
+//! a migrated process tells its home.
+//!
+//! One service, [`MigdService`], on `ports.migd` of every node, over
+//! [`crate::transport`] (cluster-key handshake, capped bincode frames). Calls a
+//! migration makes, in order (stop-copy):
+//!
+//! ```text
+//! source migd                      destination migd                home migd
+//!   offer(MigrationOffer)  ------>  accept or refuse
+//!   (freeze, dump into /.../store/migrations/<id>/)
+//!   restore(id)            ------>  restore under /.../<home>/, report running
+//!   (commit: the original becomes the shadow, or the old copy is killed)
+//!   committed(id)          ------>  forget the store image
+//!                                   ...
+//!                                   exited(id, status) ---------->  shadow exits alike
+//!   signal(id, sig)        ------>  (home forwards signals sent to the shadow)
+//! ```
+//!
+//! The local `migrate` command speaks [`LocalRequest`]/[`LocalReply`] to its node's
+//! migd as JSON lines on the unix socket `migd.socket`; migd checks the caller's
+//! credentials with SO_PEERCRED.
+
+use serde::{Deserialize, Serialize};
+
+/// How pages move. Only [`Mode::StopCopy`] is implemented so far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// Freeze, flush every page, restore.
+    StopCopy,
+    /// Pre-copy rounds while the process runs, then a short freeze.
+    Precopy,
+    /// Freeze, start the destination at once, pages fault in from the store.
+    Lazy,
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Mode::StopCopy => "stop-copy",
+            Mode::Precopy => "precopy",
+            Mode::Lazy => "lazy",
+        })
+    }
+}
+
+/// What the source proposes to the destination.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationOffer {
+    /// Cluster-unique id (`<source node>-<number>`); also the store directory's name.
+    pub id: String,
+    /// The process's home node (where its shadow is).
+    pub home: String,
+    /// Its pid at home (the pid it sees).
+    pub pid: i32,
+    /// Its command name (for listings).
+    pub comm: String,
+    /// The node it leaves.
+    pub source: String,
+    /// Its owner's uid.
+    pub uid: u32,
+    pub mode: Mode,
+    /// `uname -r` and machine of the source, to refuse unlike hosts.
+    pub kernel: String,
+    pub machine: String,
+}
+
+/// The destination's answer once the process runs there.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Running {
+    /// The process's pid as the destination node sees it.
+    pub host_pid: i32,
+    /// Restore time at the destination, in milliseconds.
+    pub restore_ms: f64,
+}
+
+/// A migration error: what failed, for the person who asked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum MigError {
+    /// The other side declined; nothing changed.
+    #[error("{node} refused: {why}")]
+    Refused { node: String, why: String },
+    /// The other side tried and failed; nothing runs there.
+    #[error("{node} failed: {why}")]
+    Failed { node: String, why: String },
+    /// No migration with this id is known there.
+    #[error("{node} knows no migration {id}")]
+    Unknown { node: String, id: String },
+}
+
+/// Shorthand for results of the migration service.
+pub type MigResult<T> = Result<T, MigError>;
+
+/// One process in a listing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessEntry {
+    pub id: String,
+    /// Pid at home (the shadow's pid).
+    pub pid: i32,
+    /// Pid on the host as the host sees it (0 if unknown here).
+    pub host_pid: i32,
+    pub comm: String,
+    pub home: String,
+    pub host: String,
+    /// Unix time (seconds) when it arrived on its host.
+    pub since: u64,
+}
+
+/// The service every migd offers on `ports.migd`.
+#[tarpc::service]
+pub trait MigdService {
+    /// Would this node take the process? A refusal changes nothing anywhere.
+    async fn offer(offer: MigrationOffer) -> MigResult<()>;
+    /// Restore the offered process from `/.../store/migrations/<id>/` under its home's
+    /// tree; answers once it runs.
+    async fn restore(id: String) -> MigResult<Running>;
+    /// The source committed: the restored copy is now the only one. Forget the image.
+    async fn committed(id: String) -> MigResult<()>;
+    /// The source gave up before commit: kill the restored copy if there is one.
+    async fn abort(id: String) -> MigResult<()>;
+    /// Deliver `sig` to the migrated process running here.
+    async fn signal(id: String, sig: i32) -> MigResult<()>;
+    /// Move the process running here on to `dest` (asked by its home).
+    async fn move_to(id: String, dest: String, mode: Mode) -> MigResult<MigrateOutcome>;
+    /// The process of migration `id`, whose home is here, ended on its host with this
+    /// raw wait status.
+    async fn exited(id: String, status: i32) -> MigResult<()>;
+    /// The process of migration `id`, whose home is here, now runs on `host`.
+    async fn moved(id: String, host: String, host_pid: i32) -> MigResult<()>;
+}
+
+/// What `migrate` asks its node's migd (one JSON line on the unix socket).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LocalRequest {
+    /// Move `pid` (as seen on this node) to `dest` (a node name, or "home").
+    Migrate { pid: i32, dest: String, mode: Mode },
+    /// Migrated processes whose home is here, and foreign processes running here.
+    List,
+}
+
+/// What migd answers: progress lines, then one final line.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LocalReply {
+    Progress {
+        phase: String,
+        bytes: u64,
+    },
+    Done(MigrateOutcome),
+    List {
+        home: Vec<ProcessEntry>,
+        foreign: Vec<ProcessEntry>,
+    },
+    Error {
+        message: String,
+    },
+}
+
+/// How a migration ended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MigrateOutcome {
+    pub id: String,
+    /// Where the process runs now.
+    pub host: String,
+    /// Its pid there.
+    pub host_pid: i32,
+    pub bytes: u64,
+    /// From the last source thread stopping to the destination running, in ms.
+    pub freeze_ms: f64,
+}

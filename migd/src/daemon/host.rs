@@ -1,0 +1,300 @@
+//! The migration service ([`MigdService`]) as one node's migd answers it: the
+//! destination of a migration (offer, restore, commit, abort), the host of foreign
+//! processes (signals, moving on, reporting their end home), and the home of shadows
+//! (their process's end).
+
+use super::source::{offer_for, prepare, Ready};
+use super::{flat, long_ctx, now_secs, Daemon, ForeignRec};
+use common::migproto::{
+    MigError, MigResult, MigdService, MigrateOutcome, MigrationOffer, Mode, ProcessEntry, Running,
+};
+use std::process::Stdio;
+use std::sync::Arc;
+use tarpc::context::Context;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tracing::Instrument;
+
+/// One authenticated connection from another node's migd.
+#[derive(Clone)]
+pub struct Conn {
+    pub d: Arc<Daemon>,
+    /// The peer's proven node name.
+    pub peer: String,
+}
+
+impl Conn {
+    fn me(&self) -> String {
+        self.d.config.node.clone()
+    }
+    fn unknown(&self, id: &str) -> MigError {
+        MigError::Unknown {
+            node: self.me(),
+            id: id.to_string(),
+        }
+    }
+}
+
+impl MigdService for Conn {
+    async fn offer(self, _: Context, offer: MigrationOffer) -> MigResult<()> {
+        let _s = tracing::info_span!("offer", id = %offer.id, pid = offer.pid, home = %offer.home, from = %offer.source).entered();
+        let refuse = |why: String| {
+            tracing::info!(%why, "offer refused");
+            Err(MigError::Refused {
+                node: self.me(),
+                why,
+            })
+        };
+        let here = offer_for(&self.d, "", "", 0, "", 0, Mode::StopCopy);
+        if offer.kernel != here.kernel || offer.machine != here.machine {
+            return refuse(format!(
+                "unlike host: kernel {} {} here, {} {} at {}",
+                here.kernel, here.machine, offer.kernel, offer.machine, offer.source
+            ));
+        }
+        if offer.mode != Mode::StopCopy {
+            return refuse(format!("mode {} is not implemented yet", offer.mode));
+        }
+        if self.d.config.node_entry(&offer.home).is_none() {
+            return refuse(format!(
+                "its home {:?} is not a node of this cluster",
+                offer.home
+            ));
+        }
+        if offer.home == self.me() {
+            return refuse("bringing a process home is not implemented yet".into());
+        }
+        tracing::info!("offer accepted");
+        self.d
+            .offers
+            .lock()
+            .unwrap()
+            .insert(offer.id.clone(), offer);
+        Ok(())
+    }
+
+    async fn restore(self, _: Context, id: String) -> MigResult<Running> {
+        let Some(offer) = self.d.offers.lock().unwrap().remove(&id) else {
+            return Err(self.unknown(&id));
+        };
+        let span = tracing::info_span!("restore", id = %id, pid = offer.pid, home = %offer.home, from = %offer.source);
+        restore(self.d.clone(), offer).instrument(span).await
+    }
+
+    async fn committed(self, _: Context, id: String) -> MigResult<()> {
+        let dir = self.d.image_dir(&id);
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            tracing::warn!(id = %id, dir = %dir.display(), error = %e, "removing the image from the store");
+        }
+        Ok(())
+    }
+
+    async fn abort(self, _: Context, id: String) -> MigResult<()> {
+        self.d.offers.lock().unwrap().remove(&id);
+        let pid = self.d.foreign.lock().unwrap().get_mut(&id).map(|f| {
+            f.departing = true;
+            f.entry.host_pid
+        });
+        if let Some(pid) = pid {
+            tracing::info!(id = %id, pid, "abort: killing the restored copy");
+            let _ = crate::sys::kill(pid, libc::SIGKILL);
+        }
+        Ok(())
+    }
+
+    async fn signal(self, _: Context, id: String, sig: i32) -> MigResult<()> {
+        let pid = self
+            .d
+            .foreign
+            .lock()
+            .unwrap()
+            .get(&id)
+            .map(|f| f.entry.host_pid)
+            .ok_or_else(|| self.unknown(&id))?;
+        tracing::info!(id = %id, pid, sig, "signal from home");
+        crate::sys::kill(pid, sig).map_err(|e| MigError::Failed {
+            node: self.me(),
+            why: format!("kill({pid}, {sig}): {e}"),
+        })
+    }
+
+    async fn move_to(
+        self,
+        _: Context,
+        id: String,
+        dest: String,
+        mode: Mode,
+    ) -> MigResult<MigrateOutcome> {
+        let Some(entry) = self
+            .d
+            .foreign
+            .lock()
+            .unwrap()
+            .get(&id)
+            .map(|f| f.entry.clone())
+        else {
+            return Err(self.unknown(&id));
+        };
+        let span = tracing::info_span!("migration", id = %id, pid = entry.pid, from = %self.me(), to = %dest);
+        async {
+            let uid = std::fs::read_to_string(format!("/proc/{}/status", entry.host_pid))
+                .ok()
+                .and_then(|s| {
+                    s.lines()
+                        .find_map(|l| l.strip_prefix("Uid:"))
+                        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+                })
+                .unwrap_or(0);
+            let offer = offer_for(&self.d, &id, &entry.home, entry.pid, &entry.comm, uid, mode);
+            let Ready {
+                mut keeper,
+                dest: peer,
+                running,
+                bytes,
+                freeze_ms,
+            } = prepare(&self.d, entry.host_pid, offer, &dest, true, None).await?;
+            // Commit: the copy here ends without a report home.
+            if let Some(f) = self.d.foreign.lock().unwrap().get_mut(&id) {
+                f.departing = true;
+            }
+            let _ = keeper.to.send("commit-kill".into());
+            let _ = keeper.child.wait().await;
+            self.d.foreign.lock().unwrap().remove(&id);
+            if let Err(e) = flat(&dest, peer.committed(long_ctx(), id.clone()).await) {
+                tracing::warn!(error = %e, "telling the destination about the commit");
+            }
+            tracing::info!(host_pid = running.host_pid, bytes, freeze_ms, "moved on");
+            Ok(MigrateOutcome {
+                id: id.clone(),
+                host: dest.clone(),
+                host_pid: running.host_pid,
+                bytes,
+                freeze_ms,
+            })
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn exited(self, _: Context, id: String, status: i32) -> MigResult<()> {
+        let keeper = self
+            .d
+            .shadows
+            .lock()
+            .unwrap()
+            .get(&id)
+            .map(|s| s.keeper.clone())
+            .ok_or_else(|| self.unknown(&id))?;
+        tracing::info!(id = %id, status, from = %self.peer, "the process ended on its host; ending its shadow alike");
+        let _ = keeper.send(format!("exit {status}"));
+        Ok(())
+    }
+
+    async fn moved(self, _: Context, id: String, host: String, host_pid: i32) -> MigResult<()> {
+        let mut s = self.d.shadows.lock().unwrap();
+        let rec = s.get_mut(&id).ok_or_else(|| self.unknown(&id))?;
+        rec.entry.host = host;
+        rec.entry.host_pid = host_pid;
+        rec.entry.since = now_secs();
+        Ok(())
+    }
+}
+
+/// Restores an offered process under its home's file view and watches it.
+async fn restore(d: Arc<Daemon>, offer: MigrationOffer) -> MigResult<Running> {
+    let me = d.config.node.clone();
+    let fail = |why: String| MigError::Failed {
+        node: me.clone(),
+        why,
+    };
+    let id = offer.id.clone();
+    let stage = d.config.migd.state_dir.join("roots").join(&id);
+    let mut child = tokio::process::Command::new(&d.helper_exe)
+        .arg("internal-restore")
+        .arg("--images")
+        .arg(d.image_dir(&id))
+        .arg("--home")
+        .arg(&offer.home)
+        .arg("--superroot")
+        .arg(d.superroot())
+        .arg("--stage")
+        .arg(&stage)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| fail(format!("cannot start {}: {e}", d.helper_exe.display())))?;
+    let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
+    let first = lines.next_line().await.ok().flatten().unwrap_or_default();
+    let Some(rest) = first.strip_prefix("running ") else {
+        let why = first
+            .strip_prefix("error ")
+            .unwrap_or("the restorer ended without a word")
+            .to_string();
+        let _ = child.wait().await;
+        let _ = std::fs::remove_dir(&stage);
+        tracing::warn!(%why, "restore failed");
+        return Err(fail(why));
+    };
+    let mut it = rest.split_whitespace();
+    let host_pid: i32 = it.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+    let restore_ms: f64 = it.next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    tracing::info!(host_pid, restore_ms, "running here");
+    d.foreign.lock().unwrap().insert(
+        id.clone(),
+        ForeignRec {
+            entry: ProcessEntry {
+                id: id.clone(),
+                pid: offer.pid,
+                host_pid,
+                comm: offer.comm.clone(),
+                home: offer.home.clone(),
+                host: me.clone(),
+                since: now_secs(),
+            },
+            departing: false,
+        },
+    );
+    let watch = async move {
+        let mut status = None;
+        while let Ok(Some(l)) = lines.next_line().await {
+            if let Some(s) = l.strip_prefix("exit ") {
+                status = s.trim().parse::<i32>().ok();
+            } else {
+                tracing::warn!(line = %l, "restorer");
+            }
+        }
+        let _ = child.wait().await;
+        let _ = std::fs::remove_dir(&stage);
+        let rec = d.foreign.lock().unwrap().remove(&id);
+        let departing = rec.map(|r| r.departing).unwrap_or(true);
+        match (status, departing) {
+            (_, true) => tracing::info!("the copy here ended; it lives on elsewhere"),
+            (None, false) => tracing::error!("the restorer ended without the process's status"),
+            (Some(st), false) => {
+                tracing::info!(status = st, home = %offer.home, "the process ended; telling its home");
+                report_exit(&d, &offer.home, &id, st).await;
+            }
+        }
+    };
+    tokio::spawn(watch.in_current_span());
+    Ok(Running {
+        host_pid,
+        restore_ms,
+    })
+}
+
+async fn report_exit(d: &Daemon, home: &str, id: &str, status: i32) {
+    for attempt in 0..30 {
+        let r = match d.peer(home).await {
+            Ok(p) => flat(home, p.exited(long_ctx(), id.to_string(), status).await),
+            Err(e) => Err(e),
+        };
+        match r {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::warn!(attempt, error = %e, "reporting the exit home");
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+        }
+    }
+    tracing::error!(%home, id, status, "the exit status could not be reported home");
+}

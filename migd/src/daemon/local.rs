@@ -1,0 +1,174 @@
+//! The local socket: one JSON line in ([`LocalRequest`]), JSON lines out
+//! ([`LocalReply`]: progress, then one final line). The caller's uid comes from
+//! SO_PEERCRED: root may move any process, others only their own.
+
+use super::{flat, long_ctx, Daemon, StartError};
+use common::migproto::{LocalReply, LocalRequest, MigError, Mode};
+use std::path::Path;
+use std::sync::Arc;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::mpsc;
+
+/// Binds the socket (its directory created, a stale socket replaced), open to every
+/// local user: the check is per request.
+pub fn bind(path: &Path) -> Result<UnixListener, StartError> {
+    let io = |what: String| move |source| StartError::Io { what, source };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
+    }
+    let _ = std::fs::remove_file(path);
+    let l = UnixListener::bind(path).map_err(io(format!("listening on {}", path.display())))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
+        .map_err(io(format!("chmod {}", path.display())))?;
+    Ok(l)
+}
+
+/// Progress and the final answer, on their way to the `migrate` command.
+pub type Replies = mpsc::UnboundedSender<LocalReply>;
+
+/// Serves one `migrate` command.
+pub async fn client(d: Arc<Daemon>, stream: UnixStream) {
+    let uid = match stream.peer_cred() {
+        Ok(c) => c.uid(),
+        Err(e) => {
+            tracing::warn!(error = %e, "local client without credentials; refused");
+            return;
+        }
+    };
+    let (rd, mut wr) = stream.into_split();
+    let mut line = String::new();
+    if BufReader::new(rd).read_line(&mut line).await.is_err() {
+        return;
+    }
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let writer = tokio::spawn(async move {
+        while let Some(r) = rx.recv().await {
+            let mut s = serde_json::to_string(&r).unwrap_or_default();
+            s.push('\n');
+            if wr.write_all(s.as_bytes()).await.is_err() {
+                break;
+            }
+        }
+    });
+    let reply = match serde_json::from_str::<LocalRequest>(line.trim()) {
+        Err(e) => LocalReply::Error {
+            message: format!("malformed request: {e}"),
+        },
+        Ok(LocalRequest::List) => list(&d),
+        Ok(LocalRequest::Migrate { pid, dest, mode }) => {
+            match migrate(&d, uid, pid, &dest, mode, &tx).await {
+                Ok(o) => LocalReply::Done(o),
+                Err(message) => LocalReply::Error { message },
+            }
+        }
+    };
+    let _ = tx.send(reply);
+    drop(tx);
+    let _ = writer.await;
+}
+
+fn list(d: &Daemon) -> LocalReply {
+    let mut home: Vec<_> = d
+        .shadows
+        .lock()
+        .unwrap()
+        .values()
+        .map(|s| s.entry.clone())
+        .collect();
+    let mut foreign: Vec<_> = d
+        .foreign
+        .lock()
+        .unwrap()
+        .values()
+        .map(|f| f.entry.clone())
+        .collect();
+    home.sort_by_key(|e| e.pid);
+    foreign.sort_by_key(|e| e.host_pid);
+    LocalReply::List { home, foreign }
+}
+
+/// The real uid owning `pid` here.
+fn owner(pid: i32) -> Option<u32> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find_map(|l| l.strip_prefix("Uid:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+async fn migrate(
+    d: &Arc<Daemon>,
+    uid: u32,
+    pid: i32,
+    dest: &str,
+    mode: Mode,
+    tx: &Replies,
+) -> Result<common::migproto::MigrateOutcome, String> {
+    let span = tracing::info_span!("migrate", pid, dest, %mode, caller_uid = uid);
+    let _e = span.enter();
+    let Some(owner) = owner(pid) else {
+        return Err(format!("no process {pid} on {}", d.config.node));
+    };
+    if uid != 0 && uid != owner {
+        tracing::warn!(owner, "refused: not the owner");
+        return Err(format!(
+            "pid {pid} belongs to uid {owner}; you are uid {uid} (only its owner or root may move it); nothing was changed"
+        ));
+    }
+    if mode != Mode::StopCopy {
+        return Err(format!(
+            "--mode {mode} is not implemented yet; use --mode stop-copy; nothing was changed"
+        ));
+    }
+    if dest != "home" && d.config.node_entry(dest).is_none() {
+        return Err(format!(
+            "unknown node {dest:?}; the cluster's nodes are {}; nothing was changed",
+            d.node_names()
+        ));
+    }
+    let shadow = d
+        .shadows
+        .lock()
+        .unwrap()
+        .values()
+        .find(|s| s.entry.pid == pid)
+        .map(|s| s.entry.clone());
+    drop(_e);
+    match shadow {
+        None if dest == "home" || dest == d.config.node => Err(format!(
+            "pid {pid} already runs at its home {}; nothing was changed",
+            d.config.node
+        )),
+        None => super::source::migrate_from_home(d, pid, dest, mode, tx)
+            .await
+            .map_err(|e| e.to_string()),
+        Some(e) if dest == "home" || dest == d.config.node => Err(format!(
+            "pid {pid} runs on {}; bringing it home (restore into the shadow) is not implemented yet; nothing was changed",
+            e.host
+        )),
+        Some(e) if e.host == dest => Err(format!("pid {pid} already runs on {dest}")),
+        Some(e) => {
+            let _ = tx.send(LocalReply::Progress {
+                phase: format!("asking {} to move it to {dest}", e.host),
+                bytes: 0,
+            });
+            let host = d.peer(&e.host).await.map_err(|e| e.to_string())?;
+            let out = flat(
+                &e.host,
+                host.move_to(long_ctx(), e.id.clone(), dest.to_string(), mode)
+                    .await,
+            )
+            .map_err(|e: MigError| e.to_string())?;
+            if let Some(s) = d.shadows.lock().unwrap().get_mut(&e.id) {
+                s.entry.host = out.host.clone();
+                s.entry.host_pid = out.host_pid;
+                s.entry.since = super::now_secs();
+            }
+            Ok(out)
+        }
+    }
+}

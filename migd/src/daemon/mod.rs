@@ -1,0 +1,278 @@
+//! The migd daemon: the migration service between nodes ([`common::migproto`]) on
+//! `ports.migd`, and the local socket the `migrate` command talks to.
+//!
+//! - [`local`]: the unix socket (`migd.socket`), the caller's credentials
+//!   (SO_PEERCRED), and migrations started here: from home ([`source`]) or, for a
+//!   process whose shadow is here, by asking its host to move it on.
+//! - [`host`]: the destination side: offers, restores under the home's file view,
+//!   watching foreign processes and reporting their end to their home.
+//! - [`helpers`]: the single-threaded helper processes that hold a frozen process
+//!   (the keeper; at home it keeps the shadow) and restore one (the restorer), run as
+//!   `migrate internal-keep` / `migrate internal-restore`.
+//!
+//! State is in memory: a restarted migd forgets its migrations (a keeper whose migd
+//! died keeps its shadow frozen; the process it stands for runs on).
+
+pub mod client;
+pub mod helpers;
+pub mod host;
+pub mod local;
+pub mod source;
+pub mod sys;
+
+use common::auth::ClusterKey;
+use common::config::NodeConfig;
+use common::migproto::{MigError, MigdService, MigdServiceClient, ProcessEntry};
+use futures::StreamExt;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tarpc::server::{BaseChannel, Channel};
+use tokio::sync::mpsc;
+use tracing::Instrument;
+
+/// Why the daemon could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] common::config::ConfigError),
+    #[error(transparent)]
+    Key(#[from] common::auth::KeyError),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+}
+
+/// Deadline of calls that wait for a restore.
+pub const LONG_CALL: Duration = Duration::from_secs(300);
+
+/// A process whose home is here and that runs elsewhere: its shadow's keeper.
+pub struct ShadowRec {
+    pub entry: ProcessEntry,
+    /// Lines to the keeper (`commit-shadow`, `exit <status>`, ...).
+    pub keeper: mpsc::UnboundedSender<String>,
+}
+
+/// A foreign process running here.
+pub struct ForeignRec {
+    pub entry: ProcessEntry,
+    /// Set when it is moving on: its end (killed here) is then not reported home.
+    pub departing: bool,
+}
+
+/// Everything the daemon's tasks share.
+pub struct Daemon {
+    pub config: NodeConfig,
+    pub key: ClusterKey,
+    /// The `migrate` binary, whose hidden subcommands are the helpers.
+    pub helper_exe: PathBuf,
+    next: AtomicU64,
+    pub shadows: Mutex<HashMap<String, ShadowRec>>,
+    pub foreign: Mutex<HashMap<String, ForeignRec>>,
+    pub offers: Mutex<HashMap<String, common::migproto::MigrationOffer>>,
+}
+
+impl Daemon {
+    /// A fresh cluster-unique migration id.
+    pub fn new_id(&self) -> String {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let t = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0);
+        format!("{}-{t}-{n}", self.config.node)
+    }
+
+    /// The super-root mount point.
+    pub fn superroot(&self) -> &Path {
+        &self.config.fuse.mountpoint
+    }
+
+    /// Where migration `id`'s image lives in the store.
+    pub fn image_dir(&self, id: &str) -> PathBuf {
+        self.superroot()
+            .join(&self.config.migd.store_volume)
+            .join("migrations")
+            .join(id)
+    }
+
+    /// Connects to a node's migd.
+    pub async fn peer(&self, node: &str) -> Result<MigdServiceClient, MigError> {
+        let entry = self
+            .config
+            .node_entry(node)
+            .ok_or_else(|| MigError::Refused {
+                node: self.config.node.clone(),
+                why: format!(
+                    "unknown node {node:?}; the cluster's nodes are {}",
+                    self.node_names()
+                ),
+            })?;
+        let (t, _) = common::transport::connect(
+            self.config.migd_addr(entry),
+            &self.key,
+            &self.config.node,
+            common::transport::DEFAULT_MAX_FRAME,
+        )
+        .await
+        .map_err(|e| MigError::Failed {
+            node: node.to_string(),
+            why: format!("its migd cannot be reached: {e}"),
+        })?;
+        Ok(MigdServiceClient::new(tarpc::client::Config::default(), t).spawn())
+    }
+
+    /// The cluster's node names, for messages.
+    pub fn node_names(&self) -> String {
+        self.config
+            .nodes
+            .iter()
+            .map(|n| n.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// A context whose deadline allows a restore.
+pub fn long_ctx() -> tarpc::context::Context {
+    let mut c = tarpc::context::current();
+    c.deadline = std::time::Instant::now() + LONG_CALL;
+    c
+}
+
+/// Seconds since the epoch.
+pub fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Flattens a tarpc call's two error layers into a [`MigError`] naming `node`.
+pub fn flat<T>(
+    node: &str,
+    r: Result<Result<T, MigError>, tarpc::client::RpcError>,
+) -> Result<T, MigError> {
+    match r {
+        Ok(r) => r,
+        Err(e) => Err(MigError::Failed {
+            node: node.to_string(),
+            why: format!("the call failed: {e}"),
+        }),
+    }
+}
+
+/// Runs the daemon for the config file at `path` until SIGTERM or SIGINT.
+pub fn run(path: &Path) -> Result<(), StartError> {
+    let config = NodeConfig::load(path)?;
+    let rt = tokio::runtime::Runtime::new().map_err(|source| StartError::Io {
+        what: "starting the tokio runtime".into(),
+        source,
+    })?;
+    rt.block_on(serve(config, shutdown_signal()))
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+}
+
+/// Serves the migration service and the local socket until `shutdown` completes.
+pub async fn serve(
+    config: NodeConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), StartError> {
+    let key = config.load_key()?;
+    let helper_exe = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.join("migrate")))
+        .unwrap_or_else(|| PathBuf::from("migrate"));
+    let addr = config.migd_addr(config.me());
+    let listener = common::transport::bind(addr)
+        .await
+        .map_err(|source| StartError::Io {
+            what: format!("migd of node {}", config.node),
+            source,
+        })?;
+    let sock_path = config.migd.socket.clone();
+    let local = local::bind(&sock_path)?;
+    let d = Arc::new(Daemon {
+        config,
+        key,
+        helper_exe,
+        next: AtomicU64::new(1),
+        shadows: Mutex::new(HashMap::new()),
+        foreign: Mutex::new(HashMap::new()),
+        offers: Mutex::new(HashMap::new()),
+    });
+    tracing::info!(%addr, socket = %sock_path.display(), node = %d.config.node, "migd listening");
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            acc = listener.accept() => match acc {
+                Ok((stream, peer_addr)) => {
+                    let d = d.clone();
+                    let span = tracing::info_span!("migd_conn", peer = %peer_addr);
+                    tokio::spawn(async move {
+                        let Some((stream, peer)) = common::transport::accept_authenticated(
+                            stream, peer_addr, &d.key, &d.config.node).await else { return };
+                        let transport = common::transport::frame(stream, common::transport::DEFAULT_MAX_FRAME);
+                        let conn = host::Conn { d, peer };
+                        BaseChannel::with_defaults(transport)
+                            .execute(conn.serve())
+                            .for_each(|fut| async { tokio::spawn(fut); })
+                            .await;
+                    }.instrument(span));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            acc = local.accept() => match acc {
+                Ok((stream, _)) => {
+                    tokio::spawn(local::client(d.clone(), stream));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "local accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
+    let _ = std::fs::remove_file(&sock_path);
+    tracing::info!("migd stopped");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use common::migproto::{LocalReply, LocalRequest, Mode};
+
+    #[test]
+    fn local_messages_are_json_lines() {
+        let r = LocalRequest::Migrate {
+            pid: 42,
+            dest: "ws2".into(),
+            mode: Mode::StopCopy,
+        };
+        let s = serde_json::to_string(&r).unwrap();
+        assert!(!s.contains('\n'), "not one line: {s}");
+        assert_eq!(serde_json::from_str::<LocalRequest>(&s).unwrap(), r);
+        let e = LocalReply::Error {
+            message: "no".into(),
+        };
+        let s = serde_json::to_string(&e).unwrap();
+        assert_eq!(serde_json::from_str::<LocalReply>(&s).unwrap(), e);
+    }
+}

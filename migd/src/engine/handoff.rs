@@ -1,0 +1,260 @@
+//! Handing a process over to another node (added for migration, on top of the engine's
+//! pub API): dump it and *keep it frozen*, so that the migration can still thaw it
+//! where it was if the destination fails; then end the frozen original the way the
+//! migration decided: thaw it (abort), kill it (it moved on from a foreign host), or
+//! keep it as the shadow at home until the remote process ends, then make it exit with
+//! the same status or die of the same signal, so that its parent's wait() sees the
+//! truth.
+
+use super::dump::{collect, precheck, DumpError};
+use super::freeze::{FreezeError, Frozen};
+use super::image;
+use super::inject::{InjectError, Injector, GADGET};
+use super::maps::parse_smaps;
+use crate::sys;
+use std::path::Path;
+use std::time::Instant;
+
+/// Why the frozen original could not be ended as asked.
+#[derive(Debug, thiserror::Error)]
+pub enum HandoffError {
+    #[error(transparent)]
+    Freeze(#[from] FreezeError),
+    #[error(transparent)]
+    Inject(#[from] InjectError),
+    #[error("pid {pid}: {what}")]
+    Other { pid: i32, what: String },
+}
+
+/// A process dumped and still frozen under our ptrace. Dropping it thaws it.
+pub struct Held {
+    frozen: Frozen,
+    /// Bytes of page data written.
+    pub page_bytes: u64,
+    /// Time from the freeze to the manifest written, in ms.
+    pub dump_ms: f64,
+    /// The process's command name.
+    pub comm: String,
+}
+
+/// Freezes `pid`, writes its image into `images`, and keeps it frozen. A refusal
+/// (unsupported fd, children, device mapping) leaves it running untouched.
+pub fn dump_frozen(pid: i32, images: &Path) -> Result<Held, DumpError> {
+    let _span = tracing::info_span!("dump_frozen", pid).entered();
+    if !Path::new(&format!("/proc/{pid}")).exists() {
+        return Err(FreezeError::NoProcess { pid }.into());
+    }
+    precheck(pid)?;
+    std::fs::create_dir_all(images).map_err(|source| DumpError::Proc {
+        path: images.display().to_string(),
+        source,
+    })?;
+    let frozen = Frozen::freeze(pid)?;
+    let t0 = Instant::now();
+    precheck(pid)?;
+    let manifest = collect(pid, &frozen, images)?;
+    image::write_manifest(images, &manifest)?;
+    Ok(Held {
+        frozen,
+        page_bytes: manifest.pages_len,
+        dump_ms: t0.elapsed().as_secs_f64() * 1e3,
+        comm: manifest.comm,
+    })
+}
+
+impl Held {
+    /// The pid (as the caller sees it).
+    pub fn pid(&self) -> i32 {
+        self.frozen.pid
+    }
+
+    /// Lets the process run on where it was (the migration was abandoned).
+    pub fn thaw(self) {
+        self.frozen.thaw();
+    }
+
+    /// Kills the frozen copy (another copy runs elsewhere now).
+    pub fn kill(self) {
+        self.frozen.kill();
+    }
+
+    /// Turns the frozen original into the shadow at home (after commit): every signal
+    /// blocked, so that signals sent to it stay queued until [`Shadow::take_signals`]
+    /// takes them; signals already queued were carried in the image and are dropped.
+    pub fn into_shadow(self) -> Result<Shadow, HandoffError> {
+        let pid = self.frozen.pid;
+        for t in &self.frozen.threads {
+            t.set_sigmask(!0)?;
+        }
+        let gadget = exec_area(pid)?;
+        let leader = self.frozen.threads[0].tid;
+        let poke = |addr: u64, word: u64| {
+            sys::ptrace_pokedata(leader, addr, word).map_err(|e| HandoffError::Other {
+                pid,
+                what: format!("writing the shadow's gadget at {addr:#x}: {e}"),
+            })
+        };
+        poke(gadget, gadget_word(leader, gadget)?)?;
+        // gadget+8: a sigset or a zeroed struct sigaction; gadget+40: a zero timespec.
+        for i in 0..6 {
+            poke(gadget + 8 + 8 * i, 0)?;
+        }
+        let shadow = Shadow { held: self, gadget };
+        shadow.take_signals()?;
+        Ok(shadow)
+    }
+}
+
+/// The original process at home after commit: frozen, every signal blocked; signals
+/// sent to it are taken out of its queue and forwarded, and it ends as the migrated
+/// process ends.
+pub struct Shadow {
+    held: Held,
+    gadget: u64,
+}
+
+/// SIGKILL and SIGSTOP cannot be blocked or waited for.
+const UNTAKEABLE: u64 = (1 << (libc::SIGKILL - 1)) | (1 << (libc::SIGSTOP - 1));
+
+impl Shadow {
+    /// The shadow's pid.
+    pub fn pid(&self) -> i32 {
+        self.held.pid()
+    }
+
+    /// Signals pending for the process (bit `n-1` for signal `n`), private and shared.
+    fn pending(&self) -> u64 {
+        let pid = self.held.pid();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let mut bits = 0;
+        for key in ["SigPnd:", "ShdPnd:"] {
+            if let Some(v) = status.lines().find_map(|l| l.strip_prefix(key)) {
+                bits |= u64::from_str_radix(v.trim(), 16).unwrap_or(0);
+            }
+        }
+        bits & !UNTAKEABLE
+    }
+
+    /// Takes every signal queued for the shadow (rt_sigtimedwait with a zero timeout,
+    /// run inside it) and returns their numbers, in the order taken.
+    pub fn take_signals(&self) -> Result<Vec<i32>, HandoffError> {
+        let mut out = Vec::new();
+        let pid = self.held.pid();
+        let leader = &self.held.frozen.threads[0];
+        let saved = leader.regs()?;
+        let inj = Injector {
+            gadget: self.gadget,
+        };
+        loop {
+            let bits = self.pending();
+            if bits == 0 {
+                break;
+            }
+            sys::ptrace_pokedata(leader.tid, self.gadget + 8, bits).map_err(|e| {
+                HandoffError::Other {
+                    pid,
+                    what: format!("writing a sigset: {e}"),
+                }
+            })?;
+            let o = inj.call(
+                leader,
+                libc::SYS_rt_sigtimedwait,
+                &[self.gadget + 8, 0, self.gadget + 40, 8],
+            )?;
+            sys::ptrace_pokedata(leader.tid, self.gadget + 8, 0).map_err(|e| {
+                HandoffError::Other {
+                    pid,
+                    what: format!("clearing a sigset: {e}"),
+                }
+            })?;
+            if o.ret <= 0 {
+                break;
+            }
+            out.push(o.ret as i32);
+        }
+        leader.set_regs(&saved)?;
+        Ok(out)
+    }
+
+    /// Ends the shadow as `status` (a raw wait status) says: exit with the same code,
+    /// or die of the same signal. Nothing of its own code runs again.
+    pub fn end_like(self, status: i32) -> Result<(), HandoffError> {
+        let pid = self.held.pid();
+        let leader = &self.held.frozen.threads[0];
+        let gadget = self.gadget;
+        let inj = Injector { gadget };
+        if libc::WIFSIGNALED(status) {
+            let sig = libc::WTERMSIG(status);
+            // gadget+8 holds a zeroed struct sigaction: SIG_DFL.
+            inj.ok(
+                leader,
+                libc::SYS_rt_sigaction,
+                &[sig as u64, gadget + 8, 0, 8],
+                || format!("rt_sigaction({sig}, SIG_DFL)"),
+            )?;
+            let own = inj.ok(leader, libc::SYS_getpid, &[], || "getpid".into())?;
+            inj.ok(leader, libc::SYS_kill, &[own as u64, sig as u64], || {
+                format!("kill(self, {sig})")
+            })?;
+            // If the signal somehow does not kill it, it exits 128+sig from the gadget.
+            let mut r = leader.regs()?;
+            r.rip = gadget;
+            r.rax = libc::SYS_exit_group as u64;
+            r.rdi = 128 + sig as u64;
+            r.orig_rax = u64::MAX;
+            leader.set_regs(&r)?;
+            leader.set_sigmask(!(1u64 << (sig - 1)))?;
+            self.held.frozen.thaw();
+            Ok(())
+        } else {
+            let code = libc::WEXITSTATUS(status);
+            match inj.call(leader, libc::SYS_exit_group, &[code as u64]) {
+                Ok(_) => Err(HandoffError::Other {
+                    pid,
+                    what: "exit_group returned".into(),
+                }),
+                // The process is gone: that is what we asked for.
+                Err(InjectError::Ptrace {
+                    source: FreezeError::Gone { .. },
+                    ..
+                }) => {
+                    self.held.frozen.kill();
+                    Ok(())
+                }
+                Err(e) => Err(e.into()),
+            }
+        }
+    }
+}
+
+/// The start of an executable area of `pid` (where injected syscalls run from).
+fn exec_area(pid: i32) -> Result<u64, HandoffError> {
+    let text =
+        std::fs::read_to_string(format!("/proc/{pid}/smaps")).map_err(|e| HandoffError::Other {
+            pid,
+            what: format!("reading /proc/{pid}/smaps: {e}"),
+        })?;
+    let areas = parse_smaps(&text).map_err(|e| HandoffError::Other {
+        pid,
+        what: e.to_string(),
+    })?;
+    areas
+        .iter()
+        .find(|a| a.prot & libc::PROT_EXEC != 0 && a.name != "[vsyscall]")
+        .map(|a| a.start)
+        .ok_or_else(|| HandoffError::Other {
+            pid,
+            what: "no executable area to run the exit from".into(),
+        })
+}
+
+/// The word at `addr` with its first bytes replaced by the gadget.
+fn gadget_word(tid: i32, addr: u64) -> Result<u64, HandoffError> {
+    let orig = sys::ptrace_peekdata(tid, addr).map_err(|e| HandoffError::Other {
+        pid: tid,
+        what: format!("reading {addr:#x}: {e}"),
+    })?;
+    let mut w = orig.to_ne_bytes();
+    w[..GADGET.len()].copy_from_slice(&GADGET);
+    Ok(u64::from_ne_bytes(w))
+}
