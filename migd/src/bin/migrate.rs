@@ -65,9 +65,16 @@ enum Internal {
     },
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() {
     common::logging::init("migrate");
     let args = Args::parse();
+    if let Err(e) = run(args) {
+        eprintln!("migrate: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
     match args.internal {
         Some(Internal::InternalKeep { pid, images, enter }) => {
             std::process::exit(migd::daemon::helpers::keeper_main(pid, &images, enter))

@@ -205,6 +205,18 @@ pub async fn migrate_from_home(
     let id = d.new_id();
     let span = tracing::info_span!("migration", id = %id, pid, from = %d.config.node, to = dest);
     async {
+        // Refusals that need no freeze come before anyone else is asked.
+        let me = d.config.node.clone();
+        tokio::task::spawn_blocking(move || crate::engine::dump::precheck(pid))
+            .await
+            .map_err(|e| MigError::Failed {
+                node: me.clone(),
+                why: format!("pre-check task: {e}"),
+            })?
+            .map_err(|e| MigError::Refused {
+                node: me.clone(),
+                why: e.to_string(),
+            })?;
         let (comm, uid) = comm_uid(pid);
         let offer = offer_for(d, &id, &d.config.node, pid, &comm, uid, mode);
         let ready = prepare(d, pid, offer, dest, false, Some(tx)).await?;

@@ -290,7 +290,8 @@ impl Frozen {
     pub fn kill(mut self) {
         self.done = true;
         let _ = sys::kill(self.pid, libc::SIGKILL);
-        for t in self.threads.drain(..) {
+        // Non-leaders first: the leader's exit is reported only after theirs.
+        for t in self.threads.drain(..).rev() {
             let _ = sys::wait_tid(t.tid);
         }
     }

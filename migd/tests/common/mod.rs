@@ -193,3 +193,48 @@ pub fn check_workload(what: &str, w: &Workload, delays: &[Duration]) {
 pub fn ms(v: u64) -> Duration {
     Duration::from_millis(v)
 }
+
+/// Writes `bytes` of deterministic text lines ("<number> <letters>\n") to `path`.
+pub fn gen_text(path: &Path, bytes: u64, seed: u64) {
+    use std::io::Write;
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path).unwrap());
+    let mut x = seed | 1;
+    let mut written = 0u64;
+    let mut line = String::new();
+    while written < bytes {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        line.clear();
+        line.push_str(&(x % 1_000_000_007).to_string());
+        line.push(' ');
+        for i in 0..(x >> 40) % 40 {
+            line.push((b'a' + ((x >> (i % 50)) % 26) as u8) as char);
+        }
+        line.push('\n');
+        w.write_all(line.as_bytes()).unwrap();
+        written += line.len() as u64;
+    }
+    w.flush().unwrap();
+}
+
+/// Writes `bytes` of deterministic binary data to `path` (fast).
+pub fn gen_binary(path: &Path, bytes: u64, seed: u64) {
+    use std::io::Write;
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path).unwrap());
+    let mut x = seed | 1;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut left = bytes;
+    while left > 0 {
+        for c in buf.chunks_exact_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            c.copy_from_slice(&x.to_ne_bytes());
+        }
+        let n = left.min(buf.len() as u64) as usize;
+        w.write_all(&buf[..n]).unwrap();
+        left -= n as u64;
+    }
+    w.flush().unwrap();
+}

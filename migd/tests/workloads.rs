@@ -1,0 +1,128 @@
+//! Real programs dumped and restored three times during their run; each one's output
+//! must be byte-identical to an uninterrupted run's.
+
+mod common;
+use common::*;
+
+const THREADS_C: &str = r#"
+#include <pthread.h>
+#include <stdio.h>
+#include <stdint.h>
+#include <unistd.h>
+#define N 600
+static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t done_cv = PTHREAD_COND_INITIALIZER;
+static int next_item, done[N];
+static uint64_t result[N];
+static void *worker(void *arg) {
+    (void)arg;
+    for (;;) {
+        pthread_mutex_lock(&mu);
+        int i = next_item++;
+        pthread_mutex_unlock(&mu);
+        if (i >= N) return 0;
+        uint64_t h = (uint64_t)i * 2654435761u;
+        for (int k = 0; k < 2000000; k++) { h ^= h >> 13; h *= 0x9E3779B97F4A7C15ull; h += k; }
+        usleep(1000);
+        pthread_mutex_lock(&mu);
+        result[i] = h; done[i] = 1;
+        pthread_cond_broadcast(&done_cv);
+        pthread_mutex_unlock(&mu);
+    }
+}
+int main(void) {
+    pthread_t t[4];
+    for (int i = 0; i < 4; i++) pthread_create(&t[i], 0, worker, 0);
+    for (int i = 0; i < N; i++) {
+        pthread_mutex_lock(&mu);
+        while (!done[i]) pthread_cond_wait(&done_cv, &mu);
+        pthread_mutex_unlock(&mu);
+        printf("%d %016llx\n", i, (unsigned long long)result[i]);
+        fflush(stdout);
+    }
+    for (int i = 0; i < 4; i++) pthread_join(t[i], 0);
+    printf("joined\n");
+    return 0;
+}
+"#;
+
+#[test]
+fn c_four_threads_with_mutexes_and_condvars_survive_three_dumps() {
+    let dir = tempdir();
+    let exe = compile_c(dir.path(), "threads", THREADS_C, &["-pthread"]);
+    let w = Workload::new(dir.path(), &[exe.to_str().unwrap()]);
+    check_workload("C four threads", &w, &[ms(500), ms(400), ms(400)]);
+}
+
+const PY_THREADS: &str = r#"
+import threading, hashlib
+lock = threading.Lock()
+results = {}
+def work(name, n):
+    h = hashlib.sha256(name.encode())
+    for i in range(n):
+        h.update(str(i).encode())
+        if i % 20000 == 0:
+            with lock:
+                results[(name, i)] = h.hexdigest()[:16]
+ts = [threading.Thread(target=work, args=(nm, 5000000)) for nm in ("a", "b")]
+for t in ts: t.start()
+for t in ts: t.join()
+for k in sorted(results): print(k[0], k[1], results[k])
+"#;
+
+#[test]
+fn python3_running_two_threads_survives_three_dumps() {
+    let dir = tempdir();
+    std::fs::write(dir.path().join("two.py"), PY_THREADS).unwrap();
+    let w = Workload::new(dir.path(), &["/usr/bin/python3", "two.py"]);
+    check_workload("python3 two threads", &w, &[ms(300), ms(300), ms(300)]);
+}
+
+#[test]
+fn perl_loop_survives_three_dumps() {
+    let dir = tempdir();
+    let prog = r#"$| = 1; my $s = 0; for my $i (0..12000000) { $s = ($s * 31 + $i) % 1000003; print "$i $s\n" if $i % 10000 == 0 }"#;
+    let w = Workload::new(dir.path(), &["/usr/bin/perl", "-e", prog]);
+    check_workload("perl", &w, &[ms(300), ms(300), ms(300)]);
+}
+
+#[test]
+fn bash_loop_survives_three_dumps() {
+    let dir = tempdir();
+    let prog = "i=0; s=0; while [ $i -lt 400000 ]; do s=$(( (s*31+i) % 1000003 )); if [ $((i%1000)) = 0 ]; then echo $i $s; fi; i=$((i+1)); done";
+    let w = Workload::new(dir.path(), &["/bin/bash", "-c", prog]);
+    check_workload("bash loop", &w, &[ms(400), ms(400), ms(400)]);
+}
+
+#[test]
+fn sha256sum_of_a_1gib_file_survives_three_dumps() {
+    let dir = tempdir();
+    gen_binary(&dir.path().join("big"), 1 << 30, 7);
+    let w = Workload::new(dir.path(), &["/usr/bin/sha256sum", "big"]);
+    check_workload("sha256sum 1 GiB", &w, &[ms(300), ms(300), ms(300)]);
+}
+
+#[test]
+fn sort_of_a_200mb_file_survives_three_dumps() {
+    let dir = tempdir();
+    gen_text(&dir.path().join("in.txt"), 200 << 20, 11);
+    let w = Workload::new(dir.path(), &["/usr/bin/sort", "in.txt"]);
+    check_workload("sort 200 MB", &w, &[ms(800), ms(800), ms(800)]);
+}
+
+#[test]
+fn xz_with_two_threads_survives_three_dumps() {
+    let dir = tempdir();
+    gen_text(&dir.path().join("in.txt"), 24 << 20, 13);
+    let w = Workload::new(dir.path(), &["/usr/bin/xz", "-T2", "-3", "-c", "in.txt"]);
+    check_workload("xz -T2", &w, &[ms(700), ms(700), ms(700)]);
+}
+
+#[test]
+fn bc_computing_pi_survives_three_dumps() {
+    let dir = tempdir();
+    std::fs::write(dir.path().join("pi.bc"), "scale=2500; 4*a(1)\n").unwrap();
+    let w = Workload::new(dir.path(), &["/usr/bin/bc", "-l", "pi.bc"]);
+    check_workload("bc pi", &w, &[ms(300), ms(300), ms(300)]);
+}
