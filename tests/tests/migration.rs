@@ -1,0 +1,281 @@
+//! Migration between nodes on a 3-node local cluster: real processes started at ws1,
+//! moved with `migrate` (run inside ws1), running elsewhere while their files and
+//! their parent stay at home. Needs root and the workspace's binaries built
+//! (`cargo build --workspace`): migd, migrate, fs-server, fuse-client.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use ferry_tests::Cluster;
+
+/// One 3-node cluster at a time: they are heavy for a small machine.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+/// A deterministic single-threaded program: `prog OUT N CODE USLEEP` writes N lines
+/// to OUT (each a function of its index only), sleeping USLEEP µs between lines, then
+/// exits with CODE.
+const PROG: &str = r#"
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    FILE *f = fopen(argv[1], "w");
+    if (!f) { perror(argv[1]); return 100; }
+    int n = atoi(argv[2]), code = atoi(argv[3]), pause = atoi(argv[4]);
+    unsigned long x = 1;
+    for (int i = 0; i < n; i++) {
+        for (int k = 0; k < 20000; k++) x = x * 6364136223846793005UL + 1442695040888963407UL;
+        fprintf(f, "%d %lu\n", i, x);
+        fflush(f);
+        if (pause) usleep(pause);
+    }
+    fclose(f);
+    return code;
+}
+"#;
+
+struct Setup {
+    c: Cluster,
+    prog: PathBuf,
+}
+
+fn setup() -> Setup {
+    let c = Cluster::start(3);
+    c.require(&["fs-server", "fuse-client", "migd"]);
+    let src = c.dir().join("prog.c");
+    std::fs::write(&src, PROG).unwrap();
+    let prog = c.dir().join("prog");
+    let out = std::process::Command::new("cc")
+        .arg("-O1")
+        .arg("-o")
+        .arg(&prog)
+        .arg(&src)
+        .output()
+        .expect("cc runs");
+    assert!(
+        out.status.success(),
+        "cc failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Setup { c, prog }
+}
+
+/// Starts `sh -c 'prog ...; echo status=$?'` at ws1 (stdout piped) and returns it with
+/// prog's pid at ws1, once prog has written `lines` lines.
+fn start_at_ws1(s: &Setup, out: &str, n: u32, code: i32, lines: usize) -> (Child, i32) {
+    let script = format!(
+        "{} {out} {n} {code} 100000; echo status=$?",
+        s.prog.display()
+    );
+    let child =
+        s.c.command("ws1", &["sh", "-c", &script])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("cluster exec runs");
+    let pid = wait_for(|| {
+        let o = s.c.sh(
+            "ws1",
+            &format!("pgrep -xn prog && test $(wc -l < {out}) -ge {lines}"),
+        );
+        let t = String::from_utf8_lossy(&o.stdout).trim().to_string();
+        (o.status.success() && !t.is_empty()).then(|| t.parse::<i32>().unwrap())
+    })
+    .unwrap_or_else(|| panic!("prog did not start at ws1\n{}", s.c.logs("ws1", 10)));
+    (child, pid)
+}
+
+/// Polls `f` until it answers (up to a minute; a bound for a hang, not a timing check).
+fn wait_for<T>(mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    for _ in 0..600 {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    None
+}
+
+/// The pids of processes named `prog` on a node.
+fn progs_on(c: &Cluster, node: &str) -> Vec<i32> {
+    let o = c.sh(node, "pgrep -x prog || true");
+    String::from_utf8_lossy(&o.stdout)
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+/// The State line of /proc/PID/status on a node ("" if gone).
+fn state_on(c: &Cluster, node: &str, pid: i32) -> String {
+    let o = c.sh(node, &format!("grep '^State:' /proc/{pid}/status || true"));
+    String::from_utf8_lossy(&o.stdout).trim().to_string()
+}
+
+fn migrate(c: &Cluster, pid: i32, dest: &str) -> String {
+    c.run_ok("ws1", &["migrate", &pid.to_string(), dest])
+}
+
+fn finish(c: &Cluster, child: Child) -> String {
+    let out = child.wait_with_output().expect("wait for the shell");
+    let _ = c;
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn reference(s: &Setup, n: u32) -> String {
+    s.c.sh_ok(
+        "ws1",
+        &format!("{} /tmp/ref {n} 0 0 && cat /tmp/ref", s.prog.display()),
+    )
+}
+
+#[test]
+fn migrated_process_runs_elsewhere_writes_home_and_its_exit_status_reaches_the_parent() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let s = setup();
+    let c = &s.c;
+    let n = 120;
+    let want = reference(&s, n);
+    let (child, pid) = start_at_ws1(&s, "/tmp/out", n, 5, 5);
+
+    let said = migrate(c, pid, "ws2");
+    assert!(said.contains("runs on ws2"), "migrate said: {said}");
+    assert_eq!(progs_on(c, "ws2").len(), 1, "prog is not running at ws2");
+    let st = state_on(c, "ws1", pid);
+    assert!(
+        st.contains("tracing stop"),
+        "at ws1, pid {pid} should be the frozen shadow, not running: {st:?}"
+    );
+    let list = c.run_ok("ws1", &["migrate", "--list"]);
+    assert!(
+        list.contains(&format!("{pid}")) && list.contains("ws2"),
+        "migrate --list at ws1 does not show pid {pid} on ws2:\n{list}"
+    );
+
+    let said = migrate(c, pid, "ws3");
+    assert!(said.contains("runs on ws3"), "migrate said: {said}");
+    assert_eq!(progs_on(c, "ws3").len(), 1, "prog is not running at ws3");
+    assert!(
+        progs_on(c, "ws2").is_empty(),
+        "prog still runs at ws2 after moving to ws3"
+    );
+
+    let shell = finish(c, child);
+    assert_eq!(
+        shell, "status=5",
+        "the parent shell at ws1 should see prog's exit status from ws3"
+    );
+    let got = c.sh_ok("ws1", "cat /tmp/out");
+    assert!(
+        got == want,
+        "output at ws1's /tmp/out differs from an unmigrated run ({} vs {} bytes)",
+        got.len(),
+        want.len()
+    );
+    assert!(
+        !Path::new(&c.dir().join("ws2/tmp/out")).exists(),
+        "the output landed in ws2's /tmp instead of its home's"
+    );
+    let store = c.dir().join("store/migrations");
+    let left: Vec<_> = std::fs::read_dir(&store)
+        .map(|r| r.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "images left in the store: {left:?}");
+}
+
+#[test]
+fn sigterm_at_home_ends_the_migrated_process_and_the_shell_sees_death_by_sigterm() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let s = setup();
+    let c = &s.c;
+    let (child, pid) = start_at_ws1(&s, "/tmp/out", 100_000, 0, 3);
+    migrate(c, pid, "ws2");
+    assert_eq!(progs_on(c, "ws2").len(), 1, "prog is not running at ws2");
+    c.sh_ok("ws1", &format!("kill -TERM {pid}"));
+    let shell = finish(c, child);
+    assert_eq!(
+        shell, "status=143",
+        "the shell at ws1 should see prog die of SIGTERM (128+15)"
+    );
+    assert!(
+        progs_on(c, "ws2").is_empty(),
+        "prog still runs at ws2 after SIGTERM at home"
+    );
+    assert!(
+        progs_on(c, "ws1").is_empty(),
+        "the shadow is still at ws1 after its process died"
+    );
+}
+
+#[test]
+fn refused_migrations_leave_the_process_running_untouched() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let s = setup();
+    let c = &s.c;
+    let (child, pid) = start_at_ws1(&s, "/tmp/out", 100_000, 0, 3);
+    let p = pid.to_string();
+
+    let check_refused = |args: &[&str], expect: &str| {
+        let o = c.exec("ws1", args);
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        assert!(!o.status.success(), "{args:?} should fail; it said {err}");
+        assert!(
+            err.contains(expect),
+            "{args:?}: the message should say {expect:?}; it says: {err}"
+        );
+        let st = state_on(c, "ws1", pid);
+        assert!(
+            st.contains("sleeping") || st.contains("running"),
+            "after {args:?}, pid {pid} should run on at ws1: {st:?}"
+        );
+        assert!(
+            progs_on(c, "ws2").is_empty(),
+            "after {args:?}, prog runs at ws2"
+        );
+    };
+    check_refused(
+        &[
+            "setpriv",
+            "--reuid",
+            "1000",
+            "--regid",
+            "1000",
+            "--clear-groups",
+            "migrate",
+            &p,
+            "ws2",
+        ],
+        &format!("pid {pid} belongs to uid 0; you are uid 1000"),
+    );
+    check_refused(&["migrate", &p, "ws9"], "unknown node \"ws9\"");
+    check_refused(
+        &["migrate", "--mode", "lazy", &p, "ws2"],
+        "not implemented yet",
+    );
+    let before = c.sh_ok("ws1", "wc -l < /tmp/out");
+    wait_for(|| (c.sh_ok("ws1", "wc -l < /tmp/out") != before).then_some(()))
+        .expect("prog stopped writing after the refusals");
+
+    // A process holding a TCP socket.
+    c.sh_ok(
+        "ws1",
+        "python3 -c 'import socket,time; s=socket.socket(); s.bind((\"127.0.0.1\",0)); s.listen(); open(\"/tmp/listening\",\"w\").close(); time.sleep(600)' >/dev/null 2>&1 &",
+    );
+    let py: i32 = wait_for(|| {
+        let o = c.sh("ws1", "test -e /tmp/listening && pgrep -xn python3");
+        String::from_utf8_lossy(&o.stdout).trim().parse().ok()
+    })
+    .expect("python3 did not start");
+    let o = c.exec("ws1", &["migrate", &py.to_string(), "ws2"]);
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(!o.status.success(), "migrating a TCP holder should fail");
+    assert!(
+        err.contains("TCP socket"),
+        "the message should name the TCP socket: {err}"
+    );
+    let st = state_on(c, "ws1", py);
+    assert!(st.contains("sleeping"), "python3 should run on: {st:?}");
+    c.sh_ok("ws1", &format!("kill {py} {pid}"));
+    let _ = finish(c, child);
+}
