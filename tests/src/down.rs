@@ -7,6 +7,7 @@
 //! are found by name: node-init processes whose command line names the directory, and
 //! bridges whose alias names it.
 
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -161,22 +162,66 @@ pub fn find_holders(dir: &Path) -> Vec<i32> {
     found
 }
 
-/// Stops every cluster whose bridge or node processes are left from runs whose
-/// directory no longer has live nodes.
+/// Stops every cluster left behind: those whose nodes are gone but whose bridge is
+/// left, those whose state file is gone, and test clusters (under
+/// [`crate::cluster::TEST_ROOT`]) whose owning test process died without taking them
+/// down. A cluster started by `cluster up` that still runs is left alone.
 pub fn down_stale() -> Vec<(PathBuf, Result<DownReport, DownError>)> {
-    let mut done = Vec::new();
+    let mut dirs: Vec<PathBuf> = Vec::new();
     for (_bridge, dir) in net::ferry_bridges() {
-        if dir.is_empty() {
-            continue;
+        if !dir.is_empty() {
+            dirs.push(PathBuf::from(dir));
         }
-        let d = PathBuf::from(&dir);
-        let live = ClusterState::load(&d)
-            .map(|s| s.nodes.iter().any(|n| holder_alive(n.holder)))
-            .unwrap_or(false);
-        if !live && !done.iter().any(|(p, _)| *p == d) {
+    }
+    for d in all_holder_dirs() {
+        if !dirs.contains(&d) {
+            dirs.push(d);
+        }
+    }
+    let mut done = Vec::new();
+    for d in dirs {
+        let stale = match ClusterState::load(&d) {
+            Err(_) => true,
+            Ok(s) => {
+                let nodes_live = s.nodes.iter().any(|n| holder_alive(n.holder));
+                let owner_gone =
+                    d.starts_with(crate::cluster::TEST_ROOT) && !crate::up::alive(s.up_pid as i32);
+                !nodes_live || owner_gone
+            }
+        };
+        if stale {
             let r = down(&d);
             done.push((d, r));
         }
     }
     done
+}
+
+/// The `--dir` of every live node-init.
+fn all_holder_dirs() -> Vec<PathBuf> {
+    let mut dirs = Vec::new();
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return dirs;
+    };
+    for e in rd.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        if !args.contains(&&b"node-init"[..]) || !holder_alive(pid) {
+            continue;
+        }
+        if let Some(i) = args.iter().position(|a| *a == b"--dir") {
+            if let Some(d) = args.get(i + 1) {
+                let d = PathBuf::from(std::ffi::OsStr::from_bytes(d));
+                if !dirs.contains(&d) {
+                    dirs.push(d);
+                }
+            }
+        }
+    }
+    dirs
 }

@@ -962,12 +962,12 @@ mkdir -p $d/tmp
 python3 -c '
 import random, sys
 r = random.Random(7)
-out = sys.stdout
 total = 0
-while total < 200 * 1024 * 1024:
-    line = "%016x %s\n" % (r.getrandbits(64), "y" * r.randrange(10, 100))
-    out.write(line); total += len(line)
-' > $d/big
+with open(sys.argv[1], "w", buffering=1 << 20) as out:
+    while total < 200 * 1024 * 1024:
+        line = "%016x %s\n" % (r.getrandbits(64), "y" * r.randrange(10, 100))
+        out.write(line); total += len(line)
+' $d/big
 sort -S 16M -T $d/tmp -o $d/sorted $d/big
 sort -c $d/sorted
 wc -l < $d/big; wc -l < $d/sorted
