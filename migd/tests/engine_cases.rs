@@ -1,0 +1,323 @@
+//! Engine behaviours beyond "a workload runs on": file mappings, --leave-running,
+//! refusals that leave the process untouched, corrupt images, a 2 GiB process, pids.
+
+mod common;
+use common::*;
+use std::process::Command;
+
+const FMAP_C: &str = r#"
+#include <stdio.h>
+#include <stdint.h>
+#include <fcntl.h>
+#include <unistd.h>
+#include <sys/mman.h>
+#define SZ (8 << 20)
+int main(void) {
+    int fs = open("shared.dat", O_RDWR | O_CREAT | O_TRUNC, 0644);
+    if (ftruncate(fs, SZ)) return 1;
+    int fp = open("private.dat", O_RDONLY);
+    uint8_t *sh = mmap(0, SZ, PROT_READ | PROT_WRITE, MAP_SHARED, fs, 0);
+    uint8_t *pr = mmap(0, SZ, PROT_READ | PROT_WRITE, MAP_PRIVATE, fp, 0);
+    if (sh == MAP_FAILED || pr == MAP_FAILED) return 2;
+    close(fs); close(fp);
+    uint64_t x = 88172645463325252ull;
+    for (int round = 0; round < 400; round++) {
+        for (int k = 0; k < 2000; k++) {
+            x ^= x << 13; x ^= x >> 7; x ^= x << 17;
+            sh[x % SZ] = (uint8_t)x;
+            pr[(x >> 20) % SZ] ^= (uint8_t)(x >> 8);
+        }
+        uint64_t a = 0, b = 0;
+        for (int i = 0; i < SZ; i += 4096) { a = a * 31 + sh[i] + sh[i + 17]; b = b * 37 + pr[i] + pr[i + 99]; }
+        printf("%d %016llx %016llx\n", round, (unsigned long long)a, (unsigned long long)b);
+        usleep(5000);
+    }
+    msync(sh, SZ, MS_SYNC);
+    uint64_t a = 0;
+    for (int i = 0; i < SZ; i++) a = a * 131 + sh[i];
+    printf("final %016llx\n", (unsigned long long)a);
+    return 0;
+}
+"#;
+
+#[test]
+fn c_program_writing_private_and_shared_file_mappings_survives_three_dumps() {
+    let dir = tempdir();
+    let exe = compile_c(dir.path(), "fmap", FMAP_C, &[]);
+    gen_binary(&dir.path().join("private.dat"), 8 << 20, 3);
+    let w = Workload::new(dir.path(), &[exe.to_str().unwrap()]);
+    check_workload("C file mappings", &w, &[ms(400), ms(400), ms(400)]);
+}
+
+const TICKER_C: &str = r#"
+#include <stdio.h>
+#include <stdint.h>
+#include <unistd.h>
+int main(void) {
+    uint64_t h = 1;
+    for (int i = 0; i < 400; i++) {
+        for (int k = 0; k < 100000; k++) h = h * 6364136223846793005ull + 1442695040888963407ull;
+        printf("%d %016llx\n", i, (unsigned long long)h);
+        fflush(stdout);
+        usleep(5000);
+    }
+    return 0;
+}
+"#;
+
+#[test]
+fn leave_running_dumps_leave_the_process_running_with_identical_output() {
+    let dir = tempdir();
+    let exe = compile_c(dir.path(), "ticker", TICKER_C, &[]);
+    let w = Workload::new(dir.path(), &[exe.to_str().unwrap()]);
+    let reference = w.reference(&dir.path().join("ref.out"));
+    let out = dir.path().join("run.out");
+    let mut child = Command::new(&exe)
+        .stdout(std::fs::File::create(&out).unwrap())
+        .spawn()
+        .unwrap();
+    for i in 0..3 {
+        std::thread::sleep(ms(300));
+        let o = Command::new(migd())
+            .args([
+                "dump",
+                "--leave-running",
+                "--pid",
+                &child.id().to_string(),
+                "--images",
+            ])
+            .arg(dir.path().join(format!("img{i}")))
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "dump --leave-running {i} failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(
+            String::from_utf8_lossy(&o.stdout).contains("left running"),
+            "dump did not say it left the process running"
+        );
+    }
+    let st = child.wait().unwrap();
+    assert!(
+        st.success(),
+        "the process did not finish cleanly after --leave-running dumps: {st}"
+    );
+    assert_same_output("--leave-running", &reference, &std::fs::read(&out).unwrap());
+}
+
+const TCP_PY: &str = r#"
+import socket, sys, time
+s = socket.socket()
+s.bind(("127.0.0.1", 0))
+s.listen(1)
+for i in range(60):
+    print(i, i * i, flush=True)
+    time.sleep(0.02)
+"#;
+
+#[test]
+fn process_with_tcp_socket_is_refused_naming_the_fd_and_keeps_running() {
+    let dir = tempdir();
+    std::fs::write(dir.path().join("tcp.py"), TCP_PY).unwrap();
+    let w = Workload::new(dir.path(), &["/usr/bin/python3", "tcp.py"]);
+    let reference = w.reference(&dir.path().join("ref.out"));
+    let out = dir.path().join("run.out");
+    let mut child = Command::new("/usr/bin/python3")
+        .arg("tcp.py")
+        .current_dir(dir.path())
+        .stdout(std::fs::File::create(&out).unwrap())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(ms(300));
+    let o = Command::new(migd())
+        .args(["dump", "--pid", &child.id().to_string(), "--images"])
+        .arg(dir.path().join("img"))
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success(),
+        "dump of a process with a TCP socket succeeded"
+    );
+    assert!(
+        err.contains("fd 3: TCP socket"),
+        "refusal does not name the fd and its kind: {err}"
+    );
+    assert!(
+        err.contains("left running untouched"),
+        "refusal does not say the process was left alone: {err}"
+    );
+    let st = child.wait().unwrap();
+    assert!(st.success(), "refused process did not finish cleanly: {st}");
+    assert_same_output(
+        "refused TCP process",
+        &reference,
+        &std::fs::read(&out).unwrap(),
+    );
+}
+
+fn dump_ticker(dir: &std::path::Path) -> std::path::PathBuf {
+    let exe = compile_c(dir, "ticker", TICKER_C, &[]);
+    let mut child = Command::new(&exe)
+        .stdout(std::fs::File::create(dir.join("o")).unwrap())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(ms(200));
+    let img = dir.join("img");
+    let o = Command::new(migd())
+        .args(["dump", "--pid", &child.id().to_string(), "--images"])
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "dump failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let _ = child.wait();
+    img
+}
+
+fn restore_fails(img: &std::path::Path) -> String {
+    let o = Command::new(migd())
+        .args(["restore", "--images"])
+        .arg(img)
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    assert!(!o.status.success(), "restore of a damaged image succeeded");
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn corrupt_page_data_is_refused_before_anything_is_built() {
+    let dir = tempdir();
+    let img = dump_ticker(dir.path());
+    let pages = img.join("pages.img");
+    let mut data = std::fs::read(&pages).unwrap();
+    let mid = data.len() / 2;
+    data[mid] ^= 0x55;
+    std::fs::write(&pages, data).unwrap();
+    let err = restore_fails(&img);
+    assert!(
+        err.contains("checksum mismatch in page chunk"),
+        "corrupt pages not reported as such: {err}"
+    );
+    assert!(
+        !err.contains("restored pid"),
+        "a process was started: {err}"
+    );
+}
+
+#[test]
+fn truncated_manifest_and_pages_are_refused() {
+    let dir = tempdir();
+    let img = dump_ticker(dir.path());
+    let pages = img.join("pages.img");
+    let data = std::fs::read(&pages).unwrap();
+    std::fs::write(&pages, &data[..data.len() - 100]).unwrap();
+    let err = restore_fails(&img);
+    assert!(
+        err.contains("truncated"),
+        "truncated pages not reported: {err}"
+    );
+    std::fs::write(&pages, &data).unwrap();
+    let man = img.join("manifest.json");
+    let m = std::fs::read(&man).unwrap();
+    std::fs::write(&man, &m[..m.len() - 10]).unwrap();
+    let err = restore_fails(&img);
+    assert!(
+        err.contains("truncated"),
+        "truncated manifest not reported: {err}"
+    );
+}
+
+const BIG_C: &str = r#"
+#include <stdio.h>
+#include <stdlib.h>
+#include <stdint.h>
+#include <unistd.h>
+#include <time.h>
+int main(void) {
+    size_t n = (size_t)2 << 30;
+    uint64_t *p = malloc(n);
+    if (!p) return 1;
+    for (size_t i = 0; i < n / 8; i++) p[i] = i * 0x9E3779B97F4A7C15ull;
+    printf("filled\n");
+    fflush(stdout);
+    struct timespec t0, t;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    do { usleep(20000); clock_gettime(CLOCK_MONOTONIC, &t); } while (t.tv_sec - t0.tv_sec < 4);
+    uint64_t h = 0;
+    for (size_t i = 0; i < n / 8; i++) h = h * 31 + p[i];
+    printf("sum %016llx pid-ok %d\n", (unsigned long long)h, 1);
+    return 0;
+}
+"#;
+
+#[test]
+fn process_with_2gib_rss_is_dumped_and_restored_correctly() {
+    let dir = tempdir();
+    let exe = compile_c(dir.path(), "big", BIG_C, &[]);
+    let w = Workload::new(dir.path(), &[exe.to_str().unwrap()]);
+    let reference = w.reference(&dir.path().join("ref.out"));
+    let out = dir.path().join("run.out");
+    let mut child = Command::new(&exe)
+        .stdout(std::fs::File::create(&out).unwrap())
+        .spawn()
+        .unwrap();
+    while !std::fs::read_to_string(&out).unwrap().contains("filled") {
+        std::thread::sleep(ms(50));
+    }
+    let img = dir.path().join("img");
+    let o = Command::new(migd())
+        .args(["dump", "--pid", &child.id().to_string(), "--images"])
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "dump of the 2 GiB process failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let _ = child.wait();
+    let pages = std::fs::metadata(img.join("pages.img")).unwrap().len();
+    assert!(
+        pages >= 2 << 30,
+        "image holds only {pages} bytes of pages for a 2 GiB process"
+    );
+    let (r, _) = start_restore(&img);
+    let o = r.wait_with_output().unwrap();
+    assert!(
+        o.status.success(),
+        "restored 2 GiB process failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_same_output("2 GiB process", &reference, &std::fs::read(&out).unwrap());
+}
+
+const PID_C: &str = r#"
+#include <stdio.h>
+#include <unistd.h>
+#include <sys/syscall.h>
+int main(void) {
+    pid_t p = getpid(), t = (pid_t)syscall(SYS_gettid);
+    for (int i = 0; i < 300; i++) {
+        usleep(10000);
+        if (getpid() != p || syscall(SYS_gettid) != t) { printf("pid changed at %d\n", i); return 1; }
+    }
+    printf("same pid\n");
+    return 0;
+}
+"#;
+
+#[test]
+fn restored_process_keeps_its_pid_and_tid() {
+    let dir = tempdir();
+    let exe = compile_c(dir.path(), "pid", PID_C, &[]);
+    let w = Workload::new(dir.path(), &[exe.to_str().unwrap()]);
+    check_workload("pid check", &w, &[ms(300), ms(300), ms(300)]);
+}
