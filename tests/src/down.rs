@@ -180,6 +180,13 @@ pub fn down_stale() -> Vec<(PathBuf, Result<DownReport, DownError>)> {
     }
     let mut done = Vec::new();
     for d in dirs {
+        let starting = std::fs::read_to_string(d.join(crate::up::STARTING_FILE))
+            .ok()
+            .and_then(|p| p.trim().parse::<i32>().ok())
+            .is_some_and(crate::up::alive);
+        if starting {
+            continue;
+        }
         let stale = match ClusterState::load(&d) {
             Err(_) => true,
             Ok(s) => {

@@ -94,6 +94,9 @@ pub fn find_bin_dir() -> PathBuf {
     dir
 }
 
+/// Present in a cluster directory while `up` runs; holds `up`'s pid.
+pub const STARTING_FILE: &str = "cluster.starting";
+
 /// Node name of the `i`-th node (1-based).
 pub fn node_name(i: usize) -> String {
     format!("ws{i}")
@@ -146,7 +149,16 @@ pub fn up(opts: &UpOptions) -> Result<ClusterState, UpError> {
         up_pid: std::process::id(),
         nodes: Vec::new(),
     };
-    match build(opts, &mut state) {
+    // Marks the cluster as being started, so `down --stale` leaves it alone while no
+    // state file exists yet.
+    let starting = dir.join(STARTING_FILE);
+    prep(
+        &starting,
+        std::fs::write(&starting, std::process::id().to_string()),
+    )?;
+    let built = build(opts, &mut state);
+    let _ = std::fs::remove_file(&starting);
+    match built {
         Ok(()) => Ok(state),
         Err(e) => {
             let _ = state.save();
