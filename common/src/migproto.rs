@@ -1,21 +1,25 @@
-//! The migration protocol: what migd asks of another node's migd, and what the host of
-//! a migrated process tells its home.
+//! The migration protocol: what migd asks of another node's migd, what it asks of its
+//! own node's home-proxy, and what the host of a migrated process tells its home.
 //!
-//! One service, [`MigdService`], on `ports.migd` of every node, over
-//! [`crate::transport`] (cluster-key handshake, capped bincode frames). Calls a
-//! migration makes, in order (stop-copy):
+//! Two services over [`crate::transport`] (cluster-key handshake, capped bincode
+//! frames): [`MigdService`] on `ports.migd` and [`ProxyService`] (home-proxy) on
+//! `ports.proxy`. Calls a migration from home makes, in order (stop-copy):
 //!
 //! ```text
-//! source migd                      destination migd                home migd
-//!   offer(MigrationOffer)  ------>  accept or refuse
-//!   (freeze, dump into /.../store/migrations/<id>/)
-//!   restore(id)            ------>  restore under /.../<home>/, report running
-//!   (commit: the original becomes the shadow, or the old copy is killed)
-//!   committed(id)          ------>  forget the store image
-//!                                   ...
-//!                                   exited(id, status) ---------->  shadow exits alike
-//!   signal(id, sig)        ------>  (home forwards signals sent to the shadow)
+//! home migd              home-proxy            destination migd
+//!   offer(MigrationOffer) ------------------->  accept or refuse
+//!   hold(id, pid, dir) ->  freeze, dump into /.../store/migrations/<id>/, keep frozen
+//!   restore(id) ----------------------------->  restore under /.../<home>/, runs
+//!   commit(id, entry)  ->  the original becomes the shadow
+//!   committed(id) --------------------------->  forget the store image
+//!                          ...
+//!                          signal(id, sig) -->  deliver to the process (MigdService)
+//!                          exited(id, st) <---  the process ended (ProxyService)
 //! ```
+//!
+//! Any failure before commit: `abort` to both; the original is thawed where it was.
+//! A move onward (`move_to`, asked by home's migd of the host) runs the same steps
+//! with the host's migd holding the copy, which it kills at commit.
 //!
 //! The local `migrate` command speaks [`LocalRequest`]/[`LocalReply`] to its node's
 //! migd as JSON lines on the unix socket `migd.socket`; migd checks the caller's
@@ -123,11 +127,6 @@ pub trait MigdService {
     async fn signal(id: String, sig: i32) -> MigResult<()>;
     /// Move the process running here on to `dest` (asked by its home).
     async fn move_to(id: String, dest: String, mode: Mode) -> MigResult<MigrateOutcome>;
-    /// The process of migration `id`, whose home is here, ended on its host with this
-    /// raw wait status.
-    async fn exited(id: String, status: i32) -> MigResult<()>;
-    /// The process of migration `id`, whose home is here, now runs on `host`.
-    async fn moved(id: String, host: String, host_pid: i32) -> MigResult<()>;
 }
 
 /// What `migrate` asks its node's migd (one JSON line on the unix socket).
@@ -169,4 +168,35 @@ pub struct MigrateOutcome {
     pub bytes: u64,
     /// From the last source thread stopping to the destination running, in ms.
     pub freeze_ms: f64,
+}
+
+/// What a hold wrote into the store.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HeldImage {
+    /// Bytes of page data written.
+    pub bytes: u64,
+    /// Time from the freeze to the image written, in milliseconds.
+    pub dump_ms: f64,
+}
+
+/// The service home-proxy offers on `ports.proxy`: the home side of migrated
+/// processes. migd of the same node asks it to hold a process leaving home (freeze,
+/// dump, keep frozen), then to commit (the original becomes the shadow) or abort
+/// (thaw it); hosts report the process's end to it; it forwards signals sent to the
+/// shadow to the host's migd ([`MigdService::signal`]).
+#[tarpc::service]
+pub trait ProxyService {
+    /// Freezes `pid`, writes its image into `images` (a path under the super-root),
+    /// and keeps it frozen. A refusal leaves it running untouched.
+    async fn hold(id: String, pid: i32, images: String) -> MigResult<HeldImage>;
+    /// The process runs at `entry.host`: the held original becomes its shadow.
+    async fn commit(id: String, entry: ProcessEntry) -> MigResult<()>;
+    /// The migration failed before commit: thaw the original where it was.
+    async fn abort(id: String) -> MigResult<()>;
+    /// The process moved on to another host.
+    async fn moved(id: String, host: String, host_pid: i32) -> MigResult<()>;
+    /// The process ended on its host with this raw wait status: end the shadow alike.
+    async fn exited(id: String, status: i32) -> MigResult<()>;
+    /// The shadows held here.
+    async fn shadows() -> Vec<ProcessEntry>;
 }

@@ -1,1 +1,303 @@
-//! home-proxy: not yet written.
+//! home-proxy: the home side of migrated processes.
+//!
+//! It owns the shadows: when a process leaves its home, migd asks home-proxy to
+//! `hold` it (a keeper process, `migrate internal-keep`, freezes it and writes its
+//! image into the store), then to `commit` (the frozen original becomes the shadow:
+//! same pid, parent and fds) or `abort` (thaw it where it was). Signals sent to a
+//! shadow are taken out of its queue by the keeper and forwarded here to the host's
+//! migd ([`common::migproto::MigdService::signal`]); when the host reports the
+//! process's end (`exited`), the keeper makes the shadow exit with the same status or
+//! die of the same signal, so the parent's wait() sees the truth.
+//!
+//! It serves `common::migproto::ProxyService` on `ports.proxy`; it talks to migd
+//! (its own node's and the hosts') over `common::migproto::MigdService`. State is in
+//! memory; the keepers are separate processes, so a shadow stays frozen (never runs
+//! its own code again) even if home-proxy dies — but a restarted home-proxy does not
+//! find its keepers again yet.
+
+use common::auth::ClusterKey;
+use common::config::NodeConfig;
+use common::migproto::{
+    HeldImage, MigError, MigResult, MigdServiceClient, ProcessEntry, ProxyService,
+};
+use futures::StreamExt;
+use migd::daemon::keeper::Keeper;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tarpc::context::Context;
+use tarpc::server::{BaseChannel, Channel};
+use tokio::sync::mpsc;
+use tracing::Instrument;
+
+/// Why home-proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Key(#[from] common::auth::KeyError),
+    #[error("listening on {addr}: {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A shadow: the frozen original of a process running elsewhere.
+struct Shadow {
+    entry: ProcessEntry,
+    keeper: mpsc::UnboundedSender<String>,
+}
+
+/// Everything the connections share.
+pub struct Proxy {
+    config: NodeConfig,
+    key: ClusterKey,
+    helper_exe: PathBuf,
+    /// Held before commit.
+    held: Mutex<HashMap<String, Keeper>>,
+    shadows: Mutex<HashMap<String, Shadow>>,
+}
+
+/// Runs home-proxy for `config` until SIGTERM or SIGINT.
+pub async fn run(config: NodeConfig) -> Result<(), StartError> {
+    let addr = config.proxy_addr(config.me());
+    let listener = common::transport::bind(addr)
+        .await
+        .map_err(|source| StartError::Listen { addr, source })?;
+    serve(config, listener, shutdown_signal()).await
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+}
+
+/// Serves [`ProxyService`] on `listener` until `shutdown` completes. Shadows stay
+/// frozen in their keepers after home-proxy stops.
+pub async fn serve(
+    config: NodeConfig,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), StartError> {
+    let key = config.load_key()?;
+    let helper_exe = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.join("migrate")))
+        .unwrap_or_else(|| PathBuf::from("migrate"));
+    let p = Arc::new(Proxy {
+        config,
+        key,
+        helper_exe,
+        held: Mutex::new(HashMap::new()),
+        shadows: Mutex::new(HashMap::new()),
+    });
+    if let Ok(a) = listener.local_addr() {
+        tracing::info!(addr = %a, node = %p.config.node, "home-proxy listening");
+    }
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            acc = listener.accept() => match acc {
+                Ok((stream, peer_addr)) => {
+                    let p = p.clone();
+                    let span = tracing::info_span!("proxy_conn", peer = %peer_addr);
+                    tokio::spawn(async move {
+                        let Some((stream, peer)) = common::transport::accept_authenticated(
+                            stream, peer_addr, &p.key, &p.config.node).await else { return };
+                        let transport = common::transport::frame(stream, common::transport::DEFAULT_MAX_FRAME);
+                        BaseChannel::with_defaults(transport)
+                            .execute(Conn { p, peer }.serve())
+                            .for_each(|fut| async { tokio::spawn(fut); })
+                            .await;
+                    }.instrument(span));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
+    tracing::info!(
+        shadows = p.shadows.lock().unwrap().len(),
+        "home-proxy stopped; shadows stay frozen in their keepers"
+    );
+    Ok(())
+}
+
+/// One authenticated connection.
+#[derive(Clone)]
+struct Conn {
+    p: Arc<Proxy>,
+    peer: String,
+}
+
+impl Conn {
+    fn unknown(&self, id: &str) -> MigError {
+        MigError::Unknown {
+            node: self.p.config.node.clone(),
+            id: id.to_string(),
+        }
+    }
+}
+
+impl ProxyService for Conn {
+    async fn hold(self, _: Context, id: String, pid: i32, images: String) -> MigResult<HeldImage> {
+        if self.peer != self.p.config.node {
+            return Err(MigError::Refused {
+                node: self.p.config.node.clone(),
+                why: format!(
+                    "only this node's migd may ask to hold a process, not {}",
+                    self.peer
+                ),
+            });
+        }
+        let (keeper, dumped) = Keeper::start(&self.p.helper_exe, pid, Path::new(&images), false)
+            .await
+            .map_err(|why| MigError::Refused {
+                node: self.p.config.node.clone(),
+                why,
+            })?;
+        tracing::info!(id = %id, pid, bytes = dumped.bytes, dump_ms = dumped.dump_ms, "held frozen");
+        self.p.held.lock().unwrap().insert(id, keeper);
+        Ok(HeldImage {
+            bytes: dumped.bytes,
+            dump_ms: dumped.dump_ms,
+        })
+    }
+
+    async fn commit(self, _: Context, id: String, entry: ProcessEntry) -> MigResult<()> {
+        let keeper = self
+            .p
+            .held
+            .lock()
+            .unwrap()
+            .remove(&id)
+            .ok_or_else(|| self.unknown(&id))?;
+        let span = tracing::info_span!("shadow", id = %id, pid = entry.pid, host = %entry.host);
+        span.in_scope(|| tracing::info!("committed: the original is the shadow now"));
+        keeper.send("commit-shadow");
+        self.p.shadows.lock().unwrap().insert(
+            id.clone(),
+            Shadow {
+                entry,
+                keeper: keeper.to.clone(),
+            },
+        );
+        tokio::spawn(watch(self.p.clone(), id, keeper).instrument(span));
+        Ok(())
+    }
+
+    async fn abort(self, _: Context, id: String) -> MigResult<()> {
+        let keeper = self.p.held.lock().unwrap().remove(&id);
+        match keeper {
+            Some(k) => {
+                tracing::info!(id = %id, "abort: thawing the original");
+                k.end("abort").await;
+                Ok(())
+            }
+            None => Err(self.unknown(&id)),
+        }
+    }
+
+    async fn moved(self, _: Context, id: String, host: String, host_pid: i32) -> MigResult<()> {
+        let mut s = self.p.shadows.lock().unwrap();
+        let rec = s.get_mut(&id).ok_or_else(|| self.unknown(&id))?;
+        tracing::info!(id = %id, from = %rec.entry.host, to = %host, "the process moved on");
+        rec.entry.host = host;
+        rec.entry.host_pid = host_pid;
+        rec.entry.since = migd::daemon::now_secs();
+        Ok(())
+    }
+
+    async fn exited(self, _: Context, id: String, status: i32) -> MigResult<()> {
+        let line = format!("exit {status}");
+        if let Some(s) = self.p.shadows.lock().unwrap().get(&id) {
+            tracing::info!(id = %id, status, from = %self.peer, "the process ended; ending its shadow alike");
+            let _ = s.keeper.send(line);
+            return Ok(());
+        }
+        // It ended before the commit reached us: the keeper commits and ends it.
+        if let Some(k) = self.p.held.lock().unwrap().get(&id) {
+            tracing::info!(id = %id, status, "the process ended before commit; ending its shadow alike");
+            k.send(&line);
+            return Ok(());
+        }
+        Err(self.unknown(&id))
+    }
+
+    async fn shadows(self, _: Context) -> Vec<ProcessEntry> {
+        self.p
+            .shadows
+            .lock()
+            .unwrap()
+            .values()
+            .map(|s| s.entry.clone())
+            .collect()
+    }
+}
+
+/// Follows a shadow's keeper: forwards the signals sent to the shadow to wherever the
+/// process runs; forgets the shadow when the keeper ends.
+async fn watch(p: Arc<Proxy>, id: String, mut keeper: Keeper) {
+    while let Ok(Some(line)) = keeper.lines.next_line().await {
+        let sig = if let Some(s) = line.strip_prefix("signal ") {
+            s.trim().parse::<i32>().ok()
+        } else if line.starts_with("gone ") {
+            // The shadow was killed at home (SIGKILL): the process goes too.
+            Some(libc::SIGKILL)
+        } else {
+            tracing::warn!(%line, "keeper");
+            None
+        };
+        let Some(sig) = sig else { continue };
+        let host = p
+            .shadows
+            .lock()
+            .unwrap()
+            .get(&id)
+            .map(|s| s.entry.host.clone());
+        let Some(host) = host else { break };
+        tracing::info!(sig, %host, "forwarding a signal sent to the shadow");
+        if let Err(e) = signal_host(&p, &host, &id, sig).await {
+            tracing::warn!(sig, %host, error = %e, "signal not forwarded");
+        }
+    }
+    let _ = keeper.child.wait().await;
+    p.shadows.lock().unwrap().remove(&id);
+    tracing::info!("shadow ended");
+}
+
+async fn signal_host(p: &Proxy, host: &str, id: &str, sig: i32) -> Result<(), MigError> {
+    let failed = |why: String| MigError::Failed {
+        node: host.to_string(),
+        why,
+    };
+    let entry = p
+        .config
+        .node_entry(host)
+        .ok_or_else(|| failed("not a node of this cluster".into()))?;
+    let (t, _) = common::transport::connect(
+        p.config.migd_addr(entry),
+        &p.key,
+        &p.config.node,
+        common::transport::DEFAULT_MAX_FRAME,
+    )
+    .await
+    .map_err(|e| failed(format!("its migd cannot be reached: {e}")))?;
+    let c = MigdServiceClient::new(tarpc::client::Config::default(), t).spawn();
+    match c
+        .signal(tarpc::context::current(), id.to_string(), sig)
+        .await
+    {
+        Ok(r) => r,
+        Err(e) => Err(failed(format!("the call failed: {e}"))),
+    }
+}

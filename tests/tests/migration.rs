@@ -1,7 +1,7 @@
 //! Migration between nodes on a 3-node local cluster: real processes started at ws1,
 //! moved with `migrate` (run inside ws1), running elsewhere while their files and
 //! their parent stay at home. Needs root and the workspace's binaries built
-//! (`cargo build --workspace`): migd, migrate, fs-server, fuse-client.
+//! (`cargo build --workspace`): migd, migrate, home-proxy, fs-server, fuse-client.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
@@ -43,7 +43,7 @@ struct Setup {
 
 fn setup() -> Setup {
     let c = Cluster::start(3);
-    c.require(&["fs-server", "fuse-client", "migd"]);
+    c.require(&["fs-server", "fuse-client", "migd", "home-proxy"]);
     let src = c.dir().join("prog.c");
     std::fs::write(&src, PROG).unwrap();
     let prog = c.dir().join("prog");

@@ -3,7 +3,7 @@
 //! processes (signals, moving on, reporting their end home), and the home of shadows
 //! (their process's end).
 
-use super::source::{offer_for, prepare, Ready};
+use super::source::{offer_for, prepare, HoldAt, Holder, Ready};
 use super::{flat, long_ctx, now_secs, Daemon, ForeignRec};
 use common::migproto::{
     MigError, MigResult, MigdService, MigrateOutcome, MigrationOffer, Mode, ProcessEntry, Running,
@@ -146,18 +146,19 @@ impl MigdService for Conn {
                 .unwrap_or(0);
             let offer = offer_for(&self.d, &id, &entry.home, entry.pid, &entry.comm, uid, mode);
             let Ready {
-                mut keeper,
+                holder,
                 dest: peer,
                 running,
                 bytes,
                 freeze_ms,
-            } = prepare(&self.d, entry.host_pid, offer, &dest, true, None).await?;
+            } = prepare(&self.d, entry.host_pid, offer, &dest, HoldAt::Keeper, None).await?;
             // Commit: the copy here ends without a report home.
             if let Some(f) = self.d.foreign.lock().unwrap().get_mut(&id) {
                 f.departing = true;
             }
-            let _ = keeper.to.send("commit-kill".into());
-            let _ = keeper.child.wait().await;
+            if let Holder::Keeper(k) = holder {
+                k.end("commit-kill").await;
+            }
             self.d.foreign.lock().unwrap().remove(&id);
             if let Err(e) = flat(&dest, peer.committed(long_ctx(), id.clone()).await) {
                 tracing::warn!(error = %e, "telling the destination about the commit");
@@ -173,29 +174,6 @@ impl MigdService for Conn {
         }
         .instrument(span)
         .await
-    }
-
-    async fn exited(self, _: Context, id: String, status: i32) -> MigResult<()> {
-        let keeper = self
-            .d
-            .shadows
-            .lock()
-            .unwrap()
-            .get(&id)
-            .map(|s| s.keeper.clone())
-            .ok_or_else(|| self.unknown(&id))?;
-        tracing::info!(id = %id, status, from = %self.peer, "the process ended on its host; ending its shadow alike");
-        let _ = keeper.send(format!("exit {status}"));
-        Ok(())
-    }
-
-    async fn moved(self, _: Context, id: String, host: String, host_pid: i32) -> MigResult<()> {
-        let mut s = self.d.shadows.lock().unwrap();
-        let rec = s.get_mut(&id).ok_or_else(|| self.unknown(&id))?;
-        rec.entry.host = host;
-        rec.entry.host_pid = host_pid;
-        rec.entry.since = now_secs();
-        Ok(())
     }
 }
 
@@ -284,7 +262,7 @@ async fn restore(d: Arc<Daemon>, offer: MigrationOffer) -> MigResult<Running> {
 
 async fn report_exit(d: &Daemon, home: &str, id: &str, status: i32) {
     for attempt in 0..30 {
-        let r = match d.peer(home).await {
+        let r = match d.proxy(home).await {
             Ok(p) => flat(home, p.exited(long_ctx(), id.to_string(), status).await),
             Err(e) => Err(e),
         };

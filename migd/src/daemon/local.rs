@@ -3,7 +3,7 @@
 //! SO_PEERCRED: root may move any process, others only their own.
 
 use super::{flat, long_ctx, Daemon, StartError};
-use common::migproto::{LocalReply, LocalRequest, MigError, Mode};
+use common::migproto::{LocalReply, LocalRequest, MigError, Mode, ProcessEntry};
 use std::path::Path;
 use std::sync::Arc;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -56,7 +56,7 @@ pub async fn client(d: Arc<Daemon>, stream: UnixStream) {
         Err(e) => LocalReply::Error {
             message: format!("malformed request: {e}"),
         },
-        Ok(LocalRequest::List) => list(&d),
+        Ok(LocalRequest::List) => list(&d).await,
         Ok(LocalRequest::Migrate { pid, dest, mode }) => {
             match migrate(&d, uid, pid, &dest, mode, &tx).await {
                 Ok(o) => LocalReply::Done(o),
@@ -69,14 +69,25 @@ pub async fn client(d: Arc<Daemon>, stream: UnixStream) {
     let _ = writer.await;
 }
 
-fn list(d: &Daemon) -> LocalReply {
-    let mut home: Vec<_> = d
-        .shadows
-        .lock()
-        .unwrap()
-        .values()
-        .map(|s| s.entry.clone())
-        .collect();
+/// The shadows home-proxy holds here (empty, with a warning, if it cannot be asked).
+async fn shadows(d: &Daemon) -> Vec<ProcessEntry> {
+    match d.proxy(&d.config.node).await {
+        Ok(p) => p
+            .shadows(tarpc::context::current())
+            .await
+            .unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "asking home-proxy for its shadows");
+                Vec::new()
+            }),
+        Err(e) => {
+            tracing::warn!(error = %e, "asking home-proxy for its shadows");
+            Vec::new()
+        }
+    }
+}
+
+async fn list(d: &Daemon) -> LocalReply {
+    let mut home = shadows(d).await;
     let mut foreign: Vec<_> = d
         .foreign
         .lock()
@@ -130,14 +141,8 @@ async fn migrate(
             d.node_names()
         ));
     }
-    let shadow = d
-        .shadows
-        .lock()
-        .unwrap()
-        .values()
-        .find(|s| s.entry.pid == pid)
-        .map(|s| s.entry.clone());
     drop(_e);
+    let shadow = shadows(d).await.into_iter().find(|s| s.pid == pid);
     match shadow {
         None if dest == "home" || dest == d.config.node => Err(format!(
             "pid {pid} already runs at its home {}; nothing was changed",
@@ -163,10 +168,14 @@ async fn migrate(
                     .await,
             )
             .map_err(|e: MigError| e.to_string())?;
-            if let Some(s) = d.shadows.lock().unwrap().get_mut(&e.id) {
-                s.entry.host = out.host.clone();
-                s.entry.host_pid = out.host_pid;
-                s.entry.since = super::now_secs();
+            let proxy = d.proxy(&d.config.node).await.map_err(|e| e.to_string())?;
+            if let Err(err) = flat(
+                &d.config.node,
+                proxy
+                    .moved(long_ctx(), e.id.clone(), out.host.clone(), out.host_pid)
+                    .await,
+            ) {
+                tracing::error!(error = %err, "telling home-proxy where the process went");
             }
             Ok(out)
         }

@@ -8,21 +8,25 @@
 //!   watching foreign processes and reporting their end to their home.
 //! - [`helpers`]: the single-threaded helper processes that hold a frozen process
 //!   (the keeper; at home it keeps the shadow) and restore one (the restorer), run as
-//!   `migrate internal-keep` / `migrate internal-restore`.
+//!   `migrate internal-keep` / `migrate internal-restore`; [`keeper`] starts one.
 //!
-//! State is in memory: a restarted migd forgets its migrations (a keeper whose migd
-//! died keeps its shadow frozen; the process it stands for runs on).
+//! At home the original is held by home-proxy (`common::migproto::ProxyService`),
+//! which keeps the shadows; migd keeps only the foreign processes running here, in
+//! memory (a restarted migd forgets them).
 
 pub mod client;
 pub mod helpers;
 pub mod host;
+pub mod keeper;
 pub mod local;
 pub mod source;
 pub mod sys;
 
 use common::auth::ClusterKey;
 use common::config::NodeConfig;
-use common::migproto::{MigError, MigdService, MigdServiceClient, ProcessEntry};
+use common::migproto::{
+    MigError, MigdService, MigdServiceClient, ProcessEntry, ProxyServiceClient,
+};
 use futures::StreamExt;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -30,7 +34,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tarpc::server::{BaseChannel, Channel};
-use tokio::sync::mpsc;
 use tracing::Instrument;
 
 /// Why the daemon could not start.
@@ -50,13 +53,6 @@ pub enum StartError {
 /// Deadline of calls that wait for a restore.
 pub const LONG_CALL: Duration = Duration::from_secs(300);
 
-/// A process whose home is here and that runs elsewhere: its shadow's keeper.
-pub struct ShadowRec {
-    pub entry: ProcessEntry,
-    /// Lines to the keeper (`commit-shadow`, `exit <status>`, ...).
-    pub keeper: mpsc::UnboundedSender<String>,
-}
-
 /// A foreign process running here.
 pub struct ForeignRec {
     pub entry: ProcessEntry,
@@ -71,7 +67,6 @@ pub struct Daemon {
     /// The `migrate` binary, whose hidden subcommands are the helpers.
     pub helper_exe: PathBuf,
     next: AtomicU64,
-    pub shadows: Mutex<HashMap<String, ShadowRec>>,
     pub foreign: Mutex<HashMap<String, ForeignRec>>,
     pub offers: Mutex<HashMap<String, common::migproto::MigrationOffer>>,
 }
@@ -102,6 +97,28 @@ impl Daemon {
 
     /// Connects to a node's migd.
     pub async fn peer(&self, node: &str) -> Result<MigdServiceClient, MigError> {
+        let t = self.connect(node, |c, e| c.migd_addr(e), "migd").await?;
+        Ok(MigdServiceClient::new(tarpc::client::Config::default(), t).spawn())
+    }
+
+    /// Connects to a node's home-proxy.
+    pub async fn proxy(&self, node: &str) -> Result<ProxyServiceClient, MigError> {
+        let t = self
+            .connect(node, |c, e| c.proxy_addr(e), "home-proxy")
+            .await?;
+        Ok(ProxyServiceClient::new(tarpc::client::Config::default(), t).spawn())
+    }
+
+    async fn connect<In, Out>(
+        &self,
+        node: &str,
+        addr: impl Fn(&NodeConfig, &common::config::NodeEntry) -> std::net::SocketAddr,
+        daemon: &str,
+    ) -> Result<common::transport::RpcTransport<In, Out>, MigError>
+    where
+        In: for<'de> serde::Deserialize<'de>,
+        Out: serde::Serialize,
+    {
         let entry = self
             .config
             .node_entry(node)
@@ -113,7 +130,7 @@ impl Daemon {
                 ),
             })?;
         let (t, _) = common::transport::connect(
-            self.config.migd_addr(entry),
+            addr(&self.config, entry),
             &self.key,
             &self.config.node,
             common::transport::DEFAULT_MAX_FRAME,
@@ -121,9 +138,9 @@ impl Daemon {
         .await
         .map_err(|e| MigError::Failed {
             node: node.to_string(),
-            why: format!("its migd cannot be reached: {e}"),
+            why: format!("its {daemon} cannot be reached: {e}"),
         })?;
-        Ok(MigdServiceClient::new(tarpc::client::Config::default(), t).spawn())
+        Ok(t)
     }
 
     /// The cluster's node names, for messages.
@@ -210,7 +227,6 @@ pub async fn serve(
         key,
         helper_exe,
         next: AtomicU64::new(1),
-        shadows: Mutex::new(HashMap::new()),
         foreign: Mutex::new(HashMap::new()),
         offers: Mutex::new(HashMap::new()),
     });

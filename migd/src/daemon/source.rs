@@ -2,31 +2,50 @@
 //! (the keeper holds the original frozen), restore at the destination, then commit —
 //! or, on any failure before commit, thaw the original where it was.
 
+use super::keeper::{Dumped, Keeper};
 use super::local::Replies;
-use super::{flat, long_ctx, now_secs, Daemon, ShadowRec};
+use super::{flat, long_ctx, now_secs, Daemon};
 use common::migproto::{
     LocalReply, MigError, MigdServiceClient, MigrateOutcome, MigrationOffer, Mode, ProcessEntry,
-    Running,
+    ProxyServiceClient, Running,
 };
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Instant;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
-use tokio::process::{Child, ChildStdout};
-use tokio::sync::mpsc;
 use tracing::Instrument;
 
-/// A keeper process: it holds the dumped original frozen until told how to end it.
-pub struct Keeper {
-    pub child: Child,
-    pub to: mpsc::UnboundedSender<String>,
-    pub lines: Lines<BufReader<ChildStdout>>,
+/// Who holds the frozen original until commit.
+pub enum Holder {
+    /// A keeper of this migd (a foreign process moving on); killed at commit.
+    Keeper(Box<Keeper>),
+    /// This node's home-proxy (a process leaving home); the shadow after commit.
+    Proxy(ProxyServiceClient),
+}
+
+/// Where to hold the original.
+pub enum HoldAt {
+    /// A keeper of ours, inside the process's own root.
+    Keeper,
+    /// This node's home-proxy.
+    Proxy,
+}
+
+impl Holder {
+    async fn abort(self, id: &str) {
+        match self {
+            Holder::Keeper(k) => k.end("abort").await,
+            Holder::Proxy(p) => {
+                if let Err(e) = p.abort(long_ctx(), id.to_string()).await {
+                    tracing::error!(error = %e, "home-proxy did not take the abort");
+                }
+            }
+        }
+    }
 }
 
 /// A migration that reached the point of commit: the copy runs at the destination,
 /// the original is still frozen here.
 pub struct Ready {
-    pub keeper: Keeper,
+    pub holder: Holder,
     pub dest: MigdServiceClient,
     pub running: Running,
     pub bytes: u64,
@@ -49,7 +68,7 @@ pub async fn prepare(
     local_pid: i32,
     offer: MigrationOffer,
     dest: &str,
-    enter: bool,
+    at: HoldAt,
     tx: Option<&Replies>,
 ) -> Result<Ready, MigError> {
     let me = d.config.node.clone();
@@ -57,74 +76,55 @@ pub async fn prepare(
         node: me.clone(),
         why,
     };
+    let id = offer.id.clone();
     let peer = d.peer(dest).await?;
     progress(tx, format!("asking {dest}"), 0);
-    flat(dest, peer.offer(long_ctx(), offer.clone()).await)?;
-    let images = d.image_dir(&offer.id);
-    if !enter {
-        std::fs::create_dir_all(&images).map_err(|e| {
-            fail(format!(
-                "cannot create the image directory {} in the store: {e}",
-                images.display()
-            ))
-        })?;
-    }
+    flat(dest, peer.offer(long_ctx(), offer).await)?;
+    let images = d.image_dir(&id);
     progress(tx, "freezing and writing the image to the store", 0);
-    let mut child = tokio::process::Command::new(&d.helper_exe)
-        .arg("internal-keep")
-        .arg("--pid")
-        .arg(local_pid.to_string())
-        .arg("--images")
-        .arg(&images)
-        .args(if enter { &["--enter"][..] } else { &[][..] })
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .kill_on_drop(false)
-        .spawn()
-        .map_err(|e| fail(format!("cannot start {}: {e}", d.helper_exe.display())))?;
-    let mut stdin = child.stdin.take().expect("piped");
-    let stdout = child.stdout.take().expect("piped");
-    let (to, mut to_rx) = mpsc::unbounded_channel::<String>();
-    tokio::spawn(async move {
-        while let Some(l) = to_rx.recv().await {
-            if stdin.write_all(format!("{l}\n").as_bytes()).await.is_err() {
-                break;
-            }
-            let _ = stdin.flush().await;
-        }
-    });
-    let mut keeper = Keeper {
-        child,
-        to,
-        lines: BufReader::new(stdout).lines(),
+    let held = match at {
+        HoldAt::Keeper => Keeper::start(&d.helper_exe, local_pid, &images, true)
+            .await
+            .map(|(k, dumped)| (Holder::Keeper(Box::new(k)), dumped))
+            .map_err(fail),
+        HoldAt::Proxy => match d.proxy(&me).await {
+            Ok(p) => flat(
+                &me,
+                p.hold(
+                    long_ctx(),
+                    id.clone(),
+                    local_pid,
+                    images.display().to_string(),
+                )
+                .await,
+            )
+            .map(|h| {
+                (
+                    Holder::Proxy(p),
+                    Dumped {
+                        bytes: h.bytes,
+                        dump_ms: h.dump_ms,
+                    },
+                )
+            }),
+            Err(e) => Err(e),
+        },
     };
-    let first = keeper.lines.next_line().await.ok().flatten();
     let frozen_at = Instant::now();
-    let (bytes, dump_ms) = match first.as_deref().and_then(|l| l.strip_prefix("dumped ")) {
-        Some(rest) => {
-            let mut it = rest.split_whitespace();
-            let b: u64 = it.next().and_then(|v| v.parse().ok()).unwrap_or(0);
-            let ms: f64 = it.next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
-            (b, ms)
-        }
-        None => {
-            let why = first
-                .as_deref()
-                .and_then(|l| l.strip_prefix("error "))
-                .unwrap_or("the keeper ended without a word")
-                .to_string();
-            let _ = peer.abort(long_ctx(), offer.id.clone()).await;
+    let (holder, Dumped { bytes, dump_ms }) = match held {
+        Ok(h) => h,
+        Err(e) => {
+            let _ = peer.abort(long_ctx(), id.clone()).await;
             let _ = std::fs::remove_dir_all(&images);
-            let _ = keeper.child.wait().await;
-            return Err(fail(format!("{why} (pid {local_pid} runs on here)")));
+            return Err(e);
         }
     };
     progress(tx, format!("image written; restoring on {dest}"), bytes);
-    match flat(dest, peer.restore(long_ctx(), offer.id.clone()).await) {
+    match flat(dest, peer.restore(long_ctx(), id.clone()).await) {
         Ok(running) => {
             let freeze_ms = dump_ms + frozen_at.elapsed().as_secs_f64() * 1e3;
             Ok(Ready {
-                keeper,
+                holder,
                 dest: peer,
                 running,
                 bytes,
@@ -133,9 +133,8 @@ pub async fn prepare(
         }
         Err(e) => {
             tracing::warn!(error = %e, "restore failed; thawing the original");
-            let _ = peer.abort(long_ctx(), offer.id.clone()).await;
-            let _ = keeper.to.send("abort".into());
-            let _ = keeper.child.wait().await;
+            let _ = peer.abort(long_ctx(), id.clone()).await;
+            holder.abort(&id).await;
             let _ = std::fs::remove_dir_all(&images);
             Err(MigError::Failed {
                 node: dest.to_string(),
@@ -219,32 +218,32 @@ pub async fn migrate_from_home(
             })?;
         let (comm, uid) = comm_uid(pid);
         let offer = offer_for(d, &id, &d.config.node, pid, &comm, uid, mode);
-        let ready = prepare(d, pid, offer, dest, false, Some(tx)).await?;
-        // Commit: the copy runs at `dest`; the original becomes the shadow.
         let Ready {
-            keeper,
+            holder,
             dest: peer,
             running,
             bytes,
             freeze_ms,
-        } = ready;
-        let _ = keeper.to.send("commit-shadow".into());
-        d.shadows.lock().unwrap().insert(
-            id.clone(),
-            ShadowRec {
-                entry: ProcessEntry {
-                    id: id.clone(),
-                    pid,
-                    host_pid: running.host_pid,
-                    comm,
-                    home: d.config.node.clone(),
-                    host: dest.to_string(),
-                    since: now_secs(),
-                },
-                keeper: keeper.to.clone(),
-            },
-        );
-        tokio::spawn(watch_keeper(d.clone(), id.clone(), keeper).in_current_span());
+        } = prepare(d, pid, offer, dest, HoldAt::Proxy, Some(tx)).await?;
+        // Commit: the copy runs at `dest`; the original becomes the shadow.
+        let entry = ProcessEntry {
+            id: id.clone(),
+            pid,
+            host_pid: running.host_pid,
+            comm,
+            home: d.config.node.clone(),
+            host: dest.to_string(),
+            since: now_secs(),
+        };
+        if let Holder::Proxy(p) = &holder {
+            if let Err(e) = flat(
+                &d.config.node,
+                p.commit(long_ctx(), id.clone(), entry).await,
+            ) {
+                // The copy at `dest` runs; the original must not: it stays frozen.
+                tracing::error!(error = %e, "home-proxy did not take the commit");
+            }
+        }
         if let Err(e) = flat(dest, peer.committed(long_ctx(), id.clone()).await) {
             tracing::warn!(error = %e, "telling the destination about the commit");
         }
@@ -259,39 +258,4 @@ pub async fn migrate_from_home(
     }
     .instrument(span)
     .await
-}
-
-/// Follows a shadow's keeper: forwards the signals sent to the shadow to wherever the
-/// process runs; forgets the shadow when the keeper ends.
-async fn watch_keeper(d: Arc<Daemon>, id: String, mut keeper: Keeper) {
-    while let Ok(Some(line)) = keeper.lines.next_line().await {
-        let sig = if let Some(s) = line.strip_prefix("signal ") {
-            s.trim().parse::<i32>().ok()
-        } else if line.starts_with("gone ") {
-            // The shadow was killed at home (SIGKILL): the process goes too.
-            Some(libc::SIGKILL)
-        } else {
-            tracing::warn!(%line, "keeper");
-            None
-        };
-        let Some(sig) = sig else { continue };
-        let host = d
-            .shadows
-            .lock()
-            .unwrap()
-            .get(&id)
-            .map(|s| s.entry.host.clone());
-        let Some(host) = host else { break };
-        tracing::info!(sig, %host, "forwarding a signal sent to the shadow");
-        let r = match d.peer(&host).await {
-            Ok(p) => flat(&host, p.signal(long_ctx(), id.clone(), sig).await),
-            Err(e) => Err(e),
-        };
-        if let Err(e) = r {
-            tracing::warn!(sig, %host, error = %e, "signal not forwarded");
-        }
-    }
-    let _ = keeper.child.wait().await;
-    d.shadows.lock().unwrap().remove(&id);
-    tracing::info!("shadow ended");
 }
