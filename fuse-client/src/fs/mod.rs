@@ -11,6 +11,7 @@
 
 mod dir;
 mod ops;
+mod writeback;
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -67,9 +68,11 @@ pub struct Inner {
     pub(crate) opens: Mutex<HashMap<u64, Arc<OpenState>>>,
     pub(crate) dirs: Mutex<HashMap<u64, Arc<tokio::sync::Mutex<DirState>>>>,
     next_fh: AtomicU64,
+    pub(crate) writebehind: writeback::WriteBehinds,
     pub(crate) notify: NotifyQueue,
     attr_ttl: Duration,
     mounted_at: SystemTime,
+    me: std::sync::Weak<Inner>,
 }
 
 impl Inner {
@@ -106,9 +109,11 @@ impl Inner {
                 opens: Mutex::new(HashMap::new()),
                 dirs: Mutex::new(HashMap::new()),
                 next_fh: AtomicU64::new(1),
+                writebehind: writeback::WriteBehinds::default(),
                 notify,
                 attr_ttl: Duration::from_millis(config.fuse.attr_ttl_ms),
                 mounted_at: SystemTime::now(),
+                me: me.clone(),
             }
         })
     }
@@ -119,6 +124,14 @@ impl Inner {
         } else {
             self.attr_ttl
         }
+    }
+
+    /// The attributes the kernel sees for our `ino`, the size raised to cover
+    /// writes still in flight.
+    pub(crate) fn attr_of(&self, ino: u64, a: &common::fsproto::Attr) -> FileAttr {
+        let mut attr = crate::convert::file_attr(ino, a);
+        attr.size = self.writebehind.size_floor(ino, attr.size);
+        attr
     }
 
     pub(crate) fn new_fh(&self) -> u64 {
@@ -180,13 +193,16 @@ impl CallbackSink for Inner {
             }
             inos
         };
-        let waits: Vec<_> = inos
-            .iter()
-            .map(|&i| self.notify.inval_inode_wait(i))
-            .collect();
+        let me = self.me.upgrade();
+        let notify = self.notify.clone();
         Box::pin(async move {
-            for w in waits {
-                let _ = w.await;
+            for i in inos {
+                // Our queued writes land first: the node the server is calling us
+                // back for must read them.
+                if let Some(me) = &me {
+                    me.settle(i).await;
+                }
+                let _ = notify.inval_inode_wait(i).await;
             }
         })
     }

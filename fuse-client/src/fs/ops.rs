@@ -11,7 +11,6 @@ use fuser::{FileAttr, FopenFlags};
 
 use super::{root_is_read_only, EntryOut, Inner, OpenState};
 use crate::conn::ServerConn;
-use crate::convert::file_attr;
 use crate::inodes::{Node, ROOT_INO};
 use crate::rpc;
 use crate::volumes::{ASK_PATIENCE, LIST_MAX_AGE, MISS_MAX_AGE};
@@ -40,7 +39,7 @@ impl Inner {
         let ino = table.remember(server, &entry.handle, entry.attr.ino, entry.attr.kind);
         let uncached = table.get(ino).is_some_and(|n| n.uncached);
         EntryOut {
-            attr: file_attr(ino, &entry.attr),
+            attr: self.attr_of(ino, &entry.attr),
             ttl: self.ttl(uncached),
         }
     }
@@ -132,7 +131,7 @@ impl Inner {
         let node = self.node(ino)?;
         let handle = node.handle.clone();
         let attr = rpc!(node.server, getattr(handle)).await?;
-        Ok((file_attr(ino, &attr), self.ttl(node.uncached)))
+        Ok((self.attr_of(ino, &attr), self.ttl(node.uncached)))
     }
 
     pub(crate) async fn setattr(
@@ -143,12 +142,13 @@ impl Inner {
         fh: Option<u64>,
     ) -> FsResult<(FileAttr, Duration)> {
         let node = self.dir_node(ino, "setattr")?;
+        self.settle(ino).await;
         let open: Option<OpenFile> = fh
             .and_then(|fh| self.open_state(fh).ok())
             .map(|s| s.file.clone());
         let handle = node.handle.clone();
         let attr = rpc!(node.server, setattr(creds, handle, set, open)).await?;
-        Ok((file_attr(ino, &attr), self.ttl(node.uncached)))
+        Ok((self.attr_of(ino, &attr), self.ttl(node.uncached)))
     }
 
     pub(crate) async fn readlink(self: &Arc<Self>, creds: Creds, ino: u64) -> FsResult<Vec<u8>> {
@@ -347,6 +347,7 @@ impl Inner {
         size: u32,
     ) -> FsResult<serde_bytes::ByteBuf> {
         let st = self.open_state(fh)?;
+        self.settle(st.ino).await;
         let (creds, file) = (st.creds.clone(), st.file.clone());
         rpc!(st.server, read(creds, file, offset, size)).await
     }
@@ -358,6 +359,10 @@ impl Inner {
         data: serde_bytes::ByteBuf,
     ) -> FsResult<u32> {
         let st = self.open_state(fh)?;
+        if self.may_write_behind(&st) {
+            return self.write_behind(st, offset, data).await;
+        }
+        self.drain(st.ino).await?;
         let (creds, file) = (st.creds.clone(), st.file.clone());
         rpc!(st.server, write(creds, file, offset, data)).await
     }
@@ -383,8 +388,10 @@ impl Inner {
 
     pub(crate) async fn flush(self: &Arc<Self>, fh: u64, lock_owner: u64) -> FsResult<()> {
         let st = self.open_state(fh)?;
+        let queued = self.drain(st.ino).await;
         let file = st.file.clone();
-        rpc!(st.server, flush(file, lock_owner)).await
+        rpc!(st.server, flush(file, lock_owner)).await?;
+        queued
     }
 
     pub(crate) async fn release(
@@ -400,13 +407,16 @@ impl Inner {
             .ok_or_else(|| {
                 FsError::new(libc::EBADF, format!("release of unknown open file {fh}"))
             })?;
+        if let Err(e) = self.drain_and_prune(st.ino).await {
+            tracing::warn!(error = %e, "a background write failed and no flush or fsync was left to report it");
+        }
         let file = st.file.clone();
-        let _ = st.ino;
         rpc!(st.server, release(file, lock_owner)).await
     }
 
     pub(crate) async fn fsync(self: &Arc<Self>, fh: u64, datasync: bool) -> FsResult<()> {
         let st = self.open_state(fh)?;
+        self.drain(st.ino).await?;
         let file = st.file.clone();
         rpc!(st.server, fsync(file, datasync)).await
     }
@@ -436,6 +446,7 @@ impl Inner {
         lock: Lock,
     ) -> FsResult<Lock> {
         let st = self.open_state(fh)?;
+        self.settle(st.ino).await;
         let file = st.file.clone();
         rpc!(st.server, getlk(file, lock_owner, lock)).await
     }
@@ -452,6 +463,7 @@ impl Inner {
         sleep: bool,
     ) -> FsResult<()> {
         let st = self.open_state(fh)?;
+        self.settle(st.ino).await;
         let file = st.file.clone();
         let (wait, flock) = (false, false);
         let mut pause = Duration::from_millis(10);
