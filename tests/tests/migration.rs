@@ -13,9 +13,9 @@ use ferry_tests::Cluster;
 /// One 3-node cluster at a time: they are heavy for a small machine.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
-/// A deterministic single-threaded program: `prog OUT N CODE USLEEP` writes N lines
-/// to OUT (each a function of its index only), sleeping USLEEP µs between lines, then
-/// exits with CODE.
+/// A deterministic single-threaded program: `prog OUT N CODE USLEEP [MIB]` writes N
+/// lines to OUT (each a function of its index only), sleeping USLEEP µs between
+/// lines, then exits with CODE. With MIB it first fills that much memory.
 const PROG: &str = r#"
 #include <stdio.h>
 #include <stdlib.h>
@@ -25,6 +25,12 @@ int main(int argc, char **argv) {
     if (!f) { perror(argv[1]); return 100; }
     int n = atoi(argv[2]), code = atoi(argv[3]), pause = atoi(argv[4]);
     unsigned long x = 1;
+    if (argc > 5) {
+        size_t len = (size_t)atoi(argv[5]) << 20;
+        char *m = malloc(len);
+        for (size_t i = 0; i < len; i++) m[i] = (char)i;
+        for (size_t i = 0; i < len; i += 4096) x += m[i];
+    }
     for (int i = 0; i < n; i++) {
         for (int k = 0; k < 20000; k++) x = x * 6364136223846793005UL + 1442695040888963407UL;
         fprintf(f, "%d %lu\n", i, x);
@@ -65,10 +71,12 @@ fn setup() -> Setup {
 /// Starts `sh -c 'prog ...; echo status=$?'` at ws1 (stdout piped) and returns it with
 /// prog's pid at ws1, once prog has written `lines` lines.
 fn start_at_ws1(s: &Setup, out: &str, n: u32, code: i32, lines: usize) -> (Child, i32) {
-    let script = format!(
-        "{} {out} {n} {code} 100000; echo status=$?",
-        s.prog.display()
-    );
+    start_with(s, &format!("{out} {n} {code} 100000"), out, lines)
+}
+
+/// Like [`start_at_ws1`] with prog's whole argument string.
+fn start_with(s: &Setup, args: &str, out: &str, lines: usize) -> (Child, i32) {
+    let script = format!("{} {args}; echo status=$?", s.prog.display());
     let child =
         s.c.command("ws1", &["sh", "-c", &script])
             .stdin(Stdio::null())
@@ -185,13 +193,34 @@ fn migrated_process_runs_elsewhere_writes_home_and_its_exit_status_reaches_the_p
 }
 
 #[test]
-fn sigterm_at_home_ends_the_migrated_process_and_the_shell_sees_death_by_sigterm() {
+fn stop_cont_and_term_at_home_reach_the_migrated_process_and_the_shell_sees_death_by_sigterm() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let s = setup();
     let c = &s.c;
     let (child, pid) = start_at_ws1(&s, "/tmp/out", 100_000, 0, 3);
     migrate(c, pid, "ws2");
-    assert_eq!(progs_on(c, "ws2").len(), 1, "prog is not running at ws2");
+    let remote = progs_on(c, "ws2");
+    assert_eq!(remote.len(), 1, "prog is not running at ws2");
+    let remote = remote[0];
+
+    c.sh_ok("ws1", &format!("kill -STOP {pid}"));
+    wait_for(|| state_on(c, "ws2", remote).contains("stopped").then_some(())).unwrap_or_else(
+        || {
+            panic!(
+                "kill -STOP at ws1 did not stop prog at ws2: {}",
+                state_on(c, "ws2", remote)
+            )
+        },
+    );
+    c.sh_ok("ws1", &format!("kill -CONT {pid}"));
+    let lines = c.sh_ok("ws1", "wc -l < /tmp/out");
+    wait_for(|| (c.sh_ok("ws1", "wc -l < /tmp/out") != lines).then_some(())).unwrap_or_else(|| {
+        panic!(
+            "kill -CONT at ws1 did not resume prog at ws2: {}",
+            state_on(c, "ws2", remote)
+        )
+    });
+
     c.sh_ok("ws1", &format!("kill -TERM {pid}"));
     let shell = finish(c, child);
     assert_eq!(
@@ -278,4 +307,47 @@ fn refused_migrations_leave_the_process_running_untouched() {
     assert!(st.contains("sleeping"), "python3 should run on: {st:?}");
     c.sh_ok("ws1", &format!("kill {py} {pid}"));
     let _ = finish(c, child);
+}
+
+/// A field of /proc/PID/status on a node, as a number (kB for Vm* fields).
+fn status_num(c: &Cluster, node: &str, pid: i32, field: &str) -> u64 {
+    let o = c.sh_ok(node, &format!("grep '^{field}:' /proc/{pid}/status"));
+    o.split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {field} for pid {pid} on {node}: {o:?}"))
+}
+
+#[test]
+fn the_shadow_keeps_pid_and_parent_at_home_and_releases_its_memory() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let s = setup();
+    let c = &s.c;
+    let (child, pid) = start_with(&s, "/tmp/out 100000 0 100000 64", "/tmp/out", 2);
+    let ppid = status_num(c, "ws1", pid, "PPid");
+    let rss = status_num(c, "ws1", pid, "VmRSS");
+    assert!(
+        rss > 60 * 1024,
+        "prog should hold 64 MiB before: VmRSS {rss} kB"
+    );
+    migrate(c, pid, "ws2");
+    assert_eq!(
+        status_num(c, "ws1", pid, "PPid"),
+        ppid,
+        "the shadow's parent changed"
+    );
+    let after = status_num(c, "ws1", pid, "VmRSS");
+    assert!(
+        after < 4 * 1024,
+        "the shadow at ws1 should have released its memory: VmRSS {after} kB (was {rss})"
+    );
+    let remote = progs_on(c, "ws2");
+    assert_eq!(remote.len(), 1, "prog is not running at ws2");
+    let there = status_num(c, "ws2", remote[0], "VmRSS");
+    assert!(
+        there > 60 * 1024,
+        "prog at ws2 should hold its 64 MiB: VmRSS {there} kB"
+    );
+    c.sh_ok("ws1", &format!("kill -TERM {pid}"));
+    assert_eq!(finish(c, child), "status=143");
 }

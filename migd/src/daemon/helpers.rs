@@ -100,6 +100,8 @@ fn shadow_loop(held: Held, rx: &mpsc::Receiver<Option<String>>, first: Option<St
         }
     };
     let mut next = first;
+    // A SIGSTOP stays queued until a SIGCONT removes it: forward it once.
+    let mut stop_sent = false;
     loop {
         if let Some(line) = next.take() {
             if let Some(st) = line.trim().strip_prefix("exit ") {
@@ -117,6 +119,14 @@ fn shadow_loop(held: Held, rx: &mpsc::Receiver<Option<String>>, first: Option<St
         if let Some(status) = sys::exited(pid) {
             say(&format!("gone {status}"));
             return 0;
+        }
+        match (shadow.stop_pending(), stop_sent) {
+            (true, false) => {
+                say(&format!("signal {}", libc::SIGSTOP));
+                stop_sent = true;
+            }
+            (false, true) => stop_sent = false,
+            _ => {}
         }
         match shadow.take_signals() {
             Ok(sigs) => sigs.iter().for_each(|s| say(&format!("signal {s}"))),

@@ -101,6 +101,7 @@ impl Held {
         }
         let shadow = Shadow { held: self, gadget };
         shadow.take_signals()?;
+        shadow.release_memory()?;
         Ok(shadow)
     }
 }
@@ -113,6 +114,9 @@ pub struct Shadow {
     gadget: u64,
 }
 
+/// `RSEQ_FLAG_UNREGISTER` — include/uapi/linux/rseq.h.
+const RSEQ_FLAG_UNREGISTER: u64 = 1;
+
 /// SIGKILL and SIGSTOP cannot be blocked or waited for.
 const UNTAKEABLE: u64 = (1 << (libc::SIGKILL - 1)) | (1 << (libc::SIGSTOP - 1));
 
@@ -124,6 +128,10 @@ impl Shadow {
 
     /// Signals pending for the process (bit `n-1` for signal `n`), private and shared.
     fn pending(&self) -> u64 {
+        self.pending_raw() & !UNTAKEABLE
+    }
+
+    fn pending_raw(&self) -> u64 {
         let pid = self.held.pid();
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
         let mut bits = 0;
@@ -132,7 +140,13 @@ impl Shadow {
                 bits |= u64::from_str_radix(v.trim(), 16).unwrap_or(0);
             }
         }
-        bits & !UNTAKEABLE
+        bits
+    }
+
+    /// Whether a SIGSTOP is queued for the shadow (it cannot be taken out of the
+    /// queue; a SIGCONT removes it).
+    pub fn stop_pending(&self) -> bool {
+        self.pending_raw() & (1 << (libc::SIGSTOP - 1)) != 0
     }
 
     /// Takes every signal queued for the shadow (rt_sigtimedwait with a zero timeout,
@@ -176,6 +190,60 @@ impl Shadow {
         Ok(out)
     }
 
+    /// Releases the shadow's memory: every area but the one holding the gadget is
+    /// unmapped (its code never runs again). rseq is unregistered first in every
+    /// thread: the kernel writes into the rseq area whenever a thread returns to user
+    /// mode, as it does for each injected call.
+    fn release_memory(&self) -> Result<(), HandoffError> {
+        let pid = self.held.pid();
+        let inj = Injector {
+            gadget: self.gadget,
+        };
+        for t in &self.held.frozen.threads {
+            let saved = t.regs()?;
+            let conf = t.rseq()?;
+            if conf.rseq_abi_pointer != 0 {
+                inj.ok(
+                    t,
+                    libc::SYS_rseq,
+                    &[
+                        conf.rseq_abi_pointer,
+                        conf.rseq_abi_size as u64,
+                        RSEQ_FLAG_UNREGISTER,
+                        conf.signature as u64,
+                    ],
+                    || format!("rseq(unregister) in tid {}", t.tid),
+                )?;
+            }
+            t.set_regs(&saved)?;
+        }
+        let text = std::fs::read_to_string(format!("/proc/{pid}/maps")).map_err(|e| {
+            HandoffError::Other {
+                pid,
+                what: format!("reading /proc/{pid}/maps: {e}"),
+            }
+        })?;
+        let areas = parse_smaps(&text).map_err(|e| HandoffError::Other {
+            pid,
+            what: e.to_string(),
+        })?;
+        let leader = &self.held.frozen.threads[0];
+        let saved = leader.regs()?;
+        for a in areas {
+            if a.name == "[vsyscall]" || (a.start <= self.gadget && self.gadget < a.end) {
+                continue;
+            }
+            inj.ok(
+                leader,
+                libc::SYS_munmap,
+                &[a.start, a.end - a.start],
+                || format!("munmap({:#x}-{:#x} {})", a.start, a.end, a.name),
+            )?;
+        }
+        leader.set_regs(&saved)?;
+        Ok(())
+    }
+
     /// Ends the shadow as `status` (a raw wait status) says: exit with the same code,
     /// or die of the same signal. Nothing of its own code runs again.
     pub fn end_like(self, status: i32) -> Result<(), HandoffError> {
@@ -204,6 +272,15 @@ impl Shadow {
             r.orig_rax = u64::MAX;
             leader.set_regs(&r)?;
             leader.set_sigmask(!(1u64 << (sig - 1)))?;
+            // The other threads wait in pause() at the gadget (their own code is gone)
+            // until the signal takes the whole process.
+            for t in &self.held.frozen.threads[1..] {
+                let mut r = t.regs()?;
+                r.rip = gadget;
+                r.rax = libc::SYS_pause as u64;
+                r.orig_rax = u64::MAX;
+                t.set_regs(&r)?;
+            }
             self.held.frozen.thaw();
             Ok(())
         } else {
