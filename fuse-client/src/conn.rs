@@ -82,6 +82,13 @@ pub enum ConnectError {
     },
 }
 
+impl ConnectError {
+    /// Nothing listens at the address (the server is not running).
+    pub fn is_refused(&self) -> bool {
+        matches!(self, ConnectError::Connect { source, .. } if source.kind() == std::io::ErrorKind::ConnectionRefused)
+    }
+}
+
 struct State {
     /// Bumped on every new connection, so that a failure seen on an old one does not
     /// tear down its successor.
@@ -170,7 +177,11 @@ impl ServerConn {
     {
         let mut first_failure: Option<Instant> = None;
         let mut backoff = Duration::from_millis(20);
+        // Short-patience calls (discovery) stay quiet: a node being down is normal
+        // for them, and nobody listening means it is down, not restarting.
+        let quiet = patience < self.reconnect_timeout;
         loop {
+            let mut refused = false;
             let failure = match self.client().await {
                 Ok((generation, client)) => {
                     let mut ctx = tarpc::context::current();
@@ -183,14 +194,14 @@ impl ServerConn {
                         }
                     }
                 }
-                Err(e) => e.to_string(),
+                Err(e) => {
+                    refused = e.is_refused();
+                    e.to_string()
+                }
             };
-            // Short-patience calls (discovery) stay quiet: a node being down is
-            // normal for them.
-            let quiet = patience < self.reconnect_timeout;
             let first = first_failure.is_none();
             let since = *first_failure.get_or_insert_with(Instant::now);
-            if since.elapsed() >= patience {
+            if since.elapsed() >= patience || (quiet && refused) {
                 if quiet {
                     tracing::debug!(server = %self.node, addr = %self.addr, op = what, error = %failure, "fs-server did not answer");
                 } else {

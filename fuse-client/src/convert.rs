@@ -116,6 +116,31 @@ fn parse_groups(status: &str) -> Vec<u32> {
         .unwrap_or_default()
 }
 
+/// Whether the thread `pid` has gone or has a signal pending that it neither blocks
+/// nor ignores: a blocking lock request of such a caller should give up with EINTR
+/// (fuser cannot pass the kernel's interrupts on).
+pub fn caller_interrupted(pid: u32) -> bool {
+    if pid == 0 {
+        return false;
+    }
+    match std::fs::read_to_string(format!("/proc/{pid}/status")) {
+        Ok(status) => pending_unblocked(&status),
+        Err(_) => true,
+    }
+}
+
+fn pending_unblocked(status: &str) -> bool {
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+            .unwrap_or(0)
+    };
+    let pending = field("SigPnd:") | field("ShdPnd:");
+    pending & !field("SigBlk:") & !field("SigIgn:") != 0
+}
+
 /// The credentials of a FUSE request.
 pub fn creds(req: &fuser::Request) -> Creds {
     Creds {
@@ -164,6 +189,31 @@ mod tests {
         // Whatever they are, reading them must not fail for a live pid.
         let _ = groups_of(me);
         assert!(groups_of(0).is_empty());
+    }
+
+    #[test]
+    fn pending_signals_count_unless_blocked_or_ignored() {
+        let st = |pnd: &str, blk: &str, ign: &str| {
+            format!("SigQ:\t0/1\nSigPnd:\t{pnd}\nShdPnd:\t0000000000000000\nSigBlk:\t{blk}\nSigIgn:\t{ign}\n")
+        };
+        assert!(!pending_unblocked(&st("0000000000000000", "0", "0")));
+        assert!(
+            pending_unblocked(&st("0000000000000100", "0", "0")),
+            "SIGKILL pending"
+        );
+        assert!(
+            !pending_unblocked(&st("0000000000000002", "0000000000000002", "0")),
+            "blocked"
+        );
+        assert!(
+            !pending_unblocked(&st("0000000000000002", "0", "0000000000000002")),
+            "ignored"
+        );
+        assert!(
+            !caller_interrupted(std::process::id()),
+            "this test has nothing pending"
+        );
+        assert!(!caller_interrupted(0));
     }
 
     #[test]

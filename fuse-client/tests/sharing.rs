@@ -69,3 +69,30 @@ fn open_after_close_sees_the_other_nodes_last_write() {
         "B's open after A's close served stale cached pages"
     );
 }
+
+#[test]
+fn writes_not_yet_closed_are_seen_by_a_node_that_opens_the_file() {
+    let bench = Bench::new();
+    let _server = Server::start(bench.config(common::SERVER));
+    let a = Client::mount(&bench, "ws2");
+    let b = Client::mount(&bench, "ws3");
+    let data: Vec<u8> = (0..(8u32 << 20))
+        .map(|i| (i.wrapping_mul(40503) >> 7) as u8)
+        .collect();
+    // A writes (queued behind its back, write-behind) and keeps the file open.
+    let mut fa = fs::File::create(a.vol().join("streaming")).unwrap();
+    std::io::Write::write_all(&mut fa, &data).unwrap();
+    // B opens it: A is called back and its queued writes land before B's open is
+    // answered.
+    let got = fs::read(b.vol().join("streaming")).unwrap();
+    assert_eq!(
+        got.len(),
+        data.len(),
+        "B saw a different size while A still had the file open"
+    );
+    assert!(
+        got == data,
+        "B read different bytes than A wrote (A has not closed yet)"
+    );
+    drop(fa);
+}

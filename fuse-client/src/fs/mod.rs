@@ -745,7 +745,7 @@ impl Filesystem for FerryFs {
 
     fn setlk(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         lock_owner: LockOwner,
@@ -758,8 +758,9 @@ impl Filesystem for FerryFs {
     ) {
         let inner = self.inner.clone();
         let lock = proto_lock(start, end, typ, pid);
+        let caller = req.pid();
         self.inner.spawn(async move {
-            let r = inner.setlk(fh.0, lock_owner.0, lock, sleep).await;
+            let r = inner.setlk(fh.0, lock_owner.0, lock, sleep, caller).await;
             reply_empty(reply, r, "setlk")
         });
     }

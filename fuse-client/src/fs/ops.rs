@@ -461,6 +461,7 @@ impl Inner {
         lock_owner: u64,
         lock: Lock,
         sleep: bool,
+        pid: u32,
     ) -> FsResult<()> {
         let st = self.open_state(fh)?;
         self.settle(st.ino).await;
@@ -473,8 +474,15 @@ impl Inner {
                 Err(e) if sleep && (e.errno == libc::EAGAIN || e.errno == libc::EACCES) => {
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(LOCK_POLL_MAX);
-                    // The file may have been closed meanwhile.
+                    // The file may have been closed meanwhile, or the caller
+                    // interrupted by a signal.
                     self.open_state(fh)?;
+                    if crate::convert::caller_interrupted(pid) {
+                        return Err(FsError::new(
+                            libc::EINTR,
+                            format!("blocking lock: caller {pid} was signalled"),
+                        ));
+                    }
                 }
                 r => return r,
             }

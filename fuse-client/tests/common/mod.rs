@@ -25,7 +25,9 @@ pub struct Bench {
 
 impl Bench {
     pub fn new() -> Bench {
-        ::common::logging::init("fuse-client-test");
+        if std::env::var_os("RUST_LOG").is_some() {
+            ::common::logging::init("fuse-client-test");
+        }
         let dir = tempfile::Builder::new()
             .prefix("ferry-fc-")
             .tempdir()
