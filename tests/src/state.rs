@@ -64,6 +64,10 @@ pub struct NodeState {
     pub holder: i32,
     /// The node's config file.
     pub config: PathBuf,
+    /// The node's namespaces as the kernel names them (`net:[4026532...]`, ...), for
+    /// diagnostics; `exec` enters them through `/proc/<holder>/ns/*`.
+    #[serde(default)]
+    pub namespaces: Vec<String>,
     pub daemons: Vec<DaemonState>,
 }
 
@@ -162,6 +166,7 @@ mod tests {
                 veth: "fv3-1".into(),
                 holder: 100,
                 config: "/var/tmp/x/ws1/ferry.toml".into(),
+                namespaces: vec!["net:[4026532000]".into()],
                 daemons: vec![
                     DaemonState {
                         name: "fs-server".into(),

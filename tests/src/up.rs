@@ -238,6 +238,11 @@ fn build(opts: &UpOptions, state: &mut ClusterState) -> Result<(), UpError> {
             veth: net::veth_name(k, i),
             holder,
             config,
+            namespaces: ["net", "mnt", "uts", "pid"]
+                .iter()
+                .filter_map(|k| std::fs::read_link(format!("/proc/{holder}/ns/{k}")).ok())
+                .map(|l| l.to_string_lossy().into_owned())
+                .collect(),
             daemons: Vec::new(),
         });
         state.save()?;
