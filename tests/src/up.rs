@@ -260,8 +260,11 @@ fn build(opts: &UpOptions, state: &mut ClusterState) -> Result<(), UpError> {
             state.node_mut(n)?.daemons.push(d);
         }
         state.save()?;
+        // One deadline for the phase: the nodes' daemons start together.
+        let deadline = Instant::now() + opts.ready_timeout;
         for n in &names {
-            let d = wait_ready(state, n, spec, opts.ready_timeout)?;
+            let left = deadline.saturating_duration_since(Instant::now());
+            let d = wait_ready(state, n, spec, left)?;
             let slot = state
                 .node_mut(n)?
                 .daemons
@@ -509,11 +512,14 @@ pub fn wait_ready(
         if started.elapsed() > timeout {
             let what = match spec.ready {
                 Ready::Port(port) => format!(
-                    "did not accept connections on {}:{} within {timeout:?}",
+                    "did not listen on {}:{} by the start deadline (15 s per phase)",
                     n.addr,
                     cfg.as_ref().map(port).unwrap_or(0)
                 ),
-                Ready::Mounted => format!("did not mount the super-root within {timeout:?}"),
+                Ready::Mounted => {
+                    "did not mount the super-root by the start deadline (15 s per phase)"
+                        .to_string()
+                }
                 Ready::Started => "did not start".into(),
             };
             if !spec.required {
