@@ -44,6 +44,26 @@ fn sha256_host(path: &std::path::Path) -> String {
         .to_owned()
 }
 
+#[test]
+fn every_node_sees_every_volume_and_each_node_root_is_that_node() {
+    let c = fs_cluster(3);
+    for n in c.nodes() {
+        let listing = c.sh_ok(&n, "ls /...");
+        let mut names: Vec<&str> = listing.lines().collect();
+        names.sort();
+        assert_eq!(names, ["store", "ws1", "ws2", "ws3"], "/... on {n}");
+    }
+    for n in c.nodes() {
+        c.sh_ok(&n, &format!("echo {n} > /tmp/whoami"));
+    }
+    for reader in c.nodes() {
+        for owner in c.nodes() {
+            let got = c.sh_ok(&reader, &format!("cat /.../{owner}/tmp/whoami"));
+            assert_eq!(got.trim(), owner, "{reader} reads /.../{owner}/tmp/whoami");
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------
 // POSIX matrix, from ws2 onto ws1's volume
 
