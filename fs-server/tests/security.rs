@@ -588,3 +588,71 @@ async fn a_file_moved_out_of_the_volume_is_no_longer_reachable_by_its_handle() {
         .unwrap()
         .expect("handle after the file came back");
 }
+
+/// A FUSE file system whose daemon never answers lookup or getattr: anything that
+/// asked it would hang.
+struct HungFs(std::sync::Mutex<Vec<Box<dyn Send>>>);
+
+impl fuser::Filesystem for HungFs {
+    fn lookup(
+        &self,
+        _: &fuser::Request,
+        _: fuser::INodeNo,
+        _: &std::ffi::OsStr,
+        reply: fuser::ReplyEntry,
+    ) {
+        self.0.lock().unwrap().push(Box::new(reply));
+    }
+    fn getattr(
+        &self,
+        _: &fuser::Request,
+        _: fuser::INodeNo,
+        _: Option<fuser::FileHandle>,
+        reply: fuser::ReplyAttr,
+    ) {
+        self.0.lock().unwrap().push(Box::new(reply));
+    }
+}
+
+#[tokio::test]
+async fn fuse_mounts_are_never_entered_nor_asked_even_when_their_daemon_hangs() {
+    let s = TestServer::start().await;
+    let mp = s.vol().join("fusemnt");
+    std::fs::create_dir(&mp).unwrap();
+    let mp2 = mp.clone();
+    let session = tokio::task::spawn_blocking(move || {
+        let mut cfg = fuser::Config::default();
+        cfg.mount_options = vec![fuser::MountOption::FSName("hung".into())];
+        fuser::Session::new(HungFs(Default::default()), &mp2, &cfg).and_then(|s| s.spawn())
+    })
+    .await
+    .unwrap()
+    .expect("mount a FUSE file system for the test");
+    let c = s.client().await;
+    let r = s.root_entry(&c).await;
+    let e = c
+        .lookup(ctx(), root(), r.handle.clone(), b"fusemnt".to_vec())
+        .await
+        .unwrap()
+        .expect_err("lookup entered a FUSE mount");
+    assert_eq!(e.errno, libc::ENOENT, "{e}");
+    for plus in [false, true] {
+        let names: Vec<Vec<u8>> = c
+            .readdir(ctx(), root(), r.handle.clone(), 0, 100, plus)
+            .await
+            .unwrap()
+            .unwrap()
+            .into_iter()
+            .map(|e| e.name)
+            .collect();
+        assert!(
+            !names.contains(&b"fusemnt".to_vec()),
+            "readdir (plus: {plus}) lists the FUSE mount point"
+        );
+    }
+    drop(c);
+    tokio::task::spawn_blocking(move || drop(session))
+        .await
+        .unwrap();
+    let _ = nix::mount::umount2(&mp, nix::mount::MntFlags::MNT_DETACH);
+}
