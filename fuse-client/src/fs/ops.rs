@@ -265,11 +265,18 @@ impl Inner {
         file: OpenFile,
         cache: CacheMode,
     ) -> (u64, FopenFlags) {
-        let (fopen, uncached) = match cache {
+        let (mut fopen, uncached) = match cache {
             CacheMode::Cached { keep: true } => (FopenFlags::FOPEN_KEEP_CACHE, false),
             CacheMode::Cached { keep: false } => (FopenFlags::empty(), false),
             CacheMode::Uncached => (FopenFlags::FOPEN_DIRECT_IO, true),
         };
+        // An O_APPEND write through the page cache may reach us split at page
+        // boundaries, and the server appends each piece on its own: another node's
+        // append could land between them. Direct I/O sends each write(2) whole.
+        let direct = uncached || file.flags & libc::O_APPEND != 0;
+        if direct {
+            fopen = FopenFlags::FOPEN_DIRECT_IO;
+        }
         self.inodes
             .lock()
             .expect("inode lock")
@@ -280,7 +287,7 @@ impl Inner {
             server: server.clone(),
             file,
             creds,
-            direct: uncached,
+            direct,
         };
         self.opens
             .lock()
@@ -328,7 +335,8 @@ impl Inner {
             flags,
         };
         let (fh, fopen) = self.opened(ino, &dir.server, creds, file, opened.cache);
-        let uncached = fopen.contains(FopenFlags::FOPEN_DIRECT_IO);
+
+        let uncached = matches!(opened.cache, CacheMode::Uncached);
         Ok((
             EntryOut {
                 ttl: self.ttl(uncached),
