@@ -33,7 +33,7 @@ pub enum StartError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("cannot read the cluster key: {0}")]
+    #[error(transparent)]
     Key(#[from] common::auth::KeyError),
 }
 
