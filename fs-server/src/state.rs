@@ -330,3 +330,118 @@ fn drop_holder(files: &mut HashMap<FileKey, FileState>, o: &OpenEntry) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session(st: &State, id: u64) {
+        st.add_session(Arc::new(Session {
+            id,
+            peer: format!("ws{id}"),
+            addr: "127.0.0.1:1".parse().unwrap(),
+        }));
+    }
+
+    fn open(id: u64, session: u64, flags: i32) -> Arc<OpenEntry> {
+        let fd: OwnedFd = std::fs::File::open("/dev/null").unwrap().into();
+        Arc::new(OpenEntry {
+            id,
+            session,
+            fd,
+            key: (1, 42),
+            ino: 4242,
+            flags,
+        })
+    }
+
+    fn callback() -> CacheCallbackClient {
+        let (tx, _rx) = tarpc::transport::channel::unbounded();
+        CacheCallbackClient::new(tarpc::client::Config::default(), tx).spawn()
+    }
+
+    const V1: Version = (Time { secs: 1, nanos: 0 }, Time { secs: 1, nanos: 0 }, 10);
+    const V2: Version = (Time { secs: 2, nanos: 0 }, Time { secs: 2, nanos: 0 }, 10);
+
+    #[tokio::test]
+    async fn a_second_session_opening_a_written_file_makes_it_write_shared() {
+        let st = State::default();
+        session(&st, 1);
+        session(&st, 2);
+        st.register(1, 11);
+        st.attach_callback(11, callback());
+        st.attach_callback(22, callback()); // before its register
+        st.register(2, 22);
+
+        let a = st.add_open(open(100, 1, libc::O_RDWR), V1, false).unwrap();
+        assert_eq!(a.cache, CacheMode::Cached { keep: false });
+        assert!(a.notify.is_empty());
+        let b = st
+            .add_open(open(200, 2, libc::O_RDONLY), V1, false)
+            .unwrap();
+        assert_eq!(b.cache, CacheMode::Uncached);
+        assert_eq!(b.notify.len(), 1, "the writer must be called back");
+        assert!(st.is_write_shared((1, 42)));
+        assert_eq!(
+            st.after_write((1, 42), 1).len(),
+            1,
+            "writes call the reader back"
+        );
+
+        // A third open while shared calls nobody again.
+        let b2 = st
+            .add_open(open(201, 2, libc::O_RDONLY), V1, false)
+            .unwrap();
+        assert_eq!(b2.cache, CacheMode::Uncached);
+        assert!(b2.notify.is_empty());
+
+        st.remove_open(200, 2, Some(V1)).unwrap();
+        st.remove_open(201, 2, Some(V1)).unwrap();
+        assert!(!st.is_write_shared((1, 42)));
+        assert!(st.after_write((1, 42), 1).is_empty());
+    }
+
+    #[tokio::test]
+    async fn readers_alone_never_share_and_keep_follows_versions() {
+        let st = State::default();
+        session(&st, 1);
+        session(&st, 2);
+        let a = st.add_open(open(1, 1, libc::O_RDONLY), V1, false).unwrap();
+        let b = st.add_open(open(2, 2, libc::O_RDONLY), V1, false).unwrap();
+        assert_eq!(a.cache, CacheMode::Cached { keep: false });
+        assert_eq!(b.cache, CacheMode::Cached { keep: false });
+        // Session 1 opens again while holding it: its pages are good.
+        let a2 = st.add_open(open(3, 1, libc::O_RDONLY), V2, false).unwrap();
+        assert_eq!(a2.cache, CacheMode::Cached { keep: true });
+        st.remove_open(1, 1, Some(V2)).unwrap();
+        st.remove_open(3, 1, Some(V2)).unwrap();
+        let a3 = st.add_open(open(4, 1, libc::O_RDONLY), V2, false).unwrap();
+        assert_eq!(a3.cache, CacheMode::Cached { keep: true }, "same version");
+        st.remove_open(4, 1, Some(V2)).unwrap();
+        let a4 = st.add_open(open(5, 1, libc::O_RDONLY), V1, false).unwrap();
+        assert_eq!(a4.cache, CacheMode::Cached { keep: false }, "other version");
+    }
+
+    #[tokio::test]
+    async fn an_ended_session_leaves_nothing_behind() {
+        let st = State::default();
+        session(&st, 1);
+        session(&st, 2);
+        st.add_open(open(1, 1, libc::O_RDWR), V1, false).unwrap();
+        st.add_open(open(2, 2, libc::O_RDONLY), V1, false).unwrap();
+        let lk: OwnedFd = std::fs::File::open("/dev/null").unwrap().into();
+        st.insert_lock_fd((1, 7, (1, 42), false), lk).unwrap();
+        assert!(st.is_write_shared((1, 42)));
+        st.remove_session(1);
+        assert!(!st.is_write_shared((1, 42)));
+        assert!(st.get_open(1, 1).is_none());
+        assert!(st.lock_fd(&(1, 7, (1, 42), false)).is_none());
+        // Late arrivals for the ended session are refused, not leaked.
+        assert!(st.add_open(open(3, 1, libc::O_RDWR), V1, false).is_none());
+        let lk: OwnedFd = std::fs::File::open("/dev/null").unwrap().into();
+        assert!(st.insert_lock_fd((1, 7, (1, 42), false), lk).is_none());
+        // Someone else's open id is not ours.
+        assert!(st.get_open(2, 1).is_none());
+        assert!(st.get_open(2, 2).is_some());
+    }
+}
