@@ -171,12 +171,26 @@ impl Mounts {
     }
 }
 
-/// Opens a mount point for open_by_handle_at, which refuses O_PATH descriptors.
+/// Opens a mount point for open_by_handle_at, which refuses O_PATH descriptors. Mount
+/// points are usually directories; a file bind-mounted over a file is opened read-only
+/// without blocking; anything else (a device, a fifo) is refused rather than opened.
 pub fn open_mount_fd(p: &Path) -> std::io::Result<OwnedFd> {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(p.as_os_str().as_bytes())
         .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
-    sys::openat(sys::cwd(), &c, libc::O_RDONLY | libc::O_DIRECTORY, 0)
+    let probe = sys::openat(sys::cwd(), &c, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
+    let st = sys::fstatx(probe.as_fd(), true)?;
+    match st.stx_mode as u32 & libc::S_IFMT {
+        libc::S_IFDIR => sys::reopen(probe.as_fd(), libc::O_RDONLY | libc::O_DIRECTORY),
+        libc::S_IFREG => sys::reopen(
+            probe.as_fd(),
+            libc::O_RDONLY | libc::O_NONBLOCK | libc::O_NOCTTY,
+        ),
+        _ => Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            format!("mount point {} is not a directory or file", p.display()),
+        )),
+    }
 }
 
 /// Opens a directory path O_PATH (used for volume roots).

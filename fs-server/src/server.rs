@@ -368,3 +368,33 @@ impl Server {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_single_components_are_names() {
+        assert!(component(b"file.txt").is_ok());
+        assert!(component(b"...").is_ok(), "\"...\" is an ordinary name");
+        assert_eq!(component(b"..").unwrap_err().errno, libc::EPERM);
+        for bad in [&b""[..], b".", b"a/b", b"/", b"a\0"] {
+            assert_eq!(component(bad).unwrap_err().errno, libc::EINVAL, "{bad:?}");
+        }
+        assert_eq!(
+            component(&[b'x'; 256]).unwrap_err().errno,
+            libc::ENAMETOOLONG
+        );
+    }
+
+    #[test]
+    fn inos_are_stable_distinct_and_never_0_or_1() {
+        assert_eq!(ino_of("ws1", 2049, 12), ino_of("ws1", 2049, 12));
+        assert_ne!(ino_of("ws1", 2049, 12), ino_of("ws2", 2049, 12));
+        assert_ne!(ino_of("ws1", 2049, 12), ino_of("ws1", 2049, 13));
+        assert_ne!(ino_of("ws1", 2049, 12), ino_of("ws1", 2050, 12));
+        for i in 0..10_000 {
+            assert!(ino_of("v", 1, i) > 1);
+        }
+    }
+}
