@@ -121,6 +121,32 @@ async fn a_file_one_may_only_read_is_not_writable() {
         .unwrap()
         .unwrap_err();
     assert_eq!(err.errno, libc::EPERM, "non-root gave a file away: {err}");
+    let t = common::fsproto::Time { secs: 1, nanos: 0 };
+    let err = c
+        .setattr(
+            ctx(),
+            user(1000),
+            e.handle.clone(),
+            SetAttr {
+                mtime: Some(common::fsproto::SetTime::At(t)),
+                ..Default::default()
+            },
+            None,
+        )
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(
+        err.errno,
+        libc::EPERM,
+        "non-owner set an explicit mtime: {err}"
+    );
+    let md = std::fs::metadata(s.vol().join("ro")).unwrap();
+    assert_eq!(
+        (md.uid(), md.mode() & 0o7777),
+        (1001, 0o644),
+        "refusals changed the file"
+    );
     // Another user cannot write in a directory it does not own (0755).
     let d = s.vol().join("d");
     std::fs::create_dir(&d).unwrap();

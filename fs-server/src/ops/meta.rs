@@ -78,19 +78,14 @@ pub fn setattr(
     let _as = srv.as_user(creds)?;
     let st = sys::fstatx(fd, false).map_err(|e| fs_err(e, "setattr: stat"))?;
     let kind = crate::server::kind_of(st.stx_mode as u32);
-    if set.uid.is_some() || set.gid.is_some() {
-        sys::fchown_empty(fd, set.uid, set.gid).map_err(|e| fs_err(e, "setattr: chown"))?;
+    // Refuse what cannot be done before changing anything.
+    if set.mode.is_some() && kind == FileKind::Symlink {
+        return Err(FsError::new(
+            libc::EOPNOTSUPP,
+            "setattr: chmod of a symlink",
+        ));
     }
-    if let Some(mode) = set.mode {
-        if kind == FileKind::Symlink {
-            return Err(FsError::new(
-                libc::EOPNOTSUPP,
-                "setattr: chmod of a symlink",
-            ));
-        }
-        sys::chmod_fd(fd, mode & 0o7777).map_err(|e| fs_err(e, "setattr: chmod"))?;
-    }
-    if let Some(size) = set.size {
+    if set.size.is_some() {
         match kind {
             FileKind::File => {}
             FileKind::Dir => {
@@ -103,11 +98,21 @@ pub fn setattr(
                 ))
             }
         }
+    }
+    // Size first, then owner, then mode (a chown by a non-root caller clears set-id
+    // bits the mode may set again), times last (they must win over the truncation).
+    if let Some(size) = set.size {
         match open_fd {
             Some(ofd) => sys::ftruncate(ofd.as_fd(), size),
             None => sys::truncate_fd_path(fd, size),
         }
         .map_err(|e| fs_err(e, format!("setattr: truncate to {size}")))?;
+    }
+    if set.uid.is_some() || set.gid.is_some() {
+        sys::fchown_empty(fd, set.uid, set.gid).map_err(|e| fs_err(e, "setattr: chown"))?;
+    }
+    if let Some(mode) = set.mode {
+        sys::chmod_fd(fd, mode & 0o7777).map_err(|e| fs_err(e, "setattr: chmod"))?;
     }
     if set.atime.is_some() || set.mtime.is_some() {
         sys::utimens_fd(fd, utime(set.atime), utime(set.mtime))
