@@ -328,3 +328,24 @@ fn rewrites_of_the_same_bytes_land_in_order() {
         "byte {wrong:?} is from an older write than the last one"
     );
 }
+
+#[test]
+fn inodes_the_kernel_forgets_leave_the_table() {
+    let bench = Bench::new();
+    let _server = Server::start(bench.config(common::SERVER));
+    let client = Client::mount(&bench, "ws2");
+    fs::create_dir(client.vol().join("many")).unwrap();
+    for i in 0..200 {
+        fs::write(client.vol().join("many").join(i.to_string()), b"x").unwrap();
+    }
+    let held = client.known_inodes();
+    assert!(
+        held >= 200,
+        "only {held} inodes known after creating 200 files"
+    );
+    // Ask the kernel to evict unused dentries and inodes: it sends FORGETs.
+    fs::write("/proc/sys/vm/drop_caches", b"2").expect("drop_caches (needs root)");
+    common::wait_for("forgets to empty the inode table", || {
+        client.known_inodes() < 10
+    });
+}

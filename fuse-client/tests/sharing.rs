@@ -96,3 +96,18 @@ fn writes_not_yet_closed_are_seen_by_a_node_that_opens_the_file() {
     );
     drop(fa);
 }
+
+#[test]
+fn a_name_created_on_one_node_appears_on_another_that_looked_for_it() {
+    let bench = Bench::new();
+    let _server = Server::start(bench.config(common::SERVER));
+    let a = Client::mount(&bench, "ws2");
+    let b = Client::mount(&bench, "ws3");
+    let on_b = b.vol().join("late");
+    assert!(!on_b.exists(), "name exists before it was created");
+    fs::write(a.vol().join("late"), b"here").unwrap();
+    // B cached the miss (negative entry); the server's invalidate_entry or the TTL
+    // ends it.
+    common::wait_for("the name created on ws2 to appear on ws3", || on_b.exists());
+    assert_eq!(fs::read(&on_b).unwrap(), b"here", "content seen on ws3");
+}

@@ -69,6 +69,9 @@ pub struct Inner {
     pub(crate) dirs: Mutex<HashMap<u64, Arc<tokio::sync::Mutex<DirState>>>>,
     next_fh: AtomicU64,
     pub(crate) writebehind: writeback::WriteBehinds,
+    /// Files on which this client ever took a lock: only their close (flush) has
+    /// locks to release at the server.
+    pub(crate) locked: Mutex<std::collections::HashSet<u64>>,
     pub(crate) notify: NotifyQueue,
     attr_ttl: Duration,
     mounted_at: SystemTime,
@@ -110,6 +113,7 @@ impl Inner {
                 dirs: Mutex::new(HashMap::new()),
                 next_fh: AtomicU64::new(1),
                 writebehind: writeback::WriteBehinds::default(),
+                locked: Mutex::new(std::collections::HashSet::new()),
                 notify,
                 attr_ttl: Duration::from_millis(config.fuse.attr_ttl_ms),
                 mounted_at: SystemTime::now(),
@@ -318,7 +322,6 @@ impl Filesystem for FerryFs {
             ("PARALLEL_DIROPS", InitFlags::FUSE_PARALLEL_DIROPS),
             ("ASYNC_DIO", InitFlags::FUSE_ASYNC_DIO),
             ("CACHE_SYMLINKS", InitFlags::FUSE_CACHE_SYMLINKS),
-            ("EXPORT_SUPPORT", InitFlags::FUSE_EXPORT_SUPPORT),
         ] {
             if let Err(missing) = config.add_capabilities(cap) {
                 tracing::info!(capability = name, ?missing, "kernel lacks FUSE capability");
@@ -332,7 +335,17 @@ impl Filesystem for FerryFs {
         let (inner, creds, name) = (self.inner.clone(), creds(req), name_vec(name));
         self.inner.spawn(async move {
             let r = inner.lookup(creds, parent.0, name).await;
-            reply_entry(reply, r, "lookup")
+            match r {
+                // A negative entry, cached for the attribute TTL (nodeid 0): repeated
+                // lookups of missing names (PATH, imports) stay local. A create
+                // elsewhere reaches us as invalidate_entry.
+                Err(e) if e.errno == libc::ENOENT && parent.0 != ROOT_INO => {
+                    let mut attr = inner.root_attr();
+                    attr.ino = INodeNo(0);
+                    reply.entry(&inner.ttl(false), &attr, Generation(0))
+                }
+                r => reply_entry(reply, r, "lookup"),
+            }
         });
     }
 
@@ -670,6 +683,40 @@ impl Filesystem for FerryFs {
     ) {
         // fs-server performs namespace changes durably before answering them.
         reply.ok();
+    }
+
+    // Extended attributes are not in the protocol. ENOSYS once makes the kernel stop
+    // asking (it answers EOPNOTSUPP itself from then on).
+    fn getxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _size: u32,
+        reply: fuser::ReplyXattr,
+    ) {
+        reply.error(fuser::Errno::ENOSYS);
+    }
+
+    fn listxattr(&self, _req: &Request, _ino: INodeNo, _size: u32, reply: fuser::ReplyXattr) {
+        reply.error(fuser::Errno::ENOSYS);
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _value: &[u8],
+        _flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(fuser::Errno::ENOSYS);
+    }
+
+    fn removexattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(fuser::Errno::ENOSYS);
     }
 
     fn statfs(&self, _req: &Request, ino: INodeNo, reply: ReplyStatfs) {

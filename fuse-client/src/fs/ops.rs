@@ -397,8 +397,11 @@ impl Inner {
     pub(crate) async fn flush(self: &Arc<Self>, fh: u64, lock_owner: u64) -> FsResult<()> {
         let st = self.open_state(fh)?;
         let queued = self.drain(st.ino).await;
-        let file = st.file.clone();
-        rpc!(st.server, flush(file, lock_owner)).await?;
+        let locked = self.locked.lock().expect("locked lock").contains(&st.ino);
+        if locked {
+            let file = st.file.clone();
+            rpc!(st.server, flush(file, lock_owner)).await?;
+        }
         queued
     }
 
@@ -473,6 +476,7 @@ impl Inner {
     ) -> FsResult<()> {
         let st = self.open_state(fh)?;
         self.settle(st.ino).await;
+        self.locked.lock().expect("locked lock").insert(st.ino);
         let file = st.file.clone();
         let (wait, flock) = (false, false);
         let mut pause = Duration::from_millis(10);

@@ -184,6 +184,11 @@ impl Client {
         }
     }
 
+    /// Number of inodes the client holds for the kernel.
+    pub fn known_inodes(&self) -> usize {
+        self.mounted.as_ref().map_or(0, |m| m.known_inodes())
+    }
+
     /// `/.../vol` on this node.
     pub fn vol(&self) -> PathBuf {
         self.root.join(VOLUME)
