@@ -55,6 +55,12 @@ impl Builder {
         self
     }
 
+    /// Takes `cluster` and the daemons from `dir` instead of [`crate::up::find_bin_dir`].
+    pub fn bin_dir(mut self, dir: impl Into<PathBuf>) -> Builder {
+        self.opts.bin_dir = Some(dir.into());
+        self
+    }
+
     /// Starts the cluster.
     pub fn up(self) -> Result<Cluster, UpError> {
         let remove_dir = self.opts.dir.starts_with(TEST_ROOT);

@@ -18,9 +18,9 @@ pub enum Ready {
 pub struct DaemonSpec {
     /// Binary name, next to `cluster`; also the log file's name (`DIR/<node>/<name>.log`).
     pub name: &'static str,
-    /// A required daemon that fails to start fails `up`. An optional one only warns.
-    /// Either kind may still be a stub that exits with "not implemented yet": that is
-    /// recorded and tolerated while the project is being built.
+    /// A required daemon that fails to start (or is still a stub) fails `up`. An
+    /// optional one only warns; an optional stub that logs "not implemented yet" is
+    /// recorded as such (and `Cluster::has_daemon` says false).
     pub required: bool,
     pub ready: Ready,
 }

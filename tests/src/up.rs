@@ -479,8 +479,18 @@ pub fn wait_ready(
             return Ok(d);
         }
         let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains(STUB_MARKER) && spec.required {
+            return Err(UpError::Daemon {
+                node: node.into(),
+                daemon: spec.name.into(),
+                problem: format!("is a stub ({STUB_MARKER}) but required"),
+                log: log.clone(),
+                tail: tail(&log, 20),
+            });
+        }
         if text.contains(STUB_MARKER) {
-            // A stub: tolerated whether it exited or idles; `down` still stops it.
+            // An optional stub: tolerated whether it exited or idles; `down` still
+            // stops it.
             tracing::warn!(
                 node,
                 daemon = spec.name,

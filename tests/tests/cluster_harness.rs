@@ -430,3 +430,126 @@ fn down_stale_cleans_a_test_cluster_whose_state_is_gone() {
     assert_nothing_left(&dir, k, &holders);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A directory of stand-in daemons (shell scripts) next to the real `cluster`.
+fn fake_bin(name: &str, daemons: &[(&str, &str)]) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = Path::new(ferry_tests::cluster::TEST_ROOT)
+        .join(format!("{name}-bin-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::os::unix::fs::symlink(cluster_bin(), dir.join("cluster")).unwrap();
+    for (daemon, script) in daemons {
+        let p = dir.join(daemon);
+        std::fs::write(&p, format!("#!/bin/sh\n{script}\n")).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    dir
+}
+
+const LISTEN_7101: &str = "exec python3 -c 'import socket, time; s = socket.socket(); s.bind((\"0.0.0.0\", 7101)); s.listen(); time.sleep(1e6)'";
+const MOUNT_SUPERROOT: &str = "mount -t tmpfs fake-superroot /... && exec sleep 1000000";
+
+#[test]
+fn a_required_daemon_that_fails_stops_up_with_its_log_and_leaves_nothing() {
+    let bin = fake_bin(
+        "failing",
+        &[
+            (
+                "fs-server",
+                "echo 'fs-server: cannot listen on 10.99.0.1:7101: simulated failure' >&2; exit 1",
+            ),
+            ("fuse-client", MOUNT_SUPERROOT),
+            ("migd", "exec sleep 1000000"),
+            ("home-proxy", "exec sleep 1000000"),
+        ],
+    );
+    let dir =
+        Path::new(ferry_tests::cluster::TEST_ROOT).join(format!("failing-{}", std::process::id()));
+    let err = match Cluster::with(2).dir(&dir).bin_dir(&bin).up() {
+        Ok(_) => panic!("up succeeded although fs-server fails"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("fs-server")
+            && err.contains("simulated failure")
+            && err.contains("fs-server.log"),
+        "the error must name the daemon, its log and its last words: {err}"
+    );
+    let holders: Vec<i32> = Vec::new();
+    let k = 0; // the slot is gone with the bridge; links of this dir are checked by alias
+    assert_nothing_left(&dir, k, &holders);
+    assert!(
+        ferry_tests::net::ferry_bridges()
+            .iter()
+            .all(|(_, d)| Path::new(d) != dir),
+        "a bridge of the failed cluster is left"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&bin);
+}
+
+#[test]
+fn optional_stub_daemons_are_tolerated_and_reported() {
+    let bin = fake_bin(
+        "stubs",
+        &[
+            ("fs-server", LISTEN_7101),
+            ("fuse-client", MOUNT_SUPERROOT),
+            ("migd", "echo 'migd is not implemented yet' >&2; exit 2"),
+            (
+                "home-proxy",
+                "echo 'home-proxy: not implemented yet; idling' >&2; exec sleep 1000000",
+            ),
+        ],
+    );
+    let c = Cluster::with(2).bin_dir(&bin).start();
+    for n in c.nodes() {
+        assert!(c.has_daemon(&n, "fs-server"), "{n}: fs-server should run");
+        assert!(
+            c.has_daemon(&n, "fuse-client"),
+            "{n}: fuse-client should run"
+        );
+        assert!(
+            !c.has_daemon(&n, "migd"),
+            "{n}: a stub migd counts as absent"
+        );
+        assert!(
+            !c.has_daemon(&n, "home-proxy"),
+            "{n}: an idle stub counts as absent"
+        );
+        let rec = c.state().node(&n).unwrap().daemon("migd").unwrap().clone();
+        assert_eq!(
+            rec.absent.as_deref(),
+            Some("not implemented yet"),
+            "{n}: {rec:?}"
+        );
+        let mounted = c.sh_ok(&n, "grep -c ' /\\.\\.\\. ' /proc/self/mountinfo");
+        assert_eq!(
+            mounted.trim(),
+            "1",
+            "{n}: /... is mounted in the node only once"
+        );
+    }
+    assert!(
+        !std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .contains(" /... "),
+        "a node's /... mount leaked into the host"
+    );
+    let idle = c
+        .state()
+        .node("ws1")
+        .unwrap()
+        .daemon("home-proxy")
+        .unwrap()
+        .pid;
+    drop(c);
+    if let Some(p) = idle {
+        assert!(
+            !ferry_tests::up::alive(p),
+            "down left the idle stub home-proxy running"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&bin);
+}

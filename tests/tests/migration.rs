@@ -351,3 +351,41 @@ fn the_shadow_keeps_pid_and_parent_at_home_and_releases_its_memory() {
     c.sh_ok("ws1", &format!("kill -TERM {pid}"));
     assert_eq!(finish(c, child), "status=143");
 }
+
+#[test]
+fn killing_home_proxy_and_the_hosts_migd_loses_neither_the_shadow_nor_the_exit_status() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let mut s = setup();
+    let (child, pid) = start_at_ws1(&s, "/tmp/out", 80, 9, 3);
+    migrate(&s.c, pid, "ws2");
+
+    s.c.kill_daemon("ws1", "home-proxy", ferry_tests::Signal::SIGKILL);
+    s.c.restart_daemon("ws1", "home-proxy");
+    let st = state_on(&s.c, "ws1", pid);
+    assert!(
+        st.contains("tracing stop"),
+        "after home-proxy's restart pid {pid} should still be the frozen shadow: {st:?}"
+    );
+    let list = s.c.run_ok("ws1", &["migrate", "--list"]);
+    assert!(
+        list.contains("ws2"),
+        "the restarted home-proxy does not list the shadow:\n{list}"
+    );
+
+    s.c.kill_daemon("ws2", "migd", ferry_tests::Signal::SIGKILL);
+    s.c.restart_daemon("ws2", "migd");
+    assert_eq!(
+        progs_on(&s.c, "ws2").len(),
+        1,
+        "prog should run on at ws2 across its migd's restart"
+    );
+
+    let shell = finish(&s.c, child);
+    assert_eq!(
+        shell, "status=9",
+        "the exit status should reach the shell at ws1 across both restarts"
+    );
+    let want = reference(&s, 80);
+    let got = s.c.sh_ok("ws1", "cat /tmp/out");
+    assert!(got == want, "output at ws1 differs from an unmigrated run");
+}
