@@ -404,3 +404,44 @@ async fn a_waiting_lock_does_not_hold_up_other_requests_of_its_connection() {
     a.flush(ctx(), fa, 1).await.unwrap().unwrap();
     waiter.await.unwrap().unwrap().expect("granted after flush");
 }
+
+#[tokio::test]
+async fn creating_a_name_tells_the_other_clients_to_drop_a_negative_entry() {
+    let s = TestServer::start().await;
+    let (a, ra) = session_with_callbacks(s.addr, "wsa", 88).await;
+    let (_b, rb) = session_with_callbacks(s.addr, "wsb", 99).await;
+    let r = s.root_entry(&a).await;
+    a.mkdir(
+        ctx(),
+        root(),
+        r.handle.clone(),
+        b"newdir".to_vec(),
+        0o755,
+        0,
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    create(&a, &root(), &r.handle, "newfile", 0o644, libc::O_RDWR).await;
+    // Sent in the background: wait for it (bounded), do not time it.
+    let want = [
+        (r.attr.ino, b"newdir".to_vec()),
+        (r.attr.ino, b"newfile".to_vec()),
+    ];
+    for _ in 0..1000 {
+        let got = rb.1.lock().unwrap().clone();
+        if want.iter().all(|w| got.contains(w)) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let got = rb.1.lock().unwrap().clone();
+    assert!(
+        want.iter().all(|w| got.contains(w)),
+        "the other client was not told of the new names: {got:?}"
+    );
+    assert!(
+        ra.1.lock().unwrap().is_empty(),
+        "the creating client was called back about its own names"
+    );
+}
