@@ -63,6 +63,17 @@ impl Builder {
 
     /// Starts the cluster.
     pub fn up(self) -> Result<Cluster, UpError> {
+        // Clusters of test processes that died without taking them down go first
+        // (once per process; live clusters of other processes are left alone).
+        static SWEEP: std::sync::Once = std::sync::Once::new();
+        SWEEP.call_once(|| {
+            for (dir, r) in crate::down::down_stale() {
+                match r {
+                    Ok(_) => eprintln!("stopped a left-over cluster in {}", dir.display()),
+                    Err(e) => eprintln!("cannot stop a left-over cluster: {e}"),
+                }
+            }
+        });
         let remove_dir = self.opts.dir.starts_with(TEST_ROOT);
         let state = up::up(&self.opts)?;
         Ok(Cluster {
