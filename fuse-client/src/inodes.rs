@@ -1,11 +1,15 @@
 //! The client's inode table: FUSE inode numbers <-> (fs-server, [`FileHandle`]).
 //!
-//! Inode 1 is the super-root and is not in the table. Every other number is handed
-//! out once, counting up, and never reused (so no generation numbers are needed: the
-//! kernel never sees one number name two files). Each entry counts the kernel's
-//! lookups (+1 per entry reply, readdirplus entry and create; `forget` subtracts) and
-//! leaves the table when the count reaches zero. The same file seen again through
-//! another name or after a `forget` gets its existing number, or a fresh one.
+//! Inode 1 is the super-root and is not in the table. A file's number is the
+//! server's own inode number for it ([`common::fsproto::Attr::ino`], a hash of the
+//! volume, device and inode, never 0 or 1), so `st_ino` is the same on every node and
+//! across restarts of this client — a migrated process sees the numbers it saw at
+//! home. Only when that number is already held for a *different* file (the server
+//! reused an inode number while the kernel still holds the old file) is a fresh number
+//! taken from a private range; a number is never given to a second file while the
+//! kernel may still know the first, so no generation numbers are needed. Each entry
+//! counts the kernel's lookups (+1 per entry reply, readdirplus entry and create;
+//! `forget` subtracts) and leaves the table when the count reaches zero.
 //!
 //! The server's callbacks name files by the server's own inode number
 //! ([`common::fsproto::Attr::ino`]); a second index maps those back.
@@ -19,6 +23,9 @@ use crate::conn::ServerConn;
 
 /// The super-root's inode number.
 pub const ROOT_INO: u64 = 1;
+
+/// Where numbers for files whose server number is taken start.
+const FRESH_BASE: u64 = 1 << 63;
 
 /// One file the kernel knows.
 #[derive(Debug, Clone)]
@@ -45,7 +52,7 @@ pub struct InodeTable {
 impl Default for InodeTable {
     fn default() -> Self {
         InodeTable {
-            next: ROOT_INO + 1,
+            next: FRESH_BASE,
             nodes: HashMap::new(),
             by_handle: HashMap::new(),
             by_server_ino: HashMap::new(),
@@ -73,8 +80,17 @@ impl InodeTable {
             node.lookups += 1;
             return ino;
         }
-        let ino = self.next;
-        self.next += 1;
+        let ino = if server_ino > ROOT_INO && !self.nodes.contains_key(&server_ino) {
+            server_ino
+        } else {
+            loop {
+                let i = self.next;
+                self.next = self.next.checked_add(1).unwrap_or(FRESH_BASE);
+                if !self.nodes.contains_key(&i) {
+                    break i;
+                }
+            }
+        };
         self.nodes.insert(
             ino,
             Node {
@@ -142,5 +158,87 @@ impl InodeTable {
     /// Number of files in the table (for tests and logs).
     pub fn len(&self) -> usize {
         self.nodes.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conn::CallbackSink;
+
+    struct NoSink;
+    impl CallbackSink for NoSink {
+        fn invalidate(&self, _: &str, _: u64, _: bool) -> futures::future::BoxFuture<'static, ()> {
+            Box::pin(async {})
+        }
+        fn invalidate_entry(&self, _: &str, _: u64, _: Vec<u8>) {}
+        fn reconnected(&self, _: &str) {}
+    }
+
+    fn server(name: &str) -> Arc<ServerConn> {
+        let sink: std::sync::Weak<dyn CallbackSink> = std::sync::Weak::<NoSink>::new();
+        ServerConn::new(
+            name.into(),
+            "127.0.0.1:1".parse().unwrap(),
+            common::auth::ClusterKey::from_bytes(b"0123456789abcdef"),
+            "me".into(),
+            1 << 23,
+            std::time::Duration::from_secs(1),
+            sink,
+        )
+    }
+
+    fn fh(b: u8) -> FileHandle {
+        FileHandle(vec![b; 8])
+    }
+
+    #[test]
+    fn a_file_keeps_the_servers_number_and_counts_lookups() {
+        let s = server("ws1");
+        let mut t = InodeTable::default();
+        let a = t.remember(&s, &fh(1), 1000, FileKind::File);
+        assert_eq!(a, 1000, "the server's inode number is used");
+        assert_eq!(
+            t.remember(&s, &fh(1), 1000, FileKind::File),
+            a,
+            "same handle, same number"
+        );
+        t.forget(a, 1);
+        assert!(t.get(a).is_some(), "one lookup left: still known");
+        t.forget(a, 1);
+        assert!(t.get(a).is_none(), "all lookups forgotten: gone");
+        assert!(
+            t.by_server_ino("ws1", 1000).is_empty(),
+            "callback index cleaned"
+        );
+    }
+
+    #[test]
+    fn a_reused_server_number_gets_a_fresh_one_while_the_old_file_is_known() {
+        let s = server("ws1");
+        let mut t = InodeTable::default();
+        let old = t.remember(&s, &fh(1), 2000, FileKind::File);
+        let new = t.remember(&s, &fh(2), 2000, FileKind::File);
+        assert_ne!(old, new, "two files must not share a number");
+        assert!(
+            new >= FRESH_BASE,
+            "fresh numbers come from the private range"
+        );
+        let mut both = t.by_server_ino("ws1", 2000);
+        both.sort();
+        assert_eq!(both, vec![old, new], "callbacks for 2000 reach both");
+        t.forget(old, 1);
+        t.forget(new, 1);
+        let third = t.remember(&s, &fh(3), 2000, FileKind::File);
+        assert_eq!(third, 2000, "once forgotten, the number is free again");
+    }
+
+    #[test]
+    fn the_super_roots_number_is_never_given_out() {
+        let s = server("ws1");
+        let mut t = InodeTable::default();
+        let i = t.remember(&s, &fh(9), ROOT_INO, FileKind::Dir);
+        assert_ne!(i, ROOT_INO);
+        assert_ne!(t.remember(&s, &fh(8), 0, FileKind::Dir), 0);
     }
 }

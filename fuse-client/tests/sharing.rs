@@ -111,3 +111,21 @@ fn a_name_created_on_one_node_appears_on_another_that_looked_for_it() {
     common::wait_for("the name created on ws2 to appear on ws3", || on_b.exists());
     assert_eq!(fs::read(&on_b).unwrap(), b"here", "content seen on ws3");
 }
+
+#[test]
+fn a_file_has_the_same_inode_number_on_every_node() {
+    use std::os::unix::fs::MetadataExt;
+    let bench = Bench::new();
+    let _server = Server::start(bench.config(common::SERVER));
+    let a = Client::mount(&bench, "ws2");
+    let b = Client::mount(&bench, "ws3");
+    fs::write(a.vol().join("same"), b"x").unwrap();
+    let (ia, ib) = (
+        fs::metadata(a.vol().join("same")).unwrap().ino(),
+        fs::metadata(b.vol().join("same")).unwrap().ino(),
+    );
+    assert_eq!(
+        ia, ib,
+        "st_ino differs between nodes: a migrated process would see it change"
+    );
+}

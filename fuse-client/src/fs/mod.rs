@@ -322,6 +322,8 @@ impl Filesystem for FerryFs {
             ("PARALLEL_DIROPS", InitFlags::FUSE_PARALLEL_DIROPS),
             ("ASYNC_DIO", InitFlags::FUSE_ASYNC_DIO),
             ("CACHE_SYMLINKS", InitFlags::FUSE_CACHE_SYMLINKS),
+            // Shared mmap of direct-I/O (write-shared or O_APPEND) files.
+            ("DIRECT_IO_ALLOW_MMAP", InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP),
         ] {
             if let Err(missing) = config.add_capabilities(cap) {
                 tracing::info!(capability = name, ?missing, "kernel lacks FUSE capability");
