@@ -79,7 +79,9 @@ struct Inner {
     callbacks: HashMap<u64, CacheCallbackClient>,
     /// callback channels that arrived before their session registered
     pending: HashMap<u64, CacheCallbackClient>,
-    opens: HashMap<u64, Arc<OpenEntry>>,
+    /// (session, open id) -> open; ids are per session, so a reconnected client's
+    /// reopen never collides with its old session's entry.
+    opens: HashMap<(u64, u64), Arc<OpenEntry>>,
     files: HashMap<FileKey, FileState>,
     seen: HashMap<(u64, FileKey), Version>,
     locks: HashMap<LockKey, Arc<OwnedFd>>,
@@ -113,14 +115,14 @@ impl State {
         inner.sessions.remove(&id);
         inner.tokens.retain(|_, s| *s != id);
         inner.callbacks.remove(&id);
-        let ids: Vec<u64> = inner
+        let ids: Vec<(u64, u64)> = inner
             .opens
-            .values()
-            .filter(|o| o.session == id)
-            .map(|o| o.id)
+            .keys()
+            .filter(|(s, _)| *s == id)
+            .copied()
             .collect();
-        for oid in ids {
-            if let Some(o) = inner.opens.remove(&oid) {
+        for k in ids {
+            if let Some(o) = inner.opens.remove(&k) {
                 drop_holder(&mut inner.files, &o);
             }
         }
@@ -172,6 +174,23 @@ impl State {
         if !inner.sessions.contains_key(&o.session) {
             return None;
         }
+        if inner.opens.contains_key(&(o.session, o.id)) {
+            // Two requests reopened the same unknown open at once: the first one
+            // counts; this descriptor serves its one request and goes.
+            let shared = inner
+                .files
+                .get(&o.key)
+                .map(|f| f.write_shared())
+                .unwrap_or(false);
+            return Some(OpenOutcome {
+                cache: if shared {
+                    CacheMode::Uncached
+                } else {
+                    CacheMode::Cached { keep: true }
+                },
+                notify: Vec::new(),
+            });
+        }
         let fs = inner.files.entry(o.key).or_default();
         let was_shared = fs.write_shared();
         let was_holding = fs.holders.contains_key(&o.session);
@@ -203,17 +222,13 @@ impl State {
         } else {
             Vec::new()
         };
-        inner.opens.insert(o.id, o);
+        inner.opens.insert((o.session, o.id), o);
         Some(OpenOutcome { cache, notify })
     }
 
     /// The open `id` of `session`, if this server knows it.
     pub fn get_open(&self, id: u64, session: u64) -> Option<Arc<OpenEntry>> {
-        self.lock()
-            .opens
-            .get(&id)
-            .filter(|o| o.session == session)
-            .cloned()
+        self.lock().opens.get(&(session, id)).cloned()
     }
 
     /// Drops an open; `version` is what the session saw last.
@@ -225,11 +240,7 @@ impl State {
     ) -> Option<Arc<OpenEntry>> {
         let mut g = self.lock();
         let inner = &mut *g;
-        match inner.opens.get(&id) {
-            Some(o) if o.session == session => {}
-            _ => return None,
-        }
-        let o = inner.opens.remove(&id)?;
+        let o = inner.opens.remove(&(session, id))?;
         drop_holder(&mut inner.files, &o);
         if let Some(v) = version {
             inner.seen.insert((session, o.key), v);
@@ -443,5 +454,29 @@ mod tests {
         // Someone else's open id is not ours.
         assert!(st.get_open(2, 1).is_none());
         assert!(st.get_open(2, 2).is_some());
+    }
+
+    #[tokio::test]
+    async fn a_reconnected_client_reopening_an_old_id_does_not_inherit_or_leak_counts() {
+        let st = State::default();
+        session(&st, 1);
+        session(&st, 2);
+        session(&st, 3);
+        // Old session 1 holds open id 7 for writing; session 3 reads the file.
+        st.add_open(open(7, 1, libc::O_RDWR), V1, false).unwrap();
+        st.add_open(open(9, 3, libc::O_RDONLY), V1, false).unwrap();
+        // The client reconnected as session 2 and reopens id 7 (twice, racing).
+        st.add_open(open(7, 2, libc::O_RDWR), V1, false).unwrap();
+        st.add_open(open(7, 2, libc::O_RDWR), V1, false).unwrap();
+        st.remove_session(1);
+        assert!(
+            st.get_open(7, 2).is_some(),
+            "the new session's reopen was lost"
+        );
+        st.remove_open(7, 2, None).unwrap();
+        assert!(
+            !st.is_write_shared((1, 42)),
+            "a writer count leaked: the file stays write-shared with one reader left"
+        );
     }
 }
