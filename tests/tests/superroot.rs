@@ -378,7 +378,6 @@ os.close(fd)
 "#;
 
 #[test]
-#[ignore = "fails at 4d67ba4+wip: concurrent O_APPEND writes from ws1 and ws2 tear records (overlapping writes at one offset; 4 of 6000 records torn)"]
 fn concurrent_appends_from_two_nodes_lose_no_record() {
     let c = fs_cluster(2);
     let n = 3000;
