@@ -295,6 +295,28 @@ impl Server {
         })
     }
 
+    /// Like [`Server::resolve`], but a handle that no longer resolves (its file was
+    /// unlinked) still reaches the file through an open of `session` made with it, as
+    /// fstat(2) on an open descriptor would.
+    pub fn resolve_in(&self, session: u64, h: &FileHandle) -> FsResult<Resolved> {
+        match self.resolve(h) {
+            Err(e) if e.errno == libc::ESTALE => {
+                let Some(o) = self.state.open_of_handle(session, h) else {
+                    return Err(e);
+                };
+                let mount_id = handle::decode(&self.key, h)?.mount_id;
+                let fd = sys::reopen(o.fd.as_fd(), libc::O_PATH)
+                    .map_err(|e| fs_err(e, "reach an open, unlinked file"))?;
+                Ok(Resolved {
+                    volume: o.volume.clone(),
+                    mount_id,
+                    fd,
+                })
+            }
+            r => r,
+        }
+    }
+
     /// The ino of what a handle names, if it still exists (for callbacks).
     pub fn ino_of_handle(&self, h: &FileHandle) -> Option<u64> {
         let r = self.resolve(h).ok()?;

@@ -165,7 +165,8 @@ impl FileService for Conn {
     }
 
     async fn getattr(self, _: Context, handle: FileHandle) -> FsResult<Attr> {
-        run!(self, "getattr", |srv| meta::getattr(srv, &handle))
+        let session = self.session.id;
+        run!(self, "getattr", |srv| meta::getattr(srv, session, &handle))
     }
 
     async fn setattr(
@@ -183,10 +184,17 @@ impl FileService for Conn {
                 Some(f) if set.size.is_some() => Some(data::open_of(srv, session, &creds, f)?.0),
                 _ => None,
             };
-            let attr = meta::setattr(srv, &creds, &handle, &set, o.as_ref().map(|o| &o.fd))?;
+            let attr = meta::setattr(
+                srv,
+                session,
+                &creds,
+                &handle,
+                &set,
+                o.as_ref().map(|o| &o.fd),
+            )?;
             // A size change alters the data every other holder may have cached.
             let notify = if truncating {
-                srv.resolve(&handle)
+                srv.resolve_in(session, &handle)
                     .ok()
                     .and_then(|r| crate::sys::fstatx(std::os::fd::AsFd::as_fd(&r.fd), false).ok())
                     .map(|st| {

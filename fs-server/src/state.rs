@@ -15,9 +15,9 @@ use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use common::fsproto::{CacheCallbackClient, CacheMode, Time};
+use common::fsproto::{CacheCallbackClient, CacheMode, FileHandle, Time};
 
-use crate::server::FileKey;
+use crate::server::{FileKey, Volume};
 
 /// One client connection carrying requests.
 pub struct Session {
@@ -31,6 +31,9 @@ pub struct Session {
 pub struct OpenEntry {
     pub id: u64,
     pub session: u64,
+    /// The handle the client opened (to find the open again when the name is gone).
+    pub handle: FileHandle,
+    pub volume: Arc<Volume>,
     pub fd: OwnedFd,
     pub key: FileKey,
     pub ino: u64,
@@ -231,6 +234,16 @@ impl State {
         self.lock().opens.get(&(session, id)).cloned()
     }
 
+    /// An open of `session` made through handle `h` (for an unlinked file, whose
+    /// handle no longer resolves, the open descriptor is the only way to it).
+    pub fn open_of_handle(&self, session: u64, h: &FileHandle) -> Option<Arc<OpenEntry>> {
+        self.lock()
+            .opens
+            .iter()
+            .find(|((s, _), o)| *s == session && o.handle == *h)
+            .map(|(_, o)| o.clone())
+    }
+
     /// Drops an open; `version` is what the session saw last.
     pub fn remove_open(
         &self,
@@ -356,9 +369,19 @@ mod tests {
 
     fn open(id: u64, session: u64, flags: i32) -> Arc<OpenEntry> {
         let fd: OwnedFd = std::fs::File::open("/dev/null").unwrap().into();
+        let root: OwnedFd = std::fs::File::open("/").unwrap().into();
         Arc::new(OpenEntry {
             id,
             session,
+            handle: FileHandle(vec![1, 2, 3]),
+            volume: Arc::new(Volume {
+                name: "v".into(),
+                path: "/".into(),
+                root,
+                root_mount: 1,
+                root_handle: FileHandle(vec![]),
+                beneath: None,
+            }),
             fd,
             key: (1, 42),
             ino: 4242,

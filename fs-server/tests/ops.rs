@@ -285,6 +285,28 @@ async fn rename_over_unlink_open_mkdir_rmdir() {
         .unwrap()
         .unwrap();
     assert_eq!(&d[..], b"AAA", "unlinked open file lost its data");
+    // fstat and ftruncate of the unlinked open file still work.
+    let a = c
+        .getattr(ctx(), fa.handle.clone())
+        .await
+        .unwrap()
+        .expect("getattr of an unlinked file the session holds open");
+    assert_eq!((a.nlink, a.size), (0, 3));
+    let a = c
+        .setattr(
+            ctx(),
+            root_creds(),
+            fa.handle.clone(),
+            SetAttr {
+                size: Some(1),
+                ..Default::default()
+            },
+            Some(fa.clone()),
+        )
+        .await
+        .unwrap()
+        .expect("ftruncate of an unlinked open file");
+    assert_eq!(a.size, 1);
     c.release(ctx(), fa, None).await.unwrap().unwrap();
     // mkdir / rmdir
     let d = c

@@ -28,20 +28,24 @@ pub struct NewOpen {
     pub outcome: OpenOutcome,
 }
 
+#[allow(clippy::too_many_arguments)]
 fn register(
     srv: &Server,
     session: u64,
     id: u64,
-    volume: &str,
+    volume: &Arc<crate::server::Volume>,
+    handle: &FileHandle,
     fd: std::os::fd::OwnedFd,
     flags: i32,
     truncating: bool,
 ) -> FsResult<(Arc<OpenEntry>, common::fsproto::Attr, OpenOutcome)> {
     let st = sys::fstatx(fd.as_fd(), false).map_err(|e| fs_err(e, "open: stat"))?;
-    let attr = attr_of(volume, &st);
+    let attr = attr_of(&volume.name, &st);
     let open = Arc::new(OpenEntry {
         id,
         session,
+        handle: handle.clone(),
+        volume: volume.clone(),
         fd,
         key: file_key(&st),
         ino: attr.ino,
@@ -91,7 +95,8 @@ pub fn open(
         srv,
         session,
         id,
-        &r.volume.name,
+        &r.volume,
+        h,
         fd,
         data_flags(flags),
         truncating,
@@ -147,7 +152,8 @@ pub fn create(
         srv,
         session,
         id,
-        &p.volume.name,
+        &p.volume,
+        &handle,
         fd,
         data_flags(flags),
         flags & libc::O_TRUNC != 0,

@@ -48,8 +48,8 @@ pub fn lookup(srv: &Server, creds: &Creds, parent: &FileHandle, name: &[u8]) -> 
     srv.entry_of(&p.volume, fd.as_fd(), p.mount_id, name)
 }
 
-pub fn getattr(srv: &Server, h: &FileHandle) -> FsResult<Attr> {
-    let r = srv.resolve(h)?;
+pub fn getattr(srv: &Server, session: u64, h: &FileHandle) -> FsResult<Attr> {
+    let r = srv.resolve_in(session, h)?;
     let st = sys::fstatx(r.fd.as_fd(), false).map_err(|e| fs_err(e, "getattr"))?;
     Ok(attr_of(&r.volume.name, &st))
 }
@@ -68,12 +68,13 @@ fn utime(t: Option<SetTime>) -> UTime {
 /// as ftruncate(2) on the client's fd would.
 pub fn setattr(
     srv: &Server,
+    session: u64,
     creds: &Creds,
     h: &FileHandle,
     set: &SetAttr,
     open_fd: Option<&std::os::fd::OwnedFd>,
 ) -> FsResult<Attr> {
-    let r = srv.resolve(h)?;
+    let r = srv.resolve_in(session, h)?;
     let fd = r.fd.as_fd();
     let _as = srv.as_user(creds)?;
     let st = sys::fstatx(fd, false).map_err(|e| fs_err(e, "setattr: stat"))?;
