@@ -349,3 +349,50 @@ fn inodes_the_kernel_forgets_leave_the_table() {
         client.known_inodes() < 10
     });
 }
+
+#[test]
+fn shared_mapping_of_an_append_only_open_writes_in_place() {
+    use std::os::fd::AsRawFd;
+    let bench = Bench::new();
+    let _server = Server::start(bench.config(common::SERVER));
+    let client = Client::mount(&bench, "ws2");
+    let path = client.vol().join("mapped");
+    let mut f = fs::OpenOptions::new()
+        .read(true)
+        .append(true)
+        .create(true)
+        .open(&path)
+        .unwrap();
+    f.write_all(&[b'a'; 8192]).unwrap();
+    // SAFETY: mapping 8192 bytes of an open file we own; unmapped below.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            8192,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            0,
+        )
+    };
+    assert_ne!(
+        p,
+        libc::MAP_FAILED,
+        "shared mmap of an O_APPEND open: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: p maps 8192 writable bytes.
+    unsafe {
+        std::ptr::copy_nonoverlapping(b"HELLO".as_ptr(), p.cast::<u8>(), 5);
+        assert_eq!(libc::msync(p, 8192, libc::MS_SYNC), 0, "msync");
+        libc::munmap(p, 8192);
+    }
+    drop(f);
+    let got = fs::read(bench.export().join("mapped")).unwrap();
+    assert_eq!(
+        got.len(),
+        8192,
+        "write-back of the mapping was appended instead of written in place"
+    );
+    assert_eq!(&got[..6], b"HELLOa", "mapped change not on the server");
+}

@@ -51,6 +51,9 @@ pub struct OpenState {
     pub creds: Creds,
     /// Opened with FOPEN_DIRECT_IO (no page cache for this handle).
     pub direct: bool,
+    /// For O_APPEND opens: a second server open without O_APPEND, made on first
+    /// need, for page-cache write-back (shared mmap) which must land at its offset.
+    pub positional: tokio::sync::OnceCell<OpenFile>,
 }
 
 /// What an entry reply carries.
@@ -559,7 +562,7 @@ impl Filesystem for FerryFs {
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
@@ -567,7 +570,8 @@ impl Filesystem for FerryFs {
         let inner = self.inner.clone();
         let data = serde_bytes::ByteBuf::from(data.to_vec());
         self.inner.spawn(async move {
-            match inner.write(fh.0, offset, data).await {
+            let cache = write_flags.contains(WriteFlags::FUSE_WRITE_CACHE);
+            match inner.write(fh.0, offset, data, cache).await {
                 Ok(n) => {
                     reply.written(n);
                     inner.after_io(ino.0, fh.0);

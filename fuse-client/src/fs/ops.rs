@@ -288,6 +288,7 @@ impl Inner {
             file,
             creds,
             direct,
+            positional: tokio::sync::OnceCell::new(),
         };
         self.opens
             .lock()
@@ -365,14 +366,41 @@ impl Inner {
         fh: u64,
         offset: u64,
         data: serde_bytes::ByteBuf,
+        from_cache: bool,
     ) -> FsResult<u32> {
         let st = self.open_state(fh)?;
+        if from_cache && st.file.flags & libc::O_APPEND != 0 {
+            // Write-back of a shared mapping through an O_APPEND open: the server
+            // would append it; write it at its offset through a plain open instead.
+            let file = self.positional_open(&st).await?;
+            self.drain(st.ino).await?;
+            let creds = st.creds.clone();
+            return rpc!(st.server, write(creds, file, offset, data)).await;
+        }
         if self.may_write_behind(&st) {
             return self.write_behind(st, offset, data).await;
         }
         self.drain(st.ino).await?;
         let (creds, file) = (st.creds.clone(), st.file.clone());
         rpc!(st.server, write(creds, file, offset, data)).await
+    }
+
+    /// The O_APPEND-free twin of an open (see [`OpenState::positional`]).
+    async fn positional_open(self: &Arc<Self>, st: &OpenState) -> FsResult<OpenFile> {
+        let file = st
+            .positional
+            .get_or_try_init(|| async {
+                let flags = st.file.flags & !libc::O_APPEND;
+                let (creds, handle) = (st.creds.clone(), st.file.handle.clone());
+                let opened = rpc!(st.server, open(creds, handle, flags)).await?;
+                Ok::<_, FsError>(OpenFile {
+                    id: opened.id,
+                    handle: st.file.handle.clone(),
+                    flags,
+                })
+            })
+            .await?;
+        Ok(file.clone())
     }
 
     /// After a read or write through a handle opened with page caching on a file that
@@ -420,6 +448,12 @@ impl Inner {
             })?;
         if let Err(e) = self.drain_and_prune(st.ino).await {
             tracing::warn!(error = %e, "a background write failed and no flush or fsync was left to report it");
+        }
+        if let Some(twin) = st.positional.get().cloned() {
+            let none: Option<u64> = None;
+            if let Err(e) = rpc!(st.server, release(twin, none)).await {
+                tracing::warn!(error = %e, "release of the positional twin open failed");
+            }
         }
         let file = st.file.clone();
         rpc!(st.server, release(file, lock_owner)).await
