@@ -189,7 +189,12 @@ impl ServerConn {
                     match f(client, ctx).await {
                         Ok(result) => return result,
                         Err(e) => {
-                            self.connection_lost(generation).await;
+                            // A broken connection is dropped and made again; a call
+                            // that only ran out of time (slow or stopped server)
+                            // leaves it, and the session's opens and locks, alone.
+                            if !matches!(e, RpcError::DeadlineExceeded | RpcError::Server(_)) {
+                                self.connection_lost(generation).await;
+                            }
                             format!("call failed: {e}")
                         }
                     }
