@@ -263,9 +263,10 @@ impl ServerConn {
         Ok((generation, client))
     }
 
-    /// Forgets the connection of `generation` (if it is still the current one), so
-    /// that the next call reconnects.
-    async fn connection_lost(&self, generation: u64) {
+    /// Forgets the connection of `generation` (if it is still the current one), and
+    /// reconnects in the background so that the server can call us back again even
+    /// if no call comes.
+    async fn connection_lost(self: &Arc<Self>, generation: u64) {
         let mut state = self.state.lock().await;
         if state.generation == generation && state.client.is_some() {
             tracing::warn!(server = %self.node, addr = %self.addr, "lost the connection to fs-server");
@@ -273,7 +274,25 @@ impl ServerConn {
             if let Some(cb) = state.callbacks.take() {
                 cb.abort();
             }
+            let me = self.clone();
+            tokio::spawn(me.reconnect_in_background());
         }
+    }
+
+    /// Boxed (and declared `Send`) to cut the type cycle connect -> callbacks task ->
+    /// connection_lost -> reconnect -> connect.
+    fn reconnect_in_background(self: Arc<Self>) -> futures::future::BoxFuture<'static, ()> {
+        Box::pin(async move {
+            let start = Instant::now();
+            let mut backoff = Duration::from_millis(50);
+            while start.elapsed() < self.reconnect_timeout {
+                tokio::time::sleep(backoff).await;
+                if self.client().await.is_ok() {
+                    return;
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        })
     }
 
     async fn open_stream(&self, kind: ChannelKind, token: u64) -> Result<TcpStream, ConnectError> {

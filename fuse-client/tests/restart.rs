@@ -73,3 +73,26 @@ fn copy_through_the_mount_survives_an_fs_server_crash_and_restart() {
         "copy differs from the source at byte {first_diff:?}"
     );
 }
+
+#[test]
+fn cached_pages_are_dropped_when_the_server_comes_back() {
+    use std::os::unix::fs::FileExt;
+    let bench = Bench::new();
+    let config = bench.config(common::SERVER);
+    let server = Server::start(config.clone());
+    let client = Client::mount(&bench, "ws2");
+    fs::write(bench.export().join("cached"), b"v1").unwrap();
+    let f = fs::File::open(client.vol().join("cached")).unwrap();
+    let mut buf = [0u8; 2];
+    f.read_exact_at(&mut buf, 0).unwrap();
+    assert_eq!(&buf, b"v1");
+
+    // While the server is away the file changes behind its back; the restarted
+    // server cannot know what this client caches.
+    server.crash();
+    fs::write(bench.export().join("cached"), b"v2").unwrap();
+    let _server = Server::start(config);
+    common::wait_for("the client to reconnect and drop its cached pages", || {
+        f.read_exact_at(&mut buf, 0).is_ok() && &buf == b"v2"
+    });
+}
