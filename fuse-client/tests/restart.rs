@@ -96,3 +96,20 @@ fn cached_pages_are_dropped_when_the_server_comes_back() {
         f.read_exact_at(&mut buf, 0).is_ok() && &buf == b"v2"
     });
 }
+
+#[test]
+fn calls_fail_with_eio_when_the_server_stays_away() {
+    let bench = Bench::new();
+    let server = Server::start(bench.config(common::SERVER));
+    let client = Client::mount_with(&bench, "ws2", |c| c.fuse.reconnect_timeout_secs = 2);
+    fs::write(client.vol().join("f"), b"x").unwrap();
+    server.crash();
+    // A name never looked up before must go to the server, which is gone for good.
+    let err = fs::metadata(client.vol().join("never-seen"))
+        .expect_err("a lookup succeeded without a server");
+    assert_eq!(
+        err.raw_os_error(),
+        Some(libc::EIO),
+        "a call without a server ended in {err}, not EIO"
+    );
+}

@@ -162,7 +162,13 @@ pub struct Client {
 
 impl Client {
     pub fn mount(bench: &Bench, node: &str) -> Client {
-        let config = bench.config(node);
+        Client::mount_with(bench, node, |_| {})
+    }
+
+    /// Mounts with a changed config (e.g. a short reconnect timeout).
+    pub fn mount_with(bench: &Bench, node: &str, change: impl FnOnce(&mut NodeConfig)) -> Client {
+        let mut config = bench.config(node);
+        change(&mut config);
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
