@@ -10,7 +10,7 @@ use std::net::Ipv4Addr;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-/// Largest slot number (10.99.<slot>.0/24).
+/// Largest slot number (`10.99.<slot>.0/24`).
 pub const MAX_SLOT: u8 = 250;
 /// Bridge-alias prefix that marks a Ferry bridge.
 pub const ALIAS_PREFIX: &str = "ferry:";

@@ -1,7 +1,7 @@
 //! `cluster node-init`: the process that holds a node's namespaces.
 //!
 //! `up` starts it with fresh mount, UTS and network namespaces and with its children
-//! in a fresh pid namespace (see [`crate::sys::unshare_node_namespaces`]). It forks at
+//! in a fresh pid namespace (see `sys::unshare_node_namespaces`). It forks at
 //! once; the child is pid 1 of the node. The child makes mount propagation private,
 //! bind-mounts the node's own directory on /tmp, mounts a fresh /proc, sets the
 //! hostname, reports `ready` on stdout and then only reaps orphans until it is killed.

@@ -42,7 +42,7 @@ pub enum StateError {
 pub struct ClusterState {
     /// The cluster directory (absolute).
     pub dir: PathBuf,
-    /// Cluster slot: picks the bridge name and the subnet 10.99.<index>.0/24.
+    /// Cluster slot: picks the bridge name and the subnet `10.99.<index>.0/24`.
     pub index: u8,
     /// The bridge in the root network namespace.
     pub bridge: String,
