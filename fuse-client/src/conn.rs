@@ -408,9 +408,8 @@ impl CacheCallback for CallbackServer {
     }
 }
 
-/// Sends one file-service call through a [`ServerConn`], cloning the named arguments
+/// Sends one file-service call through a `ServerConn`, cloning the named arguments
 /// for each attempt: `rpc!(conn, lookup(creds, parent, name))`.
-#[macro_export]
 macro_rules! rpc {
     ($conn:expr, $method:ident($($arg:ident),* $(,)?)) => {
         $conn.call(stringify!($method), move |c, ctx| {
@@ -419,3 +418,4 @@ macro_rules! rpc {
         })
     };
 }
+pub(crate) use rpc;

@@ -15,10 +15,10 @@ use common::fsproto::{Creds, DirEntry, FileHandle, FileKind, FsError, FsResult};
 use fuser::{FileType, Generation, INodeNo, ReplyDirectory, ReplyDirectoryPlus};
 
 use super::{log_err, Inner};
+use crate::conn::rpc;
 use crate::conn::ServerConn;
 use crate::convert::{errno, file_attr, file_type};
 use crate::inodes::ROOT_INO;
-use crate::rpc;
 
 /// Entries asked of the server per readdir call.
 const BATCH: u32 = 256;

@@ -10,9 +10,9 @@ use common::fsproto::{
 use fuser::{FileAttr, FopenFlags};
 
 use super::{root_is_read_only, EntryOut, Inner, OpenState};
+use crate::conn::rpc;
 use crate::conn::ServerConn;
 use crate::inodes::{Node, ROOT_INO};
-use crate::rpc;
 use crate::volumes::{ASK_PATIENCE, LIST_MAX_AGE, MISS_MAX_AGE};
 
 /// Longest pause between two tries of a blocking lock.

@@ -24,7 +24,7 @@ use common::fsproto::{FsError, FsResult};
 use tokio::sync::Semaphore;
 
 use super::{Inner, OpenState};
-use crate::rpc;
+use crate::conn::rpc;
 
 /// Writes in flight per file.
 pub const DEPTH: u32 = 16;
