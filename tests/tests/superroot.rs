@@ -894,6 +894,47 @@ fn fs_server_killed_mid_copy_restarts_with_fsynced_data_and_the_copy_resumes() {
     );
 }
 
+#[test]
+fn fs_server_killed_while_cp_streams_and_cp_still_completes_identically() {
+    let mut c = fs_cluster(2);
+    c.sh_ok("ws2", "head -c 268435456 /dev/urandom > /tmp/big");
+    let mut cp = c
+        .command("ws2", &["cp", "/tmp/big", "/.../ws1/tmp/streamed"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait for the copy to be under way on ws1's disk, then crash ws1's fs-server.
+    let dst = ws1_tmp(&c).join("streamed");
+    let mut under_way = false;
+    while cp.try_wait().unwrap().is_none() {
+        if std::fs::metadata(&dst).map(|m| m.len()).unwrap_or(0) >= 16 << 20 {
+            under_way = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    c.kill_daemon("ws1", "fs-server", Signal::SIGKILL);
+    if !under_way || cp.try_wait().unwrap().is_some() {
+        eprintln!(
+            "note: cp finished before fs-server was killed; the restart is tested on an idle mount"
+        );
+    }
+    c.restart_daemon("ws1", "fs-server");
+    let out = cp.wait_with_output().unwrap();
+    c.expect_success(
+        "ws2",
+        "cp /tmp/big /.../ws1/tmp/streamed (fs-server killed and restarted)",
+        &out,
+    );
+    assert_eq!(
+        sha256_host(&dst),
+        sha256_host(&c.dir().join("ws2/tmp/big")),
+        "the copy differs from its source after fs-server was killed mid-stream\n{}",
+        c.logs("ws2", 20)
+    );
+}
+
 // ---------------------------------------------------------------------------------
 // Real programs
 
