@@ -81,14 +81,18 @@ impl UpOptions {
 }
 
 /// The directory holding `cluster` and the daemons: `$FERRY_BIN_DIR`, else the
-/// directory of the running executable (its parent when that is cargo's `deps`).
+/// directory of the running executable (its parent when that is cargo's `deps` or
+/// `examples`).
 pub fn find_bin_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("FERRY_BIN_DIR") {
         return PathBuf::from(d);
     }
     let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("."));
     let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
-    if dir.file_name().is_some_and(|n| n == "deps") {
+    if dir
+        .file_name()
+        .is_some_and(|n| n == "deps" || n == "examples")
+    {
         dir.pop();
     }
     dir

@@ -553,3 +553,28 @@ fn optional_stub_daemons_are_tolerated_and_reported() {
     }
     let _ = std::fs::remove_dir_all(&bin);
 }
+
+#[test]
+fn exec_on_a_dead_node_or_an_unknown_node_says_so() {
+    let c = Cluster::start(2);
+    let unknown = c.exec("ws9", &["true"]);
+    assert_eq!(unknown.status.code(), Some(125));
+    let msg = text(&unknown.stderr);
+    assert!(
+        msg.contains("ws9") && msg.contains("ws1, ws2"),
+        "unknown node: {msg}"
+    );
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.holder("ws1")), Signal::SIGKILL).unwrap();
+    for _ in 0..500 {
+        if !ferry_tests::up::alive(c.holder("ws1")) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let dead = c.exec("ws1", &["true"]);
+    assert_eq!(dead.status.code(), Some(125), "exec on a dead node");
+    let msg = text(&dead.stderr);
+    assert!(msg.contains("ws1 is not running"), "dead node: {msg}");
+    // The other node is unaffected.
+    assert_eq!(c.run_ok("ws2", &["hostname"]).trim(), "ws2");
+}
