@@ -2,7 +2,7 @@
 //! `main` calls.
 
 use crate::engine::dump::{dump, DumpOptions};
-use crate::engine::restore::{restore, RestoreOptions};
+use crate::engine::restore::{restore_inheriting, RestoreOptions};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
@@ -38,6 +38,11 @@ pub enum Cmd {
         /// Do not wait for the process; exit once it runs.
         #[arg(long)]
         detach: bool,
+        /// Hand a resource outside the image to the restored process: `FD:KEY`,
+        /// where FD is one of our fds and KEY names the resource as the dump saw it
+        /// (e.g. `0:pipe:[12345]`: our stdin replaces that pipe). Repeatable.
+        #[arg(long = "inherit-fd", value_parser = parse_inherit)]
+        inherit_fd: Vec<(i32, String)>,
     },
 }
 
@@ -62,9 +67,36 @@ pub fn run_dump(pid: i32, images: PathBuf, leave_running: bool) -> anyhow::Resul
 }
 
 /// Runs `migd restore`. Returns the exit code to use (or dies of the process's signal).
+fn parse_inherit(s: &str) -> Result<(i32, String), String> {
+    let (fd, key) = s
+        .split_once(':')
+        .ok_or_else(|| format!("{s:?}: expected FD:KEY, e.g. 0:pipe:[123]"))?;
+    let fd = fd
+        .parse()
+        .map_err(|_| format!("{s:?}: {fd:?} is not an fd number"))?;
+    Ok((fd, key.to_string()))
+}
+
+/// Runs `migd restore`. Returns the exit code to use (or dies of the process's signal).
+pub fn run_restore_inheriting(
+    images: PathBuf,
+    detach: bool,
+    inherit: &[(i32, String)],
+) -> anyhow::Result<i32> {
+    run_restore_with(images, detach, inherit)
+}
+
 pub fn run_restore(images: PathBuf, detach: bool) -> anyhow::Result<i32> {
+    run_restore_with(images, detach, &[])
+}
+
+fn run_restore_with(
+    images: PathBuf,
+    detach: bool,
+    inherit: &[(i32, String)],
+) -> anyhow::Result<i32> {
     use std::io::Write;
-    let (_, status) = restore(&RestoreOptions { images, detach }, |r| {
+    let (_, status) = restore_inheriting(&RestoreOptions { images, detach }, inherit, |r| {
         println!(
             "restored pid {} (pid {} here, init stub {}): {} threads, {} areas, {} fds, {} bytes of pages, {:.1} ms",
             r.pid, r.outer_pid, r.stub_pid, r.threads, r.areas, r.fds, r.page_bytes, r.restore_ms

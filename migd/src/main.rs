@@ -13,8 +13,15 @@ fn main() -> anyhow::Result<()> {
             }),
             _,
         ) => migd::cli::run_dump(pid, images, leave_running),
-        (Some(Cmd::Restore { images, detach }), _) => {
-            let code = migd::cli::run_restore(images, detach)?;
+        (
+            Some(Cmd::Restore {
+                images,
+                detach,
+                inherit_fd,
+            }),
+            _,
+        ) => {
+            let code = migd::cli::run_restore_inheriting(images, detach, &inherit_fd)?;
             std::process::exit(code)
         }
         (None, Some(config)) => migd::cli::run_daemon(config),

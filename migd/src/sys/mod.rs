@@ -504,3 +504,15 @@ pub fn wait_any() -> Result<(i32, i32), Errno> {
         return Ok((r, status));
     }
 }
+
+/// Closes every fd of the calling process except `keep`.
+pub fn close_all_but(keep: RawFd) {
+    // SAFETY: close_range takes only integers; the caller owns no Rust object holding
+    // the closed fds (used in forked children only).
+    unsafe {
+        if keep > 0 {
+            libc::syscall(kabi::SYS_CLOSE_RANGE, 0u32, (keep - 1) as u32, 0u32);
+        }
+        libc::syscall(kabi::SYS_CLOSE_RANGE, (keep + 1) as u32, u32::MAX, 0u32);
+    }
+}

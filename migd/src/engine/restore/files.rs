@@ -92,9 +92,21 @@ pub fn restore_fds(ctx: &Ctx, m: &Manifest, pages: &[u8]) -> Result<(), RestoreE
                 size,
                 data,
             } => {
-                let (r, w) = match pipes.get(inode) {
-                    Some(&ends) => ends,
-                    None => {
+                let key = format!("pipe:[{inode}]");
+                let inherited = ctx
+                    .inherit
+                    .iter()
+                    .find(|(_, k)| *k == key)
+                    .map(|(fd, _)| *fd);
+                let (r, w) = match (pipes.get(inode), inherited) {
+                    (Some(&ends), _) => ends,
+                    (None, Some(ours)) => {
+                        // The caller's fd stands for this pipe; its data never left it.
+                        let p = park(ctx, ours, &mut parks)?;
+                        pipes.insert(*inode, (p, p));
+                        (p, p)
+                    }
+                    (None, None) => {
                         let addr = ctx.put(0, &[0u8; 8])?;
                         ctx.ok(t, libc::SYS_pipe2, &[addr, libc::O_CLOEXEC as u64], "pipe2")?;
                         let mut b = [0u8; 8];

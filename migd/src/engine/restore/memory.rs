@@ -64,13 +64,21 @@ pub fn rebuild(ctx: &Ctx, m: &Manifest, pages: &[u8]) -> Result<(), RestoreError
             "rseq(unregister)",
         )?;
     }
-    // 2. No fd of migd survives.
-    ctx.ok(
-        t,
-        kabi::SYS_CLOSE_RANGE,
-        &[0, u32::MAX as u64, 0],
-        "close_range",
-    )?;
+    // 2. No fd of migd survives, except those handed in with --inherit-fd.
+    let mut keep: Vec<u64> = ctx.inherit.iter().map(|(fd, _)| *fd as u64).collect();
+    keep.sort();
+    keep.dedup();
+    let mut from = 0u64;
+    for k in keep
+        .iter()
+        .copied()
+        .chain(std::iter::once(u32::MAX as u64 + 1))
+    {
+        if k > from {
+            ctx.ok(t, kabi::SYS_CLOSE_RANGE, &[from, k - 1, 0], "close_range")?;
+        }
+        from = k + 1;
+    }
     // 3. Unmap everything inherited except the gadget and the vDSO block.
     let own = smaps_of(ctx.pid)?;
     for a in &own {

@@ -72,6 +72,7 @@ pub struct Ctx {
     pub inj: Injector,
     pub gadget: u64,
     pub gadget_len: u64,
+    pub inherit: Vec<(i32, String)>,
 }
 
 impl Ctx {
@@ -192,6 +193,18 @@ pub fn restore(
     opts: &RestoreOptions,
     running: impl FnOnce(&RestoreReport),
 ) -> Result<(RestoreReport, Option<i32>), RestoreError> {
+    restore_inheriting(opts, &[], running)
+}
+
+/// [`restore`], with resources outside the image handed in by the caller: (our fd,
+/// key), where key names the resource as the dump saw it, e.g. `pipe:[12345]`. The
+/// restored process gets our fd in place of that resource (e.g. a pipe whose other
+/// end stayed with the parent; its buffered data never left it).
+pub fn restore_inheriting(
+    opts: &RestoreOptions,
+    inherit: &[(i32, String)],
+    running: impl FnOnce(&RestoreReport),
+) -> Result<(RestoreReport, Option<i32>), RestoreError> {
     let m = image::read_image(&opts.images)?;
     let _span = tracing::info_span!("restore", pid = m.pid).entered();
     precheck(&m)?;
@@ -215,6 +228,7 @@ pub fn restore(
         inj: Injector { gadget },
         gadget,
         gadget_len: GADGET_LEN,
+        inherit: inherit.to_vec(),
     };
     let threads = match shape(&ctx, &m, pages.bytes()) {
         Ok(t) => t,
@@ -361,6 +375,13 @@ fn shape(ctx: &Ctx, m: &Manifest, pages: &[u8]) -> Result<Vec<Stopped>, RestoreE
     restore_creds(ctx, m)?;
     for (which, it) in m.itimers.iter().enumerate() {
         if it.iter().any(|&v| v != 0) {
+            let mut it = *it;
+            if it[2] == 0 && it[3] == 0 {
+                // Expired with its signal still pending: the kernel would re-arm it when
+                // the signal is taken; a zero value would disarm it instead.
+                it[2] = it[0];
+                it[3] = it[1];
+            }
             let b: Vec<u8> = it.iter().flat_map(|v| v.to_ne_bytes()).collect();
             let a = ctx.put(0, &b)?;
             ctx.ok(t, libc::SYS_setitimer, &[which as u64, a, 0], "setitimer")?;

@@ -93,6 +93,7 @@ fn stub_main(vpid: i32, gadget: u64, gadget_len: usize, ready: i32, status: i32)
             }
         }
         Ok(child) => loop {
+            sys::close_all_but(status);
             match sys::wait_any() {
                 Ok((p, st)) if p == child => {
                     sys::write_raw(status, &st.to_ne_bytes());
