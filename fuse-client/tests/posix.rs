@@ -396,3 +396,34 @@ fn shared_mapping_of_an_append_only_open_writes_in_place() {
     );
     assert_eq!(&got[..6], b"HELLOa", "mapped change not on the server");
 }
+
+#[test]
+fn flock_works_on_read_only_descriptors_and_excludes_within_a_node() {
+    use std::os::fd::AsRawFd;
+    let bench = Bench::new();
+    let _server = Server::start(bench.config(common::SERVER));
+    let a = Client::mount(&bench, "ws2");
+    fs::write(a.vol().join("flocked"), b"x").unwrap();
+    // Read-only opens, as flock(1) makes them.
+    let f1 = fs::File::open(a.vol().join("flocked")).unwrap();
+    let f2 = fs::File::open(a.vol().join("flocked")).unwrap();
+    // SAFETY: flock(2) on open descriptors we own.
+    let flock = |f: &fs::File, op: i32| unsafe { libc::flock(f.as_raw_fd(), op) };
+    assert_eq!(
+        flock(&f1, libc::LOCK_EX | libc::LOCK_NB),
+        0,
+        "flock on a read-only descriptor: {}",
+        std::io::Error::last_os_error()
+    );
+    assert_eq!(
+        flock(&f2, libc::LOCK_EX | libc::LOCK_NB),
+        -1,
+        "a second open's flock must conflict"
+    );
+    drop(f1);
+    assert_eq!(
+        flock(&f2, libc::LOCK_EX | libc::LOCK_NB),
+        0,
+        "the flock went with its close"
+    );
+}

@@ -79,7 +79,9 @@ impl Filesystem for FerryFs {
             ("MAX_PAGES", InitFlags::FUSE_MAX_PAGES),
             ("AUTO_INVAL_DATA", InitFlags::FUSE_AUTO_INVAL_DATA),
             ("POSIX_LOCKS", InitFlags::FUSE_POSIX_LOCKS),
-            ("FLOCK_LOCKS", InitFlags::FUSE_FLOCK_LOCKS),
+            // Not FLOCK_LOCKS: fuser 0.18 drops the request's FUSE_LK_FLOCK bit, so a
+            // flock could not be told from a POSIX lock, and sent as one it fails on
+            // read-only descriptors (EBADF). flock(2) stays local to each node.
             ("DO_READDIRPLUS", InitFlags::FUSE_DO_READDIRPLUS),
             ("READDIRPLUS_AUTO", InitFlags::FUSE_READDIRPLUS_AUTO),
             ("PARALLEL_DIROPS", InitFlags::FUSE_PARALLEL_DIROPS),
