@@ -126,6 +126,25 @@ pub fn precheck(pid: i32) -> Result<(), DumpError> {
             format!("it has child processes {kids:?} that would be left outside the image"),
         ));
     }
+    if let Ok(t) = std::fs::read_to_string(format!("/proc/{pid}/timers")) {
+        if let Some(id) = t.lines().find_map(|l| l.strip_prefix("ID:")) {
+            return Err(refuse(
+                pid,
+                format!(
+                    "POSIX timer {} (timer_create timers are not supported yet)",
+                    id.trim()
+                ),
+            ));
+        }
+    }
+    if let Ok(st) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
+        if procfs::status_field(&st, "Seccomp").is_some_and(|v| v != "0") {
+            return Err(refuse(
+                pid,
+                "it runs under a seccomp filter (not supported yet)",
+            ));
+        }
+    }
     for (fd, link) in list_fds(pid)? {
         match classify_link(&link) {
             LinkKind::Path(_) | LinkKind::Pipe(_) => {}
@@ -138,6 +157,7 @@ pub fn precheck(pid: i32) -> Result<(), DumpError> {
                     ),
                 ))
             }
+            LinkKind::AnonInode(name) if SUPPORTED_ANON.contains(&name.as_str()) => {}
             LinkKind::AnonInode(name) => {
                 return Err(refuse(pid, format!("fd {fd}: {name} (not supported yet)")))
             }
@@ -164,6 +184,53 @@ pub fn precheck(pid: i32) -> Result<(), DumpError> {
         }
     }
     Ok(())
+}
+
+const SUPPORTED_ANON: [&str; 4] = ["eventfd", "signalfd", "timerfd", "eventpoll"];
+
+fn anon_kind(
+    pid: i32,
+    fd: i32,
+    name: &str,
+    text: &str,
+    info: &super::fdinfo::FdInfo,
+) -> Result<FdKind, DumpError> {
+    let bad = |what: &str| DumpError::Other {
+        pid,
+        what: format!("fd {fd}: {name}: cannot read {what} from fdinfo"),
+    };
+    let x = |k: &str| info.extra.get(k).map(|s| s.trim().to_string());
+    Ok(match name {
+        "eventfd" => FdKind::EventFd {
+            count: x("eventfd-count")
+                .and_then(|v| u64::from_str_radix(&v, 16).ok())
+                .ok_or_else(|| bad("eventfd-count"))?,
+            semaphore: x("eventfd-semaphore").as_deref() == Some("1"),
+        },
+        "signalfd" => FdKind::SignalFd {
+            mask: x("sigmask")
+                .and_then(|v| u64::from_str_radix(&v, 16).ok())
+                .ok_or_else(|| bad("sigmask"))?,
+        },
+        "timerfd" => FdKind::TimerFd {
+            clockid: x("clockid")
+                .and_then(|v| v.parse().ok())
+                .ok_or_else(|| bad("clockid"))?,
+            ticks: x("ticks")
+                .and_then(|v| v.parse().ok())
+                .ok_or_else(|| bad("ticks"))?,
+            value: x("it_value")
+                .and_then(|v| super::fdinfo::parse_pair(&v))
+                .ok_or_else(|| bad("it_value"))?,
+            interval: x("it_interval")
+                .and_then(|v| super::fdinfo::parse_pair(&v))
+                .ok_or_else(|| bad("it_interval"))?,
+        },
+        "eventpoll" => FdKind::Epoll {
+            targets: super::fdinfo::parse_epoll_targets(text),
+        },
+        _ => return Err(refuse(pid, format!("fd {fd}: {name} (not supported yet)"))),
+    })
 }
 
 fn socket_kind(pid: i32, ino: u64) -> String {
@@ -399,7 +466,7 @@ pub fn collect(pid: i32, frozen: &Frozen, dir: &Path) -> Result<Manifest, DumpEr
         .iter()
         .map(|t| thread_basics(pid, t))
         .collect::<Result<Vec<_>, _>>()?;
-    let shared_pending = frozen.threads[0]
+    let shared_pending: Vec<Vec<u8>> = frozen.threads[0]
         .pending(true)?
         .iter()
         .map(|s| s.to_vec())
@@ -408,6 +475,10 @@ pub fn collect(pid: i32, frozen: &Frozen, dir: &Path) -> Result<Manifest, DumpEr
     for (ti, (ctid, alt)) in threads.iter_mut().zip(&inj.per_thread) {
         ti.clear_tid = *ctid;
         ti.altstack = *alt;
+    }
+    let shared_sigs: Vec<i32> = shared_pending_sigs(&shared_pending);
+    for (ti, t) in threads.iter_mut().zip(&frozen.threads) {
+        undo_spurious_eintr(t, ti, &shared_sigs)?;
     }
     let mut mm =
         procfs::parse_stat_mm(&read_proc(format!("/proc/{pid}/stat"))?).ok_or_else(|| {
@@ -477,6 +548,41 @@ pub fn collect(pid: i32, frozen: &Frozen, dir: &Path) -> Result<Manifest, DumpEr
         chunk_crcs,
         xsave_len,
     })
+}
+
+fn shared_pending_sigs(infos: &[Vec<u8>]) -> Vec<i32> {
+    infos
+        .iter()
+        .map(|i| i32::from_ne_bytes(i[..4].try_into().unwrap()))
+        .collect()
+}
+
+/// epoll_wait answers -EINTR to the freeze itself (PTRACE_INTERRUPT makes a signal
+/// pending). Unless a real signal is waiting, make it restart instead, both in the
+/// image and in the live thread (for --leave-running or a thaw).
+fn undo_spurious_eintr(t: &Stopped, ti: &mut ThreadImage, shared: &[i32]) -> Result<(), DumpError> {
+    const EPOLL_WAITS: [u64; 3] = [
+        libc::SYS_epoll_wait as u64,
+        libc::SYS_epoll_pwait as u64,
+        441,
+    ];
+    const ERESTARTNOHAND: i64 = -514;
+    let mut r = t.regs()?;
+    if !EPOLL_WAITS.contains(&r.orig_rax) || r.rax as i64 != -(libc::EINTR as i64) {
+        return Ok(());
+    }
+    let own: Vec<i32> = shared_pending_sigs(&ti.pending);
+    let real = own
+        .iter()
+        .chain(shared)
+        .any(|&s| s > 0 && ti.sigmask & (1u64 << (s - 1)) == 0);
+    if real {
+        return Ok(());
+    }
+    r.rax = ERESTARTNOHAND as u64;
+    t.set_regs(&r)?;
+    ti.regs = regs::to_words(&r);
+    Ok(())
 }
 
 fn area_kind(pid: i32, a: &MapArea) -> Result<Option<AreaKind>, DumpError> {
@@ -636,11 +742,10 @@ fn dump_fds(pid: i32, pw: &mut PageWriter) -> Result<Vec<FdImage>, DumpError> {
     let mut out: Vec<FdImage> = Vec::new();
     for (fd, link) in &fds {
         let fd = *fd;
-        let info = parse_fdinfo(&read_proc(format!("/proc/{pid}/fdinfo/{fd}"))?).map_err(|e| {
-            DumpError::Other {
-                pid,
-                what: format!("fd {fd}: {e}"),
-            }
+        let info_text = read_proc(format!("/proc/{pid}/fdinfo/{fd}"))?;
+        let info = parse_fdinfo(&info_text).map_err(|e| DumpError::Other {
+            pid,
+            what: format!("fd {fd}: {e}"),
         })?;
         let dup_of = fds
             .iter()
@@ -695,9 +800,7 @@ fn dump_fds(pid: i32, pw: &mut PageWriter) -> Result<Vec<FdImage>, DumpError> {
             LinkKind::Socket(ino) => {
                 return Err(refuse(pid, format!("fd {fd}: {}", socket_kind(pid, ino))))
             }
-            LinkKind::AnonInode(n) => {
-                return Err(refuse(pid, format!("fd {fd}: {n} (not supported yet)")))
-            }
+            LinkKind::AnonInode(n) => anon_kind(pid, fd, &n, &info_text, &info)?,
             LinkKind::Other(o) => {
                 return Err(refuse(pid, format!("fd {fd}: {o} (unsupported kind)")))
             }

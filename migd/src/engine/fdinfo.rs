@@ -91,9 +91,57 @@ pub fn classify_link(target: &str) -> LinkKind {
     LinkKind::Other(target.to_string())
 }
 
+/// The "tfd:" lines of an epoll fdinfo: (target fd, events, data).
+pub fn parse_epoll_targets(text: &str) -> Vec<(i32, u32, u64)> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("tfd:") else {
+            continue;
+        };
+        let w: Vec<&str> = rest.split_whitespace().collect();
+        let get = |key: &str| {
+            w.iter()
+                .position(|x| *x == key)
+                .and_then(|i| w.get(i + 1))
+                .copied()
+        };
+        let (Some(fd), Some(ev), Some(data)) = (w.first(), get("events:"), get("data:")) else {
+            continue;
+        };
+        if let (Ok(fd), Ok(ev), Ok(data)) = (
+            fd.parse(),
+            u32::from_str_radix(ev, 16),
+            u64::from_str_radix(data, 16),
+        ) {
+            out.push((fd, ev, data));
+        }
+    }
+    out
+}
+
+/// A "(sec, nsec)" pair as timerfd fdinfo prints it.
+pub fn parse_pair(v: &str) -> Option<(u64, u64)> {
+    let (a, b) = v
+        .trim()
+        .strip_prefix('(')?
+        .strip_suffix(')')?
+        .split_once(',')?;
+    Some((a.trim().parse().ok()?, b.trim().parse().ok()?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn epoll_targets_and_timer_pairs_are_parsed() {
+        let t = "pos:\t0\nflags:\t02\ntfd:        3 events:       19 data:                3  pos:0 ino:40f sdev:10\ntfd:       10 events: 80000001 data: ffffffffffffffff  pos:0 ino:1 sdev:1\n";
+        assert_eq!(
+            parse_epoll_targets(t),
+            vec![(3, 0x19, 3), (10, 0x8000_0001, u64::MAX)]
+        );
+        assert_eq!(parse_pair(" (2, 999943464)"), Some((2, 999_943_464)));
+    }
 
     #[test]
     fn fdinfo_pos_flags_are_parsed_octal_flags() {

@@ -139,7 +139,10 @@ pub struct Area {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum FdKind {
     /// A file reopened by path at its offset.
-    File { path: String, pos: u64 },
+    File {
+        path: String,
+        pos: u64,
+    },
     /// A file with no name left: its contents travel (`data` is a page-file range).
     Deleted {
         path: String,
@@ -156,7 +159,27 @@ pub enum FdKind {
         data: Vec<u8>,
     },
     /// A FIFO reopened by path.
-    Fifo { path: String },
+    Fifo {
+        path: String,
+    },
+    EventFd {
+        count: u64,
+        semaphore: bool,
+    },
+    SignalFd {
+        mask: u64,
+    },
+    /// it_value is the time left (relative), as fdinfo shows it.
+    TimerFd {
+        clockid: i32,
+        ticks: u64,
+        value: (u64, u64),
+        interval: (u64, u64),
+    },
+    /// Registered targets: (fd, events, data), re-added once every fd is in place.
+    Epoll {
+        targets: Vec<(i32, u32, u64)>,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -90,3 +90,7 @@ pub const MAP_FIXED_NOREPLACE: libc::c_int = 0x100000;
 /// `CLOSE_RANGE` has no flags we use; `close_range` is syscall 436 on x86-64
 /// (arch/x86/entry/syscalls/syscall_64.tbl).
 pub const SYS_CLOSE_RANGE: i64 = 436;
+
+/// `TFD_IOC_SET_TICKS` = `_IOW('T', 0, __u64)` — include/uapi/linux/timerfd.h
+/// (needs CONFIG_CHECKPOINT_RESTORE).
+pub const TFD_IOC_SET_TICKS: u64 = 0x4008_5400;

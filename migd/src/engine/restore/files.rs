@@ -4,10 +4,13 @@
 
 use super::{Ctx, RestoreError};
 use crate::engine::image::{FdKind, Manifest};
-use crate::sys;
+use crate::sys::{self, kabi};
 use std::collections::BTreeMap;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
+
+/// (target fd, events, data) of one epoll registration.
+type EpollTarget = (i32, u32, u64);
 
 const OPEN_MASK: i32 = !(libc::O_CREAT | libc::O_TRUNC | libc::O_EXCL | libc::O_CLOEXEC);
 
@@ -18,6 +21,7 @@ pub fn restore_fds(ctx: &Ctx, m: &Manifest, pages: &[u8]) -> Result<(), RestoreE
     let mut parks: Vec<i32> = Vec::new();
     let mut park_of_fd: BTreeMap<i32, i32> = BTreeMap::new();
     let mut pipes: BTreeMap<u64, (i32, i32)> = BTreeMap::new();
+    let mut epolls: Vec<(i32, Vec<EpollTarget>)> = Vec::new();
     let pidfd = sys::pidfd_open(ctx.pid).map_err(|e| RestoreError::Other {
         what: format!("pidfd_open({}): {e}", ctx.pid),
     })?;
@@ -157,6 +161,79 @@ pub fn restore_fds(ctx: &Ctx, m: &Manifest, pages: &[u8]) -> Result<(), RestoreE
                 }
                 p
             }
+            FdKind::EventFd { count, semaphore } => {
+                let fl = (f.flags & libc::O_NONBLOCK) as u64 | if *semaphore { 1 } else { 0 };
+                let tmp = ctx.ok(t, libc::SYS_eventfd2, &[0, fl], "eventfd2")? as i32;
+                let p = park(ctx, tmp, &mut parks)?;
+                if *count > 0 {
+                    let ours = sys::pidfd_getfd(pidfd.as_raw_fd(), p).map_err(|e| {
+                        RestoreError::Other {
+                            what: format!("fd {}: pidfd_getfd: {e}", f.fd),
+                        }
+                    })?;
+                    if sys::write_raw(ours.as_raw_fd(), &count.to_ne_bytes()) != 8 {
+                        return Err(RestoreError::Other {
+                            what: format!("fd {}: setting the eventfd count failed", f.fd),
+                        });
+                    }
+                }
+                p
+            }
+            FdKind::SignalFd { mask } => {
+                let a = ctx.put(0, &mask.to_ne_bytes())?;
+                let tmp = ctx.ok(
+                    t,
+                    libc::SYS_signalfd4,
+                    &[u64::MAX, a, 8, (f.flags & libc::O_NONBLOCK) as u64],
+                    "signalfd4",
+                )? as i32;
+                park(ctx, tmp, &mut parks)?
+            }
+            FdKind::TimerFd {
+                clockid,
+                ticks,
+                value,
+                interval,
+            } => {
+                let tmp = ctx.ok(
+                    t,
+                    libc::SYS_timerfd_create,
+                    &[*clockid as u64, (f.flags & libc::O_NONBLOCK) as u64],
+                    "timerfd_create",
+                )? as i32;
+                let p = park(ctx, tmp, &mut parks)?;
+                // Expired with a tick pending: the kernel re-arms it at the next read.
+                let value = if *value == (0, 0) { *interval } else { *value };
+                if value != (0, 0) {
+                    let b: Vec<u8> = [interval.0, interval.1, value.0, value.1]
+                        .iter()
+                        .flat_map(|w| w.to_ne_bytes())
+                        .collect();
+                    let a = ctx.put(0, &b)?;
+                    ctx.ok(
+                        t,
+                        libc::SYS_timerfd_settime,
+                        &[p as u64, 0, a, 0],
+                        "timerfd_settime",
+                    )?;
+                }
+                if *ticks > 0 {
+                    let a = ctx.put(64, &ticks.to_ne_bytes())?;
+                    ctx.ok(
+                        t,
+                        libc::SYS_ioctl,
+                        &[p as u64, kabi::TFD_IOC_SET_TICKS, a],
+                        "ioctl(TFD_IOC_SET_TICKS)",
+                    )?;
+                }
+                p
+            }
+            FdKind::Epoll { targets } => {
+                let tmp = ctx.ok(t, libc::SYS_epoll_create1, &[0], "epoll_create1")? as i32;
+                let p = park(ctx, tmp, &mut parks)?;
+                epolls.push((f.fd, targets.clone()));
+                p
+            }
             FdKind::Deleted {
                 path,
                 pos,
@@ -223,6 +300,20 @@ pub fn restore_fds(ctx: &Ctx, m: &Manifest, pages: &[u8]) -> Result<(), RestoreE
             &[p as u64, f.fd as u64, fl as u64],
             &format!("dup3(fd {})", f.fd),
         )?;
+    }
+    // Epoll interest lists name fds, so they come once every fd is in place.
+    for (efd, targets) in &epolls {
+        for &(tfd, events, data) in targets {
+            let mut b = events.to_ne_bytes().to_vec();
+            b.extend_from_slice(&data.to_ne_bytes());
+            let a = ctx.put(0, &b)?;
+            ctx.ok(
+                t,
+                libc::SYS_epoll_ctl,
+                &[*efd as u64, libc::EPOLL_CTL_ADD as u64, tfd as u64, a],
+                &format!("epoll_ctl(fd {efd}, add {tfd})"),
+            )?;
+        }
     }
     for p in parks {
         ctx.ok(t, libc::SYS_close, &[p as u64], "close(park)")?;

@@ -1,0 +1,123 @@
+//! A C program using eventfd, signalfd, timerfd, epoll, a deleted-but-open file, a
+//! memfd mapping, shared anonymous memory, a FIFO and a pipe is dumped and restored
+//! three times; its output must equal an uninterrupted run's (epoll_wait must not
+//! see a spurious EINTR from the freeze).
+
+mod common;
+use common::*;
+
+const KINDS_C: &str = r#"
+#define _GNU_SOURCE
+#include <stdio.h>
+#include <stdint.h>
+#include <string.h>
+#include <signal.h>
+#include <unistd.h>
+#include <fcntl.h>
+#include <sys/eventfd.h>
+#include <sys/signalfd.h>
+#include <sys/timerfd.h>
+#include <sys/epoll.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+int main(void) {
+    int efd = eventfd(3, EFD_NONBLOCK);
+    sigset_t ss; sigemptyset(&ss); sigaddset(&ss, SIGUSR1); sigprocmask(SIG_BLOCK, &ss, 0);
+    int sfd = signalfd(-1, &ss, 0);
+    int tfd = timerfd_create(CLOCK_MONOTONIC, 0);
+    struct itimerspec its = {{0, 10000000}, {0, 10000000}};
+    timerfd_settime(tfd, 0, &its, 0);
+    int ep = epoll_create1(0);
+    struct epoll_event ev = {.events = EPOLLIN, .data.u64 = 0x1234};
+    epoll_ctl(ep, EPOLL_CTL_ADD, tfd, &ev);
+    int del = open("gone.dat", O_RDWR | O_CREAT | O_TRUNC, 0600);
+    unlink("gone.dat");
+    int mfd = memfd_create("kinds", 0);
+    ftruncate(mfd, 1 << 20);
+    uint8_t *mm = mmap(0, 1 << 20, PROT_READ | PROT_WRITE, MAP_SHARED, mfd, 0);
+    uint8_t *sh = mmap(0, 1 << 20, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    int p[2]; pipe(p);
+    mkfifo("f.fifo", 0600);
+    int ff = open("f.fifo", O_RDWR);
+    uint64_t h = 5381;
+    for (int i = 0; i < 300; i++) {
+        struct epoll_event got;
+        int n = epoll_wait(ep, &got, 1, -1);
+        if (n != 1 || got.data.u64 != 0x1234) { printf("epoll %d\n", n); return 1; }
+        uint64_t ticks; read(tfd, &ticks, 8);
+        uint64_t one = 1; write(efd, &one, 8);
+        kill(getpid(), SIGUSR1);
+        struct signalfd_siginfo si; read(sfd, &si, sizeof si);
+        char rec[32]; int len = snprintf(rec, sizeof rec, "r%d;", i);
+        write(del, rec, len);
+        mm[(i * 4099) % (1 << 20)] += i; sh[(i * 7919) % (1 << 20)] += i;
+        write(p[1], rec, len); char back[32]; read(p[0], back, len);
+        write(ff, rec, len); char fb[32]; read(ff, fb, len); if (memcmp(fb, rec, len)) { printf("fifo\n"); return 1; }
+        h = h * 33 + si.ssi_signo + (uint64_t)mm[(i * 4099) % (1 << 20)] + sh[(i * 7919) % (1 << 20)] + (uint8_t)back[1];
+        if (i % 10 == 0) printf("%d %016llx\n", i, (unsigned long long)h);
+    }
+    uint64_t cnt = 0; read(efd, &cnt, 8);
+    off_t end = lseek(del, 0, SEEK_CUR);
+    char buf[8192]; pread(del, buf, end, 0);
+    uint64_t fh = 0; for (off_t k = 0; k < end; k++) fh = fh * 131 + (uint8_t)buf[k];
+    printf("eventfd %llu deleted-file %lld %016llx\n", (unsigned long long)cnt, (long long)end, (unsigned long long)fh);
+    return 0;
+}
+"#;
+
+#[test]
+fn c_program_with_eventfd_signalfd_timerfd_epoll_deleted_file_fifo_and_memfd_survives_three_dumps()
+{
+    let dir = tempdir();
+    let exe = compile_c(dir.path(), "kinds", KINDS_C, &[]);
+    let w = Workload::new(dir.path(), &[exe.to_str().unwrap()]);
+    check_workload("fd kinds", &w, &[ms(600), ms(600), ms(600)]);
+}
+
+const TIMER_C: &str = r#"
+#include <stdio.h>
+#include <signal.h>
+#include <time.h>
+#include <unistd.h>
+int main(void) {
+    timer_t t;
+    struct sigevent sev = {.sigev_notify = SIGEV_SIGNAL, .sigev_signo = SIGUSR2};
+    signal(SIGUSR2, SIG_IGN);
+    timer_create(CLOCK_MONOTONIC, &sev, &t);
+    for (int i = 0; i < 200; i++) { printf("%d\n", i); fflush(stdout); usleep(10000); }
+    return 0;
+}
+"#;
+
+#[test]
+fn process_with_a_posix_timer_is_refused_and_keeps_running() {
+    let dir = tempdir();
+    let exe = compile_c(dir.path(), "ptimer", TIMER_C, &[]);
+    let out = dir.path().join("o");
+    let mut child = std::process::Command::new(&exe)
+        .stdout(std::fs::File::create(&out).unwrap())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(ms(300));
+    let o = std::process::Command::new(migd())
+        .args(["dump", "--pid", &child.id().to_string(), "--images"])
+        .arg(dir.path().join("img"))
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("POSIX timer"),
+        "POSIX timer not refused: {err}"
+    );
+    assert!(
+        child.wait().unwrap().success(),
+        "refused process did not finish cleanly"
+    );
+    let text = std::fs::read_to_string(&out).unwrap();
+    assert!(
+        text.ends_with("199\n"),
+        "refused process output is incomplete: ...{}",
+        &text[text.len().saturating_sub(40)..]
+    );
+}
