@@ -30,6 +30,9 @@ use tokio::net::TcpStream;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Deadline of an ordinary call.
 pub const CALL_DEADLINE: Duration = Duration::from_secs(30);
+/// Connection attempts are at least this far apart, whatever the number of calls
+/// waiting.
+const RETRY_SPACING: Duration = Duration::from_millis(100);
 /// Longest pause between reconnect attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
 
@@ -80,12 +83,25 @@ pub enum ConnectError {
         addr: SocketAddr,
         source: RpcError,
     },
+    /// Another call tried to connect a moment ago and failed; not tried again yet.
+    #[error("{last} (tried {ago:?} ago)")]
+    Recent {
+        last: String,
+        ago: Duration,
+        refused: bool,
+    },
 }
 
 impl ConnectError {
     /// Nothing listens at the address (the server is not running).
     pub fn is_refused(&self) -> bool {
-        matches!(self, ConnectError::Connect { source, .. } if source.kind() == std::io::ErrorKind::ConnectionRefused)
+        match self {
+            ConnectError::Connect { source, .. } => {
+                source.kind() == std::io::ErrorKind::ConnectionRefused
+            }
+            ConnectError::Recent { refused, .. } => *refused,
+            _ => false,
+        }
     }
 }
 
@@ -97,6 +113,9 @@ struct State {
     callbacks: Option<tokio::task::JoinHandle<()>>,
     /// Whether we were ever connected (a later connection is a *re*connect).
     ever_connected: bool,
+    /// The last failed connection attempt: calls queued behind it do not each wait
+    /// for a connect timeout of their own.
+    last_failure: Option<(Instant, String, bool)>,
 }
 
 /// One fs-server.
@@ -143,6 +162,7 @@ impl ServerConn {
                 client: None,
                 callbacks: None,
                 ever_connected: false,
+                last_failure: None,
             }),
         })
     }
@@ -242,8 +262,24 @@ impl ServerConn {
         if let Some(client) = &state.client {
             return Ok((state.generation, client.clone()));
         }
+        if let Some((at, last, refused)) = &state.last_failure {
+            if at.elapsed() < RETRY_SPACING {
+                return Err(ConnectError::Recent {
+                    last: last.clone(),
+                    ago: at.elapsed(),
+                    refused: *refused,
+                });
+            }
+        }
         let generation = state.generation + 1;
-        let (client, callbacks) = self.connect(generation).await?;
+        let (client, callbacks) = match self.connect(generation).await {
+            Ok(c) => c,
+            Err(e) => {
+                state.last_failure = Some((Instant::now(), e.to_string(), e.is_refused()));
+                return Err(e);
+            }
+        };
+        state.last_failure = None;
         state.generation = generation;
         state.client = Some(client.clone());
         if let Some(old) = state.callbacks.replace(callbacks) {
