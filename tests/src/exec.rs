@@ -24,7 +24,9 @@ use nix::sched::{setns, CloneFlags};
 use nix::sys::wait::{waitpid, WaitStatus};
 
 use crate::state::{ClusterState, StateError};
-use crate::sys::{default_signals, fork_single_threaded, forward_signals_to, Forked};
+use crate::sys::{
+    block_forwarded_signals, default_signals, fork_single_threaded, forward_signals_to, Forked,
+};
 
 /// Why a command could not be started in a node.
 #[derive(Debug, thiserror::Error)]
@@ -168,6 +170,9 @@ pub fn exec_in_node(req: &ExecRequest) -> Result<i32, ExecError> {
         source,
     };
 
+    if log.is_none() {
+        block_forwarded_signals().map_err(|e| spawn_err(err_io(e)))?;
+    }
     match log {
         None => match fork_single_threaded().map_err(|e| spawn_err(err_io(e)))? {
             Forked::Child => {

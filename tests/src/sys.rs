@@ -53,8 +53,30 @@ extern "C" fn forward(sig: libc::c_int) {
     }
 }
 
+const FORWARDED: [Signal; 4] = [
+    Signal::SIGINT,
+    Signal::SIGTERM,
+    Signal::SIGHUP,
+    Signal::SIGQUIT,
+];
+
+fn forwarded_set() -> SigSet {
+    let mut set = SigSet::empty();
+    for s in FORWARDED {
+        set.add(s);
+    }
+    set
+}
+
+/// Blocks the signals [`forward_signals_to`] will forward, so that one arriving
+/// between fork and the handlers' installation waits instead of killing us.
+pub fn block_forwarded_signals() -> nix::Result<()> {
+    forwarded_set().thread_block()
+}
+
 /// Forwards SIGINT, SIGTERM, SIGHUP and SIGQUIT received by this process to `child`,
-/// the way a shell passes signals to the job it waits for.
+/// the way a shell passes signals to the job it waits for; then unblocks them (see
+/// [`block_forwarded_signals`]), so one that arrived meanwhile is forwarded now.
 pub fn forward_signals_to(child: Pid) -> nix::Result<()> {
     FORWARD_TO.store(child.as_raw(), Ordering::Relaxed);
     let action = SigAction::new(
@@ -62,17 +84,12 @@ pub fn forward_signals_to(child: Pid) -> nix::Result<()> {
         SaFlags::SA_RESTART,
         SigSet::empty(),
     );
-    for sig in [
-        Signal::SIGINT,
-        Signal::SIGTERM,
-        Signal::SIGHUP,
-        Signal::SIGQUIT,
-    ] {
+    for sig in FORWARDED {
         // SAFETY: the handler only loads an atomic and calls kill(2), both
         // async-signal-safe; no other code of this process installs handlers.
         unsafe { nix::sys::signal::sigaction(sig, &action) }?;
     }
-    Ok(())
+    forwarded_set().thread_unblock()
 }
 
 /// Restores the default disposition of every signal the harness may have touched

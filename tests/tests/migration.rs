@@ -125,9 +125,21 @@ fn migrate(c: &Cluster, pid: i32, dest: &str) -> String {
     c.run_ok("ws1", &["migrate", &pid.to_string(), dest])
 }
 
-fn finish(c: &Cluster, child: Child) -> String {
+/// Waits for the shell started by [`start_with`] (at most two minutes: a bound for a
+/// hang, not a timing check) and returns its output.
+fn finish(c: &Cluster, mut child: Child) -> String {
+    if wait_for(|| child.try_wait().ok().flatten()).is_none()
+        && wait_for(|| child.try_wait().ok().flatten()).is_none()
+    {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!(
+            "the shell at ws1 did not end\n{}\n{}",
+            c.logs("ws1", 10),
+            c.logs("ws2", 10)
+        );
+    }
     let out = child.wait_with_output().expect("wait for the shell");
-    let _ = c;
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
