@@ -321,3 +321,35 @@ fn restored_process_keeps_its_pid_and_tid() {
     let w = Workload::new(dir.path(), &[exe.to_str().unwrap()]);
     check_workload("pid check", &w, &[ms(300), ms(300), ms(300)]);
 }
+
+#[test]
+fn process_with_a_child_is_refused_and_keeps_running() {
+    let dir = tempdir();
+    let out = dir.path().join("o");
+    let mut child = Command::new("/bin/bash")
+        .args(["-c", "sleep 1; echo finished"])
+        .stdout(std::fs::File::create(&out).unwrap())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(ms(200));
+    let o = Command::new(migd())
+        .args(["dump", "--pid", &child.id().to_string(), "--images"])
+        .arg(dir.path().join("img"))
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("child processes"),
+        "a process with a child was not refused: {err}"
+    );
+    assert!(
+        child.wait().unwrap().success(),
+        "refused process did not finish cleanly"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&out).unwrap(),
+        "finished\n",
+        "refused process output differs"
+    );
+}

@@ -50,7 +50,7 @@ int main(void) {
         struct signalfd_siginfo si; read(sfd, &si, sizeof si);
         char rec[32]; int len = snprintf(rec, sizeof rec, "r%d;", i);
         write(del, rec, len);
-        mm[(i * 4099) % (1 << 20)] += i; sh[(i * 7919) % (1 << 20)] += i;
+        mm[(i * 4099) % (1 << 20)] += i; { uint8_t c = 0; pread(mfd, &c, 1, (i * 4099) % (1 << 20)); if (c != mm[(i * 4099) % (1 << 20)]) { printf("memfd incoherent at %d\n", i); return 1; } } sh[(i * 7919) % (1 << 20)] += i;
         write(p[1], rec, len); char back[32]; read(p[0], back, len);
         write(ff, rec, len); char fb[32]; read(ff, fb, len); if (memcmp(fb, rec, len)) { printf("fifo\n"); return 1; }
         h = h * 33 + si.ssi_signo + (uint64_t)mm[(i * 4099) % (1 << 20)] + sh[(i * 7919) % (1 << 20)] + (uint8_t)back[1];

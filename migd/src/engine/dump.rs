@@ -550,6 +550,13 @@ pub fn collect(pid: i32, frozen: &Frozen, dir: &Path) -> Result<Manifest, DumpEr
     })
 }
 
+/// "/memfd:NAME (deleted)" -> "NAME".
+fn memfd_name(n: &str) -> String {
+    n.trim_start_matches("/memfd:")
+        .trim_end_matches(" (deleted)")
+        .to_string()
+}
+
 fn shared_pending_sigs(infos: &[Vec<u8>]) -> Vec<i32> {
     infos
         .iter()
@@ -591,11 +598,17 @@ fn area_kind(pid: i32, a: &MapArea) -> Result<Option<AreaKind>, DumpError> {
         "[vvar]" => AreaKind::Vvar,
         "[vvar_vclock]" => AreaKind::VvarVclock,
         "[vdso]" => AreaKind::Vdso,
-        n if a.shared
-            && (n.starts_with("/dev/zero")
-                || n.starts_with("/SYSV")
-                || n.starts_with("/memfd:")) =>
-        {
+        n if a.shared && n.starts_with("/memfd:") => {
+            let mf = format!("/proc/{pid}/map_files/{:x}-{:x}", a.start, a.end);
+            let md =
+                std::fs::metadata(&mf).map_err(|source| DumpError::Proc { path: mf, source })?;
+            AreaKind::Memfd {
+                name: memfd_name(n),
+                ino: a.inode,
+                size: md.size(),
+            }
+        }
+        n if a.shared && (n.starts_with("/dev/zero") || n.starts_with("/SYSV")) => {
             AreaKind::SharedMem {
                 name: n.to_string(),
             }
@@ -655,7 +668,7 @@ fn dump_memory(pid: i32, smaps: &[MapArea], pw: &mut PageWriter) -> Result<Vec<A
         let wanted: Vec<bool> = match &kind {
             AreaKind::Vvar | AreaKind::VvarVclock | AreaKind::Vdso => vec![false; npages as usize],
             AreaKind::File { .. } if a.shared => vec![false; npages as usize],
-            AreaKind::SharedMem { .. } | AreaKind::DeletedFile { .. } => {
+            AreaKind::SharedMem { .. } | AreaKind::DeletedFile { .. } | AreaKind::Memfd { .. } => {
                 vec![true; npages as usize]
             }
             AreaKind::Anon | AreaKind::File { .. } => {
@@ -764,6 +777,30 @@ fn dump_fds(pid: i32, pw: &mut PageWriter) -> Result<Vec<FdImage>, DumpError> {
                 use std::os::unix::fs::FileTypeExt;
                 if ft.is_fifo() {
                     FdKind::Fifo { path }
+                } else if ft.is_file() && path.starts_with("/memfd:") {
+                    let (data_off, len) = if dup_of.is_none() {
+                        let data = std::fs::read(&proc_path).map_err(|source| DumpError::Proc {
+                            path: proc_path.clone(),
+                            source,
+                        })?;
+                        (pw.write(&data)?, data.len() as u64)
+                    } else {
+                        (0, 0)
+                    };
+                    let theirs =
+                        sys::pidfd_getfd(pidfd.as_raw_fd(), fd).map_err(|e| DumpError::Other {
+                            pid,
+                            what: format!("fd {fd}: pidfd_getfd: {e}"),
+                        })?;
+                    let seals = sys::get_seals(theirs.as_raw_fd()).unwrap_or(0);
+                    FdKind::Memfd {
+                        name: memfd_name(&path),
+                        ino: md.ino(),
+                        pos: info.pos,
+                        data_off,
+                        len,
+                        seals,
+                    }
                 } else if ft.is_file() && md.nlink() == 0 {
                     let (data_off, len) = if dup_of.is_none() {
                         let data = std::fs::read(&proc_path).map_err(|source| DumpError::Proc {

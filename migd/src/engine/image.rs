@@ -111,9 +111,16 @@ pub enum AreaKind {
     DeletedFile {
         path: String,
     },
-    /// Shared anonymous memory ("/dev/zero (deleted)", "/SYSV…") or a memfd: contents travel.
+    /// Shared anonymous memory ("/dev/zero (deleted)", "/SYSV…"): contents travel.
     SharedMem {
         name: String,
+    },
+    /// A shared mapping of a memfd; the memfd (by inode) is recreated once and shared
+    /// with the fds naming the same inode. Contents travel as pages.
+    Memfd {
+        name: String,
+        ino: u64,
+        size: u64,
     },
     Vvar,
     VvarVclock,
@@ -161,6 +168,16 @@ pub enum FdKind {
     /// A FIFO reopened by path.
     Fifo {
         path: String,
+    },
+    /// A memfd: contents at `pages.img[data_off..+len]` (empty for a dup), seals
+    /// re-added after filling; shared with mappings of the same inode.
+    Memfd {
+        name: String,
+        ino: u64,
+        pos: u64,
+        data_off: u64,
+        len: u64,
+        seals: i32,
     },
     EventFd {
         count: u64,

@@ -516,3 +516,9 @@ pub fn close_all_but(keep: RawFd) {
         libc::syscall(kabi::SYS_CLOSE_RANGE, (keep + 1) as u32, u32::MAX, 0u32);
     }
 }
+
+/// fcntl(fd, F_GET_SEALS).
+pub fn get_seals(fd: RawFd) -> Result<i32, Errno> {
+    // SAFETY: fcntl with an integer command.
+    check(unsafe { libc::fcntl(fd, libc::F_GET_SEALS) } as libc::c_long).map(|v| v as i32)
+}

@@ -161,6 +161,29 @@ pub fn restore_fds(ctx: &Ctx, m: &Manifest, pages: &[u8]) -> Result<(), RestoreE
                 }
                 p
             }
+            FdKind::Memfd { ino, pos, .. } => {
+                let src = *ctx
+                    .memfds
+                    .borrow()
+                    .get(ino)
+                    .ok_or_else(|| RestoreError::Other {
+                        what: format!("fd {}: memfd {ino} missing", f.fd),
+                    })?;
+                let tmp = ctx.ok(
+                    t,
+                    libc::SYS_fcntl,
+                    &[src as u64, libc::F_DUPFD_CLOEXEC as u64, 0],
+                    "fcntl(F_DUPFD)",
+                )? as i32;
+                let p = park(ctx, tmp, &mut parks)?;
+                ctx.ok(
+                    t,
+                    libc::SYS_lseek,
+                    &[p as u64, *pos, libc::SEEK_SET as u64],
+                    "lseek",
+                )?;
+                p
+            }
             FdKind::EventFd { count, semaphore } => {
                 let fl = (f.flags & libc::O_NONBLOCK) as u64 | if *semaphore { 1 } else { 0 };
                 let tmp = ctx.ok(t, libc::SYS_eventfd2, &[0, fl], "eventfd2")? as i32;

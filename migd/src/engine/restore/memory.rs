@@ -95,6 +95,7 @@ pub fn rebuild(ctx: &Ctx, m: &Manifest, pages: &[u8]) -> Result<(), RestoreError
             &format!("munmap({:#x})", a.start),
         )?;
     }
+    create_memfds(ctx, m, pages)?;
     // 4. vDSO block to its old place.
     move_vdso(ctx, m, &own)?;
     // 5. Map the areas.
@@ -266,6 +267,23 @@ fn map_area(ctx: &Ctx, a: &Area) -> Result<(), RestoreError> {
             )
             .map(drop)
         }
+        AreaKind::Memfd { ino, .. } => {
+            let fd = *ctx
+                .memfds
+                .borrow()
+                .get(ino)
+                .ok_or_else(|| RestoreError::Other {
+                    what: format!("{what}: memfd {ino} missing"),
+                })?;
+            flags = libc::MAP_FIXED | libc::MAP_SHARED;
+            ctx.ok(
+                t,
+                libc::SYS_mmap,
+                &[a.start, len, prot, flags as u64, fd as u64, a.offset],
+                &what,
+            )
+            .map(drop)
+        }
         AreaKind::SharedMem { .. } => {
             flags = libc::MAP_FIXED | libc::MAP_SHARED | libc::MAP_ANONYMOUS;
             ctx.ok(
@@ -361,4 +379,121 @@ fn mm_map_bytes(m: &kabi::PrctlMmMap) -> Vec<u8> {
     v.extend_from_slice(&m.auxv_size.to_ne_bytes());
     v.extend_from_slice(&m.exe_fd.to_ne_bytes());
     v
+}
+
+/// Recreates each memfd of the image once (by inode), sized and filled, at an fd above
+/// every number the process will use.
+fn create_memfds(ctx: &Ctx, m: &Manifest, pages: &[u8]) -> Result<(), RestoreError> {
+    use crate::engine::image::FdKind;
+    use std::collections::BTreeMap;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+    let t = &ctx.leader;
+    // ino -> (name, size, data)
+    let mut want: BTreeMap<u64, (String, u64, Option<(u64, u64)>)> = BTreeMap::new();
+    for a in &m.areas {
+        if let AreaKind::Memfd { name, ino, size } = &a.kind {
+            want.entry(*ino).or_insert((name.clone(), *size, None));
+        }
+    }
+    for f in &m.fds {
+        if let FdKind::Memfd {
+            name,
+            ino,
+            data_off,
+            len,
+            ..
+        } = &f.kind
+        {
+            if f.dup_of.is_none() {
+                let e = want.entry(*ino).or_insert((name.clone(), *len, None));
+                e.1 = e.1.max(*len);
+                e.2 = Some((*data_off, *len));
+            }
+        }
+    }
+    if want.is_empty() {
+        return Ok(());
+    }
+    let high = m.fds.iter().map(|f| f.fd).max().unwrap_or(2) as u64 + 2 * m.fds.len() as u64 + 64;
+    let pidfd = sys::pidfd_open(ctx.pid).map_err(|e| RestoreError::Other {
+        what: format!("pidfd_open: {e}"),
+    })?;
+    for (ino, (name, size, data)) in want {
+        let mut b = name.as_bytes().to_vec();
+        b.truncate(249);
+        b.push(0);
+        let a = ctx.put(1024, &b)?;
+        let flags = (libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) as u64;
+        let low = ctx.ok(
+            t,
+            libc::SYS_memfd_create,
+            &[a, flags],
+            &format!("memfd_create({name})"),
+        )?;
+        let fd = ctx.ok(
+            t,
+            libc::SYS_fcntl,
+            &[low as u64, libc::F_DUPFD_CLOEXEC as u64, high],
+            "fcntl(F_DUPFD_CLOEXEC)",
+        )?;
+        ctx.ok(t, libc::SYS_close, &[low as u64], "close")?;
+        ctx.ok(
+            t,
+            libc::SYS_ftruncate,
+            &[fd as u64, size],
+            &format!("ftruncate(memfd {name})"),
+        )?;
+        if let Some((off, len)) = data {
+            let ours = sys::pidfd_getfd(pidfd.as_raw_fd(), fd as i32).map_err(|e| {
+                RestoreError::Other {
+                    what: format!("memfd {name}: pidfd_getfd: {e}"),
+                }
+            })?;
+            let src = pages
+                .get(off as usize..(off + len) as usize)
+                .ok_or_else(|| RestoreError::Other {
+                    what: format!("memfd {name}: data beyond pages.img"),
+                })?;
+            std::fs::File::from(ours)
+                .write_all_at(src, 0)
+                .map_err(|source| RestoreError::Io {
+                    path: format!("memfd:{name}"),
+                    source,
+                })?;
+        }
+        ctx.memfds.borrow_mut().insert(ino, fd as i32);
+    }
+    Ok(())
+}
+
+/// Re-adds memfd seals and closes the engine's own references.
+pub fn finish_memfds(ctx: &Ctx, m: &Manifest) -> Result<(), RestoreError> {
+    use crate::engine::image::FdKind;
+    let t = &ctx.leader;
+    for (ino, fd) in ctx.memfds.borrow().iter() {
+        let seals = m.fds.iter().find_map(|f| match &f.kind {
+            FdKind::Memfd { ino: i, seals, .. } if i == ino => Some(*seals),
+            _ => None,
+        });
+        if let Some(s) = seals.filter(|s| *s != 0) {
+            // F_SEAL_WRITE is refused while a writable shared mapping exists; the
+            // original had it only if it had none, so a failure here is not fatal.
+            let r = ctx.inj.call(
+                t,
+                libc::SYS_fcntl,
+                &[*fd as u64, libc::F_ADD_SEALS as u64, s as u64],
+            )?;
+            if r.ret < 0 {
+                tracing::warn!(
+                    ino,
+                    seals = s,
+                    errno = -r.ret,
+                    "could not re-add memfd seals"
+                );
+            }
+        }
+        ctx.ok(t, libc::SYS_close, &[*fd as u64], "close(memfd)")?;
+    }
+    Ok(())
 }

@@ -73,6 +73,8 @@ pub struct Ctx {
     pub gadget: u64,
     pub gadget_len: u64,
     pub inherit: Vec<(i32, String)>,
+    /// memfds recreated for the image, by inode: their fd in the process (kept high).
+    pub memfds: std::cell::RefCell<std::collections::BTreeMap<u64, i32>>,
 }
 
 impl Ctx {
@@ -229,6 +231,7 @@ pub fn restore_inheriting(
         gadget,
         gadget_len: GADGET_LEN,
         inherit: inherit.to_vec(),
+        memfds: Default::default(),
     };
     let threads = match shape(&ctx, &m, pages.bytes()) {
         Ok(t) => t,
@@ -277,6 +280,7 @@ fn shape(ctx: &Ctx, m: &Manifest, pages: &[u8]) -> Result<Vec<Stopped>, RestoreE
     }
     memory::rebuild(ctx, m, pages)?;
     files::restore_fds(ctx, m, pages)?;
+    memory::finish_memfds(ctx, m)?;
     let mut cwd = m.cwd.as_bytes().to_vec();
     cwd.push(0);
     let a = ctx.put(SCRATCH_PATH_OFF, &cwd)?;
