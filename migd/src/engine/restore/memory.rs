@@ -389,8 +389,9 @@ fn create_memfds(ctx: &Ctx, m: &Manifest, pages: &[u8]) -> Result<(), RestoreErr
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::FileExt;
     let t = &ctx.leader;
-    // ino -> (name, size, data)
-    let mut want: BTreeMap<u64, (String, u64, Option<(u64, u64)>)> = BTreeMap::new();
+    // ino -> (name, size, data range in pages.img)
+    type Want = (String, u64, Option<(u64, u64)>);
+    let mut want: BTreeMap<u64, Want> = BTreeMap::new();
     for a in &m.areas {
         if let AreaKind::Memfd { name, ino, size } = &a.kind {
             want.entry(*ino).or_insert((name.clone(), *size, None));
