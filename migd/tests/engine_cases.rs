@@ -353,3 +353,69 @@ fn process_with_a_child_is_refused_and_keeps_running() {
         "refused process output differs"
     );
 }
+
+#[test]
+fn job_control_stopped_process_is_stopped_again_after_restore() {
+    let dir = tempdir();
+    let exe = compile_c(dir.path(), "ticker", TICKER_C, &[]);
+    let w = Workload::new(dir.path(), &[exe.to_str().unwrap()]);
+    let reference = w.reference(&dir.path().join("ref.out"));
+    let out = dir.path().join("run.out");
+    let mut child = Command::new(&exe)
+        .stdout(std::fs::File::create(&out).unwrap())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(ms(300));
+    let pid = child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-STOP", &pid])
+        .status()
+        .unwrap()
+        .success());
+    while !std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .contains("State:\tT")
+    {
+        std::thread::sleep(ms(10));
+    }
+    let img = dir.path().join("img");
+    let o = Command::new(migd())
+        .args(["dump", "--pid", &pid, "--images"])
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "dump of a stopped process failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let _ = child.wait();
+    let (r, new_pid) = start_restore(&img);
+    let status = format!("/proc/{new_pid}/status");
+    // The stop is sent right after the process is let go; wait until it shows.
+    let mut state = String::new();
+    for _ in 0..200 {
+        state = std::fs::read_to_string(&status).unwrap();
+        if state.contains("State:\tT") {
+            break;
+        }
+        std::thread::sleep(ms(10));
+    }
+    assert!(
+        state.contains("State:\tT"),
+        "restored process is not stopped: {}",
+        state.lines().find(|l| l.starts_with("State")).unwrap_or("")
+    );
+    assert!(Command::new("kill")
+        .args(["-CONT", &new_pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let o = r.wait_with_output().unwrap();
+    assert!(
+        o.status.success(),
+        "restored process failed after SIGCONT: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_same_output("stopped process", &reference, &std::fs::read(&out).unwrap());
+}

@@ -83,11 +83,22 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpReport, DumpError> {
         path: opts.images.display().to_string(),
         source,
     })?;
+    let was_stopped = read_proc(format!("/proc/{pid}/status"))
+        .map(|s| procfs::status_field(&s, "State").is_some_and(|v| v.starts_with('T')))
+        .unwrap_or(false);
     let frozen = Frozen::freeze(pid)?;
     let t0 = Instant::now();
     // Check again now that nothing can change under us.
     precheck(pid)?;
-    let manifest = collect(pid, &frozen, &opts.images)?;
+    let mut manifest = match collect(pid, &frozen, &opts.images) {
+        Ok(m) => m,
+        Err(e) => {
+            // Leave no half image behind (the process thaws when `frozen` drops).
+            let _ = std::fs::remove_file(opts.images.join(image::PAGES_FILE));
+            return Err(e);
+        }
+    };
+    manifest.stopped = was_stopped;
     let report = DumpReport {
         pid,
         threads: manifest.threads.len(),
@@ -547,6 +558,7 @@ pub fn collect(pid: i32, frozen: &Frozen, dir: &Path) -> Result<Manifest, DumpEr
         pages_len,
         chunk_crcs,
         xsave_len,
+        stopped: false,
     })
 }
 

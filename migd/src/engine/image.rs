@@ -38,6 +38,10 @@ pub struct Manifest {
     pub chunk_crcs: Vec<u32>,
     /// Size of the XSAVE buffers (must match at restore).
     pub xsave_len: usize,
+    /// The process was stopped by job control (SIGSTOP/SIGTSTP) when dumped; it is
+    /// stopped again after restore.
+    #[serde(default)]
+    pub stopped: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

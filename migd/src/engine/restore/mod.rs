@@ -245,6 +245,10 @@ pub fn restore_inheriting(
         t.detach()?;
     }
     ctx.leader.detach()?;
+    if m.stopped {
+        // It was stopped by job control when dumped: stop it again.
+        let _ = sys::kill(sp.target, libc::SIGSTOP);
+    }
     let report = RestoreReport {
         pid: m.pid,
         outer_pid: sp.target,
