@@ -419,3 +419,57 @@ fn job_control_stopped_process_is_stopped_again_after_restore() {
     );
     assert_same_output("stopped process", &reference, &std::fs::read(&out).unwrap());
 }
+
+#[test]
+fn process_of_an_ordinary_user_keeps_its_credentials_and_output() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let dir = tempdir();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let exe = compile_c(dir.path(), "ticker", TICKER_C, &[]);
+    let w = Workload::new(dir.path(), &[exe.to_str().unwrap()]);
+    let reference = w.reference(&dir.path().join("ref.out"));
+    let out = dir.path().join("run.out");
+    let mut child = Command::new(&exe)
+        .uid(1000)
+        .gid(1000)
+        .stdout(std::fs::File::create(&out).unwrap())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(ms(300));
+    let img = dir.path().join("img");
+    let o = Command::new(migd())
+        .args(["dump", "--pid", &child.id().to_string(), "--images"])
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "dump of a uid-1000 process failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let _ = child.wait();
+    let (r, new_pid) = start_restore(&img);
+    let status = std::fs::read_to_string(format!("/proc/{new_pid}/status")).unwrap_or_default();
+    let uid = status
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .unwrap_or("")
+        .to_string();
+    let o = r.wait_with_output().unwrap();
+    assert!(
+        o.status.success(),
+        "restored uid-1000 process failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(
+        uid.split_whitespace().skip(1).collect::<Vec<_>>(),
+        ["1000"; 4],
+        "restored process has other uids: {uid}"
+    );
+    assert_same_output(
+        "uid-1000 process",
+        &reference,
+        &std::fs::read(&out).unwrap(),
+    );
+}

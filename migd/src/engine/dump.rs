@@ -516,11 +516,18 @@ pub fn collect(pid: i32, frozen: &Frozen, dir: &Path) -> Result<Manifest, DumpEr
     let (pages_len, chunk_crcs) = pw.finish()?;
 
     let mut rlimits = Vec::new();
+    // prlimit on another user's process needs CAP_SYS_RESOURCE; /proc/PID/limits not.
+    let from_file = procfs::parse_limits(&read_proc(format!("/proc/{pid}/limits"))?);
     for res in 0..16 {
-        let (cur, max) = sys::prlimit_get(pid, res).map_err(|e| DumpError::Other {
-            pid,
-            what: format!("prlimit({res}): {e}"),
-        })?;
+        let (cur, max) = match sys::prlimit_get(pid, res) {
+            Ok(v) => v,
+            Err(e) => *from_file
+                .get(res as usize)
+                .ok_or_else(|| DumpError::Other {
+                    pid,
+                    what: format!("prlimit({res}): {e}"),
+                })?,
+        };
         rlimits.push((res, cur, max));
     }
     let personality =

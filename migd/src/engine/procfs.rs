@@ -88,9 +88,40 @@ pub fn parse_auxv(bytes: &[u8]) -> Vec<u64> {
     out
 }
 
+/// (soft, hard) per resource, in RLIMIT_* order, from /proc/PID/limits.
+pub fn parse_limits(text: &str) -> Vec<(u64, u64)> {
+    let val = |s: &str| {
+        if s == "unlimited" {
+            Some(u64::MAX)
+        } else {
+            s.parse().ok()
+        }
+    };
+    text.lines()
+        .skip(1)
+        .filter_map(|l| {
+            let rest = l.get(26..)?;
+            let mut w = rest.split_whitespace();
+            Some((val(w.next()?)?, val(w.next()?)?))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn limits_file_gives_soft_and_hard_in_order() {
+        let t = "Limit                     Soft Limit           Hard Limit           Units     \n\
+Max cpu time              unlimited            unlimited            seconds   \n\
+Max core file size        0                    unlimited            bytes     \n\
+Max open files            1024                 524288               files     \n";
+        assert_eq!(
+            parse_limits(t),
+            vec![(u64::MAX, u64::MAX), (0, u64::MAX), (1024, 524288)]
+        );
+    }
 
     #[test]
     fn status_ids_take_the_innermost_namespace() {

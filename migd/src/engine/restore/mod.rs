@@ -376,9 +376,11 @@ fn shape(ctx: &Ctx, m: &Manifest, pages: &[u8]) -> Result<Vec<Stopped>, RestoreE
         }
     }
     for &(res, cur, max) in &m.rlimits {
-        sys::prlimit_set(ctx.pid, res, cur, max).map_err(|e| RestoreError::Other {
-            what: format!("prlimit({res}): {e}"),
-        })?;
+        sys::prlimit_set(ctx.pid, res, cur, max)
+            .or_else(|e| set_rlimit_inside(ctx, res, cur, max, e))
+            .map_err(|e| RestoreError::Other {
+                what: format!("prlimit({res}): {e}"),
+            })?;
     }
     restore_creds(ctx, m)?;
     for (which, it) in m.itimers.iter().enumerate() {
@@ -552,4 +554,26 @@ fn restore_creds(ctx: &Ctx, m: &Manifest) -> Result<(), RestoreError> {
         "setresuid",
     )?;
     Ok(())
+}
+
+/// Sets a limit from inside the process (it may lower its own hard limit, which a
+/// prlimit from outside without CAP_SYS_RESOURCE cannot when uids differ).
+fn set_rlimit_inside(
+    ctx: &Ctx,
+    res: i32,
+    cur: u64,
+    max: u64,
+    first: nix::errno::Errno,
+) -> Result<(), nix::errno::Errno> {
+    let mut b = cur.to_ne_bytes().to_vec();
+    b.extend_from_slice(&max.to_ne_bytes());
+    let a = ctx.put(0, &b).map_err(|_| first)?;
+    match ctx
+        .inj
+        .call(&ctx.leader, libc::SYS_setrlimit, &[res as u64, a])
+    {
+        Ok(o) if o.ret == 0 => Ok(()),
+        Ok(o) if o.ret < 0 => Err(nix::errno::Errno::from_raw(-o.ret as i32)),
+        _ => Err(first),
+    }
 }
