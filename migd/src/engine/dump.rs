@@ -837,6 +837,13 @@ fn dump_fds(pid: i32, pw: &mut PageWriter) -> Result<Vec<FdImage>, DumpError> {
                         len,
                         mode: md.mode() & 0o7777,
                     }
+                } else if let Some(state) = ft
+                    .is_char_device()
+                    .then(|| sys::pidfd_getfd(pidfd.as_raw_fd(), fd).ok())
+                    .flatten()
+                    .and_then(|theirs| sys::tty_get(theirs.as_raw_fd()).ok())
+                {
+                    FdKind::Tty { path, state }
                 } else {
                     FdKind::File {
                         path,

@@ -183,6 +183,11 @@ pub enum FdKind {
         len: u64,
         seals: i32,
     },
+    /// A terminal reopened by path, with its modes and window size put back.
+    Tty {
+        path: String,
+        state: crate::sys::TtyState,
+    },
     EventFd {
         count: u64,
         semaphore: bool,

@@ -522,3 +522,78 @@ pub fn get_seals(fd: RawFd) -> Result<i32, Errno> {
     // SAFETY: fcntl with an integer command.
     check(unsafe { libc::fcntl(fd, libc::F_GET_SEALS) } as libc::c_long).map(|v| v as i32)
 }
+
+/// A terminal's modes (termios) and window size.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TtyState {
+    pub iflag: u32,
+    pub oflag: u32,
+    pub cflag: u32,
+    pub lflag: u32,
+    pub line: u8,
+    pub cc: Vec<u8>,
+    pub ispeed: u32,
+    pub ospeed: u32,
+    /// rows, cols, xpixel, ypixel.
+    pub winsize: [u16; 4],
+}
+
+/// Reads a terminal's modes and window size (ENOTTY for other files).
+pub fn tty_get(fd: RawFd) -> Result<TtyState, Errno> {
+    // SAFETY: termios and winsize are plain integers; the kernel fills them.
+    unsafe {
+        let mut t: libc::termios = std::mem::zeroed();
+        if libc::tcgetattr(fd, &mut t) != 0 {
+            return Err(Errno::last());
+        }
+        let mut ws: libc::winsize = std::mem::zeroed();
+        if libc::ioctl(fd, libc::TIOCGWINSZ, &mut ws) != 0 {
+            return Err(Errno::last());
+        }
+        Ok(TtyState {
+            iflag: t.c_iflag,
+            oflag: t.c_oflag,
+            cflag: t.c_cflag,
+            lflag: t.c_lflag,
+            line: t.c_line,
+            cc: t.c_cc.to_vec(),
+            ispeed: t.c_ispeed,
+            ospeed: t.c_ospeed,
+            winsize: [ws.ws_row, ws.ws_col, ws.ws_xpixel, ws.ws_ypixel],
+        })
+    }
+}
+
+/// Puts back what [`tty_get`] read.
+pub fn tty_set(fd: RawFd, s: &TtyState) -> Result<(), Errno> {
+    // SAFETY: termios and winsize are plain integers, fully initialised here.
+    unsafe {
+        let mut t: libc::termios = std::mem::zeroed();
+        if libc::tcgetattr(fd, &mut t) != 0 {
+            return Err(Errno::last());
+        }
+        t.c_iflag = s.iflag;
+        t.c_oflag = s.oflag;
+        t.c_cflag = s.cflag;
+        t.c_lflag = s.lflag;
+        t.c_line = s.line;
+        for (d, v) in t.c_cc.iter_mut().zip(&s.cc) {
+            *d = *v;
+        }
+        t.c_ispeed = s.ispeed;
+        t.c_ospeed = s.ospeed;
+        if libc::tcsetattr(fd, libc::TCSANOW, &t) != 0 {
+            return Err(Errno::last());
+        }
+        let ws = libc::winsize {
+            ws_row: s.winsize[0],
+            ws_col: s.winsize[1],
+            ws_xpixel: s.winsize[2],
+            ws_ypixel: s.winsize[3],
+        };
+        if libc::ioctl(fd, libc::TIOCSWINSZ, &ws) != 0 {
+            return Err(Errno::last());
+        }
+    }
+    Ok(())
+}

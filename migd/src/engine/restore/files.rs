@@ -184,6 +184,22 @@ pub fn restore_fds(ctx: &Ctx, m: &Manifest, pages: &[u8]) -> Result<(), RestoreE
                 )?;
                 p
             }
+            FdKind::Tty { path, state } => {
+                let tmp = ctx
+                    .open(t, path, (f.flags & OPEN_MASK) | libc::O_NOCTTY, 0)
+                    .map_err(|e| RestoreError::Other {
+                        what: format!("fd {}: {e}", f.fd),
+                    })?;
+                let p = park(ctx, tmp, &mut parks)?;
+                let ours =
+                    sys::pidfd_getfd(pidfd.as_raw_fd(), p).map_err(|e| RestoreError::Other {
+                        what: format!("fd {}: pidfd_getfd: {e}", f.fd),
+                    })?;
+                sys::tty_set(ours.as_raw_fd(), state).map_err(|e| RestoreError::Other {
+                    what: format!("fd {} ({path}): restoring terminal modes: {e}", f.fd),
+                })?;
+                p
+            }
             FdKind::EventFd { count, semaphore } => {
                 let fl = (f.flags & libc::O_NONBLOCK) as u64 | if *semaphore { 1 } else { 0 };
                 let tmp = ctx.ok(t, libc::SYS_eventfd2, &[0, fl], "eventfd2")? as i32;
