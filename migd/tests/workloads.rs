@@ -82,7 +82,7 @@ fn python3_running_two_threads_survives_three_dumps() {
 #[test]
 fn perl_loop_survives_three_dumps() {
     let dir = tempdir();
-    let prog = r#"$| = 1; my $s = 0; for my $i (0..12000000) { $s = ($s * 31 + $i) % 1000003; print "$i $s\n" if $i % 10000 == 0 }"#;
+    let prog = r#"$| = 1; my $s = 0; for my $i (0..40000000) { $s = ($s * 31 + $i) % 1000003; print "$i $s\n" if $i % 10000 == 0 }"#;
     let w = Workload::new(dir.path(), &["/usr/bin/perl", "-e", prog]);
     check_workload("perl", &w, &[ms(300), ms(300), ms(300)]);
 }

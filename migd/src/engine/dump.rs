@@ -684,64 +684,73 @@ fn dump_memory(pid: i32, smaps: &[MapArea], pw: &mut PageWriter) -> Result<Vec<A
             continue;
         };
         let npages = a.len() / page;
-        let wanted: Vec<bool> = match &kind {
-            AreaKind::Vvar | AreaKind::VvarVclock | AreaKind::Vdso => vec![false; npages as usize],
-            AreaKind::File { .. } if a.shared => vec![false; npages as usize],
-            AreaKind::SharedMem { .. } | AreaKind::DeletedFile { .. } | AreaKind::Memfd { .. } => {
-                vec![true; npages as usize]
-            }
-            AreaKind::Anon | AreaKind::File { .. } => {
-                let mut raw = vec![0u8; npages as usize * 8];
-                pagemap
-                    .read_exact_at(&mut raw, a.start / page * 8)
-                    .map_err(|source| DumpError::Proc {
-                        path: pm_path.clone(),
-                        source,
-                    })?;
-                raw.chunks_exact(8)
-                    .map(|e| {
-                        let v = u64::from_ne_bytes(e.try_into().unwrap());
-                        v & (PM_PRESENT | PM_SWAP) != 0 && v & PM_FILE == 0
-                    })
-                    .collect()
-            }
-        };
         let mut runs = Vec::new();
-        let mut i = 0usize;
-        while i < wanted.len() {
-            if !wanted[i] {
-                i += 1;
-                continue;
-            }
-            let s = i;
-            while i < wanted.len() && wanted[i] {
-                i += 1;
-            }
-            let addr = a.start + s as u64 * page;
-            let len = (i - s) as u64 * page;
-            let off = pw.offset();
-            let mut done = 0u64;
-            while done < len {
-                let n = ((len - done) as usize).min(buf.len());
-                let at = addr + done;
-                let chunk = &mut buf[..n];
-                let ok = matches!(sys::vm_read(pid, at, chunk), Ok(got) if got == n);
-                if !ok {
-                    // Unreadable protections (PROT_NONE etc.): /proc/PID/mem reads with force.
-                    mem.read_exact_at(chunk, at)
-                        .map_err(|e| DumpError::Memory {
-                            pid,
-                            addr: at,
-                            len: n,
-                            errno: nix::errno::Errno::from_raw(
-                                e.raw_os_error().unwrap_or(libc::EIO),
-                            ),
-                        })?;
+        // A window at a time, so that huge sparse reservations cost little memory.
+        const WINDOW: u64 = 1 << 18;
+        let mut w0 = 0u64;
+        while w0 < npages {
+            let wn = WINDOW.min(npages - w0);
+            let wanted: Vec<bool> = match &kind {
+                AreaKind::Vvar | AreaKind::VvarVclock | AreaKind::Vdso => vec![false; wn as usize],
+                AreaKind::File { .. } if a.shared => vec![false; wn as usize],
+                AreaKind::SharedMem { .. }
+                | AreaKind::DeletedFile { .. }
+                | AreaKind::Memfd { .. } => {
+                    vec![true; wn as usize]
                 }
-                pw.write(chunk)?;
-                done += n as u64;
+                AreaKind::Anon | AreaKind::File { .. } => {
+                    let mut raw = vec![0u8; wn as usize * 8];
+                    pagemap
+                        .read_exact_at(&mut raw, (a.start / page + w0) * 8)
+                        .map_err(|source| DumpError::Proc {
+                            path: pm_path.clone(),
+                            source,
+                        })?;
+                    raw.chunks_exact(8)
+                        .map(|e| {
+                            let v = u64::from_ne_bytes(e.try_into().unwrap());
+                            v & (PM_PRESENT | PM_SWAP) != 0 && v & PM_FILE == 0
+                        })
+                        .collect()
+                }
+            };
+            let mut i = 0usize;
+            while i < wanted.len() {
+                if !wanted[i] {
+                    i += 1;
+                    continue;
+                }
+                let s = i;
+                while i < wanted.len() && wanted[i] {
+                    i += 1;
+                }
+                let addr = a.start + (w0 + s as u64) * page;
+                let len = (i - s) as u64 * page;
+                let off = pw.offset();
+                let mut done = 0u64;
+                while done < len {
+                    let n = ((len - done) as usize).min(buf.len());
+                    let at = addr + done;
+                    let chunk = &mut buf[..n];
+                    let ok = matches!(sys::vm_read(pid, at, chunk), Ok(got) if got == n);
+                    if !ok {
+                        // Unreadable protections (PROT_NONE etc.): /proc/PID/mem reads with force.
+                        mem.read_exact_at(chunk, at)
+                            .map_err(|e| DumpError::Memory {
+                                pid,
+                                addr: at,
+                                len: n,
+                                errno: nix::errno::Errno::from_raw(
+                                    e.raw_os_error().unwrap_or(libc::EIO),
+                                ),
+                            })?;
+                    }
+                    pw.write(chunk)?;
+                    done += n as u64;
+                }
+                runs.push((addr, (i - s) as u64, off));
             }
-            runs.push((addr, (i - s) as u64, off));
+            w0 += wn;
         }
         let madv = a
             .vmflags
