@@ -62,7 +62,7 @@ pub enum LinkKind {
     Path(String),
     Pipe(u64),
     Socket(u64),
-    /// "anon_inode:[eventfd]" and friends: the name inside.
+    /// `anon_inode:[eventfd]` and friends: the name inside.
     AnonInode(String),
     Other(String),
 }

@@ -14,7 +14,7 @@ pub struct MapArea {
     pub offset: u64,
     pub dev: String,
     pub inode: u64,
-    /// The path or pseudo-name ("[heap]", "[stack]", "[vdso]", ...), empty for anonymous.
+    /// The path or pseudo-name (`[heap]`, `[stack]`, `[vdso]`, ...), empty for anonymous.
     pub name: String,
     /// Two-letter VmFlags (e.g. "gd", "dc").
     pub vmflags: Vec<String>,
