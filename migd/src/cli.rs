@@ -30,6 +30,9 @@ pub enum Cmd {
         /// Let the process run on unchanged after the dump.
         #[arg(long)]
         leave_running: bool,
+        /// Print the summary as one JSON object.
+        #[arg(long)]
+        json: bool,
     },
     /// Rebuild a process from an image and let it run.
     Restore {
@@ -43,16 +46,33 @@ pub enum Cmd {
         /// (e.g. `0:pipe:[12345]`: our stdin replaces that pipe). Repeatable.
         #[arg(long = "inherit-fd", value_parser = parse_inherit)]
         inherit_fd: Vec<(i32, String)>,
+        /// Print the summary as one JSON object (when the process runs).
+        #[arg(long)]
+        json: bool,
     },
 }
 
 /// Runs `migd dump`; prints one summary line.
 pub fn run_dump(pid: i32, images: PathBuf, leave_running: bool) -> anyhow::Result<()> {
+    run_dump_opts(pid, images, leave_running, false)
+}
+
+/// Runs `migd dump`; prints one summary line (or one JSON object with `json`).
+pub fn run_dump_opts(
+    pid: i32,
+    images: PathBuf,
+    leave_running: bool,
+    json: bool,
+) -> anyhow::Result<()> {
     let r = dump(&DumpOptions {
         pid,
         images: images.clone(),
         leave_running,
     })?;
+    if json {
+        println!("{}", serde_json::to_string(&r)?);
+        return Ok(());
+    }
     println!(
         "dumped pid {}: {} threads, {} areas, {} fds, {} bytes of pages, frozen {:.1} ms; process {}",
         r.pid,
@@ -83,20 +103,36 @@ pub fn run_restore_inheriting(
     detach: bool,
     inherit: &[(i32, String)],
 ) -> anyhow::Result<i32> {
-    run_restore_with(images, detach, inherit)
+    run_restore_with(images, detach, inherit, false)
 }
 
 pub fn run_restore(images: PathBuf, detach: bool) -> anyhow::Result<i32> {
-    run_restore_with(images, detach, &[])
+    run_restore_with(images, detach, &[], false)
+}
+
+/// Runs `migd restore` with every option; `json` prints the summary as JSON.
+pub fn run_restore_full(
+    images: PathBuf,
+    detach: bool,
+    inherit: &[(i32, String)],
+    json: bool,
+) -> anyhow::Result<i32> {
+    run_restore_with(images, detach, inherit, json)
 }
 
 fn run_restore_with(
     images: PathBuf,
     detach: bool,
     inherit: &[(i32, String)],
+    json: bool,
 ) -> anyhow::Result<i32> {
     use std::io::Write;
     let (_, status) = restore_inheriting(&RestoreOptions { images, detach }, inherit, |r| {
+        if json {
+            println!("{}", serde_json::to_string(r).unwrap_or_default());
+            let _ = std::io::stdout().flush();
+            return;
+        }
         println!(
             "restored pid {} (pid {} here, init stub {}): {} threads, {} areas, {} fds, {} bytes of pages, {:.1} ms",
             r.pid, r.outer_pid, r.stub_pid, r.threads, r.areas, r.fds, r.page_bytes, r.restore_ms

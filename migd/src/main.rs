@@ -10,18 +10,20 @@ fn main() -> anyhow::Result<()> {
                 pid,
                 images,
                 leave_running,
+                json,
             }),
             _,
-        ) => migd::cli::run_dump(pid, images, leave_running),
+        ) => migd::cli::run_dump_opts(pid, images, leave_running, json),
         (
             Some(Cmd::Restore {
                 images,
                 detach,
                 inherit_fd,
+                json,
             }),
             _,
         ) => {
-            let code = migd::cli::run_restore_inheriting(images, detach, &inherit_fd)?;
+            let code = migd::cli::run_restore_full(images, detach, &inherit_fd, json)?;
             std::process::exit(code)
         }
         (None, Some(config)) => migd::cli::run_daemon(config),

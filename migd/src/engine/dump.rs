@@ -23,7 +23,7 @@ pub struct DumpOptions {
     pub leave_running: bool,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct DumpReport {
     pub pid: i32,
     pub threads: usize,

@@ -29,7 +29,7 @@ pub struct RestoreOptions {
     pub detach: bool,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct RestoreReport {
     /// The pid the process sees (its old pid).
     pub pid: i32,
@@ -237,7 +237,10 @@ pub fn restore_inheriting(
         Ok(t) => t,
         Err(e) => {
             let _ = sys::kill(sp.stub, libc::SIGKILL);
-            let _ = sys::wait_child(sp.stub);
+            // CHANGED(migration): the target's threads are our tracees: reap them too,
+            // or the stub (pid 1 of their namespace) waits for them forever, and we
+            // for the stub.
+            while sys::wait_tid(-1).is_ok() {}
             return Err(e);
         }
     };
