@@ -11,9 +11,10 @@
 //!
 //! It serves `common::migproto::ProxyService` on `ports.proxy`; it talks to migd
 //! (its own node's and the hosts') over `common::migproto::MigdService`. State is in
-//! memory; the keepers are separate processes, so a shadow stays frozen (never runs
-//! its own code again) even if home-proxy dies — but a restarted home-proxy does not
-//! find its keepers again yet.
+//! files: each shadow has `<migd.state_dir>/shadows/<id>.json` (its listing entry) and
+//! its keeper's socket `<id>.sock`. The keepers are separate processes: if home-proxy
+//! dies, each shadow stays frozen (signals sent to it wait queued in it), and a
+//! restarted home-proxy takes the keepers back through their sockets.
 
 use common::auth::ClusterKey;
 use common::config::NodeConfig;
@@ -59,6 +60,60 @@ pub struct Proxy {
     shadows: Mutex<HashMap<String, Shadow>>,
 }
 
+impl Proxy {
+    /// Where the shadows' records and keeper sockets are.
+    fn dir(&self) -> PathBuf {
+        self.config.migd.state_dir.join("shadows")
+    }
+
+    /// Writes a shadow's record (what a restarted home-proxy starts from).
+    fn record(&self, entry: &ProcessEntry) {
+        let path = self.dir().join(format!("{}.json", entry.id));
+        let json = serde_json::to_string(entry).expect("entries serialize");
+        if let Err(e) = std::fs::write(&path, json) {
+            tracing::warn!(path = %path.display(), error = %e, "cannot record a shadow; a restarted home-proxy will not find it");
+        }
+    }
+
+    /// Takes back the shadows of a previous home-proxy through their keepers' sockets.
+    async fn adopt(self: &Arc<Self>) {
+        let Ok(rd) = std::fs::read_dir(self.dir()) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let path = e.path();
+            if path.extension().is_none_or(|x| x != "json") {
+                continue;
+            }
+            let entry: Option<ProcessEntry> = std::fs::read_to_string(&path)
+                .ok()
+                .and_then(|t| serde_json::from_str(&t).ok());
+            let Some(entry) = entry else { continue };
+            let span =
+                tracing::info_span!("shadow", id = %entry.id, pid = entry.pid, host = %entry.host);
+            match Keeper::adopt(&path.with_extension("sock")).await {
+                Ok(keeper) => {
+                    span.in_scope(|| tracing::info!("taken back after a restart"));
+                    let id = entry.id.clone();
+                    self.shadows.lock().unwrap().insert(
+                        id.clone(),
+                        Shadow {
+                            entry,
+                            keeper: keeper.to.clone(),
+                        },
+                    );
+                    tokio::spawn(watch(self.clone(), id, keeper).instrument(span));
+                }
+                Err(err) => {
+                    span.in_scope(|| tracing::error!(error = %err, "its keeper is gone; forgetting the shadow"));
+                    let _ = std::fs::remove_file(&path);
+                    let _ = std::fs::remove_file(path.with_extension("sock"));
+                }
+            }
+        }
+    }
+}
+
 /// Runs home-proxy for `config` until SIGTERM or SIGINT.
 pub async fn run(config: NodeConfig) -> Result<(), StartError> {
     let addr = config.proxy_addr(config.me());
@@ -100,6 +155,7 @@ pub async fn serve(
     if let Ok(a) = listener.local_addr() {
         tracing::info!(addr = %a, node = %p.config.node, "home-proxy listening");
     }
+    p.adopt().await;
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -159,12 +215,24 @@ impl ProxyService for Conn {
                 ),
             });
         }
-        let (keeper, dumped) = Keeper::start(&self.p.helper_exe, pid, Path::new(&images), false)
-            .await
-            .map_err(|why| MigError::Refused {
-                node: self.p.config.node.clone(),
-                why,
-            })?;
+        let dir = self.p.dir();
+        std::fs::create_dir_all(&dir).map_err(|e| MigError::Failed {
+            node: self.p.config.node.clone(),
+            why: format!("cannot create {}: {e}", dir.display()),
+        })?;
+        let sock = dir.join(format!("{id}.sock"));
+        let (keeper, dumped) = Keeper::start(
+            &self.p.helper_exe,
+            pid,
+            Path::new(&images),
+            false,
+            Some(&sock),
+        )
+        .await
+        .map_err(|why| MigError::Refused {
+            node: self.p.config.node.clone(),
+            why,
+        })?;
         tracing::info!(id = %id, pid, bytes = dumped.bytes, dump_ms = dumped.dump_ms, "held frozen");
         self.p.held.lock().unwrap().insert(id, keeper);
         Ok(HeldImage {
@@ -184,6 +252,7 @@ impl ProxyService for Conn {
         let span = tracing::info_span!("shadow", id = %id, pid = entry.pid, host = %entry.host);
         span.in_scope(|| tracing::info!("committed: the original is the shadow now"));
         keeper.send("commit-shadow");
+        self.p.record(&entry);
         self.p.shadows.lock().unwrap().insert(
             id.clone(),
             Shadow {
@@ -214,6 +283,7 @@ impl ProxyService for Conn {
         rec.entry.host = host;
         rec.entry.host_pid = host_pid;
         rec.entry.since = migd::daemon::now_secs();
+        self.p.record(&rec.entry);
         Ok(())
     }
 
@@ -270,8 +340,9 @@ async fn watch(p: Arc<Proxy>, id: String, mut keeper: Keeper) {
             tracing::warn!(sig, %host, error = %e, "signal not forwarded");
         }
     }
-    let _ = keeper.child.wait().await;
+    keeper.wait().await;
     p.shadows.lock().unwrap().remove(&id);
+    let _ = std::fs::remove_file(p.dir().join(format!("{id}.json")));
     tracing::info!("shadow ended");
 }
 

@@ -76,9 +76,16 @@ fn start_at_ws1(s: &Setup, out: &str, n: u32, code: i32, lines: usize) -> (Child
 
 /// Like [`start_at_ws1`] with prog's whole argument string.
 fn start_with(s: &Setup, args: &str, out: &str, lines: usize) -> (Child, i32) {
-    let script = format!("{} {args}; echo status=$?", s.prog.display());
+    // prog's stderr goes to a file of ws1 (the test's own stderr is not in ws1's tree),
+    // and fds the shell inherited beyond stdio are closed: only what prog opened itself
+    // and its stdio (stdout: a pipe to this test) have to move with it.
+    let script = format!(
+        "exec 2>/tmp/prog.err; for f in /proc/$$/fd/*; do n=${{f##*/}}; \
+         [ \"$n\" -gt 2 ] && eval \"exec $n>&-\"; done; {} {args}; echo status=$?",
+        s.prog.display()
+    );
     let child =
-        s.c.command("ws1", &["sh", "-c", &script])
+        s.c.command("ws1", &["bash", "-c", &script])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .spawn()

@@ -50,6 +50,9 @@ enum Internal {
         images: PathBuf,
         #[arg(long)]
         enter: bool,
+        /// Where to wait for a new peer after commit if ours goes away.
+        #[arg(long)]
+        socket: Option<PathBuf>,
     },
     /// (migd's helper) restore a process under its home's file view.
     #[command(hide = true)]
@@ -62,6 +65,9 @@ enum Internal {
         superroot: PathBuf,
         #[arg(long)]
         stage: PathBuf,
+        /// Where to wait for a new peer if ours goes away.
+        #[arg(long)]
+        socket: Option<PathBuf>,
     },
 }
 
@@ -76,16 +82,29 @@ fn main() {
 
 fn run(args: Args) -> anyhow::Result<()> {
     match args.internal {
-        Some(Internal::InternalKeep { pid, images, enter }) => {
-            std::process::exit(migd::daemon::helpers::keeper_main(pid, &images, enter))
-        }
+        Some(Internal::InternalKeep {
+            pid,
+            images,
+            enter,
+            socket,
+        }) => std::process::exit(migd::daemon::helpers::keeper_main(
+            pid,
+            &images,
+            enter,
+            socket.as_deref(),
+        )),
         Some(Internal::InternalRestore {
             images,
             home,
             superroot,
             stage,
+            socket,
         }) => std::process::exit(migd::daemon::helpers::restorer_main(
-            &images, &home, &superroot, &stage,
+            &images,
+            &home,
+            &superroot,
+            &stage,
+            socket.as_deref(),
         )),
         None => {}
     }

@@ -15,25 +15,117 @@ use crate::engine::handoff::{dump_frozen, Held, Shadow};
 use crate::engine::restore::{restore, RestoreOptions};
 use std::io::{BufRead, Write};
 use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::Duration;
 
-fn say(line: &str) {
+fn say(line: &str) -> bool {
     let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{line}");
-    let _ = out.flush();
+    writeln!(out, "{line}").is_ok() && out.flush().is_ok()
 }
 
-fn one_line(s: impl std::fmt::Display) -> String {
-    s.to_string().replace('\n', "; ")
+/// A helper's line link: stdin/stdout while the daemon that started it lives; once it
+/// is gone, the next connection on the helper's own socket (a restarted daemon).
+struct Link {
+    rx: mpsc::Receiver<Option<String>>,
+    out: Option<Box<dyn Write + Send>>,
+    listener: Option<UnixListener>,
+    /// Whether lines are read from a new peer (a thread each). The restorer only
+    /// writes: after the engine's unshare(CLONE_NEWPID) it cannot start threads.
+    reads: bool,
+    /// Keeps a write-only link's (empty) input open.
+    _quiet: Option<mpsc::Sender<Option<String>>>,
 }
 
-/// Lines from stdin, read on a thread of their own (`None` at end of input).
-fn stdin_lines() -> mpsc::Receiver<Option<String>> {
+enum Heard {
+    Line(String),
+    Nothing,
+    /// The peer is gone and no new one has come yet.
+    Alone,
+}
+
+impl Link {
+    fn stdio(rx: mpsc::Receiver<Option<String>>) -> Link {
+        Link {
+            rx,
+            out: Some(Box::new(std::io::stdout())),
+            listener: None,
+            reads: true,
+            _quiet: None,
+        }
+    }
+
+    /// A link that only writes (to stdout, then to new peers).
+    fn write_only() -> Link {
+        let (tx, rx) = mpsc::channel();
+        Link {
+            rx,
+            out: Some(Box::new(std::io::stdout())),
+            listener: None,
+            reads: false,
+            _quiet: Some(tx),
+        }
+    }
+
+    /// Listens at `path` (a stale socket replaced) for the next peer.
+    fn listen(&mut self, path: &Path) {
+        let _ = std::fs::remove_file(path);
+        match UnixListener::bind(path) {
+            Ok(l) => {
+                let _ = l.set_nonblocking(true);
+                self.listener = Some(l);
+            }
+            Err(e) => tracing::warn!(socket = %path.display(), error = %e, "cannot listen"),
+        }
+    }
+
+    fn connected(&self) -> bool {
+        self.out.is_some()
+    }
+
+    /// Sends a line; false if the peer is gone (the link then waits for a new one).
+    fn say(&mut self, line: &str) -> bool {
+        let ok = match self.out.as_mut() {
+            Some(o) => writeln!(o, "{line}").is_ok() && o.flush().is_ok(),
+            None => false,
+        };
+        if !ok {
+            self.out = None;
+        }
+        ok
+    }
+
+    /// Waits up to `d` for a line; accepts a new peer if the old one is gone.
+    fn hear(&mut self, d: Duration) -> Heard {
+        if self.out.is_none() {
+            if let Some(Ok((s, _))) = self.listener.as_ref().map(|l| l.accept()) {
+                let _ = s.set_nonblocking(false);
+                if !self.reads {
+                    self.out = Some(Box::new(s));
+                } else if let Ok(r) = s.try_clone() {
+                    self.rx = lines_of(r);
+                    self.out = Some(Box::new(s));
+                }
+            }
+        }
+        match self.rx.recv_timeout(d) {
+            Ok(Some(l)) => Heard::Line(l),
+            Err(mpsc::RecvTimeoutError::Timeout) => Heard::Nothing,
+            Ok(None) | Err(mpsc::RecvTimeoutError::Disconnected) => {
+                self.out = None;
+                std::thread::sleep(d);
+                Heard::Alone
+            }
+        }
+    }
+}
+
+/// Lines read from `r` on a thread of their own (`None` at the end).
+fn lines_of(r: impl std::io::Read + Send + 'static) -> mpsc::Receiver<Option<String>> {
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
-        for line in std::io::stdin().lock().lines() {
+        for line in std::io::BufReader::new(r).lines() {
             match line {
                 Ok(l) => {
                     if tx.send(Some(l)).is_err() {
@@ -48,10 +140,21 @@ fn stdin_lines() -> mpsc::Receiver<Option<String>> {
     rx
 }
 
+fn one_line(s: impl std::fmt::Display) -> String {
+    s.to_string().replace('\n', "; ")
+}
+
+/// Lines from stdin, read on a thread of their own (`None` at end of input).
+fn stdin_lines() -> mpsc::Receiver<Option<String>> {
+    lines_of(std::io::stdin())
+}
+
 /// `migrate internal-keep`: dumps `pid` into `images`, keeps it frozen, and ends it
 /// as migd says. With `enter`, the dump runs in the process's own mount namespace and
 /// root (a foreign process moving on), so that paths are recorded as it sees them.
-pub fn keeper_main(pid: i32, images: &Path, enter: bool) -> i32 {
+/// After commit it keeps the shadow; if migd or home-proxy (its peer) goes away, it
+/// listens at `socket` for a restarted one, and signals wait queued in the shadow.
+pub fn keeper_main(pid: i32, images: &Path, enter: bool, socket: Option<&Path>) -> i32 {
     let images = if enter {
         match sys::enter_root_of(pid, images) {
             Ok(p) => p,
@@ -79,8 +182,8 @@ pub fn keeper_main(pid: i32, images: &Path, enter: bool) -> i32 {
             held.kill();
             0
         }
-        Some("commit-shadow") => shadow_loop(held, &rx, None),
-        Some(l) if l.starts_with("exit ") => shadow_loop(held, &rx, Some(l.to_string())),
+        Some("commit-shadow") => shadow_loop(held, rx, socket, None),
+        Some(l) if l.starts_with("exit ") => shadow_loop(held, rx, socket, Some(l.to_string())),
         _ => {
             held.thaw();
             0
@@ -88,12 +191,21 @@ pub fn keeper_main(pid: i32, images: &Path, enter: bool) -> i32 {
     }
 }
 
-fn shadow_loop(held: Held, rx: &mpsc::Receiver<Option<String>>, first: Option<String>) -> i32 {
+fn shadow_loop(
+    held: Held,
+    rx: mpsc::Receiver<Option<String>>,
+    socket: Option<&Path>,
+    first: Option<String>,
+) -> i32 {
     let pid = held.pid();
+    let mut link = Link::stdio(rx);
+    if let Some(p) = socket {
+        link.listen(p);
+    }
     let shadow: Shadow = match held.into_shadow() {
         Ok(s) => s,
         Err(e) => {
-            say(&format!("error {}", one_line(e)));
+            link.say(&format!("error {}", one_line(e)));
             // Never let the original run on: a copy runs elsewhere.
             let _ = crate::sys::kill(pid, libc::SIGKILL);
             return 1;
@@ -102,14 +214,14 @@ fn shadow_loop(held: Held, rx: &mpsc::Receiver<Option<String>>, first: Option<St
     let mut next = first;
     // A SIGSTOP stays queued until a SIGCONT removes it: forward it once.
     let mut stop_sent = false;
-    loop {
+    let code = loop {
         if let Some(line) = next.take() {
             if let Some(st) = line.trim().strip_prefix("exit ") {
                 let status: i32 = st.trim().parse().unwrap_or(0);
-                return match shadow.end_like(status) {
+                break match shadow.end_like(status) {
                     Ok(()) => 0,
                     Err(e) => {
-                        say(&format!("error {}", one_line(e)));
+                        link.say(&format!("error {}", one_line(e)));
                         let _ = crate::sys::kill(pid, libc::SIGKILL);
                         1
                     }
@@ -117,36 +229,65 @@ fn shadow_loop(held: Held, rx: &mpsc::Receiver<Option<String>>, first: Option<St
             }
         }
         if let Some(status) = sys::exited(pid) {
-            say(&format!("gone {status}"));
-            return 0;
-        }
-        match (shadow.stop_pending(), stop_sent) {
-            (true, false) => {
-                say(&format!("signal {}", libc::SIGSTOP));
-                stop_sent = true;
+            // Killed at home (SIGKILL). Said once a peer listens.
+            while !link.say(&format!("gone {status}")) {
+                if let Heard::Alone = link.hear(Duration::from_millis(50)) {
+                    if link.listener.is_none() {
+                        break;
+                    }
+                }
             }
-            (false, true) => stop_sent = false,
-            _ => {}
+            break 0;
         }
-        match shadow.take_signals() {
-            Ok(sigs) => sigs.iter().for_each(|s| say(&format!("signal {s}"))),
-            Err(e) => tracing::warn!(pid, error = %e, "taking the shadow's signals"),
-        }
-        match rx.recv_timeout(Duration::from_millis(50)) {
-            Ok(Some(l)) => next = Some(l),
-            // migd is gone: keep the shadow as it is (it must not run on).
-            Ok(None) | Err(mpsc::RecvTimeoutError::Disconnected) => {
-                std::thread::sleep(Duration::from_millis(50))
+        // Signals are taken only while someone can forward them; else they wait
+        // queued in the shadow.
+        if link.connected() {
+            match (shadow.stop_pending(), stop_sent) {
+                (true, false) => stop_sent = link.say(&format!("signal {}", libc::SIGSTOP)),
+                (false, true) => stop_sent = false,
+                _ => {}
             }
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            match shadow.take_signals() {
+                Ok(sigs) => {
+                    for s in sigs {
+                        if !link.say(&format!("signal {s}")) {
+                            tracing::error!(
+                                pid,
+                                sig = s,
+                                "a signal for the shadow was lost: its forwarder went away"
+                            );
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(pid, error = %e, "taking the shadow's signals"),
+            }
         }
+        if let Heard::Line(l) = link.hear(Duration::from_millis(50)) {
+            next = Some(l);
+        }
+    };
+    if let Some(p) = socket {
+        let _ = std::fs::remove_file(p);
     }
+    code
 }
 
 /// `migrate internal-restore`: builds the home's file view in a new mount namespace
 /// (`/` from `/.../<home>/`, the host's /proc, /dev, /sys) at `stage`, enters it, and
 /// restores the image there; waits for the process and reports its end.
-pub fn restorer_main(images: &Path, home: &str, superroot: &Path, stage: &Path) -> i32 {
+/// If migd goes away meanwhile, the end is told to the next peer on `socket`.
+pub fn restorer_main(
+    images: &Path,
+    home: &str,
+    superroot: &Path,
+    stage: &Path,
+    socket: Option<&Path>,
+) -> i32 {
+    // Bound before the root changes: the path is the host's.
+    let mut link = Link::write_only();
+    if let Some(p) = socket {
+        link.listen(p);
+    }
     let images_fd = match std::fs::File::open(images) {
         Ok(f) => f,
         Err(e) => {
@@ -167,10 +308,17 @@ pub fn restorer_main(images: &Path, home: &str, superroot: &Path, stage: &Path) 
         detach: false,
     };
     match restore(&opts, |r| {
-        say(&format!("running {} {:.3}", r.outer_pid, r.restore_ms))
+        link.say(&format!("running {} {:.3}", r.outer_pid, r.restore_ms));
     }) {
         Ok((_, Some(status))) => {
-            say(&format!("exit {status}"));
+            let line = format!("exit {status}");
+            while !link.say(&line) {
+                if link.listener.is_none() {
+                    tracing::error!(status, "the process ended and nobody is told");
+                    return 1;
+                }
+                link.hear(Duration::from_millis(100));
+            }
             0
         }
         Ok((_, None)) => 0,

@@ -3,6 +3,7 @@
 //! processes (signals, moving on, reporting their end home), and the home of shadows
 //! (their process's end).
 
+use super::keeper::{connect_lines, line_source, LineSource};
 use super::source::{offer_for, prepare, HoldAt, Holder, Ready};
 use super::{flat, long_ctx, now_secs, Daemon, ForeignRec};
 use common::migproto::{
@@ -11,7 +12,7 @@ use common::migproto::{
 use std::process::Stdio;
 use std::sync::Arc;
 use tarpc::context::Context;
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Child;
 use tracing::Instrument;
 
 /// One authenticated connection from another node's migd.
@@ -186,6 +187,9 @@ async fn restore(d: Arc<Daemon>, offer: MigrationOffer) -> MigResult<Running> {
     };
     let id = offer.id.clone();
     let stage = d.config.migd.state_dir.join("roots").join(&id);
+    let records = d.foreign_dir();
+    std::fs::create_dir_all(&records)
+        .map_err(|e| fail(format!("cannot create {}: {e}", records.display())))?;
     let mut child = tokio::process::Command::new(&d.helper_exe)
         .arg("internal-restore")
         .arg("--images")
@@ -196,11 +200,13 @@ async fn restore(d: Arc<Daemon>, offer: MigrationOffer) -> MigResult<Running> {
         .arg(d.superroot())
         .arg("--stage")
         .arg(&stage)
+        .arg("--socket")
+        .arg(records.join(format!("{id}.sock")))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .spawn()
         .map_err(|e| fail(format!("cannot start {}: {e}", d.helper_exe.display())))?;
-    let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
+    let mut lines = line_source(child.stdout.take().expect("piped"));
     let first = lines.next_line().await.ok().flatten().unwrap_or_default();
     let Some(rest) = first.strip_prefix("running ") else {
         let why = first
@@ -209,6 +215,7 @@ async fn restore(d: Arc<Daemon>, offer: MigrationOffer) -> MigResult<Running> {
             .to_string();
         let _ = child.wait().await;
         let _ = std::fs::remove_dir(&stage);
+        let _ = std::fs::remove_file(records.join(format!("{id}.sock")));
         tracing::warn!(%why, "restore failed");
         return Err(fail(why));
     };
@@ -216,48 +223,116 @@ async fn restore(d: Arc<Daemon>, offer: MigrationOffer) -> MigResult<Running> {
     let host_pid: i32 = it.next().and_then(|v| v.parse().ok()).unwrap_or(0);
     let restore_ms: f64 = it.next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
     tracing::info!(host_pid, restore_ms, "running here");
+    let entry = ProcessEntry {
+        id: id.clone(),
+        pid: offer.pid,
+        host_pid,
+        comm: offer.comm.clone(),
+        home: offer.home.clone(),
+        host: me.clone(),
+        since: now_secs(),
+    };
+    let json = serde_json::to_string(&entry).expect("entries serialize");
+    if let Err(e) = std::fs::write(records.join(format!("{id}.json")), json) {
+        tracing::warn!(error = %e, "cannot record the foreign process; a restarted migd will not know it");
+    }
     d.foreign.lock().unwrap().insert(
         id.clone(),
         ForeignRec {
-            entry: ProcessEntry {
-                id: id.clone(),
-                pid: offer.pid,
-                host_pid,
-                comm: offer.comm.clone(),
-                home: offer.home.clone(),
-                host: me.clone(),
-                since: now_secs(),
-            },
+            entry,
             departing: false,
         },
     );
-    let watch = async move {
-        let mut status = None;
-        while let Ok(Some(l)) = lines.next_line().await {
-            if let Some(s) = l.strip_prefix("exit ") {
-                status = s.trim().parse::<i32>().ok();
-            } else {
-                tracing::warn!(line = %l, "restorer");
-            }
-        }
-        let _ = child.wait().await;
-        let _ = std::fs::remove_dir(&stage);
-        let rec = d.foreign.lock().unwrap().remove(&id);
-        let departing = rec.map(|r| r.departing).unwrap_or(true);
-        match (status, departing) {
-            (_, true) => tracing::info!("the copy here ended; it lives on elsewhere"),
-            (None, false) => tracing::error!("the restorer ended without the process's status"),
-            (Some(st), false) => {
-                tracing::info!(status = st, home = %offer.home, "the process ended; telling its home");
-                report_exit(&d, &offer.home, &id, st).await;
-            }
-        }
-    };
-    tokio::spawn(watch.in_current_span());
+    tokio::spawn(watch(d.clone(), id, lines, Some(child)).in_current_span());
     Ok(Running {
         host_pid,
         restore_ms,
     })
+}
+
+/// Follows a foreign process's restorer until the process ends, then reports the
+/// end home (unless it moved on) and forgets it.
+async fn watch(d: Arc<Daemon>, id: String, mut lines: LineSource, child: Option<Child>) {
+    let mut status = None;
+    while let Ok(Some(l)) = lines.next_line().await {
+        if let Some(s) = l.strip_prefix("exit ") {
+            status = s.trim().parse::<i32>().ok();
+        } else {
+            tracing::warn!(line = %l, "restorer");
+        }
+    }
+    if let Some(mut c) = child {
+        let _ = c.wait().await;
+    }
+    let _ = std::fs::remove_dir(d.config.migd.state_dir.join("roots").join(&id));
+    let records = d.foreign_dir();
+    let _ = std::fs::remove_file(records.join(format!("{id}.json")));
+    let _ = std::fs::remove_file(records.join(format!("{id}.sock")));
+    let rec = d.foreign.lock().unwrap().remove(&id);
+    let departing = rec.as_ref().map(|r| r.departing).unwrap_or(true);
+    match (status, rec) {
+        (_, Some(r)) if r.departing => {
+            tracing::info!("the copy here ended; it lives on elsewhere")
+        }
+        (None, _) => tracing::error!("the restorer ended without the process's status"),
+        (Some(st), Some(r)) => {
+            tracing::info!(status = st, home = %r.entry.home, "the process ended; telling its home");
+            report_exit(&d, &r.entry.home, &id, st).await;
+        }
+        (Some(_), None) => tracing::warn!(departing, "an unknown process ended"),
+    }
+}
+
+/// Takes back the foreign processes a previous migd of this node was hosting: each
+/// restorer waits on its socket for a new peer.
+pub async fn adopt_foreign(d: &Arc<Daemon>) {
+    let dir = d.foreign_dir();
+    let Ok(rd) = std::fs::read_dir(&dir) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let path = e.path();
+        if path.extension().is_none_or(|x| x != "json") {
+            continue;
+        }
+        let entry: Option<ProcessEntry> = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok());
+        let Some(entry) = entry else { continue };
+        let sock = path.with_extension("sock");
+        let span =
+            tracing::info_span!("foreign", id = %entry.id, pid = entry.pid, home = %entry.home);
+        match connect_lines(&sock).await {
+            Ok((to, lines)) => {
+                span.in_scope(|| {
+                    tracing::info!(host_pid = entry.host_pid, "taken back after a restart")
+                });
+                let id = entry.id.clone();
+                d.foreign.lock().unwrap().insert(
+                    id.clone(),
+                    ForeignRec {
+                        entry,
+                        departing: false,
+                    },
+                );
+                let d = d.clone();
+                tokio::spawn(
+                    async move {
+                        // Our end stays open: the restorer takes a closed one for a
+                        // peer gone again.
+                        let _to = to;
+                        watch(d, id, lines, None).await
+                    }
+                    .instrument(span),
+                );
+            }
+            Err(err) => {
+                span.in_scope(|| tracing::error!(error = %err, "its restorer is gone; its end cannot be reported home"));
+                let _ = std::fs::remove_file(&path);
+                let _ = std::fs::remove_file(&sock);
+            }
+        }
+    }
 }
 
 async fn report_exit(d: &Daemon, home: &str, id: &str, status: i32) {

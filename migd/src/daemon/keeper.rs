@@ -5,17 +5,52 @@
 
 use std::path::Path;
 use std::process::Stdio;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
-use tokio::process::{Child, ChildStdout};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, Lines};
+use tokio::process::Child;
 use tokio::sync::mpsc;
+
+/// Where a helper's lines come from.
+pub type LineSource = Lines<BufReader<Box<dyn AsyncRead + Send + Unpin>>>;
 
 /// A running keeper.
 pub struct Keeper {
-    pub child: Child,
+    /// Our child (`None` for a keeper adopted through its socket after a restart).
+    pub child: Option<Child>,
     /// Lines to the keeper (`commit-shadow`, `commit-kill`, `abort`, `exit <status>`).
     pub to: mpsc::UnboundedSender<String>,
     /// Lines from the keeper after `dumped` (`signal <n>`, `gone <status>`, `error ..`).
-    pub lines: Lines<BufReader<ChildStdout>>,
+    pub lines: LineSource,
+}
+
+/// Sends the lines of a channel to `w`, one per line.
+pub fn line_writer(
+    mut w: impl AsyncWrite + Send + Unpin + 'static,
+) -> mpsc::UnboundedSender<String> {
+    let (to, mut rx) = mpsc::unbounded_channel::<String>();
+    tokio::spawn(async move {
+        while let Some(l) = rx.recv().await {
+            if w.write_all(format!("{l}\n").as_bytes()).await.is_err() {
+                break;
+            }
+            let _ = w.flush().await;
+        }
+    });
+    to
+}
+
+/// The lines of `r`.
+pub fn line_source(r: impl AsyncRead + Send + Unpin + 'static) -> LineSource {
+    let b: Box<dyn AsyncRead + Send + Unpin> = Box::new(r);
+    BufReader::new(b).lines()
+}
+
+/// Connects to a helper's socket (a helper whose first peer is gone listens there).
+pub async fn connect_lines(
+    socket: &Path,
+) -> std::io::Result<(mpsc::UnboundedSender<String>, LineSource)> {
+    let s = tokio::net::UnixStream::connect(socket).await?;
+    let (r, w) = s.into_split();
+    Ok((line_writer(w), line_source(r)))
 }
 
 /// What the dump wrote.
@@ -28,39 +63,38 @@ pub struct Dumped {
 impl Keeper {
     /// Starts `exe internal-keep` for `pid` and waits until the image is written (the
     /// process then stays frozen). On error the process runs on untouched.
+    /// `socket` is where it listens for a new peer once we are gone (after commit).
     pub async fn start(
         exe: &Path,
         pid: i32,
         images: &Path,
         enter: bool,
+        socket: Option<&Path>,
     ) -> Result<(Keeper, Dumped), String> {
-        let mut child = tokio::process::Command::new(exe)
-            .arg("internal-keep")
+        let mut cmd = tokio::process::Command::new(exe);
+        cmd.arg("internal-keep")
             .arg("--pid")
             .arg(pid.to_string())
             .arg("--images")
-            .arg(images)
-            .args(if enter { &["--enter"][..] } else { &[][..] })
+            .arg(images);
+        if enter {
+            cmd.arg("--enter");
+        }
+        if let Some(s) = socket {
+            cmd.arg("--socket").arg(s);
+        }
+        let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .kill_on_drop(false)
             .spawn()
             .map_err(|e| format!("cannot start {}: {e}", exe.display()))?;
-        let mut stdin = child.stdin.take().expect("piped");
-        let stdout = child.stdout.take().expect("piped");
-        let (to, mut to_rx) = mpsc::unbounded_channel::<String>();
-        tokio::spawn(async move {
-            while let Some(l) = to_rx.recv().await {
-                if stdin.write_all(format!("{l}\n").as_bytes()).await.is_err() {
-                    break;
-                }
-                let _ = stdin.flush().await;
-            }
-        });
+        let to = line_writer(child.stdin.take().expect("piped"));
+        let lines = line_source(child.stdout.take().expect("piped"));
         let mut keeper = Keeper {
-            child,
+            child: Some(child),
             to,
-            lines: BufReader::new(stdout).lines(),
+            lines,
         };
         let first = keeper.lines.next_line().await.ok().flatten();
         match first.as_deref().and_then(|l| l.strip_prefix("dumped ")) {
@@ -76,9 +110,27 @@ impl Keeper {
                     .and_then(|l| l.strip_prefix("error "))
                     .unwrap_or("the keeper ended without a word")
                     .to_string();
-                let _ = keeper.child.wait().await;
+                keeper.wait().await;
                 Err(format!("{why} (pid {pid} runs on where it was)"))
             }
+        }
+    }
+
+    /// Takes over a keeper whose first peer is gone, through its socket.
+    pub async fn adopt(socket: &Path) -> std::io::Result<Keeper> {
+        let (to, lines) = connect_lines(socket).await?;
+        Ok(Keeper {
+            child: None,
+            to,
+            lines,
+        })
+    }
+
+    /// Waits until the keeper is gone (its output ends; our child is reaped).
+    pub async fn wait(&mut self) {
+        while let Ok(Some(_)) = self.lines.next_line().await {}
+        if let Some(c) = self.child.as_mut() {
+            let _ = c.wait().await;
         }
     }
 
@@ -90,7 +142,8 @@ impl Keeper {
     /// Tells the keeper how to end and waits for it.
     pub async fn end(mut self, line: &str) {
         self.send(line);
-        drop(self.to);
-        let _ = self.child.wait().await;
+        if let Some(c) = self.child.as_mut() {
+            let _ = c.wait().await;
+        }
     }
 }

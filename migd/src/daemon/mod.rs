@@ -82,6 +82,11 @@ impl Daemon {
         format!("{}-{t}-{n}", self.config.node)
     }
 
+    /// Records and sockets of the foreign processes running here.
+    pub fn foreign_dir(&self) -> PathBuf {
+        self.config.migd.state_dir.join("foreign")
+    }
+
     /// The super-root mount point.
     pub fn superroot(&self) -> &Path {
         &self.config.fuse.mountpoint
@@ -231,6 +236,7 @@ pub async fn serve(
         offers: Mutex::new(HashMap::new()),
     });
     tracing::info!(%addr, socket = %sock_path.display(), node = %d.config.node, "migd listening");
+    host::adopt_foreign(&d).await;
     tokio::pin!(shutdown);
     loop {
         tokio::select! {

@@ -83,7 +83,7 @@ pub async fn prepare(
     let images = d.image_dir(&id);
     progress(tx, "freezing and writing the image to the store", 0);
     let held = match at {
-        HoldAt::Keeper => Keeper::start(&d.helper_exe, local_pid, &images, true)
+        HoldAt::Keeper => Keeper::start(&d.helper_exe, local_pid, &images, true, None)
             .await
             .map(|(k, dumped)| (Holder::Keeper(Box::new(k)), dumped))
             .map_err(fail),
