@@ -408,3 +408,33 @@ fn killing_home_proxy_and_the_hosts_migd_loses_neither_the_shadow_nor_the_exit_s
     let got = s.c.sh_ok("ws1", "cat /tmp/out");
     assert!(got == want, "output at ws1 differs from an unmigrated run");
 }
+
+#[test]
+fn a_destination_that_cannot_restore_leaves_the_original_running_where_it_was() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let mut s = setup();
+    let (child, pid) = start_at_ws1(&s, "/tmp/out", 100_000, 0, 3);
+    // ws2 loses the super-root: it can reach neither the store nor ws1's tree.
+    s.c.kill_daemon("ws2", "fuse-client", ferry_tests::Signal::SIGKILL);
+    let o = s.c.exec("ws1", &["migrate", &pid.to_string(), "ws2"]);
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(!o.status.success(), "the migration should fail: {err}");
+    assert!(
+        err.contains("thawed") && err.contains("runs on at ws1"),
+        "migrate should say the process runs on at ws1: {err}"
+    );
+    let st = state_on(&s.c, "ws1", pid);
+    assert!(
+        st.contains("sleeping") || st.contains("running"),
+        "pid {pid} should run on at ws1 after the failed migration: {st:?}"
+    );
+    let before = s.c.sh_ok("ws1", "wc -l < /tmp/out");
+    wait_for(|| (s.c.sh_ok("ws1", "wc -l < /tmp/out") != before).then_some(()))
+        .expect("prog stopped writing after the failed migration");
+    assert!(
+        progs_on(&s.c, "ws2").is_empty(),
+        "a copy of prog runs at ws2"
+    );
+    s.c.sh_ok("ws1", &format!("kill {pid}"));
+    assert_eq!(finish(&s.c, child), "status=143");
+}
