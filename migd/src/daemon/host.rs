@@ -137,14 +137,7 @@ impl MigdService for Conn {
         };
         let span = tracing::info_span!("migration", id = %id, pid = entry.pid, from = %self.me(), to = %dest);
         async {
-            let uid = std::fs::read_to_string(format!("/proc/{}/status", entry.host_pid))
-                .ok()
-                .and_then(|s| {
-                    s.lines()
-                        .find_map(|l| l.strip_prefix("Uid:"))
-                        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-                })
-                .unwrap_or(0);
+            let uid = super::owner(entry.host_pid).unwrap_or(0);
             let offer = offer_for(&self.d, &id, &entry.home, entry.pid, &entry.comm, uid, mode);
             let Ready {
                 holder,

@@ -100,17 +100,6 @@ async fn list(d: &Daemon) -> LocalReply {
     LocalReply::List { home, foreign }
 }
 
-/// The real uid owning `pid` here.
-fn owner(pid: i32) -> Option<u32> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    s.lines()
-        .find_map(|l| l.strip_prefix("Uid:"))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
-}
-
 async fn migrate(
     d: &Arc<Daemon>,
     uid: u32,
@@ -121,7 +110,7 @@ async fn migrate(
 ) -> Result<common::migproto::MigrateOutcome, String> {
     let span = tracing::info_span!("migrate", pid, dest, %mode, caller_uid = uid);
     let _e = span.enter();
-    let Some(owner) = owner(pid) else {
+    let Some(owner) = super::owner(pid) else {
         return Err(format!("no process {pid} on {}", d.config.node));
     };
     if uid != 0 && uid != owner {

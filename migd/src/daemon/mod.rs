@@ -166,6 +166,12 @@ pub fn long_ctx() -> tarpc::context::Context {
     c
 }
 
+/// The real uid owning `pid` (as this node sees it).
+pub fn owner(pid: i32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    crate::engine::procfs::id_triple(&status, "Uid").map(|ids| ids[0])
+}
+
 /// Seconds since the epoch.
 pub fn now_secs() -> u64 {
     SystemTime::now()

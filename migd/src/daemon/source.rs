@@ -182,15 +182,7 @@ fn comm_uid(pid: i32) -> (String, u32) {
         .unwrap_or_default()
         .trim()
         .to_string();
-    let uid = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Uid:"))
-                .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        })
-        .unwrap_or(0);
-    (comm, uid)
+    (comm, super::owner(pid).unwrap_or(0))
 }
 
 /// Moves a process of this node (its home) to `dest`; the original becomes its shadow.
