@@ -4,8 +4,8 @@
 use super::fdinfo::{classify_link, parse_fdinfo, LinkKind};
 use super::freeze::{FreezeError, Frozen, Stopped};
 use super::image::{
-    self, Area, AreaKind, Creds, FdImage, FdKind, Manifest, PageWriter, Rseq, SigAction,
-    ThreadImage,
+    self, Area, AreaKind, Creds, FdImage, FdKind, Manifest, PageWriter, PosixTimer, Rseq,
+    SigAction, ThreadImage,
 };
 use super::inject::{InjectError, Injector, GADGET};
 use super::maps::{parse_smaps, MapArea};
@@ -138,13 +138,10 @@ pub fn precheck(pid: i32) -> Result<(), DumpError> {
         ));
     }
     if let Ok(t) = std::fs::read_to_string(format!("/proc/{pid}/timers")) {
-        if let Some(id) = t.lines().find_map(|l| l.strip_prefix("ID:")) {
+        if procfs::parse_timers(&t).is_none() {
             return Err(refuse(
                 pid,
-                format!(
-                    "POSIX timer {} (timer_create timers are not supported yet)",
-                    id.trim()
-                ),
+                "a POSIX timer with a notification kind this engine does not know",
             ));
         }
     }
@@ -325,6 +322,7 @@ struct Injected {
     brk: u64,
     itimers: [[i64; 4]; 3],
     per_thread: Vec<(u64, (u64, i32, u64))>,
+    timers: Vec<PosixTimer>,
 }
 
 fn u64_at(b: &[u8], off: usize) -> u64 {
@@ -332,7 +330,12 @@ fn u64_at(b: &[u8], off: usize) -> u64 {
 }
 
 /// State only the process can tell: read by running syscalls inside it.
-fn inject_reads(pid: i32, frozen: &Frozen, smaps: &[MapArea]) -> Result<Injected, DumpError> {
+fn inject_reads(
+    pid: i32,
+    frozen: &Frozen,
+    smaps: &[MapArea],
+    vtids: &[i32],
+) -> Result<Injected, DumpError> {
     let leader = &frozen.threads[0];
     let lr = leader.regs()?;
     let area = smaps
@@ -445,6 +448,42 @@ fn inject_reads(pid: i32, frozen: &Frozen, smaps: &[MapArea]) -> Result<Injected
             let b = rd(24)?;
             per_thread.push((ctid, (u64_at(&b, 0), u64_at(&b, 8) as i32, u64_at(&b, 16))));
         }
+        let mut timers = Vec::new();
+        let listed = std::fs::read_to_string(format!("/proc/{pid}/timers"))
+            .ok()
+            .and_then(|t| procfs::parse_timers(&t))
+            .unwrap_or_default();
+        for pt in listed {
+            inj.ok(
+                leader,
+                libc::SYS_timer_gettime,
+                &[pt.id as u64, scratch],
+                || format!("timer_gettime({})", pt.id),
+            )?;
+            let b = rd(32)?;
+            let setting = [
+                u64_at(&b, 0) as i64,
+                u64_at(&b, 8) as i64,
+                u64_at(&b, 16) as i64,
+                u64_at(&b, 24) as i64,
+            ];
+            // The notified thread, as the process sees it.
+            let tid = frozen
+                .threads
+                .iter()
+                .position(|t| t.tid == pt.target)
+                .and_then(|i| vtids.get(i).copied())
+                .unwrap_or(pt.target);
+            timers.push(PosixTimer {
+                id: pt.id,
+                clockid: pt.clockid,
+                signo: pt.signo,
+                sival: pt.sival,
+                notify: pt.notify,
+                tid,
+                setting,
+            });
+        }
         inj.ok(leader, libc::SYS_munmap, &[scratch, 8192], || {
             "munmap(scratch)".into()
         })?;
@@ -453,6 +492,7 @@ fn inject_reads(pid: i32, frozen: &Frozen, smaps: &[MapArea]) -> Result<Injected
             brk,
             itimers,
             per_thread,
+            timers,
         })
     })();
     // Put everything back whatever happened.
@@ -482,7 +522,8 @@ pub fn collect(pid: i32, frozen: &Frozen, dir: &Path) -> Result<Manifest, DumpEr
         .iter()
         .map(|s| s.to_vec())
         .collect();
-    let inj = inject_reads(pid, frozen, &smaps0)?;
+    let vtids: Vec<i32> = threads.iter().map(|t| t.tid).collect();
+    let inj = inject_reads(pid, frozen, &smaps0, &vtids)?;
     for (ti, (ctid, alt)) in threads.iter_mut().zip(&inj.per_thread) {
         ti.clear_tid = *ctid;
         ti.altstack = *alt;
@@ -566,6 +607,7 @@ pub fn collect(pid: i32, frozen: &Frozen, dir: &Path) -> Result<Manifest, DumpEr
         chunk_crcs,
         xsave_len,
         stopped: false,
+        posix_timers: inj.timers,
     })
 }
 

@@ -42,6 +42,9 @@ pub struct Manifest {
     /// stopped again after restore.
     #[serde(default)]
     pub stopped: bool,
+    /// POSIX timers (timer_create), recreated with their ids.
+    #[serde(default)]
+    pub posix_timers: Vec<PosixTimer>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -60,6 +63,20 @@ pub struct ThreadImage {
     /// sigaltstack: (ss_sp, ss_flags, ss_size).
     pub altstack: (u64, i32, u64),
     pub name: String,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PosixTimer {
+    pub id: i32,
+    pub clockid: i32,
+    pub signo: i32,
+    pub sival: u64,
+    /// SIGEV_* (with SIGEV_THREAD_ID when a thread is notified).
+    pub notify: i32,
+    /// The tid to notify (as the process sees it) with SIGEV_THREAD_ID.
+    pub tid: i32,
+    /// [interval_sec, interval_nsec, value_sec, value_nsec]; value is time left.
+    pub setting: [i64; 4],
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]

@@ -88,6 +88,65 @@ pub fn parse_auxv(bytes: &[u8]) -> Vec<u64> {
     out
 }
 
+/// One block of /proc/PID/timers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcTimer {
+    pub id: i32,
+    pub signo: i32,
+    pub sival: u64,
+    /// SIGEV_* value (SIGEV_THREAD_ID bit included).
+    pub notify: i32,
+    /// The pid or tid to notify, as the reader's pid namespace sees it.
+    pub target: i32,
+    pub clockid: i32,
+}
+
+/// Parses /proc/PID/timers; None for a notify kind it does not know.
+pub fn parse_timers(text: &str) -> Option<Vec<ProcTimer>> {
+    let mut out: Vec<ProcTimer> = Vec::new();
+    for line in text.lines() {
+        let (k, v) = line.split_once(':')?;
+        let v = v.trim();
+        match k {
+            "ID" => out.push(ProcTimer {
+                id: v.parse().ok()?,
+                signo: 0,
+                sival: 0,
+                notify: 0,
+                target: 0,
+                clockid: 0,
+            }),
+            "signal" => {
+                let (s, p) = v.split_once('/')?;
+                let t = out.last_mut()?;
+                t.signo = s.parse().ok()?;
+                t.sival = u64::from_str_radix(p, 16).ok()?;
+            }
+            "notify" => {
+                let (kind, who) = v.split_once('/')?;
+                let (pt, n) = who.split_once('.')?;
+                let base = match kind {
+                    "signal" => libc::SIGEV_SIGNAL,
+                    "none" => libc::SIGEV_NONE,
+                    "thread" => libc::SIGEV_THREAD,
+                    _ => return None,
+                };
+                let t = out.last_mut()?;
+                t.notify = base
+                    | if pt == "tid" {
+                        crate::sys::kabi::SIGEV_THREAD_ID
+                    } else {
+                        0
+                    };
+                t.target = n.parse().ok()?;
+            }
+            "ClockID" => out.last_mut()?.clockid = v.parse().ok()?,
+            _ => {}
+        }
+    }
+    Some(out)
+}
+
 /// (soft, hard) per resource, in RLIMIT_* order, from /proc/PID/limits.
 pub fn parse_limits(text: &str) -> Vec<(u64, u64)> {
     let val = |s: &str| {
@@ -110,6 +169,35 @@ pub fn parse_limits(text: &str) -> Vec<(u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn posix_timers_are_parsed_with_their_notification() {
+        let t = "ID: 1\nsignal: 0/0000000000000000\nnotify: none/pid.8869\nClockID: 0\nID: 0\nsignal: 12/0000000000001234\nnotify: signal/tid.8870\nClockID: 1\n";
+        let v = parse_timers(t).unwrap();
+        assert_eq!(
+            v[0],
+            ProcTimer {
+                id: 1,
+                signo: 0,
+                sival: 0,
+                notify: libc::SIGEV_NONE,
+                target: 8869,
+                clockid: 0
+            }
+        );
+        assert_eq!(
+            v[1],
+            ProcTimer {
+                id: 0,
+                signo: 12,
+                sival: 0x1234,
+                notify: libc::SIGEV_SIGNAL | 4,
+                target: 8870,
+                clockid: 1
+            }
+        );
+        assert_eq!(parse_timers("ID: 3\nnotify: weird/pid.1\n"), None);
+    }
 
     #[test]
     fn limits_file_gives_soft_and_hard_in_order() {

@@ -94,3 +94,11 @@ pub const SYS_CLOSE_RANGE: i64 = 436;
 /// `TFD_IOC_SET_TICKS` = `_IOW('T', 0, __u64)` — include/uapi/linux/timerfd.h
 /// (needs CONFIG_CHECKPOINT_RESTORE).
 pub const TFD_IOC_SET_TICKS: u64 = 0x4008_5400;
+
+/// `PR_TIMER_CREATE_RESTORE_IDS` and its `_ON`/`_OFF` values — include/uapi/linux/prctl.h
+/// (6.15+): timer_create then takes the wanted timer id from `*created_timer_id`.
+pub const PR_TIMER_CREATE_RESTORE_IDS: u64 = 77;
+pub const PR_TIMER_CREATE_RESTORE_IDS_ON: u64 = 1;
+pub const PR_TIMER_CREATE_RESTORE_IDS_OFF: u64 = 0;
+/// `SIGEV_THREAD_ID` — include/uapi/asm-generic/siginfo.h.
+pub const SIGEV_THREAD_ID: i32 = 4;

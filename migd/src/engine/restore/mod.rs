@@ -400,6 +400,7 @@ fn shape(ctx: &Ctx, m: &Manifest, pages: &[u8]) -> Result<Vec<Stopped>, RestoreE
             ctx.ok(t, libc::SYS_setitimer, &[which as u64, a, 0], "setitimer")?;
         }
     }
+    restore_posix_timers(ctx, m)?;
     for (st, ti) in others.iter().zip(&m.threads[1..]) {
         final_regs(ctx, st, ti)?;
     }
@@ -579,4 +580,86 @@ fn set_rlimit_inside(
         Ok(o) if o.ret < 0 => Err(nix::errno::Errno::from_raw(-o.ret as i32)),
         _ => Err(first),
     }
+}
+
+/// timer_create with the old ids (PR_TIMER_CREATE_RESTORE_IDS), then arm them.
+fn restore_posix_timers(ctx: &Ctx, m: &Manifest) -> Result<(), RestoreError> {
+    if m.posix_timers.is_empty() {
+        return Ok(());
+    }
+    let t = &ctx.leader;
+    ctx.ok(
+        t,
+        libc::SYS_prctl,
+        &[
+            kabi::PR_TIMER_CREATE_RESTORE_IDS,
+            kabi::PR_TIMER_CREATE_RESTORE_IDS_ON,
+            0,
+            0,
+            0,
+        ],
+        "prctl(PR_TIMER_CREATE_RESTORE_IDS)",
+    )?;
+    let mut timers = m.posix_timers.clone();
+    timers.sort_by_key(|p| p.id);
+    for pt in &timers {
+        let mut sev = [0u8; 64];
+        sev[..8].copy_from_slice(&pt.sival.to_ne_bytes());
+        sev[8..12].copy_from_slice(&pt.signo.to_ne_bytes());
+        sev[12..16].copy_from_slice(&pt.notify.to_ne_bytes());
+        sev[16..20].copy_from_slice(&pt.tid.to_ne_bytes());
+        let a = ctx.put(0, &sev)?;
+        let idp = ctx.put(128, &pt.id.to_ne_bytes())?;
+        ctx.ok(
+            t,
+            libc::SYS_timer_create,
+            &[pt.clockid as u64, a, idp],
+            &format!("timer_create(id {})", pt.id),
+        )?;
+        let mut b = [0u8; 4];
+        sys::vm_read(ctx.pid, idp, &mut b).map_err(|e| RestoreError::Other {
+            what: format!("reading timer id: {e}"),
+        })?;
+        if i32::from_ne_bytes(b) != pt.id {
+            return Err(RestoreError::Other {
+                what: format!(
+                    "timer_create gave id {} instead of {}",
+                    i32::from_ne_bytes(b),
+                    pt.id
+                ),
+            });
+        }
+    }
+    ctx.ok(
+        t,
+        libc::SYS_prctl,
+        &[
+            kabi::PR_TIMER_CREATE_RESTORE_IDS,
+            kabi::PR_TIMER_CREATE_RESTORE_IDS_OFF,
+            0,
+            0,
+            0,
+        ],
+        "prctl(PR_TIMER_CREATE_RESTORE_IDS off)",
+    )?;
+    for pt in &timers {
+        let mut s = pt.setting;
+        if s[2] == 0 && s[3] == 0 {
+            // Expired with its signal pending: re-armed one interval on, as the kernel would.
+            s[2] = s[0];
+            s[3] = s[1];
+        }
+        if s[2] == 0 && s[3] == 0 {
+            continue;
+        }
+        let b: Vec<u8> = s.iter().flat_map(|v| v.to_ne_bytes()).collect();
+        let a = ctx.put(0, &b)?;
+        ctx.ok(
+            t,
+            libc::SYS_timer_settime,
+            &[pt.id as u64, 0, a, 0],
+            &format!("timer_settime(id {})", pt.id),
+        )?;
+    }
+    Ok(())
 }
