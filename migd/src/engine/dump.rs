@@ -338,9 +338,13 @@ fn inject_reads(
 ) -> Result<Injected, DumpError> {
     let leader = &frozen.threads[0];
     let lr = leader.regs()?;
+    // Plant the gadget in program text (not the vDSO), preferably where the leader is.
+    let usable = |a: &&MapArea| a.prot & libc::PROT_EXEC != 0 && a.is_file();
     let area = smaps
         .iter()
-        .find(|a| a.start <= lr.rip && lr.rip < a.end && a.prot & libc::PROT_EXEC != 0)
+        .filter(usable)
+        .find(|a| a.start <= lr.rip && lr.rip < a.end)
+        .or_else(|| smaps.iter().find(usable))
         .or_else(|| {
             smaps
                 .iter()
