@@ -76,20 +76,7 @@ fn start_at_ws1(s: &Setup, out: &str, n: u32, code: i32, lines: usize) -> (Child
 
 /// Like [`start_at_ws1`] with prog's whole argument string.
 fn start_with(s: &Setup, args: &str, out: &str, lines: usize) -> (Child, i32) {
-    // prog's stderr goes to a file of ws1 (the test's own stderr is not in ws1's tree),
-    // and fds the shell inherited beyond stdio are closed: only what prog opened itself
-    // and its stdio (stdout: a pipe to this test) have to move with it.
-    let script = format!(
-        "exec 2>/tmp/prog.err; for f in /proc/$$/fd/*; do n=${{f##*/}}; \
-         [ \"$n\" -gt 2 ] && eval \"exec $n>&-\"; done; {} {args}; echo status=$?",
-        s.prog.display()
-    );
-    let child =
-        s.c.command("ws1", &["bash", "-c", &script])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("cluster exec runs");
+    let child = spawn_at_ws1(&s.c, &format!("{} {args}", s.prog.display()));
     let pid = wait_for(|| {
         let o = s.c.sh(
             "ws1",
@@ -100,6 +87,22 @@ fn start_with(s: &Setup, args: &str, out: &str, lines: usize) -> (Child, i32) {
     })
     .unwrap_or_else(|| panic!("prog did not start at ws1\n{}", s.c.logs("ws1", 10)));
     (child, pid)
+}
+
+/// Starts `bash -c 'COMMAND; echo status=$?'` at ws1, stdout piped to us. The
+/// command's stderr goes to /tmp/cmd.err of ws1 (the test's own stderr is not in
+/// ws1's tree), and fds the shell inherited beyond stdio are closed: only what the
+/// command opens itself and its stdio (stdout: a pipe to this test) have to move.
+fn spawn_at_ws1(c: &Cluster, command: &str) -> Child {
+    let script = format!(
+        "exec 2>/tmp/cmd.err; for f in /proc/$$/fd/*; do n=${{f##*/}}; \
+         [ \"$n\" -gt 2 ] && eval \"exec $n>&-\"; done; {command}; echo status=$?"
+    );
+    c.command("ws1", &["bash", "-c", &script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("cluster exec runs")
 }
 
 /// Polls `f` until it answers (up to a minute; a bound for a hang, not a timing check).
@@ -437,4 +440,46 @@ fn a_destination_that_cannot_restore_leaves_the_original_running_where_it_was() 
     );
     s.c.sh_ok("ws1", &format!("kill {pid}"));
     assert_eq!(finish(&s.c, child), "status=143");
+}
+
+#[test]
+fn a_python3_program_moves_twice_and_its_output_is_unchanged() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let s = setup();
+    let c = &s.c;
+    let script = c.dir().join("count.py");
+    std::fs::write(
+        &script,
+        "import sys, time\n\
+         n, pause = int(sys.argv[2]), float(sys.argv[3])\n\
+         with open(sys.argv[1], 'w') as f:\n\
+         \x20   for i in range(n):\n\
+         \x20       f.write('%d %d\\n' % (i, pow(7, i, 1000003))); f.flush(); time.sleep(pause)\n\
+         sys.exit(4)\n",
+    )
+    .unwrap();
+    let want = c.sh_ok(
+        "ws1",
+        &format!("python3 {} /tmp/ref 80 0; cat /tmp/ref", script.display()),
+    );
+    let child = spawn_at_ws1(c, &format!("python3 {} /tmp/out 80 0.1", script.display()));
+    let pid: i32 = wait_for(|| {
+        let o = c.sh("ws1", "pgrep -xn python3 && test $(wc -l < /tmp/out) -ge 5");
+        let t = String::from_utf8_lossy(&o.stdout).trim().to_string();
+        (o.status.success() && !t.is_empty()).then(|| t.parse().unwrap())
+    })
+    .expect("python3 did not start at ws1");
+    let said = migrate(c, pid, "ws2");
+    assert!(said.contains("runs on ws2"), "migrate said: {said}");
+    let said = migrate(c, pid, "ws3");
+    assert!(said.contains("runs on ws3"), "migrate said: {said}");
+    assert_eq!(finish(c, child), "status=4", "python3's exit status");
+    let got = c.sh_ok("ws1", "cat /tmp/out");
+    assert!(
+        got == want,
+        "python3's output differs from an unmigrated run ({} vs {} bytes); its stderr: {}",
+        got.len(),
+        want.len(),
+        c.sh_ok("ws1", "cat /tmp/cmd.err")
+    );
 }
