@@ -483,3 +483,32 @@ fn a_python3_program_moves_twice_and_its_output_is_unchanged() {
         c.sh_ok("ws1", "cat /tmp/cmd.err")
     );
 }
+
+#[test]
+fn an_ordinary_user_moves_their_own_process() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let s = setup();
+    let c = &s.c;
+    let as_user = "setpriv --reuid 1000 --regid 1000 --clear-groups";
+    let child = spawn_at_ws1(
+        c,
+        &format!("{as_user} {} /tmp/uout 60 6 100000", s.prog.display()),
+    );
+    let pid: i32 = wait_for(|| {
+        let o = c.sh("ws1", "pgrep -xn prog && test -s /tmp/uout");
+        String::from_utf8_lossy(&o.stdout).trim().parse().ok()
+    })
+    .expect("prog did not start at ws1");
+    let said = c.sh_ok("ws1", &format!("{as_user} migrate {pid} ws2"));
+    assert!(said.contains("runs on ws2"), "migrate said: {said}");
+    let remote = progs_on(c, "ws2");
+    assert_eq!(remote.len(), 1, "prog is not running at ws2");
+    assert_eq!(
+        status_num(c, "ws2", remote[0], "Uid"),
+        1000,
+        "prog at ws2 should run as uid 1000"
+    );
+    assert_eq!(finish(c, child), "status=6");
+    let owner = c.sh_ok("ws1", "stat -c %u /tmp/uout");
+    assert_eq!(owner.trim(), "1000", "the output file's owner at ws1");
+}
