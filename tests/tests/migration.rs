@@ -171,7 +171,13 @@ fn migrated_process_runs_elsewhere_writes_home_and_its_exit_status_reaches_the_p
 
     let said = migrate(c, pid, "ws2");
     assert!(said.contains("runs on ws2"), "migrate said: {said}");
-    assert_eq!(progs_on(c, "ws2").len(), 1, "prog is not running at ws2");
+    let remote = progs_on(c, "ws2");
+    assert_eq!(remote.len(), 1, "prog is not running at ws2");
+    let view = c.sh_ok("ws2", &format!("ls /proc/{}/root/.../", remote[0]));
+    assert!(
+        view.contains("ws1") && view.contains("store"),
+        "the super-root should be at /... in prog's view at ws2: {view:?}"
+    );
     let st = state_on(c, "ws1", pid);
     assert!(
         st.contains("tracing stop"),

@@ -298,7 +298,7 @@ pub fn restorer_main(
             return 1;
         }
     };
-    if let Err(e) = sys::enter_home_view(&superroot.join(home), stage) {
+    if let Err(e) = sys::enter_home_view(superroot, home, stage) {
         say(&format!("error {}", one_line(e)));
         return 1;
     }

@@ -34,9 +34,10 @@ fn ioctx(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ViewError {
 const HOST_OWN: &[&str] = &["proc", "dev", "sys"];
 
 /// Builds, in a new mount namespace of the calling (single-threaded) process, a root
-/// at `stage` whose entries are those of `home_root` (bind-mounted from `/.../<home>/`)
-/// plus the host's /proc, /dev and /sys, and makes it the process's root.
-pub fn enter_home_view(home_root: &Path, stage: &Path) -> Result<(), ViewError> {
+/// at `stage` whose entries are those of `/.../<home>/` (bind-mounted from there) plus
+/// the host's /proc, /dev, /sys and super-root, and makes it the process's root.
+pub fn enter_home_view(superroot: &Path, home: &str, stage: &Path) -> Result<(), ViewError> {
+    let home_root = &superroot.join(home);
     let entries = std::fs::read_dir(home_root).map_err(ioctx(format!(
         "listing the home's tree {} (is the super-root mounted and the home's fs-server up?)",
         home_root.display()
@@ -94,17 +95,26 @@ pub fn enter_home_view(home_root: &Path, stage: &Path) -> Result<(), ViewError> 
             dst.display()
         )))?;
     }
-    for h in HOST_OWN {
+    // The host's own /proc, /dev, /sys, and the super-root, so that `/...` names the
+    // same files for the process as it did at home.
+    let superroot_rel = superroot.strip_prefix("/").unwrap_or(superroot);
+    let own = HOST_OWN.iter().map(Path::new).chain([superroot_rel]);
+    for h in own {
         let dst = stage.join(h);
-        std::fs::create_dir(&dst).map_err(ioctx(format!("mkdir {}", dst.display())))?;
+        std::fs::create_dir_all(&dst).map_err(ioctx(format!("mkdir {}", dst.display())))?;
+        let src = Path::new("/").join(h);
         mount(
-            Some(&Path::new("/").join(h)),
+            Some(&src),
             &dst,
             None::<&str>,
             MsFlags::MS_BIND | MsFlags::MS_REC,
             None::<&str>,
         )
-        .map_err(ctx(format!("bind-mounting /{h} on {}", dst.display())))?;
+        .map_err(ctx(format!(
+            "bind-mounting {} on {}",
+            src.display(),
+            dst.display()
+        )))?;
     }
     std::env::set_current_dir(stage).map_err(ioctx(format!("chdir {}", stage.display())))?;
     nix::unistd::chroot(".").map_err(ctx(format!("chroot {}", stage.display())))?;
