@@ -1,6 +1,8 @@
-//! The two helper processes migd starts for each migration (as `migrate internal-keep`
-//! and `migrate internal-restore`). Each is single-threaded, as ptrace, setns and the
-//! engine's restore need, and speaks one line at a time on stdin/stdout with migd.
+//! The two helper processes of a migration (`migrate internal-keep`, started by
+//! home-proxy or migd, and `migrate internal-restore`, started by migd). Each is
+//! single-threaded where it matters, as ptrace, setns and the engine's restore need,
+//! and speaks one line at a time on stdin/stdout with the daemon that started it; once
+//! that daemon is gone, with the next peer on the helper's own unix socket.
 //!
 //! keeper (source side), lines out: `dumped <bytes> <ms>` | `error <why>`, later
 //! `signal <n>` (a signal sent to the shadow) | `gone <status>` (the shadow was killed
