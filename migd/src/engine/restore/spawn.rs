@@ -26,10 +26,17 @@ pub fn spawn(vpid: i32, gadget: u64, gadget_len: usize) -> Result<Spawned, Resto
     };
     let (ready_r, ready_w) = sys::pipe().map_err(|e| err("pipe", e))?;
     let (status_r, status_w) = sys::pipe().map_err(|e| err("pipe", e))?;
-    sys::unshare(libc::CLONE_NEWPID).map_err(|e| err("unshare(CLONE_NEWPID)", e))?;
-    // SAFETY: migd restore is single-threaded (no runtime threads are started before
-    // this); the child only makes raw syscalls and exits.
-    let stub = unsafe { sys::fork() }.map_err(|e| err("fork", e))?;
+    // clone3(CLONE_NEWPID): the stub is pid 1 of a new namespace and the caller's own
+    // namespace settings stay as they were (restore can run again in this process).
+    let args = kabi::CloneArgs {
+        flags: libc::CLONE_NEWPID as u64,
+        exit_signal: libc::SIGCHLD as u64,
+        ..Default::default()
+    };
+    // SAFETY: without CLONE_VM this is a fork; the child (stub) only makes raw
+    // syscalls and exits. Callers restore from a single-threaded process (migd
+    // restore is one) or accept fork-in-threads rules for the stub's short life.
+    let stub = unsafe { sys::clone3(&args) }.map_err(|e| err("clone3(CLONE_NEWPID)", e))?;
     if stub == 0 {
         drop(ready_r);
         drop(status_r);
