@@ -19,14 +19,23 @@ use crate::state::Session;
 pub const CALLBACK_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Runs blocking file system work off the tokio workers.
+///
+/// Work cancelled because the server is shutting down is never answered: an error
+/// reply would reach the client as a failed call, while no reply makes it reconnect
+/// and send the call again to the server that comes next.
 pub async fn blocking<T, F>(f: F) -> FsResult<T>
 where
     F: FnOnce() -> FsResult<T> + Send + 'static,
     T: Send + 'static,
 {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| FsError::new(libc::EIO, format!("server worker failed: {e}")))?
+    match tokio::task::spawn_blocking(f).await {
+        Ok(result) => result,
+        Err(e) if e.is_cancelled() => std::future::pending().await,
+        Err(e) => Err(FsError::new(
+            libc::EIO,
+            format!("server worker failed: {e}"),
+        )),
+    }
 }
 
 /// Calls `invalidate(ino, true)` on each client and waits for all answers (each
