@@ -12,4 +12,4 @@ cargo build --workspace --release --all-targets
 echo "== running every test =="
 # Cluster tests share one bridge and the /... mountpoint name; the harness makes
 # them safe to run side by side, but two cores gain nothing from more threads.
-cargo test --workspace --release -- --test-threads=2
+cargo test --workspace --release --no-fail-fast -- --test-threads=2
