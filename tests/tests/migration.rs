@@ -518,3 +518,62 @@ fn an_ordinary_user_moves_their_own_process() {
     let owner = c.sh_ok("ws1", "stat -c %u /tmp/uout");
     assert_eq!(owner.trim(), "1000", "the output file's owner at ws1");
 }
+
+#[test]
+fn killing_the_destinations_migd_mid_migration_leaves_exactly_one_copy() {
+    use std::io::BufRead;
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let mut s = setup();
+    let (child, pid) = start_at_ws1(&s, "/tmp/out", 100_000, 0, 3);
+    let mut m =
+        s.c.command("ws1", &["migrate", &pid.to_string(), "ws2"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("cluster exec runs");
+    let mut said = String::new();
+    for line in std::io::BufReader::new(m.stderr.take().unwrap()).lines() {
+        let line = line.unwrap_or_default();
+        said.push_str(&line);
+        said.push('\n');
+        if line.contains("image written") {
+            // The destination is restoring: its migd dies now.
+            s.c.kill_daemon("ws2", "migd", ferry_tests::Signal::SIGKILL);
+        }
+    }
+    let ok = m.wait().expect("migrate ends").success();
+    let c = &s.c;
+    let at_ws2 = progs_on(c, "ws2");
+    let home = state_on(c, "ws1", pid);
+    if ok {
+        assert_eq!(
+            at_ws2.len(),
+            1,
+            "migrate succeeded but prog is not at ws2\n{said}"
+        );
+        assert!(
+            home.contains("tracing stop"),
+            "migrate succeeded but ws1 runs prog too: {home:?}"
+        );
+    } else {
+        assert!(
+            at_ws2.is_empty(),
+            "migrate failed but a copy of prog runs at ws2 too\n{said}"
+        );
+        assert!(
+            home.contains("sleeping") || home.contains("running"),
+            "migrate failed but prog does not run on at ws1: {home:?}\n{said}"
+        );
+        assert!(
+            said.contains("thawed"),
+            "migrate should say the process was thawed:\n{said}"
+        );
+        let before = c.sh_ok("ws1", "wc -l < /tmp/out");
+        wait_for(|| (c.sh_ok("ws1", "wc -l < /tmp/out") != before).then_some(()))
+            .expect("prog stopped writing after the failed migration");
+    }
+    eprintln!("migrate succeeded: {ok}\n{said}");
+    c.sh_ok("ws1", &format!("kill {pid}"));
+    assert_eq!(finish(c, child), "status=143");
+}

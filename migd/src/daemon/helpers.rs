@@ -10,7 +10,8 @@
 //! End of input before commit thaws the process where it was.
 //!
 //! restorer (destination side), lines out: `running <pid> <ms>` | `error <why>`, then
-//! `exit <status>` when the process ends.
+//! `exit <status>` when the process ends; lines in (after `running`): `commit` |
+//! `abort`. Until `commit` the copy dies with its migd (end of input) or on `abort`.
 
 use super::sys;
 use crate::engine::handoff::{dump_frozen, Held, Shadow};
@@ -309,9 +310,29 @@ pub fn restorer_main(
         images,
         detach: false,
     };
-    match restore(&opts, |r| {
+    let mut committed = false;
+    let result = restore(&opts, |r| {
         link.say(&format!("running {} {:.3}", r.outer_pid, r.restore_ms));
-    }) {
+        // Until the source commits, this copy may not outlive migd: `commit` lets it
+        // be; `abort`, or the end of input (migd died), kills its pid namespace.
+        let mut line = String::new();
+        while std::io::stdin().read_line(&mut line).is_ok_and(|n| n > 0) {
+            if line.trim() == "commit" {
+                committed = true;
+                return;
+            }
+            if line.trim() == "abort" {
+                break;
+            }
+            line.clear();
+        }
+        let _ = crate::sys::kill(r.stub_pid, libc::SIGKILL);
+    });
+    match result {
+        Ok(_) if !committed => {
+            tracing::info!("not committed: the copy here was killed");
+            1
+        }
         Ok((_, Some(status))) => {
             let line = format!("exit {status}");
             while !link.say(&line) {

@@ -12,6 +12,7 @@ use common::migproto::{
 use std::process::Stdio;
 use std::sync::Arc;
 use tarpc::context::Context;
+use tokio::io::AsyncWriteExt;
 use tokio::process::Child;
 use tracing::Instrument;
 
@@ -82,6 +83,26 @@ impl MigdService for Conn {
     }
 
     async fn committed(self, _: Context, id: String) -> MigResult<()> {
+        let restorer = self
+            .d
+            .foreign
+            .lock()
+            .unwrap()
+            .get_mut(&id)
+            .ok_or_else(|| self.unknown(&id))?
+            .restorer
+            .take();
+        if let Some(mut r) = restorer {
+            let sent = async {
+                r.write_all(b"commit\n").await?;
+                r.flush().await
+            };
+            sent.await.map_err(|e| MigError::Failed {
+                node: self.me(),
+                why: format!("the copy here did not take the commit (its restorer is gone: {e})"),
+            })?;
+        }
+        tracing::info!(id = %id, "committed");
         let dir = self.d.image_dir(&id);
         if let Err(e) = std::fs::remove_dir_all(&dir) {
             tracing::warn!(id = %id, dir = %dir.display(), error = %e, "removing the image from the store");
@@ -91,8 +112,10 @@ impl MigdService for Conn {
 
     async fn abort(self, _: Context, id: String) -> MigResult<()> {
         self.d.offers.lock().unwrap().remove(&id);
+        // Dropping the restorer's input before commit kills the copy's pid namespace.
         let pid = self.d.foreign.lock().unwrap().get_mut(&id).map(|f| {
             f.departing = true;
+            f.restorer = None;
             f.entry.host_pid
         });
         if let Some(pid) = pid {
@@ -141,7 +164,6 @@ impl MigdService for Conn {
             let offer = offer_for(&self.d, &id, &entry.home, entry.pid, &entry.comm, uid, mode);
             let Ready {
                 holder,
-                dest: peer,
                 running,
                 bytes,
                 freeze_ms,
@@ -154,9 +176,6 @@ impl MigdService for Conn {
                 k.end("commit-kill").await;
             }
             self.d.foreign.lock().unwrap().remove(&id);
-            if let Err(e) = flat(&dest, peer.committed(long_ctx(), id.clone()).await) {
-                tracing::warn!(error = %e, "telling the destination about the commit");
-            }
             tracing::info!(host_pid = running.host_pid, bytes, freeze_ms, "moved on");
             Ok(MigrateOutcome {
                 id: id.clone(),
@@ -195,10 +214,11 @@ async fn restore(d: Arc<Daemon>, offer: MigrationOffer) -> MigResult<Running> {
         .arg(&stage)
         .arg("--socket")
         .arg(records.join(format!("{id}.sock")))
-        .stdin(Stdio::null())
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
         .map_err(|e| fail(format!("cannot start {}: {e}", d.helper_exe.display())))?;
+    let restorer = child.stdin.take();
     let mut lines = line_source(child.stdout.take().expect("piped"));
     let first = lines.next_line().await.ok().flatten().unwrap_or_default();
     let Some(rest) = first.strip_prefix("running ") else {
@@ -234,6 +254,7 @@ async fn restore(d: Arc<Daemon>, offer: MigrationOffer) -> MigResult<Running> {
         ForeignRec {
             entry,
             departing: false,
+            restorer,
         },
     );
     tokio::spawn(watch(d.clone(), id, lines, Some(child)).in_current_span());
@@ -306,6 +327,7 @@ pub async fn adopt_foreign(d: &Arc<Daemon>) {
                     ForeignRec {
                         entry,
                         departing: false,
+                        restorer: None,
                     },
                 );
                 let d = d.clone();

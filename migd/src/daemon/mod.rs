@@ -58,6 +58,8 @@ pub struct ForeignRec {
     pub entry: ProcessEntry,
     /// Set when it is moving on: its end (killed here) is then not reported home.
     pub departing: bool,
+    /// Lines to its restorer (`commit`, `abort`) until the commit; `None` after.
+    pub restorer: Option<tokio::process::ChildStdin>,
 }
 
 /// Everything the daemon's tasks share.

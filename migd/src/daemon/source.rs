@@ -6,8 +6,8 @@ use super::keeper::{Dumped, Keeper};
 use super::local::Replies;
 use super::{flat, long_ctx, now_secs, Daemon};
 use common::migproto::{
-    LocalReply, MigError, MigdServiceClient, MigrateOutcome, MigrationOffer, Mode, ProcessEntry,
-    ProxyServiceClient, Running,
+    LocalReply, MigError, MigrateOutcome, MigrationOffer, Mode, ProcessEntry, ProxyServiceClient,
+    Running,
 };
 use std::sync::Arc;
 use std::time::Instant;
@@ -46,7 +46,6 @@ impl Holder {
 /// the original is still frozen here.
 pub struct Ready {
     pub holder: Holder,
-    pub dest: MigdServiceClient,
     pub running: Running,
     pub bytes: u64,
     pub freeze_ms: f64,
@@ -61,8 +60,10 @@ fn progress(tx: Option<&Replies>, phase: impl Into<String>, bytes: u64) {
     }
 }
 
-/// Offer, dump (keeping the original frozen), restore at `dest`. On failure nothing
-/// runs at `dest` and the original was thawed where it was.
+/// Offer, dump (keeping the original frozen), restore at `dest`, commit there. On
+/// failure nothing runs at `dest` and the original was thawed where it was; on
+/// success the caller ends the original (shadow or kill): the copy at `dest` is the
+/// process now.
 pub async fn prepare(
     d: &Arc<Daemon>,
     local_pid: i32,
@@ -120,12 +121,17 @@ pub async fn prepare(
         }
     };
     progress(tx, format!("image written; restoring on {dest}"), bytes);
-    match flat(dest, peer.restore(long_ctx(), id.clone()).await) {
+    // The destination's copy runs; it survives its migd only once told `committed`.
+    // Until then any failure kills it there and thaws the original here.
+    let restored = match flat(dest, peer.restore(long_ctx(), id.clone()).await) {
+        Ok(running) => flat(dest, peer.committed(long_ctx(), id.clone()).await).map(|()| running),
+        Err(e) => Err(e),
+    };
+    match restored {
         Ok(running) => {
             let freeze_ms = dump_ms + frozen_at.elapsed().as_secs_f64() * 1e3;
             Ok(Ready {
                 holder,
-                dest: peer,
                 running,
                 bytes,
                 freeze_ms,
@@ -212,7 +218,6 @@ pub async fn migrate_from_home(
         let offer = offer_for(d, &id, &d.config.node, pid, &comm, uid, mode);
         let Ready {
             holder,
-            dest: peer,
             running,
             bytes,
             freeze_ms,
@@ -235,9 +240,6 @@ pub async fn migrate_from_home(
                 // The copy at `dest` runs; the original must not: it stays frozen.
                 tracing::error!(error = %e, "home-proxy did not take the commit");
             }
-        }
-        if let Err(e) = flat(dest, peer.committed(long_ctx(), id.clone()).await) {
-            tracing::warn!(error = %e, "telling the destination about the commit");
         }
         tracing::info!(host_pid = running.host_pid, bytes, freeze_ms, "migrated");
         Ok(MigrateOutcome {
