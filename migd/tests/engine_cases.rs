@@ -473,3 +473,35 @@ fn process_of_an_ordinary_user_keeps_its_credentials_and_output() {
         &std::fs::read(&out).unwrap(),
     );
 }
+
+const PRCTL_C: &str = r#"
+#include <stdio.h>
+#include <signal.h>
+#include <unistd.h>
+#include <sys/prctl.h>
+#include <sys/stat.h>
+int main(void) {
+    prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
+    prctl(PR_SET_PDEATHSIG, SIGUSR1);
+    prctl(PR_SET_CHILD_SUBREAPER, 1);
+    prctl(PR_SET_NAME, "renamed");
+    umask(027);
+    for (int i = 0; i < 300; i++) usleep(10000);
+    int pd = 0, sr = 0;
+    char name[16] = {0};
+    prctl(PR_GET_PDEATHSIG, &pd);
+    prctl(PR_GET_CHILD_SUBREAPER, &sr);
+    prctl(PR_GET_NAME, name);
+    mode_t um = umask(0);
+    printf("nnp=%d pdeath=%d subreaper=%d name=%s umask=%03o\n", prctl(PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0), pd, sr, name, um);
+    return 0;
+}
+"#;
+
+#[test]
+fn prctl_attributes_name_and_umask_survive_three_dumps() {
+    let dir = tempdir();
+    let exe = compile_c(dir.path(), "prctl", PRCTL_C, &[]);
+    let w = Workload::new(dir.path(), &[exe.to_str().unwrap()]);
+    check_workload("prctl attributes", &w, &[ms(400), ms(500), ms(500)]);
+}

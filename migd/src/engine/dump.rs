@@ -323,6 +323,7 @@ struct Injected {
     itimers: [[i64; 4]; 3],
     per_thread: Vec<(u64, (u64, i32, u64))>,
     timers: Vec<PosixTimer>,
+    prctl: super::image::PrctlState,
 }
 
 fn u64_at(b: &[u8], off: usize) -> u64 {
@@ -424,6 +425,22 @@ fn inject_reads(
             }
         }
         let brk = inj.call(leader, libc::SYS_brk, &[0])?.ret as u64;
+        let get = |opt: i32| -> Result<i64, DumpError> {
+            Ok(inj.call(leader, libc::SYS_prctl, &[opt as u64])?.ret)
+        };
+        let get_into = |opt: i32| -> Result<i64, DumpError> {
+            inj.ok(leader, libc::SYS_prctl, &[opt as u64, scratch], || {
+                format!("prctl({opt})")
+            })?;
+            Ok(u64_at(&rd(8)?, 0) as i32 as i64)
+        };
+        let prctl = super::image::PrctlState {
+            dumpable: get(libc::PR_GET_DUMPABLE)?,
+            no_new_privs: get(libc::PR_GET_NO_NEW_PRIVS)?,
+            pdeath_sig: get_into(libc::PR_GET_PDEATHSIG)?,
+            child_subreaper: get_into(libc::PR_GET_CHILD_SUBREAPER)?,
+            thp_disable: get(libc::PR_GET_THP_DISABLE)?,
+        };
         let mut itimers = [[0i64; 4]; 3];
         for (which, it) in itimers.iter_mut().enumerate() {
             inj.ok(
@@ -497,6 +514,7 @@ fn inject_reads(
             itimers,
             per_thread,
             timers,
+            prctl,
         })
     })();
     // Put everything back whatever happened.
@@ -612,6 +630,7 @@ pub fn collect(pid: i32, frozen: &Frozen, dir: &Path) -> Result<Manifest, DumpEr
         xsave_len,
         stopped: false,
         posix_timers: inj.timers,
+        prctl: inj.prctl,
     })
 }
 

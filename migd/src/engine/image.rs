@@ -42,6 +42,9 @@ pub struct Manifest {
     /// stopped again after restore.
     #[serde(default)]
     pub stopped: bool,
+    /// Process attributes set with prctl.
+    #[serde(default)]
+    pub prctl: PrctlState,
     /// POSIX timers (timer_create), recreated with their ids.
     #[serde(default)]
     pub posix_timers: Vec<PosixTimer>,
@@ -63,6 +66,16 @@ pub struct ThreadImage {
     /// sigaltstack: (ss_sp, ss_flags, ss_size).
     pub altstack: (u64, i32, u64),
     pub name: String,
+}
+
+/// prctl-settable attributes (restored after the credentials, which reset some).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PrctlState {
+    pub dumpable: i64,
+    pub no_new_privs: i64,
+    pub pdeath_sig: i64,
+    pub child_subreaper: i64,
+    pub thp_disable: i64,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]

@@ -386,6 +386,7 @@ fn shape(ctx: &Ctx, m: &Manifest, pages: &[u8]) -> Result<Vec<Stopped>, RestoreE
             })?;
     }
     restore_creds(ctx, m)?;
+    restore_prctl(ctx, m)?;
     for (which, it) in m.itimers.iter().enumerate() {
         if it.iter().any(|&v| v != 0) {
             let mut it = *it;
@@ -660,6 +661,36 @@ fn restore_posix_timers(ctx: &Ctx, m: &Manifest) -> Result<(), RestoreError> {
             &[pt.id as u64, 0, a, 0],
             &format!("timer_settime(id {})", pt.id),
         )?;
+    }
+    Ok(())
+}
+
+/// no_new_privs, then dumpable and the parent-death signal (credential changes reset
+/// them), the subreaper flag and THP disabling.
+fn restore_prctl(ctx: &Ctx, m: &Manifest) -> Result<(), RestoreError> {
+    let t = &ctx.leader;
+    let p = &m.prctl;
+    let set = |opt: i32, v: i64| {
+        ctx.ok(
+            t,
+            libc::SYS_prctl,
+            &[opt as u64, v as u64, 0, 0, 0],
+            &format!("prctl({opt}, {v})"),
+        )
+        .map(drop)
+    };
+    if p.no_new_privs == 1 {
+        set(libc::PR_SET_NO_NEW_PRIVS, 1)?;
+    }
+    if p.dumpable >= 0 {
+        set(libc::PR_SET_DUMPABLE, p.dumpable)?;
+    }
+    set(libc::PR_SET_PDEATHSIG, p.pdeath_sig.max(0))?;
+    if p.child_subreaper > 0 {
+        set(libc::PR_SET_CHILD_SUBREAPER, 1)?;
+    }
+    if p.thp_disable > 0 {
+        set(libc::PR_SET_THP_DISABLE, 1)?;
     }
     Ok(())
 }
