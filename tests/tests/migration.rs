@@ -381,11 +381,15 @@ fn the_shadow_keeps_pid_and_parent_at_home_and_releases_its_memory() {
 }
 
 #[test]
-fn killing_home_proxy_and_the_hosts_migd_loses_neither_the_shadow_nor_the_exit_status() {
+fn killing_the_daemons_after_a_migration_loses_neither_the_shadow_nor_the_exit_status() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let mut s = setup();
     let (child, pid) = start_at_ws1(&s, "/tmp/out", 80, 9, 3);
     migrate(&s.c, pid, "ws2");
+
+    // The source's migd has no part left once the migration is done.
+    s.c.kill_daemon("ws1", "migd", ferry_tests::Signal::SIGKILL);
+    s.c.restart_daemon("ws1", "migd");
 
     s.c.kill_daemon("ws1", "home-proxy", ferry_tests::Signal::SIGKILL);
     s.c.restart_daemon("ws1", "home-proxy");
