@@ -581,3 +581,21 @@ fn killing_the_destinations_migd_mid_migration_leaves_exactly_one_copy() {
     c.sh_ok("ws1", &format!("kill {pid}"));
     assert_eq!(finish(c, child), "status=143");
 }
+
+#[test]
+fn kill_9_at_home_kills_the_migrated_process_too() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let s = setup();
+    let c = &s.c;
+    let (child, pid) = start_at_ws1(&s, "/tmp/out", 100_000, 0, 3);
+    migrate(c, pid, "ws2");
+    assert_eq!(progs_on(c, "ws2").len(), 1, "prog is not running at ws2");
+    c.sh_ok("ws1", &format!("kill -KILL {pid}"));
+    assert_eq!(
+        finish(c, child),
+        "status=137",
+        "the shell at ws1 should see death by SIGKILL"
+    );
+    wait_for(|| progs_on(c, "ws2").is_empty().then_some(()))
+        .expect("prog still runs at ws2 after kill -9 of its shadow at ws1");
+}
