@@ -54,8 +54,16 @@ fn lock_fd(
             return Ok((existing, key));
         }
     }
-    let mode = accmode(srv, session, f);
-    let (fd, key) = temp_fd(srv, session, f, mode)?;
+    // Lock descriptors are opened for reading and writing where the server can: the
+    // client's kernel has already checked the caller's descriptor for POSIX locks
+    // (F_WRLCK needs one open for writing), and a flock(2), which reaches us as a
+    // whole-file lock of one open file description, needs no access mode at all.
+    // Where read-write is refused (read-only mount, squashed root), the open's own
+    // access mode is used.
+    let (fd, key) = match temp_fd(srv, session, f, libc::O_RDWR) {
+        Ok(opened) => opened,
+        Err(_) => temp_fd(srv, session, f, accmode(srv, session, f))?,
+    };
     let k: LockKey = (session, owner, key, flock);
     let fd = srv.state.insert_lock_fd(k, fd).ok_or_else(|| {
         FsError::new(

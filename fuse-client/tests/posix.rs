@@ -398,15 +398,17 @@ fn shared_mapping_of_an_append_only_open_writes_in_place() {
 }
 
 #[test]
-fn flock_works_on_read_only_descriptors_and_excludes_within_a_node() {
+fn flock_works_on_read_only_descriptors_and_excludes_across_nodes() {
     use std::os::fd::AsRawFd;
     let bench = Bench::new();
     let _server = Server::start(bench.config(common::SERVER));
     let a = Client::mount(&bench, "ws2");
+    let b = Client::mount(&bench, "ws3");
     fs::write(a.vol().join("flocked"), b"x").unwrap();
-    // Read-only opens, as flock(1) makes them.
+    // Read-only opens, as flock(1) makes them: two on node a, one on node b.
     let f1 = fs::File::open(a.vol().join("flocked")).unwrap();
     let f2 = fs::File::open(a.vol().join("flocked")).unwrap();
+    let f3 = fs::File::open(b.vol().join("flocked")).unwrap();
     // SAFETY: flock(2) on open descriptors we own.
     let flock = |f: &fs::File, op: i32| unsafe { libc::flock(f.as_raw_fd(), op) };
     assert_eq!(
@@ -418,12 +420,30 @@ fn flock_works_on_read_only_descriptors_and_excludes_within_a_node() {
     assert_eq!(
         flock(&f2, libc::LOCK_EX | libc::LOCK_NB),
         -1,
-        "a second open's flock must conflict"
+        "a second open's flock on the same node must conflict"
+    );
+    assert_eq!(
+        flock(&f3, libc::LOCK_SH | libc::LOCK_NB),
+        -1,
+        "a flock on another node must conflict with the held exclusive flock"
     );
     drop(f1);
     assert_eq!(
+        flock(&f3, libc::LOCK_SH | libc::LOCK_NB),
+        0,
+        "the flock went with its close, so the other node may lock: {}",
+        std::io::Error::last_os_error()
+    );
+    assert_eq!(
+        flock(&f2, libc::LOCK_EX | libc::LOCK_NB),
+        -1,
+        "an exclusive flock must wait for the other node's shared one"
+    );
+    assert_eq!(flock(&f3, libc::LOCK_UN), 0, "unlock on node b");
+    assert_eq!(
         flock(&f2, libc::LOCK_EX | libc::LOCK_NB),
         0,
-        "the flock went with its close"
+        "after node b unlocked, node a may lock: {}",
+        std::io::Error::last_os_error()
     );
 }

@@ -79,9 +79,12 @@ impl Filesystem for FerryFs {
             ("MAX_PAGES", InitFlags::FUSE_MAX_PAGES),
             ("AUTO_INVAL_DATA", InitFlags::FUSE_AUTO_INVAL_DATA),
             ("POSIX_LOCKS", InitFlags::FUSE_POSIX_LOCKS),
-            // Not FLOCK_LOCKS: fuser 0.18 drops the request's FUSE_LK_FLOCK bit, so a
-            // flock could not be told from a POSIX lock, and sent as one it fails on
-            // read-only descriptors (EBADF). flock(2) stays local to each node.
+            // flock(2) across nodes. fuser 0.18 drops the request's FUSE_LK_FLOCK bit,
+            // so a flock arrives as a whole-file POSIX lock whose owner is its open
+            // file description; fs-server takes it as an OFD lock of that owner,
+            // which gives flock's per-description semantics (see README: flock and
+            // fcntl locks of one file conflict with each other here).
+            ("FLOCK_LOCKS", InitFlags::FUSE_FLOCK_LOCKS),
             ("DO_READDIRPLUS", InitFlags::FUSE_DO_READDIRPLUS),
             ("READDIRPLUS_AUTO", InitFlags::FUSE_READDIRPLUS_AUTO),
             ("PARALLEL_DIROPS", InitFlags::FUSE_PARALLEL_DIROPS),
