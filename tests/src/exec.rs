@@ -253,6 +253,7 @@ fn enter_mnt_and_exec(mnt: &File, argv: &[CString], log: Option<&File>) -> ! {
         let _ = nix::unistd::dup2_stdout(log);
         let _ = nix::unistd::dup2_stderr(log);
     }
+    crate::sys::cloexec_from_3();
     let e = nix::unistd::execvp(&argv[0], argv).unwrap_err();
     eprintln!(
         "cluster exec: cannot run {}: {e}",

@@ -112,3 +112,22 @@ pub fn default_signals() {
         None,
     );
 }
+
+/// Marks every descriptor from 3 up close-on-exec (close_range(2) with
+/// CLOSE_RANGE_CLOEXEC), so a command run in a node inherits only its stdio, as over
+/// ssh, and not whatever the caller left open (a test runner's jobserver pipe, say),
+/// which would name files of the host inside the node.
+pub fn cloexec_from_3() {
+    /// CLOSE_RANGE_CLOEXEC from include/uapi/linux/close_range.h.
+    const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
+    // SAFETY: close_range only changes descriptor flags of this process; it reads and
+    // writes no memory of ours.
+    unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            3 as libc::c_uint,
+            libc::c_uint::MAX,
+            CLOSE_RANGE_CLOEXEC,
+        );
+    }
+}
