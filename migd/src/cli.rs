@@ -128,6 +128,10 @@ fn run_restore_with(
 ) -> anyhow::Result<i32> {
     use std::io::Write;
     let (_, status) = restore_inheriting(&RestoreOptions { images, detach }, inherit, |r| {
+        if !detach {
+            // While we wait, signals meant for the process go to it.
+            crate::sys::forward_signals_to(r.outer_pid);
+        }
         if json {
             println!("{}", serde_json::to_string(r).unwrap_or_default());
             let _ = std::io::stdout().flush();

@@ -505,3 +505,54 @@ fn prctl_attributes_name_and_umask_survive_three_dumps() {
     let w = Workload::new(dir.path(), &[exe.to_str().unwrap()]);
     check_workload("prctl attributes", &w, &[ms(400), ms(500), ms(500)]);
 }
+
+const SLEEPER_C: &str = r#"
+#include <stdio.h>
+#include <signal.h>
+#include <unistd.h>
+static volatile int got;
+static void h(int s) { got = s; }
+int main(void) { signal(SIGTERM, h); for (int i = 0; i < 3000 && !got; i++) usleep(10000); printf("got %d\n", got); return got ? 3 : 0; }
+"#;
+
+#[test]
+fn signals_to_a_waiting_restore_reach_the_process_and_its_status_comes_back() {
+    let dir = tempdir();
+    let exe = compile_c(dir.path(), "sleeper", SLEEPER_C, &[]);
+    let out = dir.path().join("o");
+    let mut child = Command::new(&exe)
+        .stdout(std::fs::File::create(&out).unwrap())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(ms(200));
+    let img = dir.path().join("img");
+    let o = Command::new(migd())
+        .args(["dump", "--pid", &child.id().to_string(), "--images"])
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "dump failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let _ = child.wait();
+    let (r, _) = start_restore(&img);
+    assert!(Command::new("kill")
+        .args(["-TERM", &r.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let o = r.wait_with_output().unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(3),
+        "migd restore did not exit with the process's status: {}",
+        o.status
+    );
+    assert_eq!(
+        std::fs::read_to_string(&out).unwrap(),
+        "got 15\n",
+        "the process did not get SIGTERM"
+    );
+}
