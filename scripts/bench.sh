@@ -2,13 +2,19 @@
 # Benchmarks: prints figures and ratios measured in one run (no pass/fail thresholds).
 #   scripts/bench.sh            every benchmark
 #   scripts/bench.sh superroot  "/..." against native and sshfs (args passed on, e.g. --mib 256)
+#   scripts/bench.sh engine     dump/restore/freeze time against RSS (args: sizes in MiB)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh >/dev/null
-cargo build --workspace --release --bins
+cargo build --workspace --release --bins --examples
 which=${1:-all}
 [ $# -gt 0 ] && shift
 case "$which" in
-  superroot|all) target/release/bench-superroot "$@" ;;
-  *) echo "unknown benchmark $which (known: superroot)" >&2; exit 2 ;;
+  superroot) target/release/bench-superroot "$@" ;;
+  engine) target/release/examples/engine_bench "$@" ;;
+  all)
+    target/release/bench-superroot
+    target/release/examples/engine_bench
+    ;;
+  *) echo "unknown benchmark $which (known: superroot, engine)" >&2; exit 2 ;;
 esac
