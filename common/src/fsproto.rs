@@ -18,15 +18,13 @@
 //! fs-server calls every caching client back ([`CacheCallback::invalidate`]) and the
 //! file is served uncached until the sharing ends. See `docs/protocol.md`.
 
-// CHANGED(fuse-client): the tarpc-generated client and request types of FileService
-// take up to 8 arguments; clippy's too_many_arguments fires inside the macro expansion.
+// The tarpc-generated client and request types of FileService take up to 8
+// arguments; clippy's too_many_arguments fires inside the macro expansion.
 #![allow(clippy::too_many_arguments)]
 
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-// CHANGED(fuse-client): the channel-kind preamble, so fs-server knows what a new
-// connection is for (requests, or the callback channel paired by token).
 /// What a connection to fs-server carries. Right after the cluster-key handshake the
 /// client writes one byte, the kind; a [`ChannelKind::Callbacks`] connection then writes
 /// the 8-byte little-endian token it passed to [`FileService::register`] on its
@@ -42,7 +40,6 @@ pub enum ChannelKind {
     Callbacks = 1,
 }
 
-// CHANGED(fuse-client): byte <-> kind conversion for the preamble.
 impl ChannelKind {
     /// The kind a preamble byte names, if any.
     pub fn from_byte(b: u8) -> Option<ChannelKind> {
@@ -50,6 +47,35 @@ impl ChannelKind {
             0 => Some(ChannelKind::Requests),
             1 => Some(ChannelKind::Callbacks),
             _ => None,
+        }
+    }
+
+    /// Writes the preamble: the kind byte, then `token` (LE) for callbacks.
+    pub async fn write_preamble<S: AsyncWrite + Unpin>(
+        self,
+        s: &mut S,
+        token: u64,
+    ) -> std::io::Result<()> {
+        let mut buf = vec![self as u8];
+        if self == ChannelKind::Callbacks {
+            buf.extend_from_slice(&token.to_le_bytes());
+        }
+        s.write_all(&buf).await
+    }
+
+    /// Reads a preamble: the kind and, for callbacks, the token (0 for requests).
+    /// An unknown kind byte is `InvalidData`.
+    pub async fn read_preamble<S: AsyncRead + Unpin>(
+        s: &mut S,
+    ) -> std::io::Result<(ChannelKind, u64)> {
+        let b = s.read_u8().await?;
+        match ChannelKind::from_byte(b) {
+            Some(ChannelKind::Requests) => Ok((ChannelKind::Requests, 0)),
+            Some(ChannelKind::Callbacks) => Ok((ChannelKind::Callbacks, s.read_u64_le().await?)),
+            None => Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("unknown fs channel kind {b} (expected 0 = requests, 1 = callbacks)"),
+            )),
         }
     }
 }
@@ -355,39 +381,6 @@ pub trait CacheCallback {
     async fn invalidate_entry(parent_ino: u64, name: Vec<u8>);
 }
 
-// CHANGED(fs-server): preamble read/write helpers over the fuse-client's ChannelKind.
-impl ChannelKind {
-    /// Writes the preamble: the kind byte, then `token` (LE) for callbacks.
-    pub async fn write_preamble<S: AsyncWrite + Unpin>(
-        self,
-        s: &mut S,
-        token: u64,
-    ) -> std::io::Result<()> {
-        let mut buf = vec![self as u8];
-        if self == ChannelKind::Callbacks {
-            buf.extend_from_slice(&token.to_le_bytes());
-        }
-        s.write_all(&buf).await
-    }
-
-    /// Reads a preamble: the kind and, for callbacks, the token (0 for requests).
-    /// An unknown kind byte is `InvalidData`.
-    pub async fn read_preamble<S: AsyncRead + Unpin>(
-        s: &mut S,
-    ) -> std::io::Result<(ChannelKind, u64)> {
-        let b = s.read_u8().await?;
-        match ChannelKind::from_byte(b) {
-            Some(ChannelKind::Requests) => Ok((ChannelKind::Requests, 0)),
-            Some(ChannelKind::Callbacks) => Ok((ChannelKind::Callbacks, s.read_u64_le().await?)),
-            None => Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                format!("unknown fs channel kind {b} (expected 0 = requests, 1 = callbacks)"),
-            )),
-        }
-    }
-}
-
-// CHANGED(fs-server): one call that connects, authenticates and writes the preamble.
 /// Connects to an fs-server, proves the key, writes the preamble (`token` is sent for
 /// [`ChannelKind::Callbacks`] only), and returns the framed transport and the server's
 /// proven name. For requests wrap it in a [`FileServiceClient`]; for callbacks serve
@@ -404,16 +397,9 @@ where
     In: for<'de> Deserialize<'de>,
     Out: Serialize,
 {
-    use crate::transport::ConnectError;
-    let mut stream = tokio::net::TcpStream::connect(addr)
-        .await
-        .map_err(|source| ConnectError::Connect { addr, source })?;
-    let _ = stream.set_nodelay(true);
-    let peer = crate::auth::client_handshake(&mut stream, key, my_name)
-        .await
-        .map_err(|source| ConnectError::Handshake { addr, source })?;
+    let (mut stream, peer) = crate::transport::connect_stream(addr, key, my_name).await?;
     kind.write_preamble(&mut stream, token)
         .await
-        .map_err(|source| ConnectError::Connect { addr, source })?;
+        .map_err(|source| crate::transport::ConnectError::Connect { addr, source })?;
     Ok((crate::transport::frame(stream, max_frame), peer))
 }

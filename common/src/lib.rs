@@ -3,8 +3,8 @@
 //! This crate owns the node configuration file ([`config`]), the mutual
 //! challenge-response handshake on the cluster key ([`auth`]), the framed bincode
 //! transport every tarpc service runs over ([`transport`]), the RPC service traits and
-//! their wire types ([`fsproto`] for the file service), and the tracing set-up every
-//! binary calls first ([`logging`]).
+//! their wire types ([`fsproto`] for the file service, [`migproto`] for migd and
+//! home-proxy), and the tracing set-up every binary calls first ([`logging`]).
 //!
 //! It owns no daemon logic: `fs-server`, `fuse-client`, `migd` and `home-proxy`
 //! depend on it; it depends on none of them.
@@ -13,6 +13,5 @@ pub mod auth;
 pub mod config;
 pub mod fsproto;
 pub mod logging;
-// CHANGED(migration): the migd<->migd protocol and the local `migrate` messages.
 pub mod migproto;
 pub mod transport;

@@ -60,6 +60,17 @@ where
     In: for<'de> Deserialize<'de>,
     Out: Serialize,
 {
+    let (stream, peer) = connect_stream(addr, key, my_name).await?;
+    Ok((frame(stream, max_frame), peer))
+}
+
+/// Connects to a peer and proves the key; returns the raw stream (for a caller that
+/// writes a preamble before framing it) and the peer's proven name.
+pub async fn connect_stream(
+    addr: SocketAddr,
+    key: &ClusterKey,
+    my_name: &str,
+) -> Result<(TcpStream, String), ConnectError> {
     let mut stream = TcpStream::connect(addr)
         .await
         .map_err(|source| ConnectError::Connect { addr, source })?;
@@ -67,7 +78,7 @@ where
     let peer = client_handshake(&mut stream, key, my_name)
         .await
         .map_err(|source| ConnectError::Handshake { addr, source })?;
-    Ok((frame(stream, max_frame), peer))
+    Ok((stream, peer))
 }
 
 /// Accepts one connection and authenticates it. Returns `None` (after logging why)
