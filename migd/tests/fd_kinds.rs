@@ -107,3 +107,67 @@ fn posix_timers_keep_their_ids_and_settings_across_three_dumps() {
     let w = Workload::new(dir.path(), &[exe.to_str().unwrap()]);
     check_workload("POSIX timers", &w, &[ms(500), ms(600), ms(600)]);
 }
+
+/// Writes bytes into a FIFO it holds O_RDWR, sleeps through the dumps (more bytes
+/// go in between), then drains the FIFO without blocking and prints what it got.
+const FIFO_DATA_C: &str = r#"
+#include <stdio.h>
+#include <string.h>
+#include <errno.h>
+#include <time.h>
+#include <unistd.h>
+#include <fcntl.h>
+#include <sys/stat.h>
+static void nap(void) { struct timespec ts = {0, 50000000}; while (nanosleep(&ts, &ts) && errno == EINTR) ; }
+static int put(int fd, int tag, int len) {
+    char buf[8192];
+    for (int k = 0; k < len; k++) buf[k] = (char)('a' + (tag * 7 + k * 13) % 26);
+    buf[len - 1] = '\n';
+    return write(fd, buf, len) == len;
+}
+int main(void) {
+    if (mkfifo("d.fifo", 0600) && errno != EEXIST) { printf("mkfifo %d\n", errno); return 1; }
+    int ff = open("d.fifo", O_RDWR);
+    if (ff < 0 || !put(ff, 1, 5000)) { printf("first write\n"); return 1; }
+    for (int i = 0; i < 40; i++) {
+        nap();
+        if (i == 12 && !put(ff, 2, 3000)) { printf("second write\n"); return 1; }
+        if (i % 5 == 0) printf("step %d\n", i);
+    }
+    fflush(stdout);
+    fcntl(ff, F_SETFL, O_NONBLOCK);
+    char buf[4096]; long total = 0; ssize_t n;
+    while ((n = read(ff, buf, sizeof buf)) > 0) { fwrite(buf, 1, n, stdout); total += n; }
+    printf("read %ld bytes, then %s\n", total, n < 0 && errno == EAGAIN ? "EAGAIN" : "other");
+    return 0;
+}
+"#;
+
+#[test]
+fn fifo_buffered_data_survives_two_dumps() {
+    let dir = tempdir();
+    let exe = compile_c(dir.path(), "fifodata", FIFO_DATA_C, &[]);
+    let w = Workload::new(dir.path(), &[exe.to_str().unwrap()]);
+    check_workload("FIFO data", &w, &[ms(300), ms(700)]);
+}
+
+#[test]
+fn fifo_data_is_not_duplicated_when_another_process_keeps_the_fifo_open() {
+    let dir = tempdir();
+    let exe = compile_c(dir.path(), "fifodata", FIFO_DATA_C, &[]);
+    let fifo = dir.path().join("d.fifo");
+    let st = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(st.success(), "mkfifo failed");
+    // The test holds the FIFO open, so the kernel object (and its buffered bytes)
+    // outlives each dumped process: restore must not write them a second time.
+    let _keep = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&fifo)
+        .unwrap();
+    let w = Workload::new(dir.path(), &[exe.to_str().unwrap()]);
+    check_workload("FIFO data kept by another process", &w, &[ms(300), ms(700)]);
+}

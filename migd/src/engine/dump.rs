@@ -846,6 +846,7 @@ fn dump_fds(pid: i32, pw: &mut PageWriter) -> Result<Vec<FdImage>, DumpError> {
         what: format!("pidfd_open: {e}"),
     })?;
     let mut out: Vec<FdImage> = Vec::new();
+    let mut fifos_seen = std::collections::BTreeSet::new();
     for (fd, link) in &fds {
         let fd = *fd;
         let info_text = read_proc(format!("/proc/{pid}/fdinfo/{fd}"))?;
@@ -869,7 +870,14 @@ fn dump_fds(pid: i32, pw: &mut PageWriter) -> Result<Vec<FdImage>, DumpError> {
                 let ft = md.file_type();
                 use std::os::unix::fs::FileTypeExt;
                 if ft.is_fifo() {
-                    FdKind::Fifo { path }
+                    // Buffered bytes travel once per FIFO, with the first fd naming
+                    // it (dups and other opens of the same FIFO carry none).
+                    let data = if dup_of.is_none() && fifos_seen.insert((md.dev(), md.ino())) {
+                        pipe_contents(pid, pidfd.as_raw_fd(), fd, &proc_path)?.1
+                    } else {
+                        Vec::new()
+                    };
+                    FdKind::Fifo { path, data }
                 } else if ft.is_file() && path.starts_with("/memfd:") {
                     let (data_off, len) = if dup_of.is_none() {
                         let data = std::fs::read(&proc_path).map_err(|source| DumpError::Proc {
@@ -962,7 +970,7 @@ fn dump_fds(pid: i32, pw: &mut PageWriter) -> Result<Vec<FdImage>, DumpError> {
     Ok(out)
 }
 
-/// Size and buffered bytes of a pipe, read without consuming them.
+/// Size and buffered bytes of a pipe or FIFO, read without consuming them.
 fn pipe_contents(
     pid: i32,
     pidfd: i32,

@@ -199,9 +199,14 @@ pub enum FdKind {
         size: i32,
         data: Vec<u8>,
     },
-    /// A FIFO reopened by path.
+    /// A FIFO reopened by path. `data` holds the bytes buffered in it at the dump
+    /// (read with tee, not consumed), carried by the first fd naming the FIFO; it is
+    /// written back at restore only if the FIFO is then empty (see restore/files.rs).
+    /// Absent in images written before FIFO data was carried (read as empty).
     Fifo {
         path: String,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        data: Vec<u8>,
     },
     /// A memfd: contents at `pages.img[data_off..+len]` (empty for a dup), seals
     /// re-added after filling; shared with mappings of the same inode.

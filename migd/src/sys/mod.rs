@@ -455,6 +455,14 @@ pub fn set_pipe_size(fd: RawFd, size: i32) -> Result<(), Errno> {
     check(unsafe { libc::fcntl(fd, libc::F_SETPIPE_SZ, size) } as libc::c_long).map(drop)
 }
 
+/// ioctl(fd, FIONREAD): bytes buffered in a pipe or FIFO.
+pub fn fionread(fd: RawFd) -> Result<usize, Errno> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one c_int to the pointer, which is valid for the call.
+    check(unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n as *mut libc::c_int) } as libc::c_long)?;
+    Ok(n as usize)
+}
+
 /// Sends `sig` to a process.
 pub fn kill(pid: i32, sig: i32) -> Result<(), Errno> {
     // SAFETY: kill takes only integers.

@@ -62,11 +62,14 @@ pub fn restore_fds(ctx: &Ctx, m: &Manifest, pages: &[u8]) -> Result<(), RestoreE
                 }
                 p
             }
-            FdKind::Fifo { path } => {
+            FdKind::Fifo { path, data } => {
                 // Opening a FIFO blocks until the other side exists: hold a reader
                 // ourselves meanwhile and open non-blocking, then restore the flags.
-                let _reader = std::fs::OpenOptions::new()
+                // With data to put back, our holder is also a writer (O_RDWR never
+                // blocks on a FIFO).
+                let holder = std::fs::OpenOptions::new()
                     .read(true)
+                    .write(!data.is_empty())
                     .custom_flags(libc::O_NONBLOCK)
                     .open(path)
                     .map_err(|source| RestoreError::Io {
@@ -88,7 +91,15 @@ pub fn restore_fds(ctx: &Ctx, m: &Manifest, pages: &[u8]) -> Result<(), RestoreE
                     ],
                     "fcntl(F_SETFL)",
                 )?;
-                park(ctx, tmp, &mut parks)?
+                let p = park(ctx, tmp, &mut parks)?;
+                // Written only now that the process holds the FIFO open, so the
+                // bytes outlive our holder.
+                refill_fifo(holder.as_raw_fd(), path, data).map_err(|what| {
+                    RestoreError::Other {
+                        what: format!("fd {} ({path}): {what}", f.fd),
+                    }
+                })?;
+                p
             }
             FdKind::Pipe {
                 inode,
@@ -361,3 +372,38 @@ pub fn restore_fds(ctx: &Ctx, m: &Manifest, pages: &[u8]) -> Result<(), RestoreE
 }
 
 use std::os::unix::fs::OpenOptionsExt;
+
+/// Puts a FIFO's dumped bytes back, through `fd` (our own O_RDWR open of it).
+///
+/// The rule: write `data` only if the FIFO is empty now (FIONREAD == 0). When the
+/// dumped process was the FIFO's last user, the kernel pipe object and its buffer
+/// were freed as it died, so the bytes exist only in the image and must be put back.
+/// When another process kept the FIFO open, the same kernel object survived with its
+/// data still buffered; writing the image's copy would duplicate it, so nothing is
+/// written. (A survivor that drained the FIFO in between is indistinguishable from a
+/// freed one; the bytes are then written back.)
+fn refill_fifo(fd: i32, path: &str, data: &[u8]) -> Result<(), String> {
+    if data.is_empty() {
+        return Ok(());
+    }
+    let queued = sys::fionread(fd).map_err(|e| format!("FIONREAD: {e}"))?;
+    if queued != 0 {
+        tracing::debug!(
+            "{path}: FIFO still holds {queued} bytes; not writing the dumped {}",
+            data.len()
+        );
+        return Ok(());
+    }
+    // A FIFO recreated by the kernel has the default size; grow it if the dump
+    // held more (F_SETPIPE_SZ rounds up to a power-of-two number of pages).
+    let size = sys::pipe_size(fd).map_err(|e| format!("F_GETPIPE_SZ: {e}"))?;
+    if data.len() > size as usize {
+        sys::set_pipe_size(fd, data.len() as i32)
+            .map_err(|e| format!("F_SETPIPE_SZ({}): {e}", data.len()))?;
+    }
+    let n = sys::write_raw(fd, data);
+    if n != data.len() as isize {
+        return Err(format!("refilling FIFO: wrote {n} of {} bytes", data.len()));
+    }
+    Ok(())
+}
