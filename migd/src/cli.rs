@@ -154,7 +154,6 @@ fn run_restore_with(
     }
 }
 
-// CHANGED(migration): daemon mode is migd::daemon::run.
 /// Daemon mode: serves migrations until SIGTERM.
 pub fn run_daemon(config: PathBuf) -> anyhow::Result<()> {
     crate::daemon::run(&config)?;

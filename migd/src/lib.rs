@@ -8,7 +8,6 @@
 //! Raw syscalls and `unsafe` live in [`sys`] only.
 
 pub mod cli;
-// CHANGED(migration): the daemon (migration service, local socket, helpers).
 pub mod daemon;
 pub mod engine;
 pub mod sys;

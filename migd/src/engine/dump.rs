@@ -128,7 +128,8 @@ fn refuse(pid: i32, what: impl Into<String>) -> DumpError {
     }
 }
 
-// CHANGED(migration): pub so engine::handoff can dump and keep the process frozen.
+/// Refuses, before anything is frozen, a process the engine cannot restore faithfully
+/// (used by [`dump`] and by `engine::handoff`).
 pub fn precheck(pid: i32) -> Result<(), DumpError> {
     let kids = procfs::children_of(pid);
     if !kids.is_empty() {
@@ -526,7 +527,8 @@ fn inject_reads(
     result
 }
 
-// CHANGED(migration): pub so engine::handoff can dump and keep the process frozen.
+/// Extracts the state of the frozen process into `dir` (used by [`dump`] and by
+/// `engine::handoff`, which keeps the process frozen afterwards).
 pub fn collect(pid: i32, frozen: &Frozen, dir: &Path) -> Result<Manifest, DumpError> {
     let status = read_proc(format!("/proc/{pid}/status"))?;
     let smaps0 =

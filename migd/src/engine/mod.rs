@@ -5,7 +5,6 @@
 pub mod dump;
 pub mod fdinfo;
 pub mod freeze;
-// CHANGED(migration): dump that keeps the process frozen; the frozen original's end.
 pub mod handoff;
 pub mod image;
 pub mod inject;

@@ -237,7 +237,7 @@ pub fn restore_inheriting(
         Ok(t) => t,
         Err(e) => {
             let _ = sys::kill(sp.stub, libc::SIGKILL);
-            // CHANGED(migration): the target's threads are our tracees: reap them too,
+            // the target's threads are our tracees: reap them too,
             // or the stub (pid 1 of their namespace) waits for them forever, and we
             // for the stub.
             while sys::wait_tid(-1).is_ok() {}
