@@ -556,3 +556,43 @@ fn signals_to_a_waiting_restore_reach_the_process_and_its_status_comes_back() {
         "the process did not get SIGTERM"
     );
 }
+
+const CHROOTED_C: &str = r#"
+#include <stdio.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    if (chroot(argv[1]) != 0 || chdir("/inside") != 0) { perror("chroot"); return 2; }
+    char cwd[256];
+    for (int i = 0; i < 60; i++) {
+        if (!getcwd(cwd, sizeof cwd)) cwd[0] = 0;
+        printf("%d marker=%d cwd=%s\n", i, access("/marker", F_OK) == 0, cwd);
+        fflush(stdout);
+        usleep(20000);
+    }
+    return 0;
+}
+"#;
+
+#[test]
+fn chrooted_process_keeps_its_root_and_cwd_across_three_dumps() {
+    let dir = tempdir();
+    // Static, so that it runs inside a jail with no libraries.
+    let exe = compile_c(dir.path(), "chrooted", CHROOTED_C, &["-static"]);
+    let jail = dir.path().join("jail");
+    std::fs::create_dir_all(jail.join("inside")).unwrap();
+    std::fs::write(jail.join("marker"), b"").unwrap();
+    let w = Workload::new(dir.path(), &[exe.to_str().unwrap(), jail.to_str().unwrap()]);
+    let out = dir.path().join("ref.out");
+    let reference = w.reference(&out);
+    assert!(
+        String::from_utf8_lossy(&reference).contains("59 marker=1 cwd=/inside"),
+        "the reference run did not see its jail: {}",
+        String::from_utf8_lossy(&reference)
+    );
+    let got = w.migrated(
+        &dir.path().join("mig.out"),
+        &dir.path().join("img"),
+        &[ms(300), ms(300), ms(300)],
+    );
+    assert_same_output("chrooted process", &reference, &got);
+}

@@ -618,6 +618,7 @@ pub fn collect(pid: i32, frozen: &Frozen, dir: &Path) -> Result<Manifest, DumpEr
         mm,
         rlimits,
         cwd: read_link(format!("/proc/{pid}/cwd"))?,
+        root: read_link(format!("/proc/{pid}/root"))?,
         umask: u32::from_str_radix(procfs::status_field(&status, "Umask").unwrap_or("022"), 8)
             .unwrap_or(0o022),
         personality,

@@ -29,6 +29,10 @@ pub struct Manifest {
     pub mm: MmFields,
     pub rlimits: Vec<(i32, u64, u64)>,
     pub cwd: String,
+    /// The process's root directory (chroot), as the dumper saw it; "/" when the
+    /// process is not chrooted (images without the field are).
+    #[serde(default = "slash")]
+    pub root: String,
     pub umask: u32,
     pub personality: u64,
     pub creds: Creds,
@@ -466,4 +470,9 @@ mod hex_bytes {
             .map(|i| u8::from_str_radix(&s[i..i + 2], 16).map_err(serde::de::Error::custom))
             .collect()
     }
+}
+
+/// The root directory of images that do not name one.
+fn slash() -> String {
+    "/".to_string()
 }

@@ -292,6 +292,14 @@ fn shape(ctx: &Ctx, m: &Manifest, pages: &[u8]) -> Result<Vec<Stopped>, RestoreE
     cwd.push(0);
     let a = ctx.put(SCRATCH_PATH_OFF, &cwd)?;
     ctx.ok(t, libc::SYS_chdir, &[a], &format!("chdir({})", m.cwd))?;
+    // The paths above (fds, cwd) were recorded from outside the process's root, so
+    // it is changed after them: chroot(2) leaves the working directory where it is.
+    if m.root != "/" {
+        let mut root = m.root.as_bytes().to_vec();
+        root.push(0);
+        let a = ctx.put(SCRATCH_PATH_OFF, &root)?;
+        ctx.ok(t, libc::SYS_chroot, &[a], &format!("chroot({})", m.root))?;
+    }
     ctx.ok(t, libc::SYS_umask, &[m.umask as u64], "umask")?;
     ctx.ok(t, libc::SYS_personality, &[m.personality], "personality")?;
     restore_sigactions(ctx, m)?;
