@@ -596,3 +596,70 @@ fn chrooted_process_keeps_its_root_and_cwd_across_three_dumps() {
     );
     assert_same_output("chrooted process", &reference, &got);
 }
+
+const THREAD_CREDS_C: &str = r#"
+#include <pthread.h>
+#include <stdio.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+static volatile long ids[6];
+static volatile int stop;
+static void *worker(void *arg) {
+    (void)arg;
+    while (!stop) {
+        uid_t r, e, s; gid_t gr, ge, gs;
+        syscall(SYS_getresuid, &r, &e, &s);
+        syscall(SYS_getresgid, &gr, &ge, &gs);
+        ids[0] = r; ids[1] = e; ids[2] = s; ids[3] = gr; ids[4] = ge; ids[5] = gs;
+        usleep(5000);
+    }
+    return 0;
+}
+int main(void) {
+    pthread_t t;
+    pthread_create(&t, 0, worker, 0);
+    for (int i = 0; i < 60; i++) {
+        usleep(20000);
+        uid_t r, e, s;
+        syscall(SYS_getresuid, &r, &e, &s);
+        printf("%d main uid=%d,%d,%d worker uid=%ld,%ld,%ld gid=%ld,%ld,%ld\n", i, r, e, s,
+               ids[0], ids[1], ids[2], ids[3], ids[4], ids[5]);
+        fflush(stdout);
+    }
+    stop = 1;
+    pthread_join(t, 0);
+    return 0;
+}
+"#;
+
+#[test]
+fn every_thread_of_an_ordinary_users_process_keeps_its_credentials() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempdir();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let exe = compile_c(dir.path(), "thread_creds", THREAD_CREDS_C, &["-pthread"]);
+    // setpriv execs the program, so the workload's pid is the program's.
+    let w = Workload::new(
+        dir.path(),
+        &[
+            "setpriv",
+            "--reuid=1000",
+            "--regid=1000",
+            "--clear-groups",
+            exe.to_str().unwrap(),
+        ],
+    );
+    let reference = w.reference(&dir.path().join("ref.out"));
+    assert!(
+        String::from_utf8_lossy(&reference)
+            .contains("59 main uid=1000,1000,1000 worker uid=1000,1000,1000 gid=1000,1000,1000"),
+        "the reference run did not run as uid 1000 in both threads: {}",
+        String::from_utf8_lossy(&reference)
+    );
+    let got = w.migrated(
+        &dir.path().join("mig.out"),
+        &dir.path().join("img"),
+        &[ms(300), ms(300), ms(300)],
+    );
+    assert_same_output("threads of a uid-1000 process", &reference, &got);
+}

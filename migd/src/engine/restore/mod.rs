@@ -393,8 +393,8 @@ fn shape(ctx: &Ctx, m: &Manifest, pages: &[u8]) -> Result<Vec<Stopped>, RestoreE
                 what: format!("prlimit({res}): {e}"),
             })?;
     }
-    restore_creds(ctx, m)?;
-    restore_prctl(ctx, m)?;
+    restore_creds(ctx, m, &all)?;
+    restore_prctl(ctx, m, &all)?;
     for (which, it) in m.itimers.iter().enumerate() {
         if it.iter().any(|&v| v != 0) {
             let mut it = *it;
@@ -540,32 +540,35 @@ fn final_regs(ctx: &Ctx, t: &Stopped, ti: &image::ThreadImage) -> Result<(), Res
     Ok(())
 }
 
-fn restore_creds(ctx: &Ctx, m: &Manifest) -> Result<(), RestoreError> {
-    let t = &ctx.leader;
+/// Credentials belong to each thread, and an injected setresuid is the raw system
+/// call (not glibc's, which repeats it in every thread): so every thread gets them.
+fn restore_creds(ctx: &Ctx, m: &Manifest, threads: &[&Stopped]) -> Result<(), RestoreError> {
     let c = &m.creds;
     if c.uid == [0, 0, 0] && c.gid == [0, 0, 0] {
         return Ok(());
     }
     let b: Vec<u8> = c.groups.iter().flat_map(|g| g.to_ne_bytes()).collect();
-    let a = ctx.put(0, &b)?;
-    ctx.ok(
-        t,
-        libc::SYS_setgroups,
-        &[c.groups.len() as u64, a],
-        "setgroups",
-    )?;
-    ctx.ok(
-        t,
-        libc::SYS_setresgid,
-        &[c.gid[0] as u64, c.gid[1] as u64, c.gid[2] as u64],
-        "setresgid",
-    )?;
-    ctx.ok(
-        t,
-        libc::SYS_setresuid,
-        &[c.uid[0] as u64, c.uid[1] as u64, c.uid[2] as u64],
-        "setresuid",
-    )?;
+    for &t in threads {
+        let a = ctx.put(0, &b)?;
+        ctx.ok(
+            t,
+            libc::SYS_setgroups,
+            &[c.groups.len() as u64, a],
+            "setgroups",
+        )?;
+        ctx.ok(
+            t,
+            libc::SYS_setresgid,
+            &[c.gid[0] as u64, c.gid[1] as u64, c.gid[2] as u64],
+            "setresgid",
+        )?;
+        ctx.ok(
+            t,
+            libc::SYS_setresuid,
+            &[c.uid[0] as u64, c.uid[1] as u64, c.uid[2] as u64],
+            "setresuid",
+        )?;
+    }
     Ok(())
 }
 
@@ -675,10 +678,10 @@ fn restore_posix_timers(ctx: &Ctx, m: &Manifest) -> Result<(), RestoreError> {
 
 /// no_new_privs, then dumpable and the parent-death signal (credential changes reset
 /// them), the subreaper flag and THP disabling.
-fn restore_prctl(ctx: &Ctx, m: &Manifest) -> Result<(), RestoreError> {
-    let t = &ctx.leader;
+/// no_new_privs is a property of each thread, so every thread gets it.
+fn restore_prctl(ctx: &Ctx, m: &Manifest, threads: &[&Stopped]) -> Result<(), RestoreError> {
     let p = &m.prctl;
-    let set = |opt: i32, v: i64| {
+    let set_in = |t: &Stopped, opt: i32, v: i64| {
         ctx.ok(
             t,
             libc::SYS_prctl,
@@ -687,8 +690,11 @@ fn restore_prctl(ctx: &Ctx, m: &Manifest) -> Result<(), RestoreError> {
         )
         .map(drop)
     };
+    let set = |opt: i32, v: i64| set_in(&ctx.leader, opt, v);
     if p.no_new_privs == 1 {
-        set(libc::PR_SET_NO_NEW_PRIVS, 1)?;
+        for &t in threads {
+            set_in(t, libc::PR_SET_NO_NEW_PRIVS, 1)?;
+        }
     }
     if p.dumpable >= 0 {
         set(libc::PR_SET_DUMPABLE, p.dumpable)?;
