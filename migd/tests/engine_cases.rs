@@ -663,3 +663,88 @@ fn every_thread_of_an_ordinary_users_process_keeps_its_credentials() {
     );
     assert_same_output("threads of a uid-1000 process", &reference, &got);
 }
+
+const CAPS_C: &str = r#"
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+int main(void) {
+    char line[256];
+    for (int i = 0; i < 50; i++) {
+        FILE *f = fopen("/proc/self/status", "r");
+        while (fgets(line, sizeof line, f))
+            if (strncmp(line, "Cap", 3) == 0) printf("%d %s", i, line);
+        fclose(f);
+        fflush(stdout);
+        usleep(20000);
+    }
+    return 0;
+}
+"#;
+
+#[test]
+fn a_root_process_keeps_its_reduced_capability_sets() {
+    let dir = tempdir();
+    let exe = compile_c(dir.path(), "caps", CAPS_C, &[]);
+    // setpriv execs the program with CAP_NET_RAW out of its bounding, permitted and
+    // effective sets, and CAP_CHOWN in its inheritable set.
+    let w = Workload::new(
+        dir.path(),
+        &[
+            "setpriv",
+            "--bounding-set=-net_raw",
+            "--inh-caps=+chown",
+            exe.to_str().unwrap(),
+        ],
+    );
+    let reference = w.reference(&dir.path().join("ref.out"));
+    assert!(
+        String::from_utf8_lossy(&reference).contains("49 CapInh:\t0000000000000001"),
+        "the reference run did not get its inheritable set: {}",
+        String::from_utf8_lossy(&reference)
+    );
+    let got = w.migrated(
+        &dir.path().join("mig.out"),
+        &dir.path().join("img"),
+        &[ms(250), ms(250), ms(250)],
+    );
+    assert_same_output("capability sets", &reference, &got);
+}
+
+#[test]
+fn a_process_that_is_not_root_but_holds_capabilities_is_refused_and_keeps_running() {
+    let dir = tempdir();
+    let mut child = Command::new("setpriv")
+        .args([
+            "--reuid=1000",
+            "--regid=1000",
+            "--clear-groups",
+            "--inh-caps=+net_raw",
+            "--ambient-caps=+net_raw",
+            "sleep",
+            "30",
+        ])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(ms(200));
+    let o = Command::new(migd())
+        .args(["dump", "--pid", &child.id().to_string(), "--images"])
+        .arg(dir.path().join("img"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success(),
+        "dump of a capable uid-1000 process succeeded"
+    );
+    assert!(
+        err.contains("capabilities"),
+        "the refusal should name the capabilities: {err}"
+    );
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the refused process must keep running"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}

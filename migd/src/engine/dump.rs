@@ -153,6 +153,21 @@ pub fn precheck(pid: i32) -> Result<(), DumpError> {
                 "it runs under a seccomp filter (not supported yet)",
             ));
         }
+        // Restore sets the credentials of a process that is not root with the raw
+        // setresuid, which clears its capabilities; only root's are put back.
+        let uid = procfs::id_triple(&st, "Uid").unwrap_or_default();
+        if let Some(c) = caps_of(&st) {
+            if uid != [0, 0, 0] && (c.permitted | c.effective | c.inheritable | c.ambient) != 0 {
+                return Err(refuse(
+                    pid,
+                    format!(
+                        "it is not root but holds capabilities (CapPrm {:016x}, CapEff {:016x}); \
+                         they are not carried yet",
+                        c.permitted, c.effective
+                    ),
+                ));
+            }
+        }
     }
     for (fd, link) in list_fds(pid)? {
         match classify_link(&link) {
@@ -626,6 +641,7 @@ pub fn collect(pid: i32, frozen: &Frozen, dir: &Path) -> Result<Manifest, DumpEr
             uid: procfs::id_triple(&status, "Uid").unwrap_or_default(),
             gid: procfs::id_triple(&status, "Gid").unwrap_or_default(),
             groups,
+            caps: caps_of(&status),
         },
         fds,
         pages_len,
@@ -1014,3 +1030,17 @@ fn pipe_contents(
 }
 
 use std::os::unix::fs::OpenOptionsExt;
+
+/// The capability sets of /proc/PID/status.
+fn caps_of(status: &str) -> Option<crate::engine::image::Caps> {
+    let field = |name: &str| {
+        procfs::status_field(status, name).and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+    };
+    Some(crate::engine::image::Caps {
+        inheritable: field("CapInh")?,
+        permitted: field("CapPrm")?,
+        effective: field("CapEff")?,
+        bounding: field("CapBnd")?,
+        ambient: field("CapAmb").unwrap_or(0),
+    })
+}

@@ -133,6 +133,20 @@ pub struct Creds {
     pub uid: [u32; 3],
     pub gid: [u32; 3],
     pub groups: Vec<u32>,
+    /// Capability sets of the leader (/proc/PID/status CapInh, CapPrm, CapEff, CapBnd,
+    /// CapAmb); absent in older images, which restore with root's full sets.
+    #[serde(default)]
+    pub caps: Option<Caps>,
+}
+
+/// Capability sets, one bit per capability.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Caps {
+    pub inheritable: u64,
+    pub permitted: u64,
+    pub effective: u64,
+    pub bounding: u64,
+    pub ambient: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -10,7 +10,7 @@ pub mod memory;
 pub mod spawn;
 
 use super::freeze::{FreezeError, StopKind, Stopped};
-use super::image::{self, AreaKind, Manifest};
+use super::image::{self, AreaKind, Caps, Manifest};
 use super::inject::{InjectError, Injector};
 use super::maps::parse_smaps;
 use super::regs;
@@ -542,9 +542,20 @@ fn final_regs(ctx: &Ctx, t: &Stopped, ti: &image::ThreadImage) -> Result<(), Res
 
 /// Credentials belong to each thread, and an injected setresuid is the raw system
 /// call (not glibc's, which repeats it in every thread): so every thread gets them.
+///
+/// Capabilities: the bounding set is lowered first (that needs CAP_SETPCAP, which the
+/// process has until its uid changes); a root process then gets its own permitted,
+/// effective, inheritable and ambient sets back. (A process that is not root and holds
+/// capabilities was refused at dump.)
 fn restore_creds(ctx: &Ctx, m: &Manifest, threads: &[&Stopped]) -> Result<(), RestoreError> {
     let c = &m.creds;
+    if let Some(caps) = &c.caps {
+        restore_bounding_set(ctx, caps, threads)?;
+    }
     if c.uid == [0, 0, 0] && c.gid == [0, 0, 0] {
+        if let Some(caps) = &c.caps {
+            restore_root_caps(ctx, caps, threads)?;
+        }
         return Ok(());
     }
     let b: Vec<u8> = c.groups.iter().flat_map(|g| g.to_ne_bytes()).collect();
@@ -568,6 +579,67 @@ fn restore_creds(ctx: &Ctx, m: &Manifest, threads: &[&Stopped]) -> Result<(), Re
             &[c.uid[0] as u64, c.uid[1] as u64, c.uid[2] as u64],
             "setresuid",
         )?;
+    }
+    Ok(())
+}
+
+/// The highest capability number this kernel knows.
+fn cap_last_cap() -> u32 {
+    std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(40)
+}
+
+/// Drops from every thread's bounding set what the image's lacks.
+fn restore_bounding_set(ctx: &Ctx, caps: &Caps, threads: &[&Stopped]) -> Result<(), RestoreError> {
+    for cap in 0..=cap_last_cap().min(63) {
+        if caps.bounding & (1 << cap) == 0 {
+            for &t in threads {
+                ctx.ok(
+                    t,
+                    libc::SYS_prctl,
+                    &[libc::PR_CAPBSET_DROP as u64, cap as u64, 0, 0, 0],
+                    &format!("prctl(PR_CAPBSET_DROP, {cap})"),
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// capset(2) (version 3: two 32-bit halves of each set) and the ambient set, in every
+/// thread of a root process.
+fn restore_root_caps(ctx: &Ctx, caps: &Caps, threads: &[&Stopped]) -> Result<(), RestoreError> {
+    const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+    let mut header = LINUX_CAPABILITY_VERSION_3.to_ne_bytes().to_vec();
+    header.extend_from_slice(&0i32.to_ne_bytes());
+    let mut data = Vec::with_capacity(24);
+    for half in [0, 32] {
+        for set in [caps.effective, caps.permitted, caps.inheritable] {
+            data.extend_from_slice(&((set >> half) as u32).to_ne_bytes());
+        }
+    }
+    for &t in threads {
+        let h = ctx.put(0, &header)?;
+        let d = ctx.put(64, &data)?;
+        ctx.ok(t, libc::SYS_capset, &[h, d], "capset")?;
+        for cap in 0..=cap_last_cap().min(63) {
+            if caps.ambient & (1 << cap) != 0 {
+                ctx.ok(
+                    t,
+                    libc::SYS_prctl,
+                    &[
+                        libc::PR_CAP_AMBIENT as u64,
+                        libc::PR_CAP_AMBIENT_RAISE as u64,
+                        cap as u64,
+                        0,
+                        0,
+                    ],
+                    &format!("prctl(PR_CAP_AMBIENT_RAISE, {cap})"),
+                )?;
+            }
+        }
     }
     Ok(())
 }
