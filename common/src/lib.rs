@@ -4,7 +4,8 @@
 //! challenge-response handshake on the cluster key ([`auth`]), the framed bincode
 //! transport every tarpc service runs over ([`transport`]), the RPC service traits and
 //! their wire types ([`fsproto`] for the file service, [`migproto`] for migd and
-//! home-proxy), and the tracing set-up every binary calls first ([`logging`]).
+//! home-proxy), the tracing set-up every binary calls first ([`logging`]) and the
+//! signal daemons stop on ([`shutdown`]).
 //!
 //! It owns no daemon logic: `fs-server`, `fuse-client`, `migd` and `home-proxy`
 //! depend on it; it depends on none of them.
@@ -14,4 +15,5 @@ pub mod config;
 pub mod fsproto;
 pub mod logging;
 pub mod migproto;
+pub mod shutdown;
 pub mod transport;

@@ -15,16 +15,6 @@ struct Args {
     config: PathBuf,
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
-    }
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     common::logging::init("fs-server");
@@ -34,7 +24,7 @@ async fn main() -> anyhow::Result<()> {
     let listener = common::transport::bind(addr)
         .await
         .with_context(|| format!("fs-server of node {}", config.node))?;
-    fs_server::run(config, listener, shutdown_signal())
+    fs_server::run(config, listener, common::shutdown::signal())
         .await
         .context("fs-server failed to start")?;
     Ok(())

@@ -24,18 +24,7 @@ fn main() -> anyhow::Result<()> {
         .thread_name("fuse-client")
         .build()
         .context("cannot start the async runtime")?;
-    rt.block_on(fuse_client::run(config, shutdown_signal()))
+    rt.block_on(fuse_client::run(config, common::shutdown::signal()))
         .context("fuse-client failed")?;
     Ok(())
-}
-
-/// Resolves on the first SIGTERM or SIGINT.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("can install a SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("can install a SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
-    }
 }

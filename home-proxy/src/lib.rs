@@ -120,17 +120,7 @@ pub async fn run(config: NodeConfig) -> Result<(), StartError> {
     let listener = common::transport::bind(addr)
         .await
         .map_err(|source| StartError::Listen { addr, source })?;
-    serve(config, listener, shutdown_signal()).await
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
-    }
+    serve(config, listener, common::shutdown::signal()).await
 }
 
 /// Serves [`ProxyService`] on `listener` until `shutdown` completes. Shadows stay

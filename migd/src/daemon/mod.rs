@@ -203,17 +203,7 @@ pub fn run(path: &Path) -> Result<(), StartError> {
         what: "starting the tokio runtime".into(),
         source,
     })?;
-    rt.block_on(serve(config, shutdown_signal()))
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
-    }
+    rt.block_on(serve(config, common::shutdown::signal()))
 }
 
 /// Serves the migration service and the local socket until `shutdown` completes.
