@@ -167,16 +167,7 @@ fn dump_ticker(dir: &std::path::Path) -> std::path::PathBuf {
         .unwrap();
     std::thread::sleep(ms(200));
     let img = dir.join("img");
-    let o = Command::new(migd())
-        .args(["dump", "--pid", &child.id().to_string(), "--images"])
-        .arg(&img)
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "dump failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    dump_ok(&child.id().to_string(), &img, "dump failed");
     let _ = child.wait();
     img
 }
@@ -273,15 +264,10 @@ fn process_with_2gib_rss_is_dumped_and_restored_correctly() {
         std::thread::sleep(ms(50));
     }
     let img = dir.path().join("img");
-    let o = Command::new(migd())
-        .args(["dump", "--pid", &child.id().to_string(), "--images"])
-        .arg(&img)
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "dump of the 2 GiB process failed: {}",
-        String::from_utf8_lossy(&o.stderr)
+    dump_ok(
+        &child.id().to_string(),
+        &img,
+        "dump of the 2 GiB process failed",
     );
     let _ = child.wait();
     let pages = std::fs::metadata(img.join("pages.img")).unwrap().len();
@@ -379,16 +365,7 @@ fn job_control_stopped_process_is_stopped_again_after_restore() {
         std::thread::sleep(ms(10));
     }
     let img = dir.path().join("img");
-    let o = Command::new(migd())
-        .args(["dump", "--pid", &pid, "--images"])
-        .arg(&img)
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "dump of a stopped process failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    dump_ok(&pid, &img, "dump of a stopped process failed");
     let _ = child.wait();
     let (r, new_pid) = start_restore(&img);
     let status = format!("/proc/{new_pid}/status");
@@ -438,15 +415,10 @@ fn process_of_an_ordinary_user_keeps_its_credentials_and_output() {
         .unwrap();
     std::thread::sleep(ms(300));
     let img = dir.path().join("img");
-    let o = Command::new(migd())
-        .args(["dump", "--pid", &child.id().to_string(), "--images"])
-        .arg(&img)
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "dump of a uid-1000 process failed: {}",
-        String::from_utf8_lossy(&o.stderr)
+    dump_ok(
+        &child.id().to_string(),
+        &img,
+        "dump of a uid-1000 process failed",
     );
     let _ = child.wait();
     let (r, new_pid) = start_restore(&img);
@@ -526,16 +498,7 @@ fn signals_to_a_waiting_restore_reach_the_process_and_its_status_comes_back() {
         .unwrap();
     std::thread::sleep(ms(200));
     let img = dir.path().join("img");
-    let o = Command::new(migd())
-        .args(["dump", "--pid", &child.id().to_string(), "--images"])
-        .arg(&img)
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "dump failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    dump_ok(&child.id().to_string(), &img, "dump failed");
     let _ = child.wait();
     let (r, _) = start_restore(&img);
     assert!(Command::new("kill")

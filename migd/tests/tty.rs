@@ -45,16 +45,7 @@ fn terminal_modes_and_window_size_come_back_with_the_process() {
         .unwrap();
     std::thread::sleep(ms(800));
     let img = dir.path().join("img");
-    let o = Command::new(migd())
-        .args(["dump", "--pid", &child.id().to_string(), "--images"])
-        .arg(&img)
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "dump failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    dump_ok(&child.id().to_string(), &img, "dump failed");
     let _ = child.wait();
     // Behind its back: echo and canonical mode on again.
     let mut t = tcgetattr(pty.slave.as_fd()).unwrap();

@@ -129,6 +129,21 @@ impl Workload {
     }
 }
 
+/// Runs `migd dump --pid PID --images DIR` (the process is killed after the dump);
+/// panics with `what` and migd's stderr unless it succeeds.
+pub fn dump_ok(pid: &str, images: &Path, what: &str) {
+    let o = Command::new(migd())
+        .args(["dump", "--pid", pid, "--images"])
+        .arg(images)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "{what}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
 /// Starts `migd restore` (without --detach); returns it and the restored process's pid
 /// as this namespace sees it.
 pub fn start_restore(dir: &Path) -> (Child, i32) {
