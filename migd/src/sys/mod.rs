@@ -2,6 +2,7 @@
 //! the crate lives here, each with the reason it holds.
 
 pub mod kabi;
+pub mod uffd;
 
 use nix::errno::Errno;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
