@@ -244,14 +244,16 @@ pub fn pagemap_scan(
         out.reserve(1024);
     }
     let room = out.capacity() - out.len();
+    // The first spare slot of `out`; `wrapping_add` keeps this free of unsafe (the
+    // result stays inside the allocation: len <= capacity).
+    let spare = out.as_mut_ptr().wrapping_add(out.len()) as u64;
     let mut arg = kabi::PmScanArg {
         size: std::mem::size_of::<kabi::PmScanArg>() as u64,
         flags,
         start,
         end,
         walk_end: 0,
-        // SAFETY (pointer arithmetic): within the vector's allocation.
-        vec: unsafe { out.as_mut_ptr().add(out.len()) } as u64,
+        vec: spare,
         vec_len: room as u64,
         max_pages,
         category_inverted: inverted,
