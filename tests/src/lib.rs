@@ -21,6 +21,7 @@ pub mod node;
 pub mod state;
 mod sys;
 pub mod up;
+pub mod work;
 
 pub use cluster::{Builder, Cluster};
 pub use down::{down, DownError, DownReport};

@@ -1,0 +1,276 @@
+//! Benchmark of migration between two nodes of a local cluster, per mode and size.
+//!
+//! For each RSS (default 64 MiB, 1 GiB, 4 GiB) and each mode, a C program at ws1
+//! fills its memory and keeps rewriting 10% of it per second; `migrate PID ws2
+//! --mode M` moves it. Printed per run: the freeze time `migrate` reports, the
+//! command's total time, the time until the store holds nothing of it any more (lazy
+//! modes keep paging in after the command returns), bytes moved, and the slowdown of
+//! a full memory scan right after the move against the same scan just before it
+//! (pages faulting in from the store); then the ratios that matter: freeze at each
+//! size against 64 MiB (flat is the aim), and each mode against stop-copy.
+//! No pass/fail thresholds: the machines are shared and noisy.
+//!
+//! Usage: `bench-migrate [--mib 64,1024,4096] [--modes stop-copy,precopy,lazy,default]`
+//! (root; `scripts/bench.sh migrate` builds and runs it).
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use ferry_tests::work::{images_left, spawn_shell, wait_for};
+use ferry_tests::Cluster;
+
+#[derive(Parser)]
+#[command(about = "Measure migration freeze and total time per mode and RSS")]
+struct Args {
+    /// Resident sizes to measure, in MiB.
+    #[arg(long, value_delimiter = ',', default_value = "64,1024,4096")]
+    mib: Vec<u64>,
+    /// Modes (`default` is migrate's own default).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "stop-copy,precopy,lazy,default"
+    )]
+    modes: Vec<String>,
+}
+
+/// `busy OUT MIB`: fills MIB MiB, then rewrites 10% of it per second in 10 ms steps
+/// (walking through the buffer). On SIGUSR1 it scans every page once (reading) and
+/// writes `scan <ms> <sum>` to OUT; on SIGTERM it checks the whole buffer against the
+/// pattern it wrote and writes `ok` or `BAD <offset>` before exiting.
+const BUSY: &str = r#"
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+static volatile sig_atomic_t want_scan, want_end;
+static void on_usr1(int s) { (void)s; want_scan = 1; }
+static void on_term(int s) { (void)s; want_end = 1; }
+static double now_ms(void) {
+    struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec * 1e3 + t.tv_nsec / 1e6;
+}
+int main(int argc, char **argv) {
+    FILE *f = fopen(argv[1], "w");
+    size_t len = (size_t)atol(argv[2]) << 20, words = len / 8;
+    uint64_t *m = malloc(len);
+    uint64_t gen = 1;
+    for (size_t i = 0; i < words; i++) m[i] = i * 0x9E3779B97F4A7C15ull + gen;
+    signal(SIGUSR1, on_usr1);
+    signal(SIGTERM, on_term);
+    fprintf(f, "ready\n"); fflush(f);
+    size_t step = words / 1000, pos = 0; /* 0.1% per 10 ms = 10%/s */
+    if (step == 0) step = 1;
+    while (!want_end) {
+        for (size_t k = 0; k < step; k++, pos++) {
+            if (pos == words) { pos = 0; gen++; }
+            m[pos] = pos * 0x9E3779B97F4A7C15ull + gen;
+        }
+        if (want_scan) {
+            want_scan = 0;
+            double t = now_ms();
+            uint64_t sum = 0;
+            for (size_t i = 0; i < words; i += 512) sum += m[i];
+            fprintf(f, "scan %.3f %llu\n", now_ms() - t, (unsigned long long)sum); fflush(f);
+        }
+        usleep(10000);
+    }
+    for (size_t i = 0; i < words; i++) {
+        uint64_t g = i < pos ? gen : gen - 1;
+        if (i >= pos && gen == 1) g = 1;
+        if (m[i] != i * 0x9E3779B97F4A7C15ull + g) { fprintf(f, "BAD %zu\n", i * 8); return 1; }
+    }
+    fprintf(f, "ok\n"); fflush(f);
+    return 0;
+}
+"#;
+
+struct Run {
+    mib: u64,
+    mode: String,
+    freeze_ms: f64,
+    command_ms: f64,
+    until_free_ms: f64,
+    bytes: u64,
+    scan_before_ms: f64,
+    scan_after_ms: f64,
+}
+
+fn scans(c: &Cluster) -> Vec<f64> {
+    let out = c.sh_ok("ws1", "cat /tmp/busy.out");
+    out.lines()
+        .filter_map(|l| l.strip_prefix("scan "))
+        .filter_map(|r| r.split_whitespace().next()?.parse().ok())
+        .collect()
+}
+
+/// Sends SIGUSR1 at home and waits for the scan's line.
+fn scan(c: &Cluster, pid: i32) -> Result<f64> {
+    let before = scans(c).len();
+    c.sh_ok("ws1", &format!("kill -USR1 {pid}"));
+    wait_for(|| scans(c).get(before).copied()).context("the program did not report its scan")
+}
+
+/// "… B bytes moved, frozen X ms" → (B, X).
+fn parse_final(line: &str) -> Option<(u64, f64)> {
+    let bytes = line
+        .split(" bytes moved")
+        .next()?
+        .rsplit(' ')
+        .next()?
+        .parse()
+        .ok()?;
+    let frozen = line
+        .split("frozen ")
+        .nth(1)?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some((bytes, frozen))
+}
+
+fn one(c: &Cluster, busy: &str, mib: u64, mode: &str) -> Result<Run> {
+    let child = spawn_shell(c, "ws1", &format!("{busy} /tmp/busy.out {mib}"));
+    let pid: i32 = wait_for(|| {
+        let o = c.sh("ws1", "grep -q ready /tmp/busy.out && pgrep -xn busy");
+        String::from_utf8_lossy(&o.stdout).trim().parse().ok()
+    })
+    .context("busy did not start")?;
+    std::thread::sleep(Duration::from_millis(1500));
+    let scan_before_ms = scan(c, pid)?;
+    let mut args = vec!["migrate".to_string(), pid.to_string(), "ws2".to_string()];
+    if mode != "default" {
+        args.extend(["--mode".to_string(), mode.to_string()]);
+    }
+    let t = Instant::now();
+    let out = c.exec("ws1", &args);
+    let command_ms = t.elapsed().as_secs_f64() * 1e3;
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    if !out.status.success() {
+        bail!(
+            "migrate --mode {mode} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let scan_after_ms = scan(c, pid)?;
+    wait_for(|| images_left(c).is_empty().then_some(()))
+        .context("the image stayed in the store")?;
+    let until_free_ms = t.elapsed().as_secs_f64() * 1e3;
+    let (bytes, freeze_ms) =
+        parse_final(said.trim()).with_context(|| format!("migrate said {said:?}"))?;
+    c.sh_ok("ws1", &format!("kill -TERM {pid}"));
+    let shell = ferry_tests::work::finish_shell(c, child);
+    let end = c.sh_ok("ws1", "tail -n1 /tmp/busy.out");
+    if end.trim() != "ok" || shell != "status=0" {
+        bail!("the moved program's memory check said {end:?} (shell: {shell})");
+    }
+    Ok(Run {
+        mib,
+        mode: mode.to_string(),
+        freeze_ms,
+        command_ms,
+        until_free_ms,
+        bytes,
+        scan_before_ms,
+        scan_after_ms,
+    })
+}
+
+fn main() -> Result<()> {
+    common::logging::init("bench-migrate");
+    let args = Args::parse();
+    let c = Cluster::start(2);
+    c.require(&["fs-server", "fuse-client", "migd", "home-proxy"]);
+    let src = c.dir().join("busy.c");
+    std::fs::write(&src, BUSY)?;
+    let bin = c.dir().join("busy");
+    let cc = std::process::Command::new("cc")
+        .args(["-O2", "-o"])
+        .arg(&bin)
+        .arg(&src)
+        .output()?;
+    if !cc.status.success() {
+        bail!("cc: {}", String::from_utf8_lossy(&cc.stderr));
+    }
+    let busy = bin.display().to_string();
+    let mut runs = Vec::new();
+    println!(
+        "{:>6} {:>10} {:>10} {:>10} {:>11} {:>10} {:>9} {:>9} {:>8}",
+        "MiB",
+        "mode",
+        "freeze ms",
+        "cmd ms",
+        "store ms",
+        "MB moved",
+        "scan ms",
+        "after ms",
+        "slowdown"
+    );
+    for &mib in &args.mib {
+        for mode in &args.modes {
+            match one(&c, &busy, mib, mode) {
+                Ok(r) => {
+                    println!(
+                        "{:>6} {:>10} {:>10.1} {:>10.0} {:>11.0} {:>10.1} {:>9.1} {:>9.1} {:>7.2}x",
+                        r.mib,
+                        r.mode,
+                        r.freeze_ms,
+                        r.command_ms,
+                        r.until_free_ms,
+                        r.bytes as f64 / 1e6,
+                        r.scan_before_ms,
+                        r.scan_after_ms,
+                        r.scan_after_ms / r.scan_before_ms.max(0.001)
+                    );
+                    runs.push(r);
+                }
+                Err(e) => println!("{mib:>6} {mode:>10} failed: {e:#}"),
+            }
+        }
+    }
+    println!();
+    println!("freeze against the same mode at the smallest size (flat = 1.0):");
+    let smallest = args.mib.iter().copied().min().unwrap_or(64);
+    for r in &runs {
+        if let Some(base) = runs.iter().find(|b| b.mib == smallest && b.mode == r.mode) {
+            if r.mib != smallest {
+                println!(
+                    "  {:>10} {:>5} MiB: {:.2}x",
+                    r.mode,
+                    r.mib,
+                    r.freeze_ms / base.freeze_ms.max(0.001)
+                );
+            }
+        }
+    }
+    println!("freeze against stop-copy at the same size:");
+    for r in runs.iter().filter(|r| r.mode != "stop-copy") {
+        if let Some(base) = runs
+            .iter()
+            .find(|b| b.mib == r.mib && b.mode == "stop-copy")
+        {
+            println!(
+                "  {:>10} {:>5} MiB: {:.3}x",
+                r.mode,
+                r.mib,
+                r.freeze_ms / base.freeze_ms.max(0.001)
+            );
+        }
+    }
+    println!("fault-in right after the move (the scan touches every page):");
+    for r in &runs {
+        println!(
+            "  {:>10} {:>5} MiB: {:.2} GB/s",
+            r.mode,
+            r.mib,
+            (r.mib << 20) as f64 / (r.scan_after_ms.max(0.001) * 1e6)
+        );
+    }
+    c.down().context("cluster down")?;
+    Ok(())
+}
