@@ -135,7 +135,28 @@ fn parse_final(line: &str) -> Option<(u64, f64)> {
 }
 
 fn one(c: &Cluster, busy: &str, mib: u64, mode: &str) -> Result<Run> {
-    let child = spawn_shell(c, "ws1", &format!("{busy} /tmp/busy.out {mib}"));
+    let mut child = spawn_shell(c, "ws1", &format!("{busy} /tmp/busy.out {mib}"));
+    match measure(c, mib, mode) {
+        Ok((run, pid)) => {
+            c.sh_ok("ws1", &format!("kill -TERM {pid}"));
+            let shell = ferry_tests::work::finish_shell(c, child);
+            let end = c.sh_ok("ws1", "tail -n1 /tmp/busy.out");
+            if end.trim() != "ok" || shell != "status=0" {
+                bail!("the moved program's memory check said {end:?} (shell: {shell})");
+            }
+            Ok(run)
+        }
+        Err(e) => {
+            let _ = c.sh("ws1", "pkill -KILL -x busy");
+            let _ = child.kill();
+            let _ = child.wait();
+            Err(e)
+        }
+    }
+}
+
+/// Measures one migration of the running `busy`; returns the figures and its pid.
+fn measure(c: &Cluster, mib: u64, mode: &str) -> Result<(Run, i32)> {
     let pid: i32 = wait_for(|| {
         let o = c.sh("ws1", "grep -q ready /tmp/busy.out && pgrep -xn busy");
         String::from_utf8_lossy(&o.stdout).trim().parse().ok()
@@ -163,13 +184,7 @@ fn one(c: &Cluster, busy: &str, mib: u64, mode: &str) -> Result<Run> {
     let until_free_ms = t.elapsed().as_secs_f64() * 1e3;
     let (bytes, freeze_ms) =
         parse_final(said.trim()).with_context(|| format!("migrate said {said:?}"))?;
-    c.sh_ok("ws1", &format!("kill -TERM {pid}"));
-    let shell = ferry_tests::work::finish_shell(c, child);
-    let end = c.sh_ok("ws1", "tail -n1 /tmp/busy.out");
-    if end.trim() != "ok" || shell != "status=0" {
-        bail!("the moved program's memory check said {end:?} (shell: {shell})");
-    }
-    Ok(Run {
+    let run = Run {
         mib,
         mode: mode.to_string(),
         freeze_ms,
@@ -178,7 +193,8 @@ fn one(c: &Cluster, busy: &str, mib: u64, mode: &str) -> Result<Run> {
         bytes,
         scan_before_ms,
         scan_after_ms,
-    })
+    };
+    Ok((run, pid))
 }
 
 fn main() -> Result<()> {
@@ -262,7 +278,7 @@ fn main() -> Result<()> {
             );
         }
     }
-    println!("fault-in right after the move (the scan touches every page):");
+    println!("memory scan right after the move, every page touched (lazy modes: pages fault in):");
     for r in &runs {
         println!(
             "  {:>10} {:>5} MiB: {:.2} GB/s",
