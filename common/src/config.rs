@@ -146,6 +146,13 @@ pub struct MigdConfig {
     pub store_volume: String,
     /// Directory for local state (images under way, uffd bookkeeping).
     pub state_dir: PathBuf,
+    /// Pre-copy: at most this many rounds while the process runs.
+    pub precopy_max_rounds: u32,
+    /// Pre-copy: freeze once a round wrote fewer bytes than this.
+    pub precopy_stop_below_bytes: u64,
+    /// Lazy: how long reading pages from the store may keep failing while the
+    /// process waits on them; past it the process is killed and the loss reported.
+    pub lazy_store_bound_secs: u64,
 }
 
 impl Default for MigdConfig {
@@ -154,6 +161,9 @@ impl Default for MigdConfig {
             socket: PathBuf::from("/run/ferry/migd.sock"),
             store_volume: "store".to_string(),
             state_dir: PathBuf::from("/var/lib/ferry"),
+            precopy_max_rounds: 8,
+            precopy_stop_below_bytes: 8 << 20,
+            lazy_store_bound_secs: 60,
         }
     }
 }
