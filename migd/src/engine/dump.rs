@@ -60,7 +60,7 @@ pub enum DumpError {
     Other { pid: i32, what: String },
 }
 
-fn read_proc(path: String) -> Result<String, DumpError> {
+pub(crate) fn read_proc(path: String) -> Result<String, DumpError> {
     std::fs::read_to_string(&path).map_err(|source| DumpError::Proc { path, source })
 }
 
@@ -346,13 +346,16 @@ fn u64_at(b: &[u8], off: usize) -> u64 {
     u64::from_ne_bytes(b[off..off + 8].try_into().unwrap())
 }
 
-/// State only the process can tell: read by running syscalls inside it.
-fn inject_reads(
+/// Runs `f` with a `syscall; int3` gadget planted at the start of an executable area of
+/// the frozen process (program text, preferably where the leader is) and every
+/// thread's signals blocked; the text word, every thread's registers and signal masks
+/// are put back whatever happens. Used by [`collect`] and by `engine::track`.
+pub(crate) fn with_gadget<T>(
     pid: i32,
     frozen: &Frozen,
     smaps: &[MapArea],
-    vtids: &[i32],
-) -> Result<Injected, DumpError> {
+    f: impl FnOnce(&Injector) -> Result<T, DumpError>,
+) -> Result<T, DumpError> {
     let leader = &frozen.threads[0];
     let lr = leader.regs()?;
     // Plant the gadget in program text (not the vDSO), preferably where the leader is.
@@ -393,11 +396,30 @@ fn inject_reads(
             errno: e,
         }
     })?;
-    let result = (|| -> Result<Injected, DumpError> {
+    let result = (|| -> Result<T, DumpError> {
         for t in &frozen.threads {
             t.set_sigmask(!0)?;
         }
-        let inj = Injector { gadget: gaddr };
+        f(&Injector { gadget: gaddr })
+    })();
+    // Put everything back whatever happened.
+    let _ = sys::ptrace_pokedata(leader.tid, gaddr, orig);
+    for (t, (r, m)) in frozen.threads.iter().zip(&saved) {
+        let _ = t.set_regs(r);
+        let _ = t.set_sigmask(*m);
+    }
+    result
+}
+
+/// State only the process can tell: read by running syscalls inside it.
+fn inject_reads(
+    pid: i32,
+    frozen: &Frozen,
+    smaps: &[MapArea],
+    vtids: &[i32],
+) -> Result<Injected, DumpError> {
+    let leader = &frozen.threads[0];
+    with_gadget(pid, frozen, smaps, |inj| {
         let prot = (libc::PROT_READ | libc::PROT_WRITE) as u64;
         let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64;
         let scratch = inj.ok(
@@ -532,19 +554,40 @@ fn inject_reads(
             timers,
             prctl,
         })
-    })();
-    // Put everything back whatever happened.
-    let _ = sys::ptrace_pokedata(leader.tid, gaddr, orig);
-    for (t, (r, m)) in frozen.threads.iter().zip(&saved) {
-        let _ = t.set_regs(r);
-        let _ = t.set_sigmask(*m);
-    }
-    result
+    })
 }
 
 /// Extracts the state of the frozen process into `dir` (used by [`dump`] and by
 /// `engine::handoff`, which keeps the process frozen afterwards).
 pub fn collect(pid: i32, frozen: &Frozen, dir: &Path) -> Result<Manifest, DumpError> {
+    let pw = PageWriter::create(dir)?;
+    let mut src = MemSource::open(pid)?;
+    collect_into(pid, frozen, pw, &mut |smaps, pw| {
+        let mut out = Vec::new();
+        for a in smaps {
+            let Some(kind) = area_kind(pid, a)? else {
+                continue;
+            };
+            let runs = src.save_area(a, &kind, pw)?;
+            out.push(area_record(a, kind, runs));
+        }
+        Ok(out)
+    })
+}
+
+/// The memory step of [`collect_into`]: given the layout (read after the injected
+/// reads) and the page writer, saves the pages and returns the areas.
+pub(crate) type MemoryStep<'a> =
+    dyn FnMut(&[MapArea], &mut PageWriter) -> Result<Vec<Area>, DumpError> + 'a;
+
+/// [`collect`] with the page writer given (it may already hold pages, as after
+/// pre-copy rounds) and the memory step chosen by the caller.
+pub(crate) fn collect_into(
+    pid: i32,
+    frozen: &Frozen,
+    mut pw: PageWriter,
+    memory: &mut MemoryStep,
+) -> Result<Manifest, DumpError> {
     let status = read_proc(format!("/proc/{pid}/status"))?;
     let smaps0 =
         parse_smaps(&read_proc(format!("/proc/{pid}/smaps"))?).map_err(|e| DumpError::Other {
@@ -585,13 +628,12 @@ pub fn collect(pid: i32, frozen: &Frozen, dir: &Path) -> Result<Manifest, DumpEr
     })?;
     mm.auxv = procfs::parse_auxv(&auxv);
 
-    let mut pw = PageWriter::create(dir)?;
     let smaps =
         parse_smaps(&read_proc(format!("/proc/{pid}/smaps"))?).map_err(|e| DumpError::Other {
             pid,
             what: e.to_string(),
         })?;
-    let areas = dump_memory(pid, &smaps, &mut pw)?;
+    let areas = memory(&smaps, &mut pw)?;
     let fds = dump_fds(pid, &mut pw)?;
     let (pages_len, chunk_crcs) = pw.finish()?;
 
@@ -695,7 +737,7 @@ fn undo_spurious_eintr(t: &Stopped, ti: &mut ThreadImage, shared: &[i32]) -> Res
     Ok(())
 }
 
-fn area_kind(pid: i32, a: &MapArea) -> Result<Option<AreaKind>, DumpError> {
+pub(crate) fn area_kind(pid: i32, a: &MapArea) -> Result<Option<AreaKind>, DumpError> {
     Ok(Some(match a.name.as_str() {
         "[vsyscall]" => return Ok(None),
         "[vvar]" => AreaKind::Vvar,
@@ -749,113 +791,166 @@ const PM_PRESENT: u64 = 1 << 63;
 const PM_SWAP: u64 = 1 << 62;
 const PM_FILE: u64 = 1 << 61;
 
-fn dump_memory(pid: i32, smaps: &[MapArea], pw: &mut PageWriter) -> Result<Vec<Area>, DumpError> {
-    let pm_path = format!("/proc/{pid}/pagemap");
-    let pagemap = std::fs::File::open(&pm_path).map_err(|source| DumpError::Proc {
-        path: pm_path.clone(),
-        source,
-    })?;
-    let mem_path = format!("/proc/{pid}/mem");
-    let mem = std::fs::File::open(&mem_path).map_err(|source| DumpError::Proc {
-        path: mem_path.clone(),
-        source,
-    })?;
-    let page = sys::page_size();
-    let mut out = Vec::new();
-    let mut buf = vec![0u8; 8 << 20];
-    for a in smaps {
-        let Some(kind) = area_kind(pid, a)? else {
-            continue;
+/// Pages of an area examined at a time, so that huge sparse reservations cost little
+/// memory.
+pub(crate) const WINDOW: u64 = 1 << 18;
+
+/// A process's memory as the dump reads it: `/proc/PID/pagemap` to choose the pages,
+/// process_vm_readv to read them (`/proc/PID/mem` for protections it cannot read).
+pub(crate) struct MemSource {
+    pub pid: i32,
+    pub pagemap: std::fs::File,
+    pm_path: String,
+    mem: std::fs::File,
+    buf: Vec<u8>,
+}
+
+impl MemSource {
+    pub fn open(pid: i32) -> Result<MemSource, DumpError> {
+        let open = |path: String| {
+            std::fs::File::open(&path).map_err(|source| DumpError::Proc { path, source })
         };
+        Ok(MemSource {
+            pid,
+            pagemap: open(format!("/proc/{pid}/pagemap"))?,
+            pm_path: format!("/proc/{pid}/pagemap"),
+            mem: open(format!("/proc/{pid}/mem"))?,
+            buf: vec![0u8; 8 << 20],
+        })
+    }
+
+    /// Which pages of `a` (pages `w0..w0+wn` of it) the dump saves: for private
+    /// anonymous and private file areas, those present or swapped and not file-backed;
+    /// for deleted files and shared memory, all; for shared files and the vDSO, none.
+    pub fn saveable(
+        &self,
+        a: &MapArea,
+        kind: &AreaKind,
+        w0: u64,
+        wn: u64,
+    ) -> Result<Vec<bool>, DumpError> {
+        let page = sys::page_size();
+        Ok(match kind {
+            AreaKind::Vvar | AreaKind::VvarVclock | AreaKind::Vdso => vec![false; wn as usize],
+            AreaKind::File { .. } if a.shared => vec![false; wn as usize],
+            AreaKind::SharedMem { .. } | AreaKind::DeletedFile { .. } | AreaKind::Memfd { .. } => {
+                vec![true; wn as usize]
+            }
+            AreaKind::Anon | AreaKind::File { .. } => {
+                let mut raw = vec![0u8; wn as usize * 8];
+                self.pagemap
+                    .read_exact_at(&mut raw, (a.start / page + w0) * 8)
+                    .map_err(|source| DumpError::Proc {
+                        path: self.pm_path.clone(),
+                        source,
+                    })?;
+                raw.chunks_exact(8)
+                    .map(|e| {
+                        let v = u64::from_ne_bytes(e.try_into().unwrap());
+                        v & (PM_PRESENT | PM_SWAP) != 0 && v & PM_FILE == 0
+                    })
+                    .collect()
+            }
+        })
+    }
+
+    /// Appends `len` bytes of the process's memory at `addr` to `pw`, in big reads;
+    /// returns the offset in pages.img where they start.
+    pub fn copy_run(&mut self, addr: u64, len: u64, pw: &mut PageWriter) -> Result<u64, DumpError> {
+        let pid = self.pid;
+        let off = pw.offset();
+        let mut done = 0u64;
+        while done < len {
+            let n = ((len - done) as usize).min(self.buf.len());
+            let at = addr + done;
+            let chunk = &mut self.buf[..n];
+            let ok = matches!(sys::vm_read(pid, at, chunk), Ok(got) if got == n);
+            if !ok {
+                // Unreadable protections (PROT_NONE etc.): /proc/PID/mem reads with force.
+                self.mem
+                    .read_exact_at(chunk, at)
+                    .map_err(|e| DumpError::Memory {
+                        pid,
+                        addr: at,
+                        len: n,
+                        errno: nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
+                    })?;
+            }
+            pw.write(chunk)?;
+            done += n as u64;
+        }
+        Ok(off)
+    }
+
+    /// Reads `/proc/PID/mem` at `addr` into `buf` (for what process_vm_readv refuses).
+    pub fn read_forced(&self, addr: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.mem.read_exact_at(buf, addr)
+    }
+
+    /// Saves the pages of `a` the dump saves (see [`saveable`](Self::saveable));
+    /// returns its runs `(address, pages, offset)`.
+    pub fn save_area(
+        &mut self,
+        a: &MapArea,
+        kind: &AreaKind,
+        pw: &mut PageWriter,
+    ) -> Result<Vec<(u64, u64, u64)>, DumpError> {
+        let page = sys::page_size();
         let npages = a.len() / page;
         let mut runs = Vec::new();
-        // A window at a time, so that huge sparse reservations cost little memory.
-        const WINDOW: u64 = 1 << 18;
         let mut w0 = 0u64;
         while w0 < npages {
             let wn = WINDOW.min(npages - w0);
-            let wanted: Vec<bool> = match &kind {
-                AreaKind::Vvar | AreaKind::VvarVclock | AreaKind::Vdso => vec![false; wn as usize],
-                AreaKind::File { .. } if a.shared => vec![false; wn as usize],
-                AreaKind::SharedMem { .. }
-                | AreaKind::DeletedFile { .. }
-                | AreaKind::Memfd { .. } => {
-                    vec![true; wn as usize]
-                }
-                AreaKind::Anon | AreaKind::File { .. } => {
-                    let mut raw = vec![0u8; wn as usize * 8];
-                    pagemap
-                        .read_exact_at(&mut raw, (a.start / page + w0) * 8)
-                        .map_err(|source| DumpError::Proc {
-                            path: pm_path.clone(),
-                            source,
-                        })?;
-                    raw.chunks_exact(8)
-                        .map(|e| {
-                            let v = u64::from_ne_bytes(e.try_into().unwrap());
-                            v & (PM_PRESENT | PM_SWAP) != 0 && v & PM_FILE == 0
-                        })
-                        .collect()
-                }
-            };
-            let mut i = 0usize;
-            while i < wanted.len() {
-                if !wanted[i] {
-                    i += 1;
-                    continue;
-                }
-                let s = i;
-                while i < wanted.len() && wanted[i] {
-                    i += 1;
-                }
+            let wanted = self.saveable(a, kind, w0, wn)?;
+            for (s, e) in true_runs(&wanted) {
                 let addr = a.start + (w0 + s as u64) * page;
-                let len = (i - s) as u64 * page;
-                let off = pw.offset();
-                let mut done = 0u64;
-                while done < len {
-                    let n = ((len - done) as usize).min(buf.len());
-                    let at = addr + done;
-                    let chunk = &mut buf[..n];
-                    let ok = matches!(sys::vm_read(pid, at, chunk), Ok(got) if got == n);
-                    if !ok {
-                        // Unreadable protections (PROT_NONE etc.): /proc/PID/mem reads with force.
-                        mem.read_exact_at(chunk, at)
-                            .map_err(|e| DumpError::Memory {
-                                pid,
-                                addr: at,
-                                len: n,
-                                errno: nix::errno::Errno::from_raw(
-                                    e.raw_os_error().unwrap_or(libc::EIO),
-                                ),
-                            })?;
-                    }
-                    pw.write(chunk)?;
-                    done += n as u64;
-                }
-                runs.push((addr, (i - s) as u64, off));
+                let off = self.copy_run(addr, (e - s) as u64 * page, pw)?;
+                runs.push((addr, (e - s) as u64, off));
             }
             w0 += wn;
         }
-        let madv = a
-            .vmflags
-            .iter()
-            .filter(|f| matches!(f.as_str(), "dc" | "dd" | "wf" | "hg" | "nh" | "lo"))
-            .cloned()
-            .collect();
-        out.push(Area {
-            start: a.start,
-            end: a.end,
-            prot: a.prot,
-            shared: a.shared,
-            offset: a.offset,
-            growsdown: a.has_flag("gd"),
-            name: a.name.clone(),
-            kind,
-            madv,
-            runs,
-        });
+        Ok(runs)
     }
-    Ok(out)
+}
+
+/// The maximal runs `[s, e)` of `true` in `v`.
+pub(crate) fn true_runs(v: &[bool]) -> Vec<(usize, usize)> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < v.len() {
+        if !v[i] {
+            i += 1;
+            continue;
+        }
+        let s = i;
+        while i < v.len() && v[i] {
+            i += 1;
+        }
+        out.push((s, i));
+    }
+    out
+}
+
+/// The image's record of area `a` with its saved `runs`.
+pub(crate) fn area_record(a: &MapArea, kind: AreaKind, runs: Vec<(u64, u64, u64)>) -> Area {
+    let madv = a
+        .vmflags
+        .iter()
+        .filter(|f| matches!(f.as_str(), "dc" | "dd" | "wf" | "hg" | "nh" | "lo"))
+        .cloned()
+        .collect();
+    Area {
+        start: a.start,
+        end: a.end,
+        prot: a.prot,
+        shared: a.shared,
+        offset: a.offset,
+        growsdown: a.has_flag("gd"),
+        name: a.name.clone(),
+        kind,
+        madv,
+        runs,
+    }
 }
 
 fn dump_fds(pid: i32, pw: &mut PageWriter) -> Result<Vec<FdImage>, DumpError> {

@@ -11,6 +11,7 @@ use super::freeze::{FreezeError, Frozen};
 use super::image;
 use super::inject::{InjectError, Injector, GADGET};
 use super::maps::parse_smaps;
+use super::track::{self, PrecopyOptions, RoundReport, Tracker};
 use crate::sys;
 use std::path::Path;
 use std::time::Instant;
@@ -58,6 +59,31 @@ pub fn dump_frozen(pid: i32, images: &Path) -> Result<Held, DumpError> {
         frozen,
         page_bytes: manifest.pages_len,
         dump_ms: t0.elapsed().as_secs_f64() * 1e3,
+        comm: manifest.comm,
+    })
+}
+
+/// Like [`dump_frozen`], but pre-copy: the pages are written in rounds while the
+/// process runs (see `engine::track`), then it is frozen and the rest is written.
+/// `progress` sees each round and, last, the freeze (whose `ms` is the time from the
+/// freeze to the manifest written, the same figure as [`Held::dump_ms`]). On error the
+/// process runs on as it was (a refusal comes before anything is injected); on
+/// success it is held frozen, with nothing of the tracking left in it.
+pub fn dump_frozen_precopy(
+    pid: i32,
+    images: &Path,
+    opts: &PrecopyOptions,
+    mut progress: impl FnMut(&RoundReport),
+) -> Result<Held, DumpError> {
+    let _span = tracing::info_span!("dump_frozen_precopy", pid).entered();
+    let mut tracker = Tracker::start(pid, images)?;
+    track::run_rounds(&mut tracker, opts, &mut progress)?;
+    let (frozen, manifest, report) = tracker.freeze_and_finish()?;
+    progress(&report);
+    Ok(Held {
+        frozen,
+        page_bytes: manifest.pages_len,
+        dump_ms: report.ms,
         comm: manifest.comm,
     })
 }

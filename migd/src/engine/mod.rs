@@ -12,3 +12,4 @@ pub mod maps;
 pub mod procfs;
 pub mod regs;
 pub mod restore;
+pub mod track;

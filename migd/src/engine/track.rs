@@ -1,0 +1,775 @@
+//! Pre-copy dumps: the pages of a RUNNING process are written to the image in rounds,
+//! each round only those written since the previous one, so that the final freeze
+//! has little left to write.
+//!
+//! Dirty tracking without soft-dirty bits: a userfaultfd is created inside the target
+//! (injected `userfaultfd(2)`, taken with pidfd_getfd, closed in the target again) in
+//! asynchronous write-protect mode (`UFFD_FEATURE_WP_ASYNC|WP_UNPOPULATED`); its
+//! private writable areas are registered in `MODE_WP` from outside. The kernel then
+//! resolves write faults by itself, only clearing the page's write-protect bit, and
+//! `PAGEMAP_SCAN` on `/proc/PID/pagemap` reports the pages written since the last scan
+//! and write-protects them again in the same walk (`PM_SCAN_WP_MATCHING`).
+//!
+//! The result is an ordinary version-1 image: the manifest's runs point at the latest
+//! copy of each page; `pages.img` may also hold older copies that no run points to.
+//!
+//! What is not seen: memory the kernel writes through pages pinned before a round
+//! (io_uring fixed buffers, asynchronous direct I/O in flight) does not fault, so
+//! such writes are not tracked, as with soft-dirty bits.
+
+use super::dump::{
+    area_kind, area_record, collect_into, precheck, read_proc, true_runs, with_gadget, DumpError,
+    MemSource, WINDOW,
+};
+use super::freeze::{FreezeError, Frozen};
+use super::image::{self, Area, AreaKind, Manifest, PageWriter};
+use super::inject::InjectError;
+use super::maps::{parse_smaps, MapArea};
+use super::procfs;
+use crate::sys::{self, kabi, uffd::Uffd};
+use nix::errno::Errno;
+use std::collections::BTreeMap;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// When to stop the rounds and freeze.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PrecopyOptions {
+    /// Rounds while the process runs, the first (everything) included; at least 1.
+    pub max_rounds: u32,
+    /// Freeze once a round (after the first) wrote at most this many bytes: the pages
+    /// written during so short a round are few as well.
+    pub stop_below_bytes: u64,
+    /// Freeze once a round wrote more than this fraction of the previous round's
+    /// bytes: the dirty set no longer shrinks, more rounds would not help.
+    pub min_shrink: f64,
+}
+
+impl Default for PrecopyOptions {
+    fn default() -> Self {
+        PrecopyOptions {
+            max_rounds: 10,
+            stop_below_bytes: 4 << 20,
+            min_shrink: 0.8,
+        }
+    }
+}
+
+/// One round of a pre-copy dump, or (`frozen`) its final freeze.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct RoundReport {
+    /// 1 for the first round; the final freeze comes after the last round.
+    pub round: u32,
+    /// The final freeze: the process was frozen for `ms`.
+    pub frozen: bool,
+    /// Pages written to pages.img in this round.
+    pub pages: u64,
+    pub bytes: u64,
+    /// Final freeze only: pages saved in an earlier round and not written since.
+    pub reused_pages: u64,
+    /// Tracked areas saved in full at the freeze because their tracking was lost
+    /// (mapped or remapped during the rounds); final freeze only.
+    pub untracked_areas: usize,
+    pub ms: f64,
+}
+
+/// Where the latest copy of each saved page is in pages.img: extents of pages saved
+/// together, `start -> (end, offset of start)`, non-overlapping; a later copy
+/// replaces an earlier one page by page.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub(crate) struct OffsetMap {
+    ext: BTreeMap<u64, (u64, u64)>,
+}
+
+impl OffsetMap {
+    /// Forgets the pages in `[start, end)`.
+    pub fn remove(&mut self, start: u64, end: u64) {
+        let hit: Vec<(u64, u64, u64)> = self
+            .ext
+            .range(..end)
+            .rev()
+            .take_while(|(_, &(e, _))| e > start)
+            .map(|(&s, &(e, o))| (s, e, o))
+            .collect();
+        for (s, e, o) in hit {
+            self.ext.remove(&s);
+            if s < start {
+                self.ext.insert(s, (start, o));
+            }
+            if e > end {
+                self.ext.insert(end, (e, o + (end - s)));
+            }
+        }
+    }
+
+    /// Records that `[start, end)` was saved at `off` (replacing older copies).
+    pub fn insert(&mut self, start: u64, end: u64, off: u64) {
+        if start >= end {
+            return;
+        }
+        self.remove(start, end);
+        let (mut s, mut e, mut o) = (start, end, off);
+        if let Some((&ps, &(pe, po))) = self.ext.range(..s).next_back() {
+            if pe == s && po + (s - ps) == o {
+                self.ext.remove(&ps);
+                (s, o) = (ps, po);
+            }
+        }
+        if let Some(&(ne, no)) = self.ext.get(&e) {
+            if no == o + (e - s) {
+                self.ext.remove(&e);
+                e = ne;
+            }
+        }
+        self.ext.insert(s, (e, o));
+    }
+
+    /// The offset of the page at `addr`, if saved.
+    pub fn get(&self, addr: u64) -> Option<u64> {
+        let (&s, &(e, o)) = self.ext.range(..=addr).next_back()?;
+        (addr < e).then(|| o + (addr - s))
+    }
+
+    /// The saved pieces of `[start, end)`, in address order, clipped to it:
+    /// `(start, end, offset)`.
+    pub fn pieces(&self, start: u64, end: u64) -> Vec<(u64, u64, u64)> {
+        let first = self
+            .ext
+            .range(..=start)
+            .next_back()
+            .map(|(&s, _)| s)
+            .unwrap_or(start);
+        self.ext
+            .range(first..end)
+            .filter(|(_, &(e, _))| e > start)
+            .map(|(&s, &(e, o))| {
+                let cs = s.max(start);
+                (cs, e.min(end), o + (cs - s))
+            })
+            .collect()
+    }
+}
+
+/// An area's saved pages: `(first address, page count, offset in pages.img)`.
+type Runs = Vec<(u64, u64, u64)>;
+
+/// Runs `(address, pages, offset)` from pieces, joining those that continue each
+/// other both in memory and in pages.img.
+fn to_runs(pieces: &[(u64, u64, u64)], page: u64) -> Vec<(u64, u64, u64)> {
+    let mut out: Vec<(u64, u64, u64)> = Vec::new();
+    for &(s, e, o) in pieces {
+        if let Some(last) = out.last_mut() {
+            if last.0 + last.1 * page == s && last.2 + last.1 * page == o {
+                last.1 += (e - s) / page;
+                continue;
+            }
+        }
+        out.push((s, (e - s) / page, o));
+    }
+    out
+}
+
+/// A running process whose writes are being tracked, and the image being written.
+/// Dropping it (without [`freeze_and_finish`](Self::freeze_and_finish)) closes the
+/// userfaultfd, which unregisters every area and clears every write-protect bit
+/// (the kernel does so when the last reference goes): the process runs on as it
+/// was. The unfinished pages.img is removed.
+pub struct Tracker {
+    pid: i32,
+    images: PathBuf,
+    uffd: Option<Uffd>,
+    /// The areas registered at the start.
+    ranges: Vec<(u64, u64)>,
+    src: MemSource,
+    pw: Option<PageWriter>,
+    map: OffsetMap,
+    rounds: u32,
+    finished: bool,
+}
+
+fn other(pid: i32, what: impl Into<String>) -> DumpError {
+    DumpError::Other {
+        pid,
+        what: what.into(),
+    }
+}
+
+/// Areas whose writes are tracked: private writable memory the dump saves pages of
+/// (anonymous, heap, stack, private file mappings). Others are saved in full at the
+/// freeze.
+fn trackable(a: &MapArea, kind: &AreaKind) -> bool {
+    !a.shared
+        && a.prot & libc::PROT_WRITE != 0
+        && matches!(kind, AreaKind::Anon | AreaKind::File { .. })
+}
+
+/// Page categories for PAGEMAP_SCAN: populated (present or swapped) and not a file
+/// page, i.e. the pages the dump saves of a private area.
+const SAVED_ANYOF: u64 = kabi::PAGE_IS_PRESENT | kabi::PAGE_IS_SWAPPED;
+const SAVED_NOT: u64 = kabi::PAGE_IS_FILE;
+
+impl Tracker {
+    /// Starts tracking the writes of `pid` and opens the image in `images` (its
+    /// pages.img is rewritten; a manifest already there is removed, so that no
+    /// half-written image reads as whole). The process is frozen briefly: refusals
+    /// (see `dump::precheck`) come before anything is injected.
+    pub fn start(pid: i32, images: &Path) -> Result<Tracker, DumpError> {
+        let _span = tracing::info_span!("precopy_start", pid).entered();
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            return Err(FreezeError::NoProcess { pid }.into());
+        }
+        precheck(pid)?;
+        std::fs::create_dir_all(images).map_err(|source| DumpError::Proc {
+            path: images.display().to_string(),
+            source,
+        })?;
+        let manifest = images.join(image::MANIFEST_FILE);
+        match std::fs::remove_file(&manifest) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(DumpError::Proc {
+                    path: manifest.display().to_string(),
+                    source: e,
+                })
+            }
+            _ => {}
+        }
+        let frozen = Frozen::freeze(pid)?;
+        precheck(pid)?;
+        let smaps = parse_smaps(&read_proc(format!("/proc/{pid}/smaps"))?)
+            .map_err(|e| other(pid, e.to_string()))?;
+        let uffd = inject_userfaultfd(pid, &frozen, &smaps)?;
+        let want = kabi::UFFD_FEATURE_WP_ASYNC | kabi::UFFD_FEATURE_WP_UNPOPULATED;
+        let got = uffd
+            .api(want)
+            .map_err(|e| other(pid, format!("UFFDIO_API(WP_ASYNC|WP_UNPOPULATED): {e}")))?;
+        if got & want != want {
+            return Err(other(
+                pid,
+                format!(
+                    "the kernel does not offer asynchronous write-protect tracking \
+                     (features {got:#x}); pre-copy needs Linux 6.7+; dump without --precopy"
+                ),
+            ));
+        }
+        // Registered while the process is frozen, so that the layout is the one read.
+        // No UFFDIO_WRITEPROTECT here: the first round's scan write-protects the
+        // populated pages as it reports them, and leaving empty page tables alone
+        // keeps huge sparse reservations cheap (no pte markers installed).
+        let mut ranges = Vec::new();
+        for a in &smaps {
+            let Some(kind) = area_kind(pid, a)? else {
+                continue;
+            };
+            if !trackable(a, &kind) {
+                continue;
+            }
+            match uffd.register(a.start, a.len(), kabi::UFFDIO_REGISTER_MODE_WP) {
+                Ok(_) => ranges.push((a.start, a.end)),
+                Err(e) => tracing::debug!(
+                    "not tracking {:#x}-{:#x} {}: UFFDIO_REGISTER: {e}",
+                    a.start,
+                    a.end,
+                    a.name
+                ),
+            }
+        }
+        let src = MemSource::open(pid)?;
+        let pw = PageWriter::create(images)?;
+        frozen.thaw();
+        tracing::info!(areas = ranges.len(), "tracking writes");
+        Ok(Tracker {
+            pid,
+            images: images.to_path_buf(),
+            uffd: Some(uffd),
+            ranges,
+            src,
+            pw: Some(pw),
+            map: OffsetMap::default(),
+            rounds: 0,
+            finished: false,
+        })
+    }
+
+    /// The pid being tracked.
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// PAGEMAP_SCAN over `[start, end)`; the regions found, adjacent ones joined.
+    fn scan(
+        &self,
+        start: u64,
+        end: u64,
+        flags: u64,
+        required: u64,
+        inverted: u64,
+        anyof: u64,
+    ) -> Result<Vec<(u64, u64)>, Errno> {
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        let mut v = Vec::new();
+        let mut at = start;
+        while at < end {
+            v.clear();
+            let walked = sys::uffd::pagemap_scan(
+                self.src.pagemap.as_raw_fd(),
+                at,
+                end,
+                flags,
+                required,
+                inverted,
+                anyof,
+                0,
+                &mut v,
+            )?;
+            for r in &v {
+                match out.last_mut() {
+                    Some(last) if last.1 == r.start => last.1 = r.end,
+                    _ => out.push((r.start, r.end)),
+                }
+            }
+            if walked <= at {
+                return Err(Errno::EIO);
+            }
+            at = walked;
+        }
+        Ok(out)
+    }
+
+    /// One round while the process runs: the first writes every populated page of
+    /// the tracked areas, later ones the pages written since the previous round.
+    pub fn round(&mut self) -> Result<RoundReport, DumpError> {
+        let t0 = Instant::now();
+        self.rounds += 1;
+        let pid = self.pid;
+        let required = if self.rounds == 1 {
+            0
+        } else {
+            kabi::PAGE_IS_WRITTEN
+        };
+        let mut regions = Vec::new();
+        for &(start, end) in &self.ranges {
+            // No PM_SCAN_CHECK_WPASYNC: areas mapped over a tracked one since the
+            // start are not tracked and are skipped silently (saved at the freeze).
+            let found = self
+                .scan(
+                    start,
+                    end,
+                    kabi::PM_SCAN_WP_MATCHING,
+                    required,
+                    SAVED_NOT,
+                    SAVED_ANYOF,
+                )
+                .map_err(|e| {
+                    other(
+                        pid,
+                        format!(
+                            "PAGEMAP_SCAN of {start:#x}-{end:#x} (round {}): {e}",
+                            self.rounds
+                        ),
+                    )
+                })?;
+            regions.extend(found);
+        }
+        let mut pw = self
+            .pw
+            .take()
+            .ok_or_else(|| other(pid, "page writer gone"))?;
+        let copied = self.copy_regions(&regions, false, &mut pw);
+        self.pw = Some(pw);
+        let bytes = copied?;
+        // Push this round's pages to the disk now, while the process runs, so that
+        // the final fsync (in the freeze) has only the freeze's own pages to write.
+        let path = self.images.join(image::PAGES_FILE);
+        std::fs::File::open(&path)
+            .and_then(|f| f.sync_data())
+            .map_err(|source| DumpError::Proc {
+                path: path.display().to_string(),
+                source,
+            })?;
+        Ok(RoundReport {
+            round: self.rounds,
+            frozen: false,
+            pages: bytes / sys::page_size(),
+            bytes,
+            ms: t0.elapsed().as_secs_f64() * 1e3,
+            ..RoundReport::default()
+        })
+    }
+
+    /// Copies `regions` to pages.img in gathered reads of up to 8 MiB (one
+    /// process_vm_readv for many scattered pages) and records where each went.
+    /// A region that cannot be read is forgotten (its older copy must not be used);
+    /// with `strict` (the process is frozen) it is an error instead.
+    fn copy_regions(
+        &mut self,
+        regions: &[(u64, u64)],
+        strict: bool,
+        pw: &mut PageWriter,
+    ) -> Result<u64, DumpError> {
+        const BATCH: u64 = 8 << 20;
+        const IOV: usize = 512;
+        let pid = self.pid;
+        {
+            // Pieces of at most BATCH bytes.
+            let mut pieces = Vec::new();
+            for &(s, e) in regions {
+                let mut a = s;
+                while a < e {
+                    let n = (e - a).min(BATCH);
+                    pieces.push((a, n));
+                    a += n;
+                }
+            }
+            let mut buf = vec![0u8; BATCH as usize];
+            let mut written = 0u64;
+            let mut i = 0;
+            while i < pieces.len() {
+                let mut j = i;
+                let mut total = 0u64;
+                while j < pieces.len() && j - i < IOV && total + pieces[j].1 <= BATCH {
+                    total += pieces[j].1;
+                    j += 1;
+                }
+                let batch = &pieces[i..j];
+                let remote: Vec<nix::sys::uio::RemoteIoVec> = batch
+                    .iter()
+                    .map(|&(a, n)| nix::sys::uio::RemoteIoVec {
+                        base: a as usize,
+                        len: n as usize,
+                    })
+                    .collect();
+                let got = {
+                    let mut local = [std::io::IoSliceMut::new(&mut buf[..total as usize])];
+                    nix::sys::uio::process_vm_readv(
+                        nix::unistd::Pid::from_raw(pid),
+                        &mut local,
+                        &remote,
+                    )
+                    .unwrap_or(0) as u64
+                };
+                // Which pieces are in `buf`: those read whole; the rest one by one.
+                let mut ok = vec![false; batch.len()];
+                let mut at = 0u64;
+                for (k, &(a, n)) in batch.iter().enumerate() {
+                    let slot = &mut buf[at as usize..(at + n) as usize];
+                    ok[k] = at + n <= got
+                        || matches!(sys::vm_read(pid, a, slot), Ok(r) if r as u64 == n)
+                        || self.src.read_forced(a, slot).is_ok();
+                    if !ok[k] && strict {
+                        return Err(DumpError::Memory {
+                            pid,
+                            addr: a,
+                            len: n as usize,
+                            errno: Errno::EFAULT,
+                        });
+                    }
+                    at += n;
+                }
+                let mut at = 0u64;
+                for (k, &(a, n)) in batch.iter().enumerate() {
+                    if ok[k] {
+                        let off = pw.write(&buf[at as usize..(at + n) as usize])?;
+                        self.map.insert(a, a + n, off);
+                        written += n;
+                    } else {
+                        tracing::debug!("{a:#x} ({n} bytes) unreadable in this round");
+                        self.map.remove(a, a + n);
+                    }
+                    at += n;
+                }
+                i = j;
+            }
+            Ok(written)
+        }
+    }
+
+    /// Freezes the process and completes the image: the pages written since the last
+    /// round, areas that lost their tracking in full, then everything else as
+    /// `dump::collect` does; writes the manifest. Returns the frozen process, the
+    /// manifest and the freeze's report (`ms`: from the freeze to the manifest
+    /// written). The userfaultfd is closed before returning. On error the process
+    /// thaws and runs on as it was.
+    pub fn freeze_and_finish(mut self) -> Result<(Frozen, Manifest, RoundReport), DumpError> {
+        let pid = self.pid;
+        let was_stopped = read_proc(format!("/proc/{pid}/status"))
+            .map(|s| procfs::status_field(&s, "State").is_some_and(|v| v.starts_with('T')))
+            .unwrap_or(false);
+        let frozen = Frozen::freeze(pid)?;
+        let t0 = Instant::now();
+        precheck(pid)?;
+        let pw = self
+            .pw
+            .take()
+            .ok_or_else(|| other(pid, "page writer gone"))?;
+        let mut report = RoundReport {
+            round: self.rounds + 1,
+            frozen: true,
+            ..RoundReport::default()
+        };
+        let mut manifest = collect_into(pid, &frozen, pw, &mut |smaps, pw| {
+            self.final_memory(smaps, pw, &mut report)
+        })?;
+        manifest.stopped = was_stopped;
+        image::write_manifest(&self.images, &manifest)?;
+        report.ms = t0.elapsed().as_secs_f64() * 1e3;
+        self.finished = true;
+        // Closing the last reference unregisters every area (fs/userfaultfd.c,
+        // userfaultfd_release), so a thawed process carries nothing of the tracking.
+        drop(self.uffd.take());
+        Ok((frozen, manifest, report))
+    }
+
+    /// The memory step of the final freeze.
+    fn final_memory(
+        &mut self,
+        smaps: &[MapArea],
+        pw: &mut PageWriter,
+        report: &mut RoundReport,
+    ) -> Result<Vec<Area>, DumpError> {
+        let pid = self.pid;
+        let mut out = Vec::new();
+        for a in smaps {
+            let Some(kind) = area_kind(pid, a)? else {
+                continue;
+            };
+            // `uw`: still registered in write-protect mode. Only ours can be: a
+            // process holding a userfaultfd is refused by precheck.
+            let tracked = trackable(a, &kind)
+                && a.has_flag("uw")
+                && self.ranges.iter().any(|&(s, e)| s < a.end && a.start < e);
+            let runs = match tracked {
+                true => match self.final_tracked(a, &kind, pw, report)? {
+                    Some(r) => r,
+                    None => {
+                        report.untracked_areas += 1;
+                        self.save_full(a, &kind, pw, report)?
+                    }
+                },
+                false => {
+                    if trackable(a, &kind) {
+                        report.untracked_areas += 1;
+                    }
+                    self.save_full(a, &kind, pw, report)?
+                }
+            };
+            out.push(area_record(a, kind, runs));
+        }
+        Ok(out)
+    }
+
+    fn save_full(
+        &mut self,
+        a: &MapArea,
+        kind: &AreaKind,
+        pw: &mut PageWriter,
+        report: &mut RoundReport,
+    ) -> Result<Vec<(u64, u64, u64)>, DumpError> {
+        let runs = self.src.save_area(a, kind, pw)?;
+        let pages: u64 = runs.iter().map(|r| r.1).sum();
+        report.pages += pages;
+        report.bytes += pages * sys::page_size();
+        Ok(runs)
+    }
+
+    /// Runs of a tracked area at the freeze: the pages the dump saves (pagemap, as
+    /// `collect` reads it); those saved in a round and not written since keep their
+    /// copy, the others are written now. `None` if the area turns out not to be
+    /// tracked after all (then it is saved in full).
+    fn final_tracked(
+        &mut self,
+        a: &MapArea,
+        kind: &AreaKind,
+        pw: &mut PageWriter,
+        report: &mut RoundReport,
+    ) -> Result<Option<Runs>, DumpError> {
+        let pid = self.pid;
+        let page = sys::page_size();
+        let dirty = match self.scan(
+            a.start,
+            a.end,
+            kabi::PM_SCAN_CHECK_WPASYNC,
+            kabi::PAGE_IS_WRITTEN,
+            0,
+            0,
+        ) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(
+                    "{:#x}-{:#x} {}: final PAGEMAP_SCAN: {e}; saving it in full",
+                    a.start,
+                    a.end,
+                    a.name
+                );
+                return Ok(None);
+            }
+        };
+        let mut di = 0usize;
+        let npages = a.len() / page;
+        let mut wanted_runs = Vec::new();
+        let mut to_save: Vec<(u64, u64)> = Vec::new();
+        let mut w0 = 0u64;
+        while w0 < npages {
+            let wn = WINDOW.min(npages - w0);
+            let wanted = self.src.saveable(a, kind, w0, wn)?;
+            for (s, e) in true_runs(&wanted) {
+                let rs = a.start + (w0 + s as u64) * page;
+                let re = a.start + (w0 + e as u64) * page;
+                wanted_runs.push((rs, re));
+                let mut p = rs;
+                while p < re {
+                    while di < dirty.len() && dirty[di].1 <= p {
+                        di += 1;
+                    }
+                    let is_dirty = di < dirty.len() && dirty[di].0 <= p;
+                    if is_dirty || self.map.get(p).is_none() {
+                        match to_save.last_mut() {
+                            Some(last) if last.1 == p => last.1 = p + page,
+                            _ => to_save.push((p, p + page)),
+                        }
+                    } else {
+                        report.reused_pages += 1;
+                    }
+                    p += page;
+                }
+            }
+            w0 += wn;
+        }
+        let bytes = self.copy_regions(&to_save, true, pw)?;
+        report.bytes += bytes;
+        report.pages += bytes / page;
+        let mut pieces = Vec::new();
+        for &(s, e) in &wanted_runs {
+            let got = self.map.pieces(s, e);
+            let covered: u64 = got.iter().map(|p| p.1 - p.0).sum();
+            if covered != e - s {
+                return Err(other(
+                    pid,
+                    format!("pre-copy: pages of {s:#x}-{e:#x} have no saved copy (engine bug)"),
+                ));
+            }
+            pieces.extend(got);
+        }
+        Ok(Some(to_runs(&pieces, page)))
+    }
+}
+
+impl Drop for Tracker {
+    fn drop(&mut self) {
+        // The userfaultfd closes with the struct (see the type's documentation).
+        if !self.finished {
+            let _ = std::fs::remove_file(self.images.join(image::PAGES_FILE));
+        }
+    }
+}
+
+/// Creates a userfaultfd inside the frozen process, takes it with pidfd_getfd and
+/// closes the target's descriptor again.
+fn inject_userfaultfd(pid: i32, frozen: &Frozen, smaps: &[MapArea]) -> Result<Uffd, DumpError> {
+    with_gadget(pid, frozen, smaps, |inj| {
+        let leader = &frozen.threads[0];
+        let flags = (libc::O_CLOEXEC | libc::O_NONBLOCK) as u64;
+        let what = || "userfaultfd(O_CLOEXEC|O_NONBLOCK)".to_string();
+        let fd = match inj.ok(leader, kabi::SYS_USERFAULTFD, &[flags], what) {
+            // Without CAP_SYS_PTRACE and with vm.unprivileged_userfaultfd = 0, only
+            // user-mode-only descriptors may be created. Asynchronous write-protect
+            // faults are resolved before that mode is looked at (mm/memory.c,
+            // do_wp_page), so kernel-mode writes are tracked all the same.
+            Err(InjectError::Failed {
+                errno: Errno::EPERM,
+                ..
+            }) => inj.ok(
+                leader,
+                kabi::SYS_USERFAULTFD,
+                &[flags | kabi::UFFD_USER_MODE_ONLY],
+                || "userfaultfd(O_CLOEXEC|O_NONBLOCK|UFFD_USER_MODE_ONLY)".into(),
+            )?,
+            r => r?,
+        };
+        let taken = sys::pidfd_open(pid).and_then(|p| sys::pidfd_getfd(p.as_raw_fd(), fd as i32));
+        let closed = inj.ok(leader, libc::SYS_close, &[fd as u64], || {
+            format!("close({fd}) (the injected userfaultfd)")
+        });
+        let ours =
+            taken.map_err(|e| other(pid, format!("pidfd_getfd of its userfaultfd {fd}: {e}")))?;
+        closed?;
+        Ok(Uffd::from_fd(ours))
+    })
+}
+
+/// Runs rounds on `t` until `opts` says to freeze, reporting each to `progress`.
+pub fn run_rounds(
+    t: &mut Tracker,
+    opts: &PrecopyOptions,
+    progress: &mut dyn FnMut(&RoundReport),
+) -> Result<(), DumpError> {
+    let mut prev: Option<u64> = None;
+    loop {
+        let r = t.round()?;
+        tracing::info!(
+            round = r.round,
+            bytes = r.bytes,
+            ms = r.ms,
+            "pre-copy round"
+        );
+        progress(&r);
+        if r.round >= opts.max_rounds.max(1) {
+            return Ok(());
+        }
+        if r.round > 1 {
+            if r.bytes <= opts.stop_below_bytes {
+                return Ok(());
+            }
+            if prev.is_some_and(|p| r.bytes as f64 > p as f64 * opts.min_shrink) {
+                return Ok(());
+            }
+        }
+        prev = Some(r.bytes);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const P: u64 = 4096;
+
+    #[test]
+    fn later_copies_replace_earlier_ones_page_by_page() {
+        let mut m = OffsetMap::default();
+        m.insert(0, 10 * P, 0);
+        m.insert(3 * P, 5 * P, 100 * P);
+        assert_eq!(m.get(2 * P), Some(2 * P));
+        assert_eq!(m.get(3 * P), Some(100 * P));
+        assert_eq!(m.get(4 * P), Some(101 * P));
+        assert_eq!(m.get(5 * P), Some(5 * P));
+        assert_eq!(m.get(10 * P), None);
+        assert_eq!(
+            m.pieces(P, 9 * P),
+            vec![
+                (P, 3 * P, P),
+                (3 * P, 5 * P, 100 * P),
+                (5 * P, 9 * P, 5 * P)
+            ]
+        );
+        m.remove(4 * P, 6 * P);
+        assert_eq!(m.get(4 * P), None);
+        assert_eq!(m.get(5 * P), None);
+        assert_eq!(m.get(6 * P), Some(6 * P));
+        assert_eq!(m.get(3 * P), Some(100 * P));
+    }
+
+    #[test]
+    fn contiguous_copies_join_into_one_extent_and_one_run() {
+        let mut m = OffsetMap::default();
+        m.insert(0, 2 * P, 0);
+        m.insert(2 * P, 4 * P, 2 * P);
+        assert_eq!(m.ext.len(), 1, "{m:?}");
+        m.insert(6 * P, 7 * P, 4 * P);
+        let runs = to_runs(&m.pieces(0, 8 * P), P);
+        assert_eq!(runs, vec![(0, 4, 0), (6 * P, 1, 4 * P)]);
+        // Adjacent in memory but not in the file: two runs.
+        let runs = to_runs(&[(0, P, 0), (P, 2 * P, 5 * P)], P);
+        assert_eq!(runs, vec![(0, 1, 0), (P, 1, 5 * P)]);
+    }
+}
