@@ -33,6 +33,17 @@ pub enum Cmd {
         /// Print the summary as one JSON object.
         #[arg(long)]
         json: bool,
+        /// Pre-copy: write the pages in rounds while the process runs (each round
+        /// only those written since the previous one), then freeze briefly for the
+        /// rest. Prints one line per round.
+        #[arg(long)]
+        precopy: bool,
+        /// With --precopy: at most this many rounds before the freeze.
+        #[arg(long, default_value_t = 10, requires = "precopy")]
+        precopy_rounds: u32,
+        /// With --precopy: freeze once a round wrote at most this many bytes.
+        #[arg(long, default_value_t = 4 << 20, requires = "precopy")]
+        precopy_stop_below: u64,
     },
     /// Rebuild a process from an image and let it run.
     Restore {
@@ -82,6 +93,59 @@ pub fn run_dump_opts(
         r.page_bytes,
         r.frozen_ms,
         if r.left_running { "left running" } else { "killed" }
+    );
+    Ok(())
+}
+
+/// Runs `migd dump --precopy`: one line per round and one for the freeze, then the
+/// summary (with `json`, only one JSON object holding the rounds).
+pub fn run_dump_precopy(
+    pid: i32,
+    images: PathBuf,
+    leave_running: bool,
+    json: bool,
+    opts: &crate::engine::track::PrecopyOptions,
+) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut rounds = Vec::new();
+    let held = crate::engine::handoff::dump_frozen_precopy(pid, &images, opts, |r| {
+        if !json {
+            if r.frozen {
+                println!(
+                    "precopy freeze: {} pages ({} bytes) written, {} pages kept from earlier rounds, {} areas saved in full, frozen {:.1} ms",
+                    r.pages, r.bytes, r.reused_pages, r.untracked_areas, r.ms
+                );
+            } else {
+                println!(
+                    "precopy round {}: {} pages ({} bytes) written in {:.1} ms, process running",
+                    r.round, r.pages, r.bytes, r.ms
+                );
+            }
+            let _ = std::io::stdout().flush();
+        }
+        rounds.push(r.clone());
+    })?;
+    let (page_bytes, frozen_ms) = (held.page_bytes, held.dump_ms);
+    if leave_running {
+        held.thaw();
+    } else {
+        held.kill();
+    }
+    if json {
+        let v = serde_json::json!({
+            "pid": pid,
+            "rounds": rounds,
+            "page_bytes": page_bytes,
+            "frozen_ms": frozen_ms,
+            "left_running": leave_running,
+        });
+        println!("{v}");
+        return Ok(());
+    }
+    println!(
+        "dumped pid {pid} with pre-copy ({} rounds): {page_bytes} bytes in pages.img, frozen {frozen_ms:.1} ms; process {}",
+        rounds.len().saturating_sub(1),
+        if leave_running { "left running" } else { "killed" }
     );
     Ok(())
 }

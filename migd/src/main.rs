@@ -11,9 +11,23 @@ fn main() -> anyhow::Result<()> {
                 images,
                 leave_running,
                 json,
+                precopy,
+                precopy_rounds,
+                precopy_stop_below,
             }),
             _,
-        ) => migd::cli::run_dump_opts(pid, images, leave_running, json),
+        ) => {
+            if precopy {
+                let opts = migd::engine::track::PrecopyOptions {
+                    max_rounds: precopy_rounds,
+                    stop_below_bytes: precopy_stop_below,
+                    ..Default::default()
+                };
+                migd::cli::run_dump_precopy(pid, images, leave_running, json, &opts)
+            } else {
+                migd::cli::run_dump_opts(pid, images, leave_running, json)
+            }
+        }
         (
             Some(Cmd::Restore {
                 images,
