@@ -153,6 +153,9 @@ pub struct MigdConfig {
     /// Lazy: how long reading pages from the store may keep failing while the
     /// process waits on them; past it the process is killed and the loss reported.
     pub lazy_store_bound_secs: u64,
+    /// Lazy: cap on background prefetch from the store, in MiB/s (0: none). Faults
+    /// are always served at once.
+    pub lazy_prefetch_mib_per_sec: u64,
 }
 
 impl Default for MigdConfig {
@@ -164,6 +167,7 @@ impl Default for MigdConfig {
             precopy_max_rounds: 8,
             precopy_stop_below_bytes: 8 << 20,
             lazy_store_bound_secs: 60,
+            lazy_prefetch_mib_per_sec: 0,
         }
     }
 }
