@@ -2,7 +2,8 @@
 //! `main` calls.
 
 use crate::engine::dump::{dump, DumpOptions};
-use crate::engine::restore::{restore_inheriting, RestoreOptions};
+use crate::engine::restore::lazy::{LazyOptions, Pager, Progress};
+use crate::engine::restore::{restore_inheriting, restore_lazy, RestoreOptions, RestoreReport};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
@@ -60,7 +61,63 @@ pub enum Cmd {
         /// Print the summary as one JSON object (when the process runs).
         #[arg(long)]
         json: bool,
+        /// Let the process run at once and fault its private anonymous pages in
+        /// from pages.img (with read-ahead and background prefetch) while this
+        /// command serves them; with --detach, exit once every page is in.
+        #[arg(long)]
+        lazy: bool,
+        /// With --lazy: seconds to keep retrying a failing pages.img read before
+        /// killing the process and reporting the loss.
+        #[arg(long, default_value_t = 60, requires = "lazy")]
+        store_bound: u64,
+        /// With --lazy: start the background prefetch this many ms after the process
+        /// runs (tests use it so that the process meets missing pages).
+        #[arg(long, default_value_t = 0, hide = true, requires = "lazy")]
+        prefetch_delay_ms: u64,
+        /// With --lazy: no background prefetch; pages come in only on faults.
+        #[arg(long, hide = true, requires = "lazy")]
+        no_prefetch: bool,
+        /// With --lazy: bytes filled per fault (read-ahead).
+        #[arg(long, default_value_t = 1 << 20, hide = true, requires = "lazy")]
+        readahead: u64,
     },
+    /// Serve the missing pages of a lazily restored process again, after the
+    /// `migd restore --lazy` serving it died: the userfaultfd is taken back from the
+    /// process's pid-namespace stub.
+    #[command(hide = true)]
+    InternalLazyResume {
+        /// The stub's pid (`init stub` in `migd restore`'s first line).
+        #[arg(long)]
+        stub: i32,
+        /// The stub's fd number of the userfaultfd (`uffd_stub_fd`).
+        #[arg(long)]
+        fd: i32,
+        #[arg(long)]
+        images: PathBuf,
+        #[arg(long, default_value_t = 60)]
+        store_bound: u64,
+    },
+}
+
+/// `migd restore --lazy` settings (see [`Cmd::Restore`]).
+#[derive(Debug, Clone)]
+pub struct LazyArgs {
+    pub store_bound: u64,
+    pub prefetch_delay_ms: u64,
+    pub no_prefetch: bool,
+    pub readahead: u64,
+}
+
+impl LazyArgs {
+    pub fn options(&self) -> LazyOptions {
+        LazyOptions {
+            store_bound: std::time::Duration::from_secs(self.store_bound),
+            prefetch: !self.no_prefetch,
+            prefetch_delay: std::time::Duration::from_millis(self.prefetch_delay_ms),
+            readahead: self.readahead,
+            ..LazyOptions::default()
+        }
+    }
 }
 
 /// Runs `migd dump`; prints one summary line.
@@ -190,23 +247,139 @@ fn run_restore_with(
     inherit: &[(i32, String)],
     json: bool,
 ) -> anyhow::Result<i32> {
-    use std::io::Write;
     let (_, status) = restore_inheriting(&RestoreOptions { images, detach }, inherit, |r| {
         if !detach {
             // While we wait, signals meant for the process go to it.
             crate::sys::forward_signals_to(r.outer_pid);
         }
-        if json {
-            println!("{}", serde_json::to_string(r).unwrap_or_default());
-            let _ = std::io::stdout().flush();
-            return;
-        }
+        say_restored(r, json);
+    })?;
+    exit_code(status)
+}
+
+fn say_restored(r: &RestoreReport, json: bool) {
+    use std::io::Write;
+    if json {
+        println!("{}", serde_json::to_string(r).unwrap_or_default());
+    } else {
+        let lazy = match (r.lazy_bytes, r.uffd_stub_fd) {
+            (Some(b), Some(fd)) => format!("; lazy: {b} bytes to fault in, uffd {fd} in the stub"),
+            _ => String::new(),
+        };
         println!(
-            "restored pid {} (pid {} here, init stub {}): {} threads, {} areas, {} fds, {} bytes of pages, {:.1} ms",
+            "restored pid {} (pid {} here, init stub {}): {} threads, {} areas, {} fds, {} bytes of pages, {:.1} ms{lazy}",
             r.pid, r.outer_pid, r.stub_pid, r.threads, r.areas, r.fds, r.page_bytes, r.restore_ms
         );
-        let _ = std::io::stdout().flush();
-    })?;
+    }
+    let _ = std::io::stdout().flush();
+}
+
+/// The line printed when every page of a lazy restore is in.
+fn say_all_in(p: &Progress, total: u64, secs: f64, json: bool) {
+    use std::io::Write;
+    if json {
+        println!("{}", serde_json::to_string(p).unwrap_or_default());
+    } else {
+        println!(
+            "all pages in: {total} bytes in {:.1} ms ({:.0} MB/s); {} bytes by {} faults, {} bytes prefetched, {} zero pages",
+            secs * 1e3,
+            total as f64 / secs.max(1e-9) / 1e6,
+            p.faulted_bytes,
+            p.faults,
+            p.prefetched_bytes,
+            p.zero_pages
+        );
+    }
+    let _ = std::io::stdout().flush();
+}
+
+/// Runs `migd restore --lazy`: restores, serves the pages until all are in (saying
+/// so) while waiting for the process, and ends as it ends. With `detach`, returns
+/// once every page is in.
+pub fn run_restore_lazy(
+    images: PathBuf,
+    detach: bool,
+    inherit: &[(i32, String)],
+    json: bool,
+    lazy: &LazyArgs,
+) -> anyhow::Result<i32> {
+    let lr = restore_lazy(&RestoreOptions { images, detach }, &lazy.options(), inherit)?;
+    let r = lr.report;
+    let mut pager = lr.pager;
+    if !detach {
+        crate::sys::forward_signals_to(r.outer_pid);
+    }
+    say_restored(&r, json);
+    let total = r.lazy_bytes.unwrap_or(0);
+    let mut link = None;
+    let status = loop {
+        if !pager.done() {
+            let mut fds = pager.fds();
+            let link_fd = pager.link_mut().map(|l| l.raw_fd());
+            fds.extend(link_fd);
+            let wait = pager
+                .next_timeout()
+                .map_or(1000, |d| d.as_millis().min(1000) as i32);
+            let _ = crate::sys::uffd::poll_readable(&fds, wait);
+            if let Err(e) = pager.step(std::time::Duration::ZERO) {
+                // The process was killed: reap the stub, then report the loss.
+                let _ = crate::sys::wait_child(r.stub_pid);
+                return Err(e.into());
+            }
+            if let Some(st) = pager.link_mut().and_then(|l| l.try_status()) {
+                break Some(st);
+            }
+            if pager.done() {
+                let secs = pager.finished_after().unwrap_or_default().as_secs_f64();
+                say_all_in(pager.progress(), total, secs, json);
+                link = pager.take_link();
+                if detach {
+                    return Ok(0);
+                }
+            }
+        } else {
+            break link.as_mut().and_then(|l| l.wait_status());
+        }
+    };
+    let st = crate::sys::wait_child(r.stub_pid).unwrap_or(0);
+    if !pager.done() {
+        let p = pager.progress();
+        eprintln!(
+            "the process ended before all pages were in ({} bytes never needed)",
+            p.remaining_bytes
+        );
+    }
+    exit_code(Some(status.unwrap_or(st)))
+}
+
+/// `migd internal-lazy-resume`: serves a lazily restored process again, until every
+/// page is in or its stub ends.
+pub fn run_lazy_resume(
+    stub: i32,
+    fd: i32,
+    images: PathBuf,
+    store_bound: u64,
+) -> anyhow::Result<i32> {
+    let opts = LazyOptions {
+        store_bound: std::time::Duration::from_secs(store_bound),
+        ..LazyOptions::default()
+    };
+    let mut pager = Pager::resume(stub, fd, &images, &opts)?;
+    let t0 = std::time::Instant::now();
+    let total = pager.progress().remaining_bytes;
+    println!("serving pid namespace of stub {stub} again: up to {total} bytes to fill");
+    while !pager.done() {
+        pager.step(std::time::Duration::from_millis(100))?;
+        if crate::sys::kill(stub, 0).is_err() {
+            eprintln!("the stub {stub} ended before all pages were in");
+            return Ok(1);
+        }
+    }
+    say_all_in(pager.progress(), total, t0.elapsed().as_secs_f64(), false);
+    Ok(0)
+}
+
+fn exit_code(status: Option<i32>) -> anyhow::Result<i32> {
     match status {
         None => Ok(0),
         Some(st) if libc::WIFEXITED(st) => Ok(libc::WEXITSTATUS(st)),

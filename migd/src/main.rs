@@ -34,10 +34,37 @@ fn main() -> anyhow::Result<()> {
                 detach,
                 inherit_fd,
                 json,
+                lazy,
+                store_bound,
+                prefetch_delay_ms,
+                no_prefetch,
+                readahead,
             }),
             _,
         ) => {
-            let code = migd::cli::run_restore_full(images, detach, &inherit_fd, json)?;
+            let code = if lazy {
+                let l = migd::cli::LazyArgs {
+                    store_bound,
+                    prefetch_delay_ms,
+                    no_prefetch,
+                    readahead,
+                };
+                migd::cli::run_restore_lazy(images, detach, &inherit_fd, json, &l)?
+            } else {
+                migd::cli::run_restore_full(images, detach, &inherit_fd, json)?
+            };
+            std::process::exit(code)
+        }
+        (
+            Some(Cmd::InternalLazyResume {
+                stub,
+                fd,
+                images,
+                store_bound,
+            }),
+            _,
+        ) => {
+            let code = migd::cli::run_lazy_resume(stub, fd, images, store_bound)?;
             std::process::exit(code)
         }
         (None, Some(config)) => migd::cli::run_daemon(config),

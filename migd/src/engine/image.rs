@@ -327,6 +327,14 @@ pub fn write_manifest(dir: &Path, m: &Manifest) -> Result<(), ImageError> {
 
 /// Reads and checks the manifest, then checks every chunk of pages.img.
 pub fn read_image(dir: &Path) -> Result<Manifest, ImageError> {
+    let m = read_manifest(dir)?;
+    check_pages(dir, &m)?;
+    Ok(m)
+}
+
+/// Reads and checks the manifest only; pages.img is not read (a lazy restore checks
+/// each chunk's CRC-32C when it reads the chunk).
+pub fn read_manifest(dir: &Path) -> Result<Manifest, ImageError> {
     let path = dir.join(MANIFEST_FILE);
     let data = std::fs::read(&path).map_err(io_err(&path))?;
     let nl = data
@@ -375,7 +383,6 @@ pub fn read_image(dir: &Path) -> Result<Manifest, ImageError> {
         path: path.clone(),
         source,
     })?;
-    check_pages(dir, &m)?;
     Ok(m)
 }
 

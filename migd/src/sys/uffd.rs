@@ -222,6 +222,72 @@ impl Uffd {
     }
 }
 
+impl Uffd {
+    /// [`read_event`](Self::read_event), with the userfaultfd of a `Fork` event
+    /// owned (the kernel installed it in our fd table when the event was read).
+    pub fn read_event_owned(&self) -> Result<Option<(UffdEvent, Option<Uffd>)>, Errno> {
+        Ok(self.read_event()?.map(|ev| match ev {
+            UffdEvent::Fork { fd } => {
+                // SAFETY: the kernel created this fd for us while we read the event;
+                // nothing else knows its number, so this is its only owner.
+                let owned = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+                (ev, Some(Uffd(owned)))
+            }
+            ev => (ev, None),
+        }))
+    }
+}
+
+/// poll(2) for input on `fds` for up to `timeout_ms` (-1: forever); per fd, whether
+/// it is readable or hung up / in error. A closed number reads as ready (POLLNVAL).
+pub fn poll_readable(fds: &[RawFd], timeout_ms: i32) -> Result<Vec<bool>, Errno> {
+    let mut p: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    loop {
+        // SAFETY: `p` is a live array of `p.len()` pollfds.
+        let r = unsafe { libc::poll(p.as_mut_ptr(), p.len() as libc::nfds_t, timeout_ms) };
+        if r == -1 && Errno::last() == Errno::EINTR {
+            continue;
+        }
+        check(r as libc::c_long)?;
+        return Ok(p.iter().map(|x| x.revents != 0).collect());
+    }
+}
+
+/// Receives one message and the descriptors passed with it (SCM_RIGHTS, close-on-exec)
+/// from a unix socket; `(0, [])` at the end of the stream.
+pub fn recv_with_fds(
+    sock: RawFd,
+    buf: &mut [u8],
+    nonblock: bool,
+) -> Result<(usize, Vec<OwnedFd>), Errno> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    let mut space = nix::cmsg_space!([RawFd; 8]);
+    let mut iov = [std::io::IoSliceMut::new(buf)];
+    let mut flags = MsgFlags::MSG_CMSG_CLOEXEC;
+    if nonblock {
+        flags |= MsgFlags::MSG_DONTWAIT;
+    }
+    let r = recvmsg::<()>(sock, &mut iov, Some(&mut space), flags)?;
+    let mut fds = Vec::new();
+    for c in r.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(v) = c {
+            for fd in v {
+                // SAFETY: the kernel installed these fds in our table for this
+                // message; nobody else has their numbers yet.
+                fds.push(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) });
+            }
+        }
+    }
+    Ok((r.bytes, fds))
+}
+
 /// PAGEMAP_SCAN on an open `/proc/PID/pagemap` over `[start, end)`: appends the
 /// matching regions to `out` and returns where the walk stopped (`end` when it went
 /// through; earlier when `out`'s spare room or `max_pages` ran out: call again from

@@ -6,6 +6,7 @@
 //! finally registers. The gadget page is unmapped last, from a syscall-exit stop.
 
 pub mod files;
+pub mod lazy;
 pub mod memory;
 pub mod spawn;
 
@@ -42,6 +43,13 @@ pub struct RestoreReport {
     pub page_bytes: u64,
     pub fds: usize,
     pub restore_ms: f64,
+    /// Lazy restore: image bytes left to fault in when the process started running.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lazy_bytes: Option<u64>,
+    /// Lazy restore: the stub's copy of the process's userfaultfd (its fd number in
+    /// the stub), for [`lazy::Pager::resume`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uffd_stub_fd: Option<i32>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -207,8 +215,53 @@ pub fn restore_inheriting(
     inherit: &[(i32, String)],
     running: impl FnOnce(&RestoreReport),
 ) -> Result<(RestoreReport, Option<i32>), RestoreError> {
-    let m = image::read_image(&opts.images)?;
-    let _span = tracing::info_span!("restore", pid = m.pid).entered();
+    let (report, link, _) = start(opts, None, inherit)?;
+    running(&report);
+    if opts.detach {
+        return Ok((report, None));
+    }
+    let status = link.and_then(|mut l| l.wait_status());
+    let st = sys::wait_child(report.stub_pid).map_err(|e| RestoreError::Other {
+        what: format!("waiting for the stub: {e}"),
+    })?;
+    Ok((report, Some(status.unwrap_or(st))))
+}
+
+/// A lazily restored process, running: its pages come in while the caller drives
+/// `pager` ([`lazy::Pager::step`]); the stub reports the process's end on the
+/// pager's link ([`lazy::Pager::link_mut`]).
+pub struct LazyRestore {
+    pub report: RestoreReport,
+    pub pager: lazy::Pager,
+}
+
+/// Restores the image lazily (see [`lazy`]): returns once the process runs, with
+/// its private anonymous pages still in pages.img; the caller must drive the pager
+/// until it is done (or the process ends), or the process waits on its faults.
+pub fn restore_lazy(
+    opts: &RestoreOptions,
+    lazy_opts: &lazy::LazyOptions,
+    inherit: &[(i32, String)],
+) -> Result<LazyRestore, RestoreError> {
+    let (report, _, pager) = start(opts, Some(lazy_opts), inherit)?;
+    Ok(LazyRestore {
+        report,
+        pager: pager.expect("a lazy start returns a pager"),
+    })
+}
+
+/// Creates and shapes the process and lets it run; lazily with `lazy`.
+fn start(
+    opts: &RestoreOptions,
+    lazy: Option<&lazy::LazyOptions>,
+    inherit: &[(i32, String)],
+) -> Result<(RestoreReport, Option<spawn::StubLink>, Option<lazy::Pager>), RestoreError> {
+    let m = if lazy.is_some() {
+        image::read_manifest(&opts.images)?
+    } else {
+        image::read_image(&opts.images)?
+    };
+    let _span = tracing::info_span!("restore", pid = m.pid, lazy = lazy.is_some()).entered();
     precheck(&m)?;
     let pages_path = opts.images.join(image::PAGES_FILE);
     let pages_file = std::fs::File::open(&pages_path).map_err(|source| RestoreError::Io {
@@ -221,6 +274,10 @@ pub fn restore_inheriting(
             source: e.into(),
         }
     })?;
+    let plan = lazy.map(|_| lazy::plan(&m));
+    if let Some(p) = &plan {
+        lazy::check_eager_chunks(&opts.images, &m, p, pages.bytes())?;
+    }
     let gadget = free_hole(&m.areas, GADGET_LEN, &[])?;
     let t0 = Instant::now();
     let sp = spawn::spawn(m.pid, gadget, GADGET_LEN as usize)?;
@@ -233,7 +290,28 @@ pub fn restore_inheriting(
         inherit: inherit.to_vec(),
         memfds: Default::default(),
     };
-    let threads = match shape(&ctx, &m, pages.bytes()) {
+    let shaped = (|| {
+        let uffd = match &plan {
+            Some(_) => Some(lazy::create_uffd(&ctx)?),
+            None => None,
+        };
+        let shaping = plan.as_ref().map_or(&m, |p| &p.shaping);
+        let threads = shape(&ctx, shaping, pages.bytes())?;
+        Ok::<_, RestoreError>((threads, uffd))
+    })();
+    let mut link = Some(sp.link);
+    let mut pager = None;
+    let mut lazy_bytes = None;
+    let result = shaped.and_then(|(threads, uffd)| {
+        if let (Some(uffd), Some(plan), Some(lo)) = (uffd, plan, lazy) {
+            lazy_bytes = Some(plan.lazy_bytes());
+            let l = link.take().expect("the stub link");
+            let p = lazy::arm(&ctx, uffd, plan, &opts.images, &m, l, lo)?;
+            pager = Some(p);
+        }
+        Ok(threads)
+    });
+    let threads = match result {
         Ok(t) => t,
         Err(e) => {
             let _ = sys::kill(sp.stub, libc::SIGKILL);
@@ -261,21 +339,10 @@ pub fn restore_inheriting(
         page_bytes: m.pages_len,
         fds: m.fds.len(),
         restore_ms: t0.elapsed().as_secs_f64() * 1e3,
+        lazy_bytes,
+        uffd_stub_fd: pager.as_ref().and_then(|p: &lazy::Pager| p.stub_fd()),
     };
-    running(&report);
-    if opts.detach {
-        return Ok((report, None));
-    }
-    let st = sys::wait_child(sp.stub).map_err(|e| RestoreError::Other {
-        what: format!("waiting for the stub: {e}"),
-    })?;
-    let mut b = [0u8; 4];
-    let status = if sys::read_raw(sp.status.as_raw_fd(), &mut b) == 4 {
-        i32::from_ne_bytes(b)
-    } else {
-        st
-    };
-    Ok((report, Some(status)))
+    Ok((report, link, pager))
 }
 
 /// Shapes the seized child into the image; returns the other threads, still stopped.

@@ -1,0 +1,276 @@
+//! Lazy restore (`migd restore --lazy`): the process runs at once and its private
+//! anonymous pages fault in from pages.img. Real processes, as root: every page is
+//! checked by the restored program itself (a zero or stale page changes its
+//! checksums and its count of bad words), and its output must equal an uninterrupted
+//! run's.
+
+mod common;
+use common::*;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Fills `MiB` MiB with a pattern, says `filled`, waits for SIGUSR1, then checks every
+/// word against the pattern, printing a checksum per 16 MiB group (slowly with a
+/// second argument: `ms` milliseconds after each group), the number of bad words and
+/// `done`. Its verify speed goes to stderr.
+const BIG_C: &str = r#"
+#include <stdio.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <signal.h>
+#include <unistd.h>
+#include <time.h>
+#include <sys/mman.h>
+static volatile sig_atomic_t go;
+static void on_usr1(int s) { (void)s; go = 1; }
+static inline uint64_t pat(uint64_t i) { return (i * 0x9E3779B97F4A7C15ULL) ^ (i >> 3) ^ 0x5bd1e995ULL; }
+int main(int argc, char **argv) {
+    size_t mib = strtoull(argv[1], 0, 10);
+    int pause_ms = argc > 2 ? atoi(argv[2]) : 0;
+    size_t n = (mib << 20) / 8;
+    struct sigaction sa = {0};
+    sa.sa_handler = on_usr1;
+    sigaction(SIGUSR1, &sa, 0);
+    uint64_t *b = mmap(0, n * 8, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (b == MAP_FAILED) return 2;
+    for (size_t i = 0; i < n; i++) b[i] = pat(i);
+    printf("filled %zu MiB\n", mib);
+    fflush(stdout);
+    while (!go) usleep(1000);
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    size_t bad = 0, group = (16 << 20) / 8;
+    for (size_t g = 0; g < n; g += group) {
+        uint64_t h = 1469598103934665603ULL;
+        for (size_t i = g; i < g + group && i < n; i++) {
+            if (b[i] != pat(i)) bad++;
+            h = (h ^ b[i]) * 1099511628211ULL;
+        }
+        printf("group %zu %016llx\n", g / group, (unsigned long long)h);
+        fflush(stdout);
+        if (pause_ms) usleep(pause_ms * 1000);
+    }
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    double ms = (t1.tv_sec - t0.tv_sec) * 1e3 + (t1.tv_nsec - t0.tv_nsec) / 1e6;
+    fprintf(stderr, "verify %zu MiB in %.1f ms (%.0f MB/s)\n", mib, ms, (mib << 20) / ms / 1e3);
+    fflush(stderr);
+    printf("bad %zu\ndone\n", bad);
+    return bad != 0;
+}
+"#;
+
+/// A program writing its stdout and stderr to files in `dir`.
+struct Prog {
+    child: Child,
+    out: PathBuf,
+    err: PathBuf,
+}
+
+fn run_prog(dir: &Path, tag: &str, argv: &[&str]) -> Prog {
+    let out = dir.join(format!("{tag}.out"));
+    let err = dir.join(format!("{tag}.err"));
+    let child = Command::new(argv[0])
+        .args(&argv[1..])
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .spawn()
+        .unwrap();
+    Prog { child, out, err }
+}
+
+/// Waits until `path` contains `needle`; panics after `limit` naming `what`.
+fn wait_for(path: &Path, needle: &str, limit: Duration, what: &str) {
+    let t0 = Instant::now();
+    loop {
+        let s = std::fs::read_to_string(path).unwrap_or_default();
+        if s.contains(needle) {
+            return;
+        }
+        assert!(
+            t0.elapsed() < limit,
+            "{what}: {needle:?} did not appear in {} within {limit:?}; it holds {:?}",
+            path.display(),
+            &s[s.len().saturating_sub(300)..]
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn usr1(pid: i32) {
+    assert!(
+        Command::new("kill")
+            .args(["-USR1", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success(),
+        "kill -USR1 {pid}"
+    );
+}
+
+/// The reference run: uninterrupted, told to go once filled.
+fn reference(dir: &Path, argv: &[&str]) -> Vec<u8> {
+    let mut p = run_prog(dir, "ref", argv);
+    wait_for(&p.out, "filled", Duration::from_secs(60), "reference run");
+    usr1(p.child.id() as i32);
+    let st = p.child.wait().unwrap();
+    assert!(st.success(), "reference run of {argv:?} failed: {st}");
+    std::fs::read(&p.out).unwrap()
+}
+
+/// Runs the program until it says `filled`, then dumps it (killed) into `images`;
+/// returns its output file.
+fn run_and_dump(dir: &Path, argv: &[&str], images: &Path) -> Prog {
+    let mut p = run_prog(dir, "mig", argv);
+    wait_for(
+        &p.out,
+        "filled",
+        Duration::from_secs(60),
+        "run before the dump",
+    );
+    dump_ok(&p.child.id().to_string(), images, "dumping the program");
+    let _ = p.child.wait();
+    p
+}
+
+/// `migd restore --lazy` running, as its first line told.
+struct LazyRun {
+    child: Child,
+    lines: BufReader<std::process::ChildStdout>,
+    outer_pid: i32,
+    stub_pid: i32,
+    uffd_fd: i32,
+}
+
+fn field(line: &str, before: &str, after: &str) -> Option<i32> {
+    line.split(before)
+        .nth(1)?
+        .split(after)
+        .next()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+fn start_lazy(images: &Path, extra: &[&str]) -> LazyRun {
+    let mut child = Command::new(migd())
+        .args(["restore", "--lazy", "--images"])
+        .arg(images)
+        .args(extra)
+        .env("RUST_BACKTRACE", "0")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    lines.read_line(&mut line).unwrap();
+    let parsed = (|| {
+        Some((
+            field(&line, "(pid ", " here")?,
+            field(&line, "init stub ", ")")?,
+            field(&line, "uffd ", " in the stub")?,
+        ))
+    })();
+    match parsed {
+        Some((outer_pid, stub_pid, uffd_fd)) => LazyRun {
+            child,
+            lines,
+            outer_pid,
+            stub_pid,
+            uffd_fd,
+        },
+        None => {
+            let o = child.wait_with_output().unwrap();
+            panic!(
+                "lazy restore from {} failed: {line}{}",
+                images.display(),
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+    }
+}
+
+impl LazyRun {
+    /// Waits for `migd restore` to end; returns (success, rest of stdout, stderr).
+    fn finish(mut self) -> (bool, String, String) {
+        let mut out = String::new();
+        self.lines.read_to_string(&mut out).unwrap();
+        let mut err = String::new();
+        self.child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        let st = self.child.wait().unwrap();
+        (st.success(), out, err)
+    }
+}
+
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s.contains(") Z "))
+        .unwrap_or(false)
+}
+
+/// Restores `images` lazily with `extra` options, lets the program verify, and
+/// checks its output; returns migd's "all pages in" line (if any) and the program's
+/// verify line.
+fn lazy_round(
+    images: &Path,
+    out: &Path,
+    err: &Path,
+    reference: &[u8],
+    extra: &[&str],
+) -> (String, String) {
+    let r = start_lazy(images, extra);
+    assert!(
+        alive(r.outer_pid) && alive(r.stub_pid) && r.uffd_fd >= 0,
+        "after `running`, the process {} and its stub {} run and the stub holds the userfaultfd ({})",
+        r.outer_pid,
+        r.stub_pid,
+        r.uffd_fd
+    );
+    usr1(r.outer_pid);
+    let (ok, rest, stderr) = r.finish();
+    assert!(ok, "migd restore --lazy {extra:?} failed: {rest}{stderr}");
+    let got = std::fs::read(out).unwrap();
+    assert_same_output(&format!("lazy restore {extra:?}"), reference, &got);
+    let verify = std::fs::read_to_string(err).unwrap_or_default();
+    let verify = verify.lines().last().unwrap_or("").to_string();
+    let all_in = rest
+        .lines()
+        .find(|l| l.starts_with("all pages in"))
+        .unwrap_or("")
+        .to_string();
+    (all_in, verify)
+}
+
+#[test]
+fn one_gib_process_restored_lazily_sees_every_page_and_ends_as_uninterrupted() {
+    let dir = tempdir();
+    let exe = compile_c(dir.path(), "big", BIG_C, &["-O2"]);
+    let argv = [exe.to_str().unwrap(), "1024"];
+    let reference = reference(dir.path(), &argv);
+    let images = dir.path().join("img");
+    let p = run_and_dump(dir.path(), &argv, &images);
+    // The restored program rewrites its output from where it was at the dump.
+    let filled = std::fs::read(&p.out).unwrap();
+    for (what, extra) in [
+        ("with prefetch", &[][..]),
+        ("faults only, 1 MiB read-ahead", &["--no-prefetch"][..]),
+        (
+            "faults only, 64 KiB read-ahead",
+            &["--no-prefetch", "--readahead", "65536"][..],
+        ),
+    ] {
+        std::fs::write(&p.out, &filled).unwrap();
+        std::fs::write(&p.err, b"").unwrap();
+        let (all_in, verify) = lazy_round(&images, &p.out, &p.err, &reference, extra);
+        println!("lazy restore of 1 GiB, {what}: {all_in} | program: {verify}");
+    }
+}
