@@ -274,3 +274,135 @@ fn one_gib_process_restored_lazily_sees_every_page_and_ends_as_uninterrupted() {
         println!("lazy restore of 1 GiB, {what}: {all_in} | program: {verify}");
     }
 }
+
+/// While its pages are still missing, the program drops a range (MADV_DONTNEED: must
+/// read zeros, then and after the prefetch), moves a range (mremap: must keep its
+/// contents), unmaps one and maps fresh memory there (zeros), and forks a child that
+/// checks pages neither of them had touched. After SIGUSR1 again (once every page is
+/// in) it checks everything once more.
+const EVENTS_C: &str = r#"
+#define _GNU_SOURCE
+#include <stdio.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <signal.h>
+#include <unistd.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+#define MB (1UL << 20)
+static volatile sig_atomic_t go;
+static void on_usr1(int s) { (void)s; go = 1; }
+static inline uint64_t pat(uint64_t i) { return (i * 0x9E3779B97F4A7C15ULL) ^ (i >> 3) ^ 0x5bd1e995ULL; }
+static size_t bad(const uint64_t *p, size_t first, size_t n) {
+    size_t b = 0;
+    for (size_t k = 0; k < n; k++) b += p[k] != pat(first + k);
+    return b;
+}
+static size_t nonzero(const uint64_t *p, size_t n) {
+    size_t b = 0;
+    for (size_t k = 0; k < n; k++) b += p[k] != 0;
+    return b;
+}
+static void wait_go(void) { while (!go) usleep(1000); go = 0; }
+int main(void) {
+    struct sigaction sa = {0};
+    sa.sa_handler = on_usr1;
+    sigaction(SIGUSR1, &sa, 0);
+    size_t n = 64 * MB / 8, w = MB / 8;
+    uint64_t *a = mmap(0, 64 * MB, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (a == MAP_FAILED) return 2;
+    for (size_t i = 0; i < n; i++) a[i] = pat(i);
+    printf("filled\n");
+    fflush(stdout);
+    wait_go();
+    /* Every page of a is missing now. */
+    if (madvise(a, 4 * MB, MADV_DONTNEED)) return 3;
+    printf("dontneed: %zu nonzero words\n", nonzero(a, 4 * w));
+    void *hole = mmap(0, 8 * MB, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    uint64_t *m = mremap(a + 8 * w, 8 * MB, 8 * MB, MREMAP_MAYMOVE | MREMAP_FIXED, hole);
+    if (m == MAP_FAILED) return 4;
+    printf("mremap: %zu bad words of the first half\n", bad(m, 8 * w, 4 * w));
+    if (munmap(a + 16 * w, 4 * MB)) return 5;
+    uint64_t *f = mmap(a + 16 * w, 4 * MB, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0);
+    if (f == MAP_FAILED) return 6;
+    printf("fresh after munmap: %zu nonzero words\n", nonzero(f, 4 * w));
+    fflush(stdout);
+    pid_t c = fork();
+    if (c == 0) {
+        size_t b = bad(a + 20 * w, 20 * w, 20 * w) + nonzero(a, 4 * w) + bad(m + 4 * w, 12 * w, 4 * w);
+        _exit(b ? 1 : 0);
+    }
+    int st = 0;
+    waitpid(c, &st, 0);
+    printf("child: exit %d\n", WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st));
+    printf("parent: %zu bad words in 20..64 MiB, %zu in the moved second half\n",
+           bad(a + 20 * w, 20 * w, 44 * w), bad(m + 4 * w, 12 * w, 4 * w));
+    printf("phase1\n");
+    fflush(stdout);
+    wait_go();
+    printf("after: %zu nonzero dropped, %zu bad moved, %zu nonzero fresh, %zu bad rest\n",
+           nonzero(a, 4 * w), bad(m, 8 * w, 8 * w), nonzero(f, 4 * w), bad(a + 20 * w, 20 * w, 44 * w) + bad(a + 4 * w, 4 * w, 4 * w));
+    printf("done\n");
+    return 0;
+}
+"#;
+
+#[test]
+fn fork_mremap_munmap_and_dontneed_on_missing_pages_see_the_right_contents() {
+    let dir = tempdir();
+    let exe = compile_c(dir.path(), "events", EVENTS_C, &["-O2"]);
+    let argv = [exe.to_str().unwrap()];
+    // Reference: uninterrupted, told to go twice.
+    let mut p = run_prog(dir.path(), "ref", &argv);
+    wait_for(&p.out, "filled", Duration::from_secs(30), "reference run");
+    usr1(p.child.id() as i32);
+    wait_for(&p.out, "phase1", Duration::from_secs(30), "reference run");
+    usr1(p.child.id() as i32);
+    assert!(p.child.wait().unwrap().success(), "reference run failed");
+    let reference = std::fs::read(&p.out).unwrap();
+    let reference_text = String::from_utf8_lossy(&reference).into_owned();
+    assert!(
+        reference_text.contains("child: exit 0")
+            && reference_text
+                .contains("after: 0 nonzero dropped, 0 bad moved, 0 nonzero fresh, 0 bad rest"),
+        "the program's own checks fail even uninterrupted: {reference_text}"
+    );
+
+    let images = dir.path().join("img");
+    let p = run_and_dump(dir.path(), &argv, &images);
+    // Prefetch waits 8 s: the events meet missing pages.
+    let t0 = Instant::now();
+    let mut r = start_lazy(&images, &["--prefetch-delay-ms", "8000"]);
+    usr1(r.outer_pid);
+    wait_for(
+        &p.out,
+        "phase1",
+        Duration::from_secs(30),
+        "lazily restored run",
+    );
+    let phase1 = t0.elapsed();
+    assert!(
+        phase1 < Duration::from_secs(8),
+        "phase 1 took {phase1:?}: the prefetch may have filled pages first, so this run proves nothing"
+    );
+    let mut line = String::new();
+    loop {
+        line.clear();
+        assert!(
+            r.lines.read_line(&mut line).unwrap() > 0,
+            "migd restore --lazy ended before saying all pages were in"
+        );
+        if line.starts_with("all pages in") {
+            break;
+        }
+    }
+    println!(
+        "events test: phase 1 done after {phase1:?}; {}",
+        line.trim()
+    );
+    usr1(r.outer_pid);
+    let (ok, rest, err) = r.finish();
+    assert!(ok, "migd restore --lazy failed: {rest}{err}");
+    let got = std::fs::read(&p.out).unwrap();
+    assert_same_output("events on missing pages", &reference, &got);
+}
