@@ -406,3 +406,211 @@ fn fork_mremap_munmap_and_dontneed_on_missing_pages_see_the_right_contents() {
     let got = std::fs::read(&p.out).unwrap();
     assert_same_output("events on missing pages", &reference, &got);
 }
+
+/// A store that can fail: a FUSE file system serving the files of one directory
+/// read-only, whose reads answer EIO while `fail` is set (as a store whose server
+/// went away does).
+struct FlakyStore {
+    dir: PathBuf,
+    names: Vec<String>,
+    fail: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl FlakyStore {
+    fn attr(&self, ino: u64) -> Option<fuser::FileAttr> {
+        let (kind, perm, size) = if ino == 1 {
+            (fuser::FileType::Directory, 0o755, 0)
+        } else {
+            let name = self.names.get(ino as usize - 2)?;
+            let md = std::fs::metadata(self.dir.join(name)).ok()?;
+            (fuser::FileType::RegularFile, 0o644, md.len())
+        };
+        let t = std::time::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        Some(fuser::FileAttr {
+            ino: fuser::INodeNo(ino),
+            size,
+            blocks: size.div_ceil(512),
+            atime: t,
+            mtime: t,
+            ctime: t,
+            crtime: t,
+            kind,
+            perm,
+            nlink: 1,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            flags: 0,
+            blksize: 4096,
+        })
+    }
+}
+
+impl fuser::Filesystem for FlakyStore {
+    fn lookup(
+        &self,
+        _req: &fuser::Request,
+        parent: fuser::INodeNo,
+        name: &std::ffi::OsStr,
+        reply: fuser::ReplyEntry,
+    ) {
+        let ino = self
+            .names
+            .iter()
+            .position(|n| Some(n.as_str()) == name.to_str())
+            .map(|i| i as u64 + 2);
+        match (u64::from(parent), ino.and_then(|i| self.attr(i))) {
+            (1, Some(a)) => reply.entry(&Duration::from_secs(1), &a, fuser::Generation(0)),
+            _ => reply.error(fuser::Errno::ENOENT),
+        }
+    }
+
+    fn getattr(
+        &self,
+        _req: &fuser::Request,
+        ino: fuser::INodeNo,
+        _fh: Option<fuser::FileHandle>,
+        reply: fuser::ReplyAttr,
+    ) {
+        match self.attr(u64::from(ino)) {
+            Some(a) => reply.attr(&Duration::from_secs(1), &a),
+            None => reply.error(fuser::Errno::ENOENT),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &fuser::Request,
+        ino: fuser::INodeNo,
+        _fh: fuser::FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: fuser::OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        reply: fuser::ReplyData,
+    ) {
+        use std::os::unix::fs::FileExt;
+        if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
+            return reply.error(fuser::Errno::EIO);
+        }
+        let Some(name) = self.names.get(u64::from(ino) as usize - 2) else {
+            return reply.error(fuser::Errno::ENOENT);
+        };
+        let f = match std::fs::File::open(self.dir.join(name)) {
+            Ok(f) => f,
+            Err(_) => return reply.error(fuser::Errno::EIO),
+        };
+        let mut buf = vec![0u8; size as usize];
+        let mut got = 0;
+        while got < buf.len() {
+            match f.read_at(&mut buf[got..], offset + got as u64) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(_) => return reply.error(fuser::Errno::EIO),
+            }
+        }
+        reply.data(&buf[..got]);
+    }
+}
+
+/// Mounts a [`FlakyStore`] of `dir` at `mnt`; returns the session (unmounted when
+/// dropped) and the switch that makes reads fail.
+fn mount_flaky(
+    dir: &Path,
+    mnt: &Path,
+) -> (
+    fuser::BackgroundSession,
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    std::fs::create_dir_all(mnt).unwrap();
+    let fail = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let fs = FlakyStore {
+        dir: dir.to_path_buf(),
+        names: vec!["manifest.json".into(), "pages.img".into()],
+        fail: fail.clone(),
+    };
+    let mut cfg = fuser::Config::default();
+    cfg.mount_options = vec![
+        fuser::MountOption::FSName("flaky-store".into()),
+        fuser::MountOption::RO,
+    ];
+    cfg.acl = fuser::SessionACL::All;
+    let s = fuser::Session::new(fs, mnt, &cfg)
+        .unwrap_or_else(|e| panic!("mounting the flaky store at {}: {e}", mnt.display()))
+        .spawn()
+        .expect("starting the flaky store");
+    (s, fail)
+}
+
+#[test]
+fn a_store_failing_for_seconds_makes_faults_wait_and_past_the_bound_the_loss_is_reported() {
+    use std::sync::atomic::Ordering;
+    let dir = tempdir();
+    let exe = compile_c(dir.path(), "big", BIG_C, &["-O2"]);
+    let argv = [exe.to_str().unwrap(), "128"];
+    let reference = reference(dir.path(), &argv);
+    let images = dir.path().join("img");
+    let p = run_and_dump(dir.path(), &argv, &images);
+    let filled = std::fs::read(&p.out).unwrap();
+    let mnt = dir.path().join("store");
+    let (session, fail) = mount_flaky(&images, &mnt);
+
+    // 1. The store fails for 3 s while the process needs its pages: it waits, then
+    //    completes with every page right.
+    let r = start_lazy(&mnt, &["--no-prefetch", "--store-bound", "30"]);
+    fail.store(true, Ordering::SeqCst);
+    usr1(r.outer_pid);
+    std::thread::sleep(Duration::from_secs(3));
+    let during = std::fs::read(&p.out).unwrap();
+    assert!(
+        alive(r.outer_pid),
+        "the process died while the store was failing"
+    );
+    assert!(
+        reference.starts_with(&during) && !String::from_utf8_lossy(&during).contains("done"),
+        "while the store failed, the process went on or wrote something else: {:?}",
+        String::from_utf8_lossy(&during[filled.len().min(during.len())..])
+    );
+    fail.store(false, Ordering::SeqCst);
+    let (ok, rest, err) = r.finish();
+    assert!(
+        ok,
+        "migd restore --lazy failed after the store came back: {rest}{err}"
+    );
+    assert_same_output(
+        "lazy restore across a 3 s store failure",
+        &reference,
+        &std::fs::read(&p.out).unwrap(),
+    );
+
+    // 2. The store stays down past --store-bound: the process is killed and the loss
+    //    is reported, naming pages.img and the bytes never restored.
+    std::fs::write(&p.out, &filled).unwrap();
+    let r = start_lazy(&mnt, &["--no-prefetch", "--store-bound", "2"]);
+    let pid = r.outer_pid;
+    fail.store(true, Ordering::SeqCst);
+    usr1(pid);
+    let t0 = Instant::now();
+    let (ok, rest, err) = r.finish();
+    let took = t0.elapsed();
+    fail.store(false, Ordering::SeqCst);
+    println!("store lost after {took:?}: {}", err.trim());
+    assert!(
+        !ok,
+        "migd restore --lazy succeeded with the store down: {rest}"
+    );
+    assert!(
+        err.contains("pages.img") && err.contains("bytes of its memory were never restored"),
+        "the loss is not reported clearly: {err}"
+    );
+    assert!(
+        !alive(pid),
+        "the process {pid} still runs with pages missing"
+    );
+    let after = std::fs::read(&p.out).unwrap();
+    assert!(
+        reference.starts_with(&after) && !String::from_utf8_lossy(&after).contains("done"),
+        "the process wrote something else before it was killed"
+    );
+    drop(session);
+}
