@@ -85,3 +85,80 @@ pub fn images_left(c: &Cluster) -> Vec<OsString> {
         .map(|r| r.flatten().map(|e| e.file_name()).collect())
         .unwrap_or_default()
 }
+
+/// `busy OUT MIB`: fills MIB MiB with a pattern, writes `ready` to OUT, then rewrites
+/// 10% of its memory per second (0.1% every 10 ms, walking through the buffer, each
+/// pass with a new generation number). On SIGUSR1 it reads every page once and
+/// writes `scan <ms> <sum>`; on SIGTERM it checks every word of the buffer against
+/// what it wrote and writes `ok` (exit 0) or `BAD <offset>` (exit 1). A page that
+/// came back as zeros or stale after a migration fails the check.
+pub const BUSY_C: &str = r#"
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+#include <unistd.h>
+static volatile sig_atomic_t want_scan, want_end;
+static void on_usr1(int s) { (void)s; want_scan = 1; }
+static void on_term(int s) { (void)s; want_end = 1; }
+static double now_ms(void) {
+    struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec * 1e3 + t.tv_nsec / 1e6;
+}
+int main(int argc, char **argv) {
+    if (argc < 3) return 2;
+    FILE *f = fopen(argv[1], "w");
+    if (!f) return 3;
+    size_t len = (size_t)atol(argv[2]) << 20, words = len / 8;
+    uint64_t *m = malloc(len);
+    if (!m) return 4;
+    uint64_t gen = 1;
+    for (size_t i = 0; i < words; i++) m[i] = i * 0x9E3779B97F4A7C15ull + gen;
+    signal(SIGUSR1, on_usr1);
+    signal(SIGTERM, on_term);
+    fprintf(f, "ready\n"); fflush(f);
+    size_t step = words / 1000, pos = 0;
+    if (step == 0) step = 1;
+    while (!want_end) {
+        for (size_t k = 0; k < step; k++, pos++) {
+            if (pos == words) { pos = 0; gen++; }
+            m[pos] = pos * 0x9E3779B97F4A7C15ull + gen;
+        }
+        if (want_scan) {
+            want_scan = 0;
+            double t = now_ms();
+            uint64_t sum = 0;
+            for (size_t i = 0; i < words; i += 512) sum += m[i];
+            fprintf(f, "scan %.3f %llu\n", now_ms() - t, (unsigned long long)sum); fflush(f);
+        }
+        usleep(10000);
+    }
+    for (size_t i = 0; i < words; i++) {
+        uint64_t g = (i < pos || gen == 1) ? gen : gen - 1;
+        if (m[i] != i * 0x9E3779B97F4A7C15ull + g) { fprintf(f, "BAD %zu\n", i * 8); fflush(f); return 1; }
+    }
+    fprintf(f, "ok\n"); fflush(f);
+    return 0;
+}
+"#;
+
+/// Compiles C source with `cc -O2` into `out` (on this side; run it in a node by the
+/// same path if it lies outside /tmp).
+pub fn compile_c(src: &str, out: &std::path::Path, flags: &[&str]) {
+    let c_file = out.with_extension("c");
+    std::fs::write(&c_file, src).expect("write C source");
+    let o = std::process::Command::new("cc")
+        .arg("-O2")
+        .args(flags)
+        .arg("-o")
+        .arg(out)
+        .arg(&c_file)
+        .output()
+        .expect("cc runs");
+    assert!(
+        o.status.success(),
+        "cc failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use ferry_tests::work::{images_left, spawn_shell, wait_for};
+use ferry_tests::work::{compile_c, images_left, spawn_shell, wait_for, BUSY_C};
 use ferry_tests::Cluster;
 
 #[derive(Parser)]
@@ -34,60 +34,6 @@ struct Args {
     )]
     modes: Vec<String>,
 }
-
-/// `busy OUT MIB`: fills MIB MiB, then rewrites 10% of it per second in 10 ms steps
-/// (walking through the buffer). On SIGUSR1 it scans every page once (reading) and
-/// writes `scan <ms> <sum>` to OUT; on SIGTERM it checks the whole buffer against the
-/// pattern it wrote and writes `ok` or `BAD <offset>` before exiting.
-const BUSY: &str = r#"
-#include <signal.h>
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <time.h>
-#include <unistd.h>
-static volatile sig_atomic_t want_scan, want_end;
-static void on_usr1(int s) { (void)s; want_scan = 1; }
-static void on_term(int s) { (void)s; want_end = 1; }
-static double now_ms(void) {
-    struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t);
-    return t.tv_sec * 1e3 + t.tv_nsec / 1e6;
-}
-int main(int argc, char **argv) {
-    FILE *f = fopen(argv[1], "w");
-    size_t len = (size_t)atol(argv[2]) << 20, words = len / 8;
-    uint64_t *m = malloc(len);
-    uint64_t gen = 1;
-    for (size_t i = 0; i < words; i++) m[i] = i * 0x9E3779B97F4A7C15ull + gen;
-    signal(SIGUSR1, on_usr1);
-    signal(SIGTERM, on_term);
-    fprintf(f, "ready\n"); fflush(f);
-    size_t step = words / 1000, pos = 0; /* 0.1% per 10 ms = 10%/s */
-    if (step == 0) step = 1;
-    while (!want_end) {
-        for (size_t k = 0; k < step; k++, pos++) {
-            if (pos == words) { pos = 0; gen++; }
-            m[pos] = pos * 0x9E3779B97F4A7C15ull + gen;
-        }
-        if (want_scan) {
-            want_scan = 0;
-            double t = now_ms();
-            uint64_t sum = 0;
-            for (size_t i = 0; i < words; i += 512) sum += m[i];
-            fprintf(f, "scan %.3f %llu\n", now_ms() - t, (unsigned long long)sum); fflush(f);
-        }
-        usleep(10000);
-    }
-    for (size_t i = 0; i < words; i++) {
-        uint64_t g = i < pos ? gen : gen - 1;
-        if (i >= pos && gen == 1) g = 1;
-        if (m[i] != i * 0x9E3779B97F4A7C15ull + g) { fprintf(f, "BAD %zu\n", i * 8); return 1; }
-    }
-    fprintf(f, "ok\n"); fflush(f);
-    return 0;
-}
-"#;
 
 struct Run {
     mib: u64,
@@ -202,17 +148,8 @@ fn main() -> Result<()> {
     let args = Args::parse();
     let c = Cluster::start(2);
     c.require(&["fs-server", "fuse-client", "migd", "home-proxy"]);
-    let src = c.dir().join("busy.c");
-    std::fs::write(&src, BUSY)?;
     let bin = c.dir().join("busy");
-    let cc = std::process::Command::new("cc")
-        .args(["-O2", "-o"])
-        .arg(&bin)
-        .arg(&src)
-        .output()?;
-    if !cc.status.success() {
-        bail!("cc: {}", String::from_utf8_lossy(&cc.stderr));
-    }
+    compile_c(BUSY_C, &bin, &[]);
     let busy = bin.display().to_string();
     let mut runs = Vec::new();
     println!(
