@@ -614,3 +614,91 @@ fn a_store_failing_for_seconds_makes_faults_wait_and_past_the_bound_the_loss_is_
     );
     drop(session);
 }
+
+/// Runs `migd internal-lazy-resume` for a lazily restored process whose server died.
+fn resume(stub: i32, fd: i32, images: &Path) -> std::process::Output {
+    Command::new(migd())
+        .args([
+            "internal-lazy-resume",
+            "--stub",
+            &stub.to_string(),
+            "--fd",
+            &fd.to_string(),
+            "--images",
+        ])
+        .arg(images)
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap()
+}
+
+/// Waits until `pid` is gone (its namespace's stub, our process's parent now being
+/// init, reaps it).
+fn wait_gone(pid: i32, limit: Duration) -> bool {
+    let t0 = Instant::now();
+    while alive(pid) {
+        if t0.elapsed() > limit {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    true
+}
+
+#[test]
+fn killing_the_server_mid_fault_in_leaves_the_process_waiting_and_a_resumed_server_completes_it() {
+    let dir = tempdir();
+    let exe = compile_c(dir.path(), "big", BIG_C, &["-O2"]);
+    // 64 groups of 16 MiB, 100 ms apart: the server dies while pages are missing.
+    let argv = [exe.to_str().unwrap(), "1024", "100"];
+    let reference = reference(dir.path(), &argv);
+    let images = dir.path().join("img");
+    let p = run_and_dump(dir.path(), &argv, &images);
+    let mut r = start_lazy(&images, &["--no-prefetch"]);
+    let (pid, stub, fd) = (r.outer_pid, r.stub_pid, r.uffd_fd);
+    usr1(pid);
+    wait_for(
+        &p.out,
+        "group 3 ",
+        Duration::from_secs(30),
+        "lazily restored run",
+    );
+    r.child.kill().unwrap();
+    let _ = r.child.wait();
+    std::thread::sleep(Duration::from_secs(2));
+    let during = std::fs::read(&p.out).unwrap();
+    let text = String::from_utf8_lossy(&during).into_owned();
+    assert!(
+        alive(pid),
+        "the process died when its server was killed: {text}"
+    );
+    assert!(
+        reference.starts_with(&during) && !text.contains("done"),
+        "without a server the process went on or read wrong pages: {text}"
+    );
+    let groups = text.matches("group ").count();
+    assert!(
+        groups < 64,
+        "the process did not wait for its missing pages ({groups} groups checked)"
+    );
+    let o = resume(stub, fd, &images);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    println!(
+        "resumed after {groups} of 64 groups: {}",
+        out.lines().last().unwrap_or("")
+    );
+    assert!(
+        o.status.success(),
+        "migd internal-lazy-resume failed: {out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        wait_gone(pid, Duration::from_secs(60)),
+        "the process did not end after the resume"
+    );
+    assert_same_output(
+        "lazy restore served by a resumed server",
+        &reference,
+        &std::fs::read(&p.out).unwrap(),
+    );
+}
