@@ -131,6 +131,18 @@ fn refuse(pid: i32, what: impl Into<String>) -> DumpError {
 /// Refuses, before anything is frozen, a process the engine cannot restore faithfully
 /// (used by [`dump`] and by `engine::handoff`).
 pub fn precheck(pid: i32) -> Result<(), DumpError> {
+    precheck_process(pid)?;
+    let smaps =
+        parse_smaps(&read_proc(format!("/proc/{pid}/smaps"))?).map_err(|e| DumpError::Other {
+            pid,
+            what: e.to_string(),
+        })?;
+    precheck_areas(pid, &smaps)
+}
+
+/// The refusals of [`precheck`] that do not need the address space (children,
+/// timers, seccomp, capabilities, fds).
+pub(crate) fn precheck_process(pid: i32) -> Result<(), DumpError> {
     let kids = procfs::children_of(pid);
     if !kids.is_empty() {
         return Err(refuse(
@@ -190,12 +202,13 @@ pub fn precheck(pid: i32) -> Result<(), DumpError> {
             }
         }
     }
-    let smaps =
-        parse_smaps(&read_proc(format!("/proc/{pid}/smaps"))?).map_err(|e| DumpError::Other {
-            pid,
-            what: e.to_string(),
-        })?;
-    for a in &smaps {
+    Ok(())
+}
+
+/// The refusal of [`precheck`] that needs the address space (`smaps`, with VmFlags):
+/// device (I/O or PFN) mappings.
+pub(crate) fn precheck_areas(pid: i32, smaps: &[MapArea]) -> Result<(), DumpError> {
+    for a in smaps {
         let special = a.name.starts_with("[vvar") || a.name == "[vdso]" || a.name == "[vsyscall]";
         if !special && (a.has_flag("io") || a.has_flag("pf")) {
             return Err(refuse(
@@ -589,8 +602,10 @@ pub(crate) fn collect_into(
     memory: &mut MemoryStep,
 ) -> Result<Manifest, DumpError> {
     let status = read_proc(format!("/proc/{pid}/status"))?;
+    // Where to plant the gadget: /proc/PID/maps is enough (smaps costs a page-table
+    // walk of the whole address space).
     let smaps0 =
-        parse_smaps(&read_proc(format!("/proc/{pid}/smaps"))?).map_err(|e| DumpError::Other {
+        parse_smaps(&read_proc(format!("/proc/{pid}/maps"))?).map_err(|e| DumpError::Other {
             pid,
             what: e.to_string(),
         })?;

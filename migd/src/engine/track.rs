@@ -18,8 +18,8 @@
 //! such writes are not tracked, as with soft-dirty bits.
 
 use super::dump::{
-    area_kind, area_record, collect_into, precheck, read_proc, true_runs, with_gadget, DumpError,
-    MemSource, WINDOW,
+    area_kind, area_record, collect_into, precheck, precheck_areas, precheck_process, read_proc,
+    true_runs, with_gadget, DumpError, MemSource, WINDOW,
 };
 use super::freeze::{FreezeError, Frozen};
 use super::image::{self, Area, AreaKind, Manifest, PageWriter};
@@ -126,6 +126,7 @@ impl OffsetMap {
     }
 
     /// The offset of the page at `addr`, if saved.
+    #[cfg(test)]
     pub fn get(&self, addr: u64) -> Option<u64> {
         let (&s, &(e, o)) = self.ext.range(..=addr).next_back()?;
         (addr < e).then(|| o + (addr - s))
@@ -497,7 +498,9 @@ impl Tracker {
             .unwrap_or(false);
         let frozen = Frozen::freeze(pid)?;
         let t0 = Instant::now();
-        precheck(pid)?;
+        // The device-mapping refusal is checked on the layout collect reads anyway
+        // (one smaps walk less in the freeze).
+        precheck_process(pid)?;
         let pw = self
             .pw
             .take()
@@ -508,6 +511,7 @@ impl Tracker {
             ..RoundReport::default()
         };
         let mut manifest = collect_into(pid, &frozen, pw, &mut |smaps, pw| {
+            precheck_areas(pid, smaps)?;
             self.final_memory(smaps, pw, &mut report)
         })?;
         manifest.stopped = was_stopped;
@@ -616,13 +620,19 @@ impl Tracker {
                 let rs = a.start + (w0 + s as u64) * page;
                 let re = a.start + (w0 + e as u64) * page;
                 wanted_runs.push((rs, re));
+                let saved = self.map.pieces(rs, re);
+                let mut si = 0usize;
                 let mut p = rs;
                 while p < re {
                     while di < dirty.len() && dirty[di].1 <= p {
                         di += 1;
                     }
+                    while si < saved.len() && saved[si].1 <= p {
+                        si += 1;
+                    }
                     let is_dirty = di < dirty.len() && dirty[di].0 <= p;
-                    if is_dirty || self.map.get(p).is_none() {
+                    let has_copy = si < saved.len() && saved[si].0 <= p;
+                    if is_dirty || !has_copy {
                         match to_save.last_mut() {
                             Some(last) if last.1 == p => last.1 = p + page,
                             _ => to_save.push((p, p + page)),
