@@ -361,3 +361,74 @@ fn gadget_word(tid: i32, addr: u64) -> Result<u64, HandoffError> {
     w[..GADGET.len()].copy_from_slice(&GADGET);
     Ok(u64::from_ne_bytes(w))
 }
+
+/// What going home (restore into the shadow, `restore::into`) needs of the shadow.
+impl Shadow {
+    /// The address of the shadow's `syscall; int3` gadget.
+    pub fn gadget(&self) -> u64 {
+        self.gadget
+    }
+
+    /// The shadow's leader thread (in a ptrace-stop under us).
+    pub fn leader(&self) -> &super::freeze::Stopped {
+        &self.held.frozen.threads[0]
+    }
+
+    /// Ends every thread but the leader (an injected `exit`; their tids become free
+    /// again), threads created inside the shadow since it was frozen included. The
+    /// shadow stays a working shadow: signals and its end only need the leader.
+    pub fn end_other_threads(&mut self) -> Result<(), HandoffError> {
+        let pid = self.held.pid();
+        let inj = Injector {
+            gadget: self.gadget,
+        };
+        let tids = super::freeze::list_tids(pid)?;
+        for tid in tids.into_iter().filter(|&t| t != pid) {
+            let t = super::freeze::Stopped { tid };
+            match inj.call(&t, libc::SYS_exit, &[0]) {
+                Err(InjectError::Ptrace {
+                    source: FreezeError::Gone { .. },
+                    ..
+                }) => {}
+                Ok(_) => {
+                    return Err(HandoffError::Other {
+                        pid,
+                        what: format!("exit returned in tid {tid}"),
+                    })
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.held.frozen.threads.truncate(1);
+        Ok(())
+    }
+
+    /// Makes the process a shadow again after a restore into it was given up (it may
+    /// hold any memory and threads by then): a gadget in its first executable area,
+    /// only the leader left, every signal blocked, its memory released.
+    pub fn reshadow(&mut self) -> Result<(), HandoffError> {
+        let pid = self.held.pid();
+        let gadget = exec_area(pid)?;
+        let leader = self.held.frozen.threads[0].tid;
+        let poke = |addr: u64, word: u64| {
+            sys::ptrace_pokedata(leader, addr, word).map_err(|e| HandoffError::Other {
+                pid,
+                what: format!("writing the shadow's gadget at {addr:#x}: {e}"),
+            })
+        };
+        poke(gadget, gadget_word(leader, gadget)?)?;
+        for i in 0..6 {
+            poke(gadget + 8 + 8 * i, 0)?;
+        }
+        self.gadget = gadget;
+        self.end_other_threads()?;
+        self.held.frozen.threads[0].set_sigmask(!0)?;
+        self.release_memory()
+    }
+
+    /// Lets the process run (it was restored into; its other threads are the
+    /// caller's to detach first).
+    pub fn let_go(self) {
+        self.held.thaw();
+    }
+}

@@ -6,6 +6,7 @@
 //! finally registers. The gadget page is unmapped last, from a syscall-exit stop.
 
 pub mod files;
+pub mod into;
 pub mod lazy;
 pub mod memory;
 pub mod spawn;
