@@ -19,7 +19,10 @@
 //!
 //! Any failure before commit: `abort` to both; the original is thawed where it was.
 //! A move onward (`move_to`, asked by home's migd of the host) runs the same steps
-//! with the host's migd holding the copy, which it kills at commit.
+//! with the host's migd holding the copy, which it kills at commit. Going home is a
+//! move onward whose destination is the home: home's migd answers `restore` by asking
+//! home-proxy to `restore_into` the shadow, `committed` with `commit_home` and
+//! `abort` with `abort_home`.
 //!
 //! The local `migrate` command speaks [`LocalRequest`]/[`LocalReply`] to its node's
 //! migd as JSON lines on the unix socket `migd.socket`; migd checks the caller's
@@ -199,4 +202,12 @@ pub trait ProxyService {
     async fn exited(id: String, status: i32) -> MigResult<()>;
     /// The shadows held here.
     async fn shadows() -> Vec<ProcessEntry>;
+    /// Going home: restore the image at `images` (a path under the super-root) into
+    /// the shadow of migration `id`; answers once the process is rebuilt (still
+    /// stopped until [`ProxyService::commit_home`]). On failure it is a shadow still.
+    async fn restore_into(id: String, images: String) -> MigResult<Running>;
+    /// Going home committed: the restored process runs; the shadow is no more.
+    async fn commit_home(id: String) -> MigResult<()>;
+    /// Going home given up after the restore: the process becomes a shadow again.
+    async fn abort_home(id: String) -> MigResult<()>;
 }

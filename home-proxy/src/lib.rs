@@ -19,7 +19,7 @@
 use common::auth::ClusterKey;
 use common::config::NodeConfig;
 use common::migproto::{
-    HeldImage, MigError, MigResult, MigdServiceClient, ProcessEntry, ProxyService,
+    HeldImage, MigError, MigResult, MigdServiceClient, ProcessEntry, ProxyService, Running,
 };
 use futures::StreamExt;
 use migd::daemon::keeper::Keeper;
@@ -29,7 +29,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tarpc::context::Context;
 use tarpc::server::{BaseChannel, Channel};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 
 /// Why home-proxy could not start.
@@ -48,6 +48,8 @@ pub enum StartError {
 struct Shadow {
     entry: ProcessEntry,
     keeper: mpsc::UnboundedSender<String>,
+    /// Going home: where the keeper's answer to `restore` goes.
+    reply: Option<oneshot::Sender<String>>,
 }
 
 /// Everything the connections share.
@@ -100,6 +102,7 @@ impl Proxy {
                         Shadow {
                             entry,
                             keeper: keeper.to.clone(),
+                            reply: None,
                         },
                     );
                     tokio::spawn(watch(self.clone(), id, keeper).instrument(span));
@@ -248,6 +251,7 @@ impl ProxyService for Conn {
             Shadow {
                 entry,
                 keeper: keeper.to.clone(),
+                reply: None,
             },
         );
         tokio::spawn(watch(self.p.clone(), id, keeper).instrument(span));
@@ -302,12 +306,115 @@ impl ProxyService for Conn {
             .map(|s| s.entry.clone())
             .collect()
     }
+
+    async fn restore_into(self, _: Context, id: String, images: String) -> MigResult<Running> {
+        let me = self.p.config.node.clone();
+        if self.peer != me {
+            return Err(MigError::Refused {
+                node: me,
+                why: format!(
+                    "only this node's migd may bring a process home, not {}",
+                    self.peer
+                ),
+            });
+        }
+        let (tx, rx) = oneshot::channel();
+        let pid = {
+            let mut s = self.p.shadows.lock().unwrap();
+            let rec = s.get_mut(&id).ok_or_else(|| self.unknown(&id))?;
+            if rec.reply.is_some() {
+                return Err(MigError::Refused {
+                    node: me,
+                    why: format!("pid {} is already on its way home", rec.entry.pid),
+                });
+            }
+            rec.reply = Some(tx);
+            let _ = rec.keeper.send(format!("restore {images}"));
+            rec.entry.pid
+        };
+        let span = tracing::info_span!("going_home", id = %id, pid);
+        span.in_scope(|| tracing::info!(%images, "restoring into the shadow"));
+        let line = tokio::time::timeout(migd::daemon::LONG_CALL, rx).await;
+        if let Some(rec) = self.p.shadows.lock().unwrap().get_mut(&id) {
+            rec.reply = None;
+        }
+        let failed = |why: String| MigError::Failed {
+            node: me.clone(),
+            why,
+        };
+        let line = match line {
+            Ok(Ok(l)) => l,
+            Ok(Err(_)) => {
+                return Err(failed(format!(
+                    "the keeper of shadow pid {pid} ended without an answer"
+                )))
+            }
+            Err(_) => {
+                return Err(failed(format!(
+                    "the keeper of shadow pid {pid} did not answer in time"
+                )))
+            }
+        };
+        if let Some(rest) = line.strip_prefix("running ") {
+            let mut it = rest.split_whitespace();
+            let host_pid = it.next().and_then(|v| v.parse().ok()).unwrap_or(pid);
+            let restore_ms = it.next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
+            span.in_scope(|| tracing::info!(restore_ms, "restored into the shadow"));
+            return Ok(Running {
+                host_pid,
+                restore_ms,
+            });
+        }
+        let why = line
+            .strip_prefix("restore-failed ")
+            .unwrap_or(&line)
+            .to_string();
+        span.in_scope(|| tracing::warn!(%why, "restore into the shadow failed"));
+        Err(failed(why))
+    }
+
+    async fn commit_home(self, _: Context, id: String) -> MigResult<()> {
+        let rec = self.p.shadows.lock().unwrap().remove(&id);
+        let rec = rec.ok_or_else(|| self.unknown(&id))?;
+        tracing::info!(id = %id, pid = rec.entry.pid, "home again: the shadow is the process now");
+        rec.keeper
+            .send("commit-home".into())
+            .map_err(|_| MigError::Failed {
+                node: self.p.config.node.clone(),
+                why: format!("the keeper of pid {} is gone", rec.entry.pid),
+            })?;
+        let _ = std::fs::remove_file(self.p.dir().join(format!("{id}.json")));
+        Ok(())
+    }
+
+    async fn abort_home(self, _: Context, id: String) -> MigResult<()> {
+        let s = self.p.shadows.lock().unwrap();
+        let rec = s.get(&id).ok_or_else(|| self.unknown(&id))?;
+        tracing::warn!(id = %id, pid = rec.entry.pid, "going home given up; back to a shadow");
+        let _ = rec.keeper.send("abort-home".into());
+        Ok(())
+    }
 }
 
 /// Follows a shadow's keeper: forwards the signals sent to the shadow to wherever the
 /// process runs; forgets the shadow when the keeper ends.
 async fn watch(p: Arc<Proxy>, id: String, mut keeper: Keeper) {
     while let Ok(Some(line)) = keeper.lines.next_line().await {
+        if line.starts_with("running ") || line.starts_with("restore-failed ") {
+            let reply = p
+                .shadows
+                .lock()
+                .unwrap()
+                .get_mut(&id)
+                .and_then(|s| s.reply.take());
+            match reply {
+                Some(r) => {
+                    let _ = r.send(line);
+                }
+                None => tracing::warn!(%line, "keeper answered a restore nobody waits for"),
+            }
+            continue;
+        }
         let sig = if let Some(s) = line.strip_prefix("signal ") {
             s.trim().parse::<i32>().ok()
         } else if line.starts_with("gone ") {

@@ -15,6 +15,7 @@
 
 use super::sys;
 use crate::engine::handoff::{dump_frozen, Held, Shadow};
+use crate::engine::restore::into::restore_into;
 use crate::engine::restore::{restore, RestoreOptions};
 use std::io::{BufRead, Write};
 use std::os::fd::AsRawFd;
@@ -205,7 +206,7 @@ fn shadow_loop(
     if let Some(p) = socket {
         link.listen(p);
     }
-    let shadow: Shadow = match held.into_shadow() {
+    let mut shadow: Shadow = match held.into_shadow() {
         Ok(s) => s,
         Err(e) => {
             link.say(&format!("error {}", one_line(e)));
@@ -219,6 +220,19 @@ fn shadow_loop(
     let mut stop_sent = false;
     let code = loop {
         if let Some(line) = next.take() {
+            if let Some(dir) = line.trim().strip_prefix("restore ") {
+                match going_home(shadow, Path::new(dir), &mut link) {
+                    Home::Done => break 0,
+                    Home::Shadow(s) => {
+                        shadow = s;
+                        continue;
+                    }
+                    Home::Lost => {
+                        let _ = crate::sys::kill(pid, libc::SIGKILL);
+                        break 1;
+                    }
+                }
+            }
             if let Some(st) = line.trim().strip_prefix("exit ") {
                 let status: i32 = st.trim().parse().unwrap_or(0);
                 break match shadow.end_like(status) {
@@ -273,6 +287,78 @@ fn shadow_loop(
         let _ = std::fs::remove_file(p);
     }
     code
+}
+
+/// How a restore into the shadow ended for the keeper.
+enum Home {
+    /// Committed: the process runs at home again; the keeper's work is done.
+    Done,
+    /// It is (again) a shadow.
+    Shadow(Shadow),
+    /// It could not be made a shadow again.
+    Lost,
+}
+
+/// Going home: restores the image at `images` into the shadow, says `running <pid>
+/// <ms>` (or `restore-failed <why>`), then waits for `commit-home` (let it run, the
+/// shadow is no more) or `abort-home` / the peer gone (it becomes a shadow again).
+fn going_home(shadow: Shadow, images: &Path, link: &mut Link) -> Home {
+    let pid = shadow.pid();
+    let _span = tracing::info_span!("going_home", pid).entered();
+    let restored = match restore_into(shadow, images) {
+        Ok(r) => r,
+        Err(f) => {
+            let f = *f;
+            let state = match (&f.shadow, f.untouched) {
+                (Some(_), true) => "the shadow is unchanged",
+                (Some(_), false) => {
+                    "the process was made a shadow again (its regular files closed)"
+                }
+                (None, _) => "the shadow is lost",
+            };
+            tracing::warn!(error = %f.error, state, "restore into the shadow failed");
+            link.say(&format!(
+                "restore-failed restoring into shadow pid {pid}: {}; {state}",
+                one_line(&f.error)
+            ));
+            return match f.shadow {
+                Some(s) => Home::Shadow(s),
+                None => Home::Lost,
+            };
+        }
+    };
+    tracing::info!(restore_ms = restored.restore_ms, kept_fds = ?restored.kept_fds, "restored into the shadow");
+    link.say(&format!("running {pid} {:.3}", restored.restore_ms));
+    let commit = loop {
+        match link.hear(Duration::from_millis(50)) {
+            Heard::Line(l) if l.trim() == "commit-home" => break true,
+            Heard::Line(l) if l.trim() == "abort-home" => break false,
+            Heard::Line(l) => tracing::warn!(line = %l, "ignored while going home"),
+            Heard::Nothing => {}
+            Heard::Alone => break false,
+        }
+    };
+    if commit {
+        match restored.commit() {
+            Ok(()) => {
+                tracing::info!("committed: the process runs at home again");
+                Home::Done
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "letting the restored process run");
+                Home::Lost
+            }
+        }
+    } else {
+        tracing::warn!("going home given up after the restore; back to a shadow");
+        match restored.give_back() {
+            Ok(s) => Home::Shadow(s),
+            Err(e) => {
+                tracing::error!(error = %e, "the process could not be made a shadow again");
+                Home::Lost
+            }
+        }
+    }
 }
 
 /// `migrate internal-restore`: builds the home's file view in a new mount namespace

@@ -38,6 +38,26 @@ impl Conn {
 
 impl MigdService for Conn {
     async fn offer(self, _: Context, offer: MigrationOffer) -> MigResult<()> {
+        // Going home: only into the shadow it left here.
+        let going_home_refusal = if offer.home == self.me() {
+            match self.d.proxy(&offer.home).await {
+                Ok(p) => {
+                    let shadows = p.shadows(long_ctx()).await.unwrap_or_default();
+                    (!shadows
+                        .iter()
+                        .any(|s| s.id == offer.id && s.pid == offer.pid))
+                    .then(|| {
+                        format!(
+                            "no shadow of migration {} (pid {}) is held here",
+                            offer.id, offer.pid
+                        )
+                    })
+                }
+                Err(e) => Some(format!("its shadow cannot be reached: {e}")),
+            }
+        } else {
+            None
+        };
         let _s = tracing::info_span!("offer", id = %offer.id, pid = offer.pid, home = %offer.home, from = %offer.source).entered();
         let refuse = |why: String| {
             tracing::info!(%why, "offer refused");
@@ -62,8 +82,8 @@ impl MigdService for Conn {
                 offer.home
             ));
         }
-        if offer.home == self.me() {
-            return refuse("bringing a process home is not implemented yet".into());
+        if let Some(why) = going_home_refusal {
+            return refuse(why);
         }
         tracing::info!("offer accepted");
         self.d
@@ -78,11 +98,27 @@ impl MigdService for Conn {
         let Some(offer) = self.d.offers.lock().unwrap().remove(&id) else {
             return Err(self.unknown(&id));
         };
+        if offer.home == self.me() {
+            let span =
+                tracing::info_span!("going_home", id = %id, pid = offer.pid, from = %offer.source);
+            return restore_home(self.d.clone(), offer).instrument(span).await;
+        }
         let span = tracing::info_span!("restore", id = %id, pid = offer.pid, home = %offer.home, from = %offer.source);
         restore(self.d.clone(), offer).instrument(span).await
     }
 
     async fn committed(self, _: Context, id: String) -> MigResult<()> {
+        if self.d.homing.lock().unwrap().remove(&id) {
+            let span = tracing::info_span!("going_home", id = %id);
+            let p = self.d.proxy(&self.me()).await?;
+            flat(&self.me(), p.commit_home(long_ctx(), id.clone()).await)?;
+            span.in_scope(|| tracing::info!("committed: the process runs at home again"));
+            let dir = self.d.image_dir(&id);
+            if let Err(e) = std::fs::remove_dir_all(&dir) {
+                span.in_scope(|| tracing::warn!(dir = %dir.display(), error = %e, "removing the image from the store"));
+            }
+            return Ok(());
+        }
         let restorer = self
             .d
             .foreign
@@ -112,6 +148,11 @@ impl MigdService for Conn {
 
     async fn abort(self, _: Context, id: String) -> MigResult<()> {
         self.d.offers.lock().unwrap().remove(&id);
+        if self.d.homing.lock().unwrap().remove(&id) {
+            tracing::warn!(id = %id, "abort: the process goes back to being a shadow");
+            let p = self.d.proxy(&self.me()).await?;
+            return flat(&self.me(), p.abort_home(long_ctx(), id.clone()).await);
+        }
         // Dropping the restorer's input before commit kills the copy's pid namespace.
         let pid = self.d.foreign.lock().unwrap().get_mut(&id).map(|f| {
             f.departing = true;
@@ -148,46 +189,75 @@ impl MigdService for Conn {
         dest: String,
         mode: Mode,
     ) -> MigResult<MigrateOutcome> {
-        let Some(entry) = self
-            .d
-            .foreign
-            .lock()
-            .unwrap()
-            .get(&id)
-            .map(|f| f.entry.clone())
-        else {
-            return Err(self.unknown(&id));
-        };
-        let span = tracing::info_span!("migration", id = %id, pid = entry.pid, from = %self.me(), to = %dest);
-        async {
-            let uid = super::owner(entry.host_pid).unwrap_or(0);
-            let offer = offer_for(&self.d, &id, &entry.home, entry.pid, &entry.comm, uid, mode);
-            let Ready {
-                holder,
-                running,
-                bytes,
-                freeze_ms,
-            } = prepare(&self.d, entry.host_pid, offer, &dest, HoldAt::Keeper, None).await?;
-            // Commit: the copy here ends without a report home.
-            if let Some(f) = self.d.foreign.lock().unwrap().get_mut(&id) {
-                f.departing = true;
-            }
-            if let Holder::Keeper(k) = holder {
-                k.end("commit-kill").await;
-            }
-            self.d.foreign.lock().unwrap().remove(&id);
-            tracing::info!(host_pid = running.host_pid, bytes, freeze_ms, "moved on");
-            Ok(MigrateOutcome {
-                id: id.clone(),
-                host: dest.clone(),
-                host_pid: running.host_pid,
-                bytes,
-                freeze_ms,
-            })
-        }
-        .instrument(span)
-        .await
+        move_on(&self.d, &id, &dest, mode, None).await
     }
+}
+
+/// Moves the foreign process of migration `id` running here on to `dest` (its home
+/// included: it then goes back into its shadow). On success the copy here is killed
+/// without a report home; on failure it runs on here.
+pub async fn move_on(
+    d: &Arc<Daemon>,
+    id: &str,
+    dest: &str,
+    mode: Mode,
+    tx: Option<&super::local::Replies>,
+) -> MigResult<MigrateOutcome> {
+    let me = d.config.node.clone();
+    let Some(entry) = d.foreign.lock().unwrap().get(id).map(|f| f.entry.clone()) else {
+        return Err(MigError::Unknown {
+            node: me,
+            id: id.to_string(),
+        });
+    };
+    let span = tracing::info_span!("migration", id = %id, pid = entry.pid, from = %me, to = %dest);
+    async {
+        let uid = super::owner(entry.host_pid).unwrap_or(0);
+        let offer = offer_for(d, id, &entry.home, entry.pid, &entry.comm, uid, mode);
+        let Ready {
+            holder,
+            running,
+            bytes,
+            freeze_ms,
+        } = prepare(d, entry.host_pid, offer, dest, HoldAt::Keeper, tx).await?;
+        // Commit: the copy here ends without a report home.
+        if let Some(f) = d.foreign.lock().unwrap().get_mut(id) {
+            f.departing = true;
+        }
+        if let Holder::Keeper(k) = holder {
+            k.end("commit-kill").await;
+        }
+        d.foreign.lock().unwrap().remove(id);
+        tracing::info!(host_pid = running.host_pid, bytes, freeze_ms, "moved on");
+        Ok(MigrateOutcome {
+            id: id.to_string(),
+            host: dest.to_string(),
+            host_pid: running.host_pid,
+            bytes,
+            freeze_ms,
+        })
+    }
+    .instrument(span)
+    .await
+}
+
+/// Going home: home-proxy restores the image into the shadow (still stopped until
+/// `committed`).
+async fn restore_home(d: Arc<Daemon>, offer: MigrationOffer) -> MigResult<Running> {
+    let me = d.config.node.clone();
+    let p = d.proxy(&me).await?;
+    let images = d.image_dir(&offer.id).display().to_string();
+    let running = flat(
+        &me,
+        p.restore_into(long_ctx(), offer.id.clone(), images).await,
+    )?;
+    tracing::info!(
+        pid = running.host_pid,
+        restore_ms = running.restore_ms,
+        "restored into the shadow"
+    );
+    d.homing.lock().unwrap().insert(offer.id);
+    Ok(running)
 }
 
 /// Restores an offered process under its home's file view and watches it.

@@ -131,35 +131,69 @@ async fn migrate(
         ));
     }
     drop(_e);
+    let me = d.config.node.clone();
     let shadow = shadows(d).await.into_iter().find(|s| s.pid == pid);
+    let homeward = dest == "home" || dest == me;
     match shadow {
-        None if dest == "home" || dest == d.config.node => Err(format!(
-            "pid {pid} already runs at its home {}; nothing was changed",
-            d.config.node
+        None if dest == "home" => {
+            // Run on the host: the pid is the foreign process's pid here.
+            let foreign = d
+                .foreign
+                .lock()
+                .unwrap()
+                .values()
+                .find(|f| f.entry.host_pid == pid && f.restorer.is_none())
+                .map(|f| f.entry.clone());
+            let Some(f) = foreign else {
+                return Err(format!(
+                    "pid {pid} is neither a shadow nor a migrated process here; it already runs at its home {me}; nothing was changed"
+                ));
+            };
+            let _ = tx.send(LocalReply::Progress {
+                phase: format!("bringing it home to {} (pid {} there)", f.home, f.pid),
+                bytes: 0,
+            });
+            super::host::move_on(d, &f.id, &f.home, mode, Some(tx))
+                .await
+                .map_err(|e| e.to_string())
+        }
+        None if dest == me => Err(format!(
+            "pid {pid} already runs at its home {me}; nothing was changed"
         )),
         None => super::source::migrate_from_home(d, pid, dest, mode, tx)
             .await
             .map_err(|e| e.to_string()),
-        Some(e) if dest == "home" || dest == d.config.node => Err(format!(
-            "pid {pid} runs on {}; bringing it home (restore into the shadow) is not implemented yet; nothing was changed",
-            e.host
+        Some(e) if e.host == dest => Err(format!(
+            "pid {pid} already runs on {dest}; nothing was changed"
         )),
-        Some(e) if e.host == dest => Err(format!("pid {pid} already runs on {dest}")),
         Some(e) => {
+            let to = if homeward {
+                me.clone()
+            } else {
+                dest.to_string()
+            };
             let _ = tx.send(LocalReply::Progress {
-                phase: format!("asking {} to move it to {dest}", e.host),
+                phase: if homeward {
+                    format!("asking {} to bring it home into its shadow", e.host)
+                } else {
+                    format!("asking {} to move it to {dest}", e.host)
+                },
                 bytes: 0,
             });
             let host = d.peer(&e.host).await.map_err(|e| e.to_string())?;
             let out = flat(
                 &e.host,
-                host.move_to(long_ctx(), e.id.clone(), dest.to_string(), mode)
+                host.move_to(long_ctx(), e.id.clone(), to.clone(), mode)
                     .await,
             )
             .map_err(|e: MigError| e.to_string())?;
-            let proxy = d.proxy(&d.config.node).await.map_err(|e| e.to_string())?;
+            if homeward {
+                // home-proxy forgot the shadow at the commit: it is the process again.
+                return Ok(out);
+            }
+            let proxy = d.proxy(&me).await.map_err(|e| e.to_string())?;
             if let Err(err) = flat(
-                &d.config.node,
+                &me,
                 proxy
                     .moved(long_ctx(), e.id.clone(), out.host.clone(), out.host_pid)
                     .await,

@@ -5,7 +5,8 @@
 //!   (SO_PEERCRED), and migrations started here: from home ([`source`]) or, for a
 //!   process whose shadow is here, by asking its host to move it on.
 //! - [`host`]: the destination side: offers, restores under the home's file view,
-//!   watching foreign processes and reporting their end to their home.
+//!   watching foreign processes and reporting their end to their home; moving them on
+//!   (going home included: the home's home-proxy restores into the shadow).
 //! - [`helpers`]: the single-threaded helper processes that hold a frozen process
 //!   (the keeper; at home it keeps the shadow) and restore one (the restorer), run as
 //!   `migrate internal-keep` / `migrate internal-restore`; [`keeper`] starts one.
@@ -71,6 +72,9 @@ pub struct Daemon {
     next: AtomicU64,
     pub foreign: Mutex<HashMap<String, ForeignRec>>,
     pub offers: Mutex<HashMap<String, common::migproto::MigrationOffer>>,
+    /// Migrations coming home whose image was restored into the shadow, until their
+    /// commit or abort.
+    pub homing: Mutex<std::collections::HashSet<String>>,
 }
 
 impl Daemon {
@@ -232,6 +236,7 @@ pub async fn serve(
         next: AtomicU64::new(1),
         foreign: Mutex::new(HashMap::new()),
         offers: Mutex::new(HashMap::new()),
+        homing: Mutex::new(Default::default()),
     });
     tracing::info!(%addr, socket = %sock_path.display(), node = %d.config.node, "migd listening");
     host::adopt_foreign(&d).await;
