@@ -307,6 +307,13 @@ fn memory_freed_or_remapped_during_precopy_comes_back_as_zeros_not_stale_data() 
         }
     })
     .expect("pre-copy dump");
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
+    assert!(
+        !smaps
+            .lines()
+            .any(|l| l.starts_with("VmFlags:") && l.contains(" uw")),
+        "the held process still has areas registered for write-protect"
+    );
     held.kill();
     let _ = child.wait();
     assert_eq!(reports.len(), 4, "3 rounds and the freeze: {reports:?}");

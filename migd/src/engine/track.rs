@@ -236,6 +236,7 @@ impl Tracker {
             _ => {}
         }
         let frozen = Frozen::freeze(pid)?;
+        let t0 = Instant::now();
         precheck(pid)?;
         let smaps = parse_smaps(&read_proc(format!("/proc/{pid}/smaps"))?)
             .map_err(|e| other(pid, e.to_string()))?;
@@ -278,7 +279,8 @@ impl Tracker {
         let src = MemSource::open(pid)?;
         let pw = PageWriter::create(images)?;
         frozen.thaw();
-        tracing::info!(areas = ranges.len(), "tracking writes");
+        let frozen_ms = t0.elapsed().as_secs_f64() * 1e3;
+        tracing::info!(areas = ranges.len(), frozen_ms, "tracking writes");
         Ok(Tracker {
             pid,
             images: images.to_path_buf(),
@@ -361,14 +363,18 @@ impl Tracker {
                     SAVED_NOT,
                     SAVED_ANYOF,
                 )
-                .map_err(|e| {
-                    other(
+                .map_err(|e| match e {
+                    Errno::ESRCH => other(
+                        pid,
+                        format!("the process exited during pre-copy round {}", self.rounds),
+                    ),
+                    e => other(
                         pid,
                         format!(
                             "PAGEMAP_SCAN of {start:#x}-{end:#x} (round {}): {e}",
                             self.rounds
                         ),
-                    )
+                    ),
                 })?;
             regions.extend(found);
         }
