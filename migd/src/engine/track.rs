@@ -13,9 +13,10 @@
 //! The result is an ordinary version-1 image: the manifest's runs point at the latest
 //! copy of each page; `pages.img` may also hold older copies that no run points to.
 //!
-//! What is not seen: memory the kernel writes through pages pinned before a round
-//! (io_uring fixed buffers, asynchronous direct I/O in flight) does not fault, so
-//! such writes are not tracked, as with soft-dirty bits.
+//! What is not seen: memory the kernel writes through pages it pinned before a round
+//! scanned them (an O_DIRECT read in progress, io_uring fixed buffers, vmsplice, RDMA)
+//! faults no page, so such writes are not tracked; soft-dirty bits (CRIU's pre-dump)
+//! miss them the same way.
 
 use super::dump::{
     area_kind, area_record, collect_into, precheck, precheck_areas, precheck_process, read_proc,
