@@ -238,9 +238,10 @@ impl Tracker {
         }
         let frozen = Frozen::freeze(pid)?;
         let t0 = Instant::now();
-        precheck(pid)?;
+        precheck_process(pid)?;
         let smaps = parse_smaps(&read_proc(format!("/proc/{pid}/smaps"))?)
             .map_err(|e| other(pid, e.to_string()))?;
+        precheck_areas(pid, &smaps)?;
         let uffd = inject_userfaultfd(pid, &frozen, &smaps)?;
         let want = kabi::UFFD_FEATURE_WP_ASYNC | kabi::UFFD_FEATURE_WP_UNPOPULATED;
         let got = uffd
