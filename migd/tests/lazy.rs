@@ -275,9 +275,10 @@ fn one_gib_process_restored_lazily_sees_every_page_and_ends_as_uninterrupted() {
     }
 }
 
-/// While its pages are still missing, the program drops a range (MADV_DONTNEED: must
-/// read zeros, then and after the prefetch), moves a range (mremap: must keep its
-/// contents), unmaps one and maps fresh memory there (zeros), and forks a child that
+/// While its pages are still missing, the program drops two ranges (MADV_DONTNEED:
+/// must read zeros, then and after the prefetch; the second one is read only in
+/// phase 2), moves a range (mremap: must keep its contents; its last MiB is read only
+/// in phase 2), unmaps one and maps fresh memory there (zeros), and forks a child that
 /// checks pages neither of them had touched. After SIGUSR1 again (once every page is
 /// in) it checks everything once more.
 const EVENTS_C: &str = r#"
@@ -318,6 +319,8 @@ int main(void) {
     /* Every page of a is missing now. */
     if (madvise(a, 4 * MB, MADV_DONTNEED)) return 3;
     printf("dontneed: %zu nonzero words\n", nonzero(a, 4 * w));
+    /* Dropped and not read until phase 2. */
+    if (madvise(a + 4 * w, 2 * MB, MADV_DONTNEED)) return 3;
     void *hole = mmap(0, 8 * MB, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     uint64_t *m = mremap(a + 8 * w, 8 * MB, 8 * MB, MREMAP_MAYMOVE | MREMAP_FIXED, hole);
     if (m == MAP_FAILED) return 4;
@@ -329,19 +332,20 @@ int main(void) {
     fflush(stdout);
     pid_t c = fork();
     if (c == 0) {
-        size_t b = bad(a + 20 * w, 20 * w, 20 * w) + nonzero(a, 4 * w) + bad(m + 4 * w, 12 * w, 4 * w);
+        size_t b = bad(a + 20 * w, 20 * w, 20 * w) + nonzero(a, 4 * w) + bad(m + 4 * w, 12 * w, 3 * w);
         _exit(b ? 1 : 0);
     }
     int st = 0;
     waitpid(c, &st, 0);
     printf("child: exit %d\n", WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st));
+    /* The moved range's last MiB is not read until phase 2. */
     printf("parent: %zu bad words in 20..64 MiB, %zu in the moved second half\n",
-           bad(a + 20 * w, 20 * w, 44 * w), bad(m + 4 * w, 12 * w, 4 * w));
+           bad(a + 20 * w, 20 * w, 44 * w), bad(m + 4 * w, 12 * w, 3 * w));
     printf("phase1\n");
     fflush(stdout);
     wait_go();
     printf("after: %zu nonzero dropped, %zu bad moved, %zu nonzero fresh, %zu bad rest\n",
-           nonzero(a, 4 * w), bad(m, 8 * w, 8 * w), nonzero(f, 4 * w), bad(a + 20 * w, 20 * w, 44 * w) + bad(a + 4 * w, 4 * w, 4 * w));
+           nonzero(a, 6 * w), bad(m, 8 * w, 8 * w), nonzero(f, 4 * w), bad(a + 20 * w, 20 * w, 44 * w) + bad(a + 6 * w, 6 * w, 2 * w));
     printf("done\n");
     return 0;
 }
@@ -698,6 +702,73 @@ fn killing_the_server_mid_fault_in_leaves_the_process_waiting_and_a_resumed_serv
     );
     assert_same_output(
         "lazy restore served by a resumed server",
+        &reference,
+        &std::fs::read(&p.out).unwrap(),
+    );
+}
+
+#[test]
+fn a_resumed_server_knows_the_layout_changes_the_dead_one_was_told_of() {
+    let dir = tempdir();
+    let exe = compile_c(dir.path(), "events", EVENTS_C, &["-O2"]);
+    let argv = [exe.to_str().unwrap()];
+    let mut p = run_prog(dir.path(), "ref", &argv);
+    wait_for(&p.out, "filled", Duration::from_secs(30), "reference run");
+    usr1(p.child.id() as i32);
+    wait_for(&p.out, "phase1", Duration::from_secs(30), "reference run");
+    usr1(p.child.id() as i32);
+    assert!(p.child.wait().unwrap().success(), "reference run failed");
+    let reference = std::fs::read(&p.out).unwrap();
+
+    let images = dir.path().join("img");
+    let p = run_and_dump(dir.path(), &argv, &images);
+    // No prefetch before the server dies: the events of phase 1 (drop, move, unmap,
+    // fork) meet missing pages, and phase 2 reads pages they concern that nobody
+    // touched yet.
+    let mut r = start_lazy(&images, &["--prefetch-delay-ms", "600000"]);
+    let (pid, stub, fd) = (r.outer_pid, r.stub_pid, r.uffd_fd);
+    usr1(pid);
+    wait_for(
+        &p.out,
+        "phase1",
+        Duration::from_secs(30),
+        "lazily restored run",
+    );
+    r.child.kill().unwrap();
+    let _ = r.child.wait();
+    let o = Command::new(migd())
+        .args([
+            "internal-lazy-resume",
+            "--stub",
+            &stub.to_string(),
+            "--fd",
+            &fd.to_string(),
+            "--images",
+        ])
+        .arg(&images)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    usr1(pid);
+    let o = o.wait_with_output().unwrap();
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    println!(
+        "resumed after the events: {}",
+        out.lines().last().unwrap_or("")
+    );
+    assert!(
+        o.status.success(),
+        "migd internal-lazy-resume failed: {out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        wait_gone(pid, Duration::from_secs(60)),
+        "the process did not end after the resume"
+    );
+    assert_same_output(
+        "events, then a resumed server",
         &reference,
         &std::fs::read(&p.out).unwrap(),
     );

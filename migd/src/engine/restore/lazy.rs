@@ -23,11 +23,18 @@
 //! whose data cannot be read waits until it can, or until `store_bound` has passed,
 //! when the process is killed and the loss reported.
 
+mod journal;
+mod ranges;
+mod source;
+
 use super::spawn::StubLink;
 use super::{Ctx, RestoreError};
 use crate::engine::image::{self, Area, AreaKind, FdKind, Manifest};
 use crate::sys::uffd::{self, Uffd, UffdEvent};
 use crate::sys::{self, kabi};
+use journal::{Change, Journal, Layout, Record};
+use ranges::Ranges;
+use source::Source;
 use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::FileExt;
@@ -37,8 +44,6 @@ use std::time::{Duration, Instant};
 const PAGE: u64 = 4096;
 /// Filled eagerly on each side of a thread's stack pointer.
 const STACK_WINDOW: u64 = 64 * 1024;
-/// Chunks of pages.img kept in memory (each [`image::CHUNK`] bytes).
-const CACHE_CHUNKS: usize = 16;
 
 /// How a lazy restore serves pages.
 #[derive(Debug, Clone)]
@@ -106,61 +111,10 @@ pub enum LazyError {
         what: String,
         errno: nix::errno::Errno,
     },
+    #[error("resuming a lazy restore: {what}")]
+    Resume { what: String },
     #[error(transparent)]
     Image(#[from] image::ImageError),
-}
-
-/// Address ranges, each with the pages.img offset of its first byte.
-#[derive(Debug, Clone, Default)]
-struct Ranges(BTreeMap<u64, (u64, u64)>);
-
-impl Ranges {
-    fn insert(&mut self, start: u64, end: u64, off: u64) {
-        if start < end {
-            self.0.insert(start, (end, off));
-        }
-    }
-
-    /// The range holding `addr`: (start, end, offset).
-    fn find(&self, addr: u64) -> Option<(u64, u64, u64)> {
-        let (&s, &(e, o)) = self.0.range(..=addr).next_back()?;
-        (addr < e).then_some((s, e, o))
-    }
-
-    /// Removes `[start, end)`; returns the parts that were there.
-    fn cut(&mut self, start: u64, end: u64) -> Vec<(u64, u64, u64)> {
-        let keys: Vec<u64> = self
-            .0
-            .range(..end)
-            .rev()
-            .take_while(|(_, &(e, _))| e > start)
-            .map(|(&s, _)| s)
-            .collect();
-        let mut out = Vec::new();
-        for s in keys.into_iter().rev() {
-            let (e, o) = self.0.remove(&s).unwrap();
-            let (a, b) = (s.max(start), e.min(end));
-            self.insert(s, a, o);
-            self.insert(b, e, o + (b - s));
-            out.push((a, b, o + (a - s)));
-        }
-        out
-    }
-
-    /// The first range ending after `from`, else the first one.
-    fn next_from(&self, from: u64) -> Option<(u64, u64, u64)> {
-        self.find(from)
-            .or_else(|| self.0.range(from..).next().map(|(&s, &(e, o))| (s, e, o)))
-            .or_else(|| self.0.iter().next().map(|(&s, &(e, o))| (s, e, o)))
-    }
-
-    fn bytes(&self) -> u64 {
-        self.0.iter().map(|(s, (e, _))| e - s).sum()
-    }
-
-    fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
 }
 
 /// Whether an area is served lazily: private anonymous memory with saved pages (the
@@ -376,38 +330,20 @@ pub fn arm(
         })?;
     let mut touched = 0u64;
     for &(s, e) in &plan.areas {
-        let mut at = s;
-        while at < e {
-            let mut out = Vec::new();
-            let next = uffd::pagemap_scan(
-                pm.as_raw_fd(),
-                at,
-                e,
-                0,
-                0,
-                0,
-                kabi::PAGE_IS_PRESENT | kabi::PAGE_IS_SWAPPED,
-                0,
-                &mut out,
-            )
+        let ranges = present(pm.as_raw_fd(), s, e)
             .map_err(|e2| other(format!("PAGEMAP_SCAN {pm_path}: {e2}")))?;
-            for r in &out {
-                for (a, b, off) in missing.cut(r.start, r.end) {
-                    let mut buf = vec![0u8; (b - a) as usize];
-                    src.read_exact_at(&mut buf, off)
-                        .map_err(|source| RestoreError::Io {
-                            path: images.join(image::PAGES_FILE).display().to_string(),
-                            source,
-                        })?;
-                    sys::vm_write(ctx.pid, a, &buf)
-                        .map_err(|e2| other(format!("filling touched pages at {a:#x}: {e2}")))?;
-                    touched += b - a;
-                }
+        for (rs, re) in ranges {
+            for (a, b, off) in missing.cut(rs, re) {
+                let mut buf = vec![0u8; (b - a) as usize];
+                src.read_exact_at(&mut buf, off)
+                    .map_err(|source| RestoreError::Io {
+                        path: images.join(image::PAGES_FILE).display().to_string(),
+                        source,
+                    })?;
+                sys::vm_write(ctx.pid, a, &buf)
+                    .map_err(|e2| other(format!("filling touched pages at {a:#x}: {e2}")))?;
+                touched += b - a;
             }
-            if next <= at {
-                break;
-            }
-            at = next;
         }
     }
     if touched > 0 {
@@ -420,97 +356,64 @@ pub fn arm(
     let stub_fd = link
         .hold(uffd.fd())
         .map_err(|e| other(format!("handing the userfaultfd to the stub: {e}")))?;
+    let mut journal =
+        Journal::create().map_err(|e| other(format!("memfd_create(lazy journal): {e}")))?;
+    link.hold(journal.fd())
+        .map_err(|e| other(format!("handing the lazy journal to the stub: {e}")))?;
+    journal.append(&Record::Root { fd: stub_fd });
     let pages = images.join(image::PAGES_FILE);
     let mut pager = Pager::new(pages, m, opts.clone(), Some(link.pid));
     pager.link = Some(link);
-    pager
-        .spaces
-        .push(Space::new(uffd, Some(stub_fd), missing, registered));
+    pager.journal = Some(journal);
+    pager.spaces.push(Space::new(
+        0,
+        uffd,
+        Some(stub_fd),
+        Layout {
+            missing,
+            registered,
+        },
+    ));
     pager.first_stub_fd = Some(stub_fd);
     Ok(pager)
 }
 
-/// pages.img, read in whole chunks whose CRC-32C is checked, a few kept in memory.
-struct Source {
-    path: PathBuf,
-    file: Option<std::fs::File>,
-    len: u64,
-    crcs: Vec<u32>,
-    cache: Vec<(u64, Vec<u8>)>,
-    stage: Vec<u8>,
-}
-
-impl Source {
-    fn chunk(&mut self, i: u64) -> Result<usize, String> {
-        if let Some(p) = self.cache.iter().position(|(c, _)| *c == i) {
-            return Ok(p);
+/// The present (or swapped) parts of `[start, end)` in `pm` (an open
+/// /proc/PID/pagemap).
+fn present(pm: RawFd, start: u64, end: u64) -> Result<Vec<(u64, u64)>, nix::errno::Errno> {
+    let mut out = Vec::new();
+    let mut at = start;
+    while at < end {
+        let mut regions = Vec::new();
+        let next = uffd::pagemap_scan(
+            pm,
+            at,
+            end,
+            0,
+            0,
+            0,
+            kabi::PAGE_IS_PRESENT | kabi::PAGE_IS_SWAPPED,
+            0,
+            &mut regions,
+        )?;
+        out.extend(regions.iter().map(|r| (r.start, r.end)));
+        if next <= at {
+            break;
         }
-        if self.file.is_none() {
-            let f = std::fs::File::open(&self.path).map_err(|e| format!("open: {e}"))?;
-            self.file = Some(f);
-        }
-        let lo = i * image::CHUNK;
-        let len = (self.len - lo).min(image::CHUNK) as usize;
-        let mut buf = if self.cache.len() >= CACHE_CHUNKS {
-            self.cache.remove(0).1
-        } else {
-            Vec::new()
-        };
-        buf.resize(len, 0);
-        let r = self.file.as_ref().unwrap().read_exact_at(&mut buf, lo);
-        if let Err(e) = r {
-            // A broken store connection stays broken on this fd: reopen next time.
-            self.file = None;
-            return Err(format!("read at {lo}: {e}"));
-        }
-        if self.crcs.get(i as usize) != Some(&crc32c::crc32c(&buf)) {
-            self.file = None;
-            return Err(format!("chunk {i} (bytes {lo}..): checksum mismatch"));
-        }
-        self.cache.push((i, buf));
-        Ok(self.cache.len() - 1)
+        at = next;
     }
-
-    /// `len` bytes at `off`.
-    fn read(&mut self, off: u64, len: u64) -> Result<&[u8], String> {
-        if off + len > self.len {
-            return Err(format!("bytes {off}..{} beyond its end", off + len));
-        }
-        let (c0, c1) = (off / image::CHUNK, (off + len - 1) / image::CHUNK);
-        if c0 == c1 {
-            let p = self.chunk(c0)?;
-            let lo = (off - c0 * image::CHUNK) as usize;
-            return Ok(&self.cache[p].1[lo..lo + len as usize]);
-        }
-        let mut stage = std::mem::take(&mut self.stage);
-        stage.clear();
-        for c in c0..=c1 {
-            let p = match self.chunk(c) {
-                Ok(p) => p,
-                Err(e) => {
-                    self.stage = stage;
-                    return Err(e);
-                }
-            };
-            let base = c * image::CHUNK;
-            let lo = off.max(base) - base;
-            let hi = (off + len).min(base + image::CHUNK) - base;
-            stage.extend_from_slice(&self.cache[p].1[lo as usize..hi as usize]);
-        }
-        self.stage = stage;
-        Ok(&self.stage)
-    }
+    Ok(out)
 }
 
 /// One address space served: the restored process, or a child it forked.
 struct Space {
+    /// Its number in the journal (0: the restored process).
+    id: u64,
     uffd: Uffd,
     /// The stub's copy of this userfaultfd.
     stub_fd: Option<i32>,
-    /// Image pages not filled yet.
-    missing: Ranges,
-    /// Ranges registered with this userfaultfd (unregistered at the end).
-    registered: Ranges,
+    /// Image pages not filled yet; ranges registered (unregistered at the end).
+    layout: Layout,
     /// Faults read but not served yet (the store is failing).
     pending: Vec<u64>,
     /// Where the prefetch goes on.
@@ -519,12 +422,12 @@ struct Space {
 }
 
 impl Space {
-    fn new(uffd: Uffd, stub_fd: Option<i32>, missing: Ranges, registered: Ranges) -> Space {
+    fn new(id: u64, uffd: Uffd, stub_fd: Option<i32>, layout: Layout) -> Space {
         Space {
+            id,
             uffd,
             stub_fd,
-            missing,
-            registered,
+            layout,
             pending: Vec::new(),
             cursor: 0,
             dead: false,
@@ -545,6 +448,8 @@ pub struct Pager {
     victim: Option<i32>,
     link: Option<StubLink>,
     first_stub_fd: Option<i32>,
+    journal: Option<Journal>,
+    next_id: u64,
     progress: Progress,
     started: Instant,
     /// Since when reads fail, and why.
@@ -578,6 +483,8 @@ impl Pager {
             victim,
             link: None,
             first_stub_fd: None,
+            journal: None,
+            next_id: 1,
             progress: Progress::default(),
             started: Instant::now(),
             stall: None,
@@ -589,13 +496,15 @@ impl Pager {
 
     /// Takes over serving a lazily restored process whose server went away: the
     /// userfaultfd is taken from the stub (`stub_pid`, its fd number `stub_fd`, as in
-    /// [`super::RestoreReport::uffd_stub_fd`]), and every page of the image's lazy
-    /// areas is offered again (pages already in answer EEXIST). Threads left waiting
-    /// on a fault the old server had read are woken so that they fault again.
+    /// [`super::RestoreReport::uffd_stub_fd`]), with the journal the stub also holds
+    /// (the layout changes the old server was told of, and the children it served,
+    /// whose userfaultfds are taken too). Pages already in are skipped (or answer
+    /// EEXIST), and threads left waiting on a fault the old server had read are
+    /// woken so that they fault again.
     ///
-    /// Not known to a resumed server: the events the old one handled (a range dropped
-    /// with MADV_DONTNEED would get its image data back; ranges moved by mremap are
-    /// served at their old address only) and the children the process forked.
+    /// Not known to a resumed server: an event the old one read but had not written
+    /// to the journal when it died. Children forked after a resume are served, but
+    /// the stub holds no second reference to their userfaultfds.
     pub fn resume(
         stub_pid: i32,
         stub_fd: i32,
@@ -608,25 +517,91 @@ impl Pager {
             what: what.to_string(),
             errno,
         };
-        let pidfd = sys::pidfd_open(stub_pid).map_err(|e| err("pidfd_open(stub)", e))?;
-        let fd = sys::pidfd_getfd(pidfd.as_raw_fd(), stub_fd)
-            .map_err(|e| err("pidfd_getfd(stub's userfaultfd)", e))?;
-        let uffd = Uffd::from_fd(fd);
-        let missing = plan.missing.clone();
+        let journal = Journal::take_from(stub_pid).map_err(|what| LazyError::Resume { what })?;
         let mut registered = Ranges::default();
         for &(s, e) in &plan.areas {
             registered.insert(s, e, 0);
-            let _ = uffd.wake(s, e - s);
         }
+        let mut spaces: BTreeMap<u64, (Layout, i32)> = BTreeMap::new();
+        spaces.insert(
+            0,
+            (
+                Layout {
+                    missing: plan.missing.clone(),
+                    registered,
+                },
+                stub_fd,
+            ),
+        );
+        let mut next_id = 1;
+        match &journal {
+            Some(j) => {
+                for r in j.records() {
+                    match r {
+                        Record::Root { fd } if fd != stub_fd => {
+                            return Err(LazyError::Resume {
+                                what: format!(
+                                    "the stub's journal says the process's userfaultfd is fd {fd}, not {stub_fd}"
+                                ),
+                            })
+                        }
+                        Record::Root { .. } => {}
+                        Record::Change { space, change } => {
+                            if let Some((l, _)) = spaces.get_mut(&space) {
+                                l.apply(&change);
+                            }
+                        }
+                        Record::Fork { parent, child, fd } => {
+                            if let Some((l, _)) = spaces.get(&parent).cloned() {
+                                spaces.insert(child, (l, fd));
+                            }
+                            next_id = next_id.max(child + 1);
+                        }
+                        Record::Done { space } => {
+                            spaces.remove(&space);
+                        }
+                    }
+                }
+            }
+            None => tracing::warn!(
+                stub_pid,
+                "the stub holds no lazy journal: layout changes the old server handled are unknown"
+            ),
+        }
+        // Pages of the restored process already in need nothing.
+        if let (Some((l, _)), Some(&target)) = (
+            spaces.get_mut(&0),
+            crate::engine::procfs::children_of(stub_pid).first(),
+        ) {
+            if let Ok(pm) = std::fs::File::open(format!("/proc/{target}/pagemap")) {
+                let regs: Vec<(u64, u64)> =
+                    l.registered.0.iter().map(|(&s, &(e, _))| (s, e)).collect();
+                for (s, e) in regs {
+                    for (a, b) in present(pm.as_raw_fd(), s, e).unwrap_or_default() {
+                        l.missing.cut(a, b);
+                    }
+                }
+            }
+        }
+        let pidfd = sys::pidfd_open(stub_pid).map_err(|e| err("pidfd_open(stub)", e))?;
         let mut pager = Pager::new(
             images.join(image::PAGES_FILE),
             &m,
             opts.clone(),
             Some(stub_pid),
         );
-        pager
-            .spaces
-            .push(Space::new(uffd, None, missing, registered));
+        for (id, (layout, fd)) in spaces {
+            let uffd = Uffd::from_fd(
+                sys::pidfd_getfd(pidfd.as_raw_fd(), fd)
+                    .map_err(|e| err(&format!("pidfd_getfd(stub {stub_pid}, fd {fd})"), e))?,
+            );
+            for (&s, &(e, _)) in &layout.registered.0 {
+                let _ = uffd.wake(s, e - s);
+            }
+            pager.spaces.push(Space::new(id, uffd, Some(fd), layout));
+        }
+        pager.journal = journal;
+        pager.next_id = next_id;
         pager.first_stub_fd = Some(stub_fd);
         pager.refresh();
         Ok(pager)
@@ -664,7 +639,7 @@ impl Pager {
         let mut take = |d: Duration| t = Some(t.map_or(d, |x: Duration| x.min(d)));
         if let Some(r) = self.retry_at {
             take(r.saturating_duration_since(now));
-        } else if self.opts.prefetch && self.spaces.iter().any(|s| !s.missing.is_empty()) {
+        } else if self.opts.prefetch && self.spaces.iter().any(|s| !s.layout.missing.is_empty()) {
             let due = self.started + self.opts.prefetch_delay;
             take(due.saturating_duration_since(now));
         }
@@ -733,7 +708,7 @@ impl Pager {
     }
 
     fn refresh(&mut self) {
-        self.progress.remaining_bytes = self.spaces.iter().map(|s| s.missing.bytes()).sum();
+        self.progress.remaining_bytes = self.spaces.iter().map(|s| s.layout.missing.bytes()).sum();
         self.progress.done = self.spaces.is_empty();
         self.progress.stalled = self.stall.as_ref().map(|(_, c)| c.clone());
         if self.progress.done && self.finished_at.is_none() {
@@ -753,51 +728,51 @@ impl Pager {
                         break;
                     }
                 };
-                match ev {
+                let change = match ev {
                     (UffdEvent::PageFault { addr, .. }, _) => {
                         self.progress.faults += 1;
                         sp.pending.push(addr & !(PAGE - 1));
+                        continue;
                     }
                     (UffdEvent::Fork { .. }, Some(child)) => {
-                        // The child has the pages the parent has not got yet, missing.
-                        born.push(Space::new(
-                            child,
-                            None,
-                            sp.missing.clone(),
-                            sp.registered.clone(),
-                        ));
-                    }
-                    (UffdEvent::Remove { start, end }, _) => {
-                        // Zeros now: never filled from the image later.
-                        sp.missing.cut(start, end);
-                    }
-                    (UffdEvent::Unmap { start, end }, _) => {
-                        sp.missing.cut(start, end);
-                        sp.registered.cut(start, end);
-                    }
-                    (UffdEvent::Remap { from, to, len }, _) => {
-                        for (s, e, o) in sp.missing.cut(from, from + len) {
-                            sp.missing.insert(s - from + to, e - from + to, o);
+                        // The child lacks the pages the parent lacks; its userfaultfd
+                        // goes to the stub (a second reference) and into the journal
+                        // now, before any later change of the parent.
+                        let id = self.next_id;
+                        self.next_id += 1;
+                        let stub_fd = self.link.as_mut().and_then(|l| {
+                            l.hold(child.fd())
+                                .map_err(|e| tracing::warn!(error = %e, "could not hand a child's userfaultfd to the stub"))
+                                .ok()
+                        });
+                        if let (Some(j), Some(fd)) = (self.journal.as_mut(), stub_fd) {
+                            j.append(&Record::Fork {
+                                parent: sp.id,
+                                child: id,
+                                fd,
+                            });
                         }
-                        for (s, e, _) in sp.registered.cut(from, from + len) {
-                            sp.registered.insert(s - from + to, e - from + to, 0);
-                        }
+                        born.push(Space::new(id, child, stub_fd, sp.layout.clone()));
+                        continue;
                     }
-                    (ev, _) => tracing::debug!(?ev, "userfaultfd event ignored"),
+                    (UffdEvent::Remove { start, end }, _) => Change::Remove { start, end },
+                    (UffdEvent::Unmap { start, end }, _) => Change::Unmap { start, end },
+                    (UffdEvent::Remap { from, to, len }, _) => Change::Remap { from, to, len },
+                    (ev, _) => {
+                        tracing::debug!(?ev, "userfaultfd event ignored");
+                        continue;
+                    }
+                };
+                if let Some(j) = self.journal.as_mut() {
+                    j.append(&Record::Change {
+                        space: sp.id,
+                        change,
+                    });
                 }
+                sp.layout.apply(&change);
             }
         }
-        for mut child in born {
-            if let Some(link) = self.link.as_mut() {
-                match link.hold(child.uffd.fd()) {
-                    Ok(n) => child.stub_fd = Some(n),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "could not hand a child's userfaultfd to the stub")
-                    }
-                }
-            }
-            self.spaces.push(child);
-        }
+        self.spaces.extend(born);
     }
 
     fn serve_faults(&mut self) {
@@ -846,7 +821,7 @@ impl Pager {
         if sp.dead {
             return Served::Done;
         }
-        let Some((s, e, o)) = sp.missing.find(addr) else {
+        let Some((s, e, o)) = sp.layout.missing.find(addr) else {
             // No image data here (or dropped by the process, or already filled).
             return match sp.uffd.zeropage(addr, PAGE) {
                 Ok(_) => {
@@ -927,7 +902,7 @@ impl Pager {
                         nix::errno::Errno::EEXIST => at += PAGE,
                         nix::errno::Errno::EAGAIN => {
                             // The layout is changing: events first; keep the rest.
-                            sp.missing.cut(lo, lo + at);
+                            sp.layout.missing.cut(lo, lo + at);
                             return if at > 0 {
                                 Ok(filled)
                             } else {
@@ -947,7 +922,7 @@ impl Pager {
                 }
             }
         }
-        sp.missing.cut(lo, hi);
+        sp.layout.missing.cut(lo, hi);
         Ok(filled)
     }
 
@@ -958,7 +933,7 @@ impl Pager {
             if sp.dead {
                 continue;
             }
-            let Some((s, e, o)) = sp.missing.next_from(sp.cursor) else {
+            let Some((s, e, o)) = sp.layout.missing.next_from(sp.cursor) else {
                 continue;
             };
             let lo = if s <= sp.cursor && sp.cursor < e {
@@ -986,18 +961,21 @@ impl Pager {
         let mut k = 0;
         while k < self.spaces.len() {
             let sp = &self.spaces[k];
-            let finished = sp.dead || (sp.missing.is_empty() && sp.pending.is_empty());
+            let finished = sp.dead || (sp.layout.missing.is_empty() && sp.pending.is_empty());
             if !finished {
                 k += 1;
                 continue;
             }
             let sp = self.spaces.remove(k);
             if !sp.dead {
-                for (&s, &(e, _)) in &sp.registered.0 {
+                for (&s, &(e, _)) in &sp.layout.registered.0 {
                     if let Err(err) = sp.uffd.unregister(s, e - s) {
                         tracing::debug!(start = s, end = e, error = %err, "UFFDIO_UNREGISTER");
                     }
                 }
+            }
+            if let Some(j) = self.journal.as_mut() {
+                j.append(&Record::Done { space: sp.id });
             }
             if let (Some(n), Some(link)) = (sp.stub_fd, self.link.as_ref()) {
                 link.drop_fd(n);
