@@ -9,6 +9,11 @@
 //! process's end (`exited`), the keeper makes the shadow exit with the same status or
 //! die of the same signal, so the parent's wait() sees the truth.
 //!
+//! Going home (`restore_into`, `commit_home`, `abort_home`, asked by this node's
+//! migd): the shadow's keeper restores the image into the shadow itself (same pid,
+//! same parent), holds it stopped until the commit, then lets it run and exits;
+//! the shadow is forgotten (record and listing). On failure it stays a shadow.
+//!
 //! It serves `common::migproto::ProxyService` on `ports.proxy`; it talks to migd
 //! (its own node's and the hosts') over `common::migproto::MigdService`. State is in
 //! files: each shadow has `<migd.state_dir>/shadows/<id>.json` (its listing entry) and

@@ -7,7 +7,10 @@
 //! keeper (source side), lines out: `dumped <bytes> <ms>` | `error <why>`, later
 //! `signal <n>` (a signal sent to the shadow) | `gone <status>` (the shadow was killed
 //! at home); lines in: `commit-shadow` | `commit-kill` | `abort` | `exit <status>`.
-//! End of input before commit thaws the process where it was.
+//! End of input before commit thaws the process where it was. Going home, a shadow's
+//! keeper takes `restore <images dir>` (out: `running <pid> <ms>` | `restore-failed
+//! <why>`), then `commit-home` (the process runs, the keeper exits) or `abort-home`
+//! (a shadow again; also if its peer goes away before the commit).
 //!
 //! restorer (destination side), lines out: `running <pid> <ms>` | `error <why>`, then
 //! `exit <status>` when the process ends; lines in (after `running`): `commit` |
@@ -16,7 +19,7 @@
 use super::sys;
 use crate::engine::handoff::{dump_frozen, Held, Shadow};
 use crate::engine::restore::into::restore_into;
-use crate::engine::restore::{restore, RestoreOptions};
+use crate::engine::restore::{restore, RestoreError, RestoreOptions};
 use std::io::{BufRead, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixListener;
@@ -317,9 +320,14 @@ fn going_home(shadow: Shadow, images: &Path, link: &mut Link) -> Home {
                 (None, _) => "the shadow is lost",
             };
             tracing::warn!(error = %f.error, state, "restore into the shadow failed");
+            // A refusal's own "nothing was created" does not fit here: say the state.
+            let why = match &f.error {
+                RestoreError::Refused { what } => what.clone(),
+                e => e.to_string(),
+            };
             link.say(&format!(
                 "restore-failed restoring into shadow pid {pid}: {}; {state}",
-                one_line(&f.error)
+                one_line(why)
             ));
             return match f.shadow {
                 Some(s) => Home::Shadow(s),

@@ -142,10 +142,19 @@ pub async fn prepare(
             let _ = peer.abort(long_ctx(), id.clone()).await;
             holder.abort(&id).await;
             let _ = std::fs::remove_dir_all(&images);
+            // The destination's own error names it already.
+            let why = match e {
+                MigError::Failed { node, why } | MigError::Refused { node, why }
+                    if node == dest =>
+                {
+                    why
+                }
+                e => e.to_string(),
+            };
             Err(MigError::Failed {
                 node: dest.to_string(),
                 why: format!(
-                    "{e}; the process was thawed and runs on at {}, unchanged",
+                    "{why}; the process was thawed and runs on at {}, unchanged",
                     d.config.node
                 ),
             })
