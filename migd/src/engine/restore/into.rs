@@ -102,7 +102,7 @@ fn check(pid: i32, m: &Manifest, kept: &[i32]) -> Result<(), RestoreError> {
     let exists = |what: String, path: &str| {
         std::fs::metadata(path).map(drop).map_err(|e| {
             refuse(format!(
-                "{what} {path} cannot be reached at home ({e}); was it removed while the process was away?"
+                "{what} {path} is not there at home (removed while the process was away?): {e}"
             ))
         })
     };
