@@ -1,0 +1,482 @@
+//! Going home: `migrate PID home` restores a migrated process into its shadow at home,
+//! so that it runs there again under its original pid and parent. On the 3-node local
+//! cluster (ws1 is home). Needs root and the workspace's release binaries.
+
+use std::path::PathBuf;
+use std::process::{Child, Stdio};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use ferry_tests::Cluster;
+
+/// One 3-node cluster at a time: they are heavy for a small machine.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+/// `homer OUT N CODE USLEEP MIB [THREADS]`: fills MIB MiB with a pattern, starts
+/// THREADS threads that keep checking their own tid, writes N lines to OUT (each a
+/// function of its index only; a SIGUSR1 adds a line `usr1`), sleeping USLEEP µs
+/// between lines, then checks that its memory still holds the pattern (exit 99 if not)
+/// and that no thread saw its tid change (exit 98), and exits with CODE.
+const PROG: &str = r#"
+#include <pthread.h>
+#include <sys/syscall.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+static volatile sig_atomic_t usr1;
+static void on_usr1(int s) { (void)s; usr1 = 1; }
+static volatile int stop, bad;
+static void *worker(void *a) {
+    (void)a;
+    long tid = syscall(SYS_gettid);
+    while (!stop) { usleep(2000); if (syscall(SYS_gettid) != tid) bad = 1; }
+    return 0;
+}
+int main(int argc, char **argv) {
+    signal(SIGUSR1, on_usr1);
+    FILE *f = fopen(argv[1], "w");
+    if (!f) { perror(argv[1]); return 100; }
+    int n = atoi(argv[2]), code = atoi(argv[3]), pause = atoi(argv[4]);
+    size_t len = (size_t)atoi(argv[5]) << 20;
+    unsigned char *m = malloc(len);
+    for (size_t i = 0; i < len; i++) m[i] = (unsigned char)(i * 7 + 3);
+    int nt = argc > 6 ? atoi(argv[6]) : 0;
+    pthread_t th[8];
+    for (int t = 0; t < nt && t < 8; t++) pthread_create(&th[t], 0, worker, 0);
+    unsigned long x = 1;
+    for (int i = 0; i < n; i++) {
+        for (int k = 0; k < 20000; k++) x = x * 6364136223846793005UL + 1442695040888963407UL;
+        fprintf(f, "%d %lu\n", i, x);
+        if (usr1) { usr1 = 0; fprintf(f, "usr1\n"); }
+        fflush(f);
+        if (pause) usleep(pause);
+    }
+    stop = 1;
+    for (int t = 0; t < nt && t < 8; t++) pthread_join(th[t], 0);
+    for (size_t i = 0; i < len; i++)
+        if (m[i] != (unsigned char)(i * 7 + 3)) { fprintf(f, "memory differs at %zu\n", i); return 99; }
+    if (bad) { fprintf(f, "a thread's tid changed\n"); return 98; }
+    fclose(f);
+    return code;
+}
+"#;
+
+const MIB: u32 = 48;
+
+struct Setup {
+    c: Cluster,
+    prog: PathBuf,
+}
+
+fn setup() -> Setup {
+    let c = Cluster::start(3);
+    c.require(&["fs-server", "fuse-client", "migd", "home-proxy"]);
+    let src = c.dir().join("homer.c");
+    std::fs::write(&src, PROG).unwrap();
+    let prog = c.dir().join("homer");
+    let out = std::process::Command::new("cc")
+        .arg("-O1")
+        .arg("-pthread")
+        .arg("-o")
+        .arg(&prog)
+        .arg(&src)
+        .output()
+        .expect("cc runs");
+    assert!(
+        out.status.success(),
+        "cc failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Setup { c, prog }
+}
+
+/// Starts `bash -c 'COMMAND; echo status=$?'` at ws1, stdout piped to us; stderr to
+/// /tmp/cmd.err of ws1, inherited fds beyond stdio closed.
+fn spawn_at_ws1(c: &Cluster, command: &str) -> Child {
+    let script = format!(
+        "exec 2>/tmp/cmd.err; for f in /proc/$$/fd/*; do n=${{f##*/}}; \
+         [ \"$n\" -gt 2 ] && eval \"exec $n>&-\"; done; {command}; echo status=$?"
+    );
+    c.command("ws1", &["bash", "-c", &script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("cluster exec runs")
+}
+
+/// Starts homer at ws1 (from `bash -c`, in `cwd`) and returns the shell and homer's
+/// pid, once homer has written `lines` lines to /tmp/out.
+fn start_homer(s: &Setup, n: u32, code: i32, lines: usize, cwd: &str) -> (Child, i32) {
+    start_homer_threads(s, n, code, lines, cwd, 0)
+}
+
+/// [`start_homer`] with `threads` more threads.
+fn start_homer_threads(
+    s: &Setup,
+    n: u32,
+    code: i32,
+    lines: usize,
+    cwd: &str,
+    threads: u32,
+) -> (Child, i32) {
+    let child = spawn_at_ws1(
+        &s.c,
+        &format!(
+            "cd {cwd} && {} /tmp/out {n} {code} 100000 {MIB} {threads}",
+            s.prog.display()
+        ),
+    );
+    let pid = wait_for(|| {
+        let o = s.c.sh(
+            "ws1",
+            &format!("pgrep -xn homer && test $(wc -l < /tmp/out) -ge {lines}"),
+        );
+        let t = String::from_utf8_lossy(&o.stdout).trim().to_string();
+        (o.status.success() && !t.is_empty()).then(|| t.parse::<i32>().unwrap())
+    })
+    .unwrap_or_else(|| panic!("homer did not start at ws1\n{}", s.c.logs("ws1", 10)));
+    (child, pid)
+}
+
+/// What an unmigrated run writes.
+fn reference(s: &Setup, n: u32) -> String {
+    s.c.sh_ok(
+        "ws1",
+        &format!(
+            "{} /tmp/ref {n} 0 0 {MIB} && cat /tmp/ref",
+            s.prog.display()
+        ),
+    )
+}
+
+/// Polls `f` until it answers (up to a minute; a bound for a hang, not a timing check).
+fn wait_for<T>(mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    for _ in 0..600 {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    None
+}
+
+/// The pids of processes named `name` on a node.
+fn pids_on(c: &Cluster, node: &str, name: &str) -> Vec<i32> {
+    let o = c.sh(node, &format!("pgrep -x {name} || true"));
+    String::from_utf8_lossy(&o.stdout)
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+/// The State line of /proc/PID/status on a node ("" if gone).
+fn state_on(c: &Cluster, node: &str, pid: i32) -> String {
+    let o = c.sh(node, &format!("grep '^State:' /proc/{pid}/status || true"));
+    String::from_utf8_lossy(&o.stdout).trim().to_string()
+}
+
+/// A field of /proc/PID/status on a node, as a number (kB for Vm* fields).
+fn status_num(c: &Cluster, node: &str, pid: i32, field: &str) -> u64 {
+    let o = c.sh_ok(node, &format!("grep '^{field}:' /proc/{pid}/status"));
+    o.split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {field} for pid {pid} on {node}: {o:?}"))
+}
+
+/// `migrate --mode stop-copy PID DEST` at `node` (the mode named: going home needs a
+/// complete image, whatever the default mode).
+fn migrate_at(c: &Cluster, node: &str, pid: i32, dest: &str) -> String {
+    let said = c.run_ok(
+        node,
+        &["migrate", "--mode", "stop-copy", &pid.to_string(), dest],
+    );
+    eprintln!("{node}$ migrate {pid} {dest}: {said}");
+    said
+}
+
+/// Waits for the shell (at most two minutes: a bound for a hang) and returns its output.
+fn finish(c: &Cluster, mut child: Child) -> String {
+    if wait_for(|| child.try_wait().ok().flatten()).is_none()
+        && wait_for(|| child.try_wait().ok().flatten()).is_none()
+    {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!(
+            "the shell at ws1 did not end\n{}\n{}",
+            c.logs("ws1", 20),
+            c.logs("ws3", 10)
+        );
+    }
+    let out = child.wait_with_output().expect("wait for the shell");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Nothing is listed as migrated or foreign anywhere, and the store holds no image.
+fn nothing_left(c: &Cluster) {
+    for node in ["ws1", "ws2", "ws3"] {
+        let list = c.run_ok(node, &["migrate", "--list"]);
+        assert_eq!(
+            list.matches("(none)").count(),
+            2,
+            "migrate --list at {node} still lists something:\n{list}"
+        );
+    }
+    let store = c.dir().join("store/migrations");
+    let left: Vec<_> = std::fs::read_dir(&store)
+        .map(|r| r.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "images left in the store: {left:?}");
+}
+
+/// ws1 -> ws2 -> ws3 -> home, the last step asked at `asked_at` (ws1 with the shadow's
+/// pid, or ws3 with the pid there).
+fn there_and_back(asked_at: &str) {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let s = setup();
+    let c = &s.c;
+    let n = 400;
+    let code = 6;
+    let want = reference(&s, n);
+    let (child, pid) = start_homer(&s, n, code, 5, "/");
+    let ppid = status_num(c, "ws1", pid, "PPid");
+    let shell_pid = c
+        .sh_ok("ws1", &format!("ps -o ppid= -p {pid}"))
+        .trim()
+        .to_string();
+
+    migrate_at(c, "ws1", pid, "ws2");
+    let said = migrate_at(c, "ws1", pid, "ws3");
+    assert!(said.contains("runs on ws3"), "migrate said: {said}");
+    let away = status_num(c, "ws1", pid, "VmRSS");
+    assert!(
+        away < 4 * 1024,
+        "the shadow should hold almost no memory while away: VmRSS {away} kB"
+    );
+    let host_pid = pids_on(c, "ws3", "homer");
+    assert_eq!(host_pid.len(), 1, "homer should run at ws3");
+
+    let said = if asked_at == "ws1" {
+        migrate_at(c, "ws1", pid, "home")
+    } else {
+        migrate_at(c, "ws3", host_pid[0], "home")
+    };
+    assert!(
+        said.contains(&format!("runs on ws1 (pid {pid} there)")),
+        "migrate should say it runs at home under its pid {pid}: {said}"
+    );
+    assert!(
+        pids_on(c, "ws3", "homer").is_empty() && pids_on(c, "ws2", "homer").is_empty(),
+        "a copy of homer still runs away from home"
+    );
+    let st = state_on(c, "ws1", pid);
+    assert!(
+        st.contains("sleeping") || st.contains("running"),
+        "pid {pid} should run at ws1 again, not be a frozen shadow: {st:?}"
+    );
+    assert_eq!(
+        status_num(c, "ws1", pid, "TracerPid"),
+        0,
+        "pid {pid} is still traced at home"
+    );
+    assert_eq!(
+        status_num(c, "ws1", pid, "PPid"),
+        ppid,
+        "pid {pid} came home under another parent"
+    );
+    assert_eq!(
+        c.sh_ok("ws1", &format!("ps -o ppid= -p {pid}")).trim(),
+        shell_pid,
+        "the shell is not the parent of pid {pid} any more"
+    );
+    let back = status_num(c, "ws1", pid, "VmRSS");
+    assert!(
+        back > (MIB as u64 - 4) * 1024,
+        "homer's memory should be back at home: VmRSS {back} kB (was {away} kB as a shadow)"
+    );
+    nothing_left(c);
+
+    let shell = finish(c, child);
+    assert_eq!(
+        shell,
+        format!("status={code}"),
+        "the shell should see homer's own exit status (99: its memory differed)"
+    );
+    let got = c.sh_ok("ws1", "cat /tmp/out");
+    assert!(
+        got == want,
+        "output at ws1 differs from an unmigrated run ({} vs {} bytes)",
+        got.len(),
+        want.len()
+    );
+    nothing_left(c);
+}
+
+#[test]
+fn a_process_brought_home_from_home_runs_in_its_shadow_with_its_pid_parent_and_memory() {
+    there_and_back("ws1");
+}
+
+#[test]
+fn a_process_sent_home_from_its_host_runs_in_its_shadow_with_its_pid_parent_and_memory() {
+    there_and_back("ws3");
+}
+
+#[test]
+fn a_threaded_process_comes_home_with_its_thread_ids() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let s = setup();
+    let c = &s.c;
+    let n = 300;
+    let want = reference(&s, n);
+    let (child, pid) = start_homer_threads(&s, n, 3, 5, "/", 2);
+    let tids = |node: &str, pid: i32| c.sh_ok(node, &format!("ls /proc/{pid}/task | sort -n"));
+    let before = tids("ws1", pid);
+    assert_eq!(
+        before.lines().count(),
+        3,
+        "homer should have 3 threads: {before}"
+    );
+    migrate_at(c, "ws1", pid, "ws2");
+    let said = migrate_at(c, "ws1", pid, "home");
+    assert!(
+        said.contains(&format!("runs on ws1 (pid {pid} there)")),
+        "migrate said: {said}"
+    );
+    assert_eq!(
+        tids("ws1", pid),
+        before,
+        "homer's threads should be back at home with their tids"
+    );
+    assert_eq!(
+        finish(c, child),
+        "status=3",
+        "the shell should see homer's exit status (98: a thread's tid changed)"
+    );
+    let got = c.sh_ok("ws1", "cat /tmp/out");
+    assert!(got == want, "output at ws1 differs from an unmigrated run");
+    nothing_left(c);
+}
+
+#[test]
+fn a_python3_program_goes_to_ws2_and_back_home_and_its_output_is_unchanged() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let s = setup();
+    let c = &s.c;
+    let script = c.dir().join("count.py");
+    std::fs::write(
+        &script,
+        "import sys, time\n\
+         n, pause = int(sys.argv[2]), float(sys.argv[3])\n\
+         with open(sys.argv[1], 'w') as f:\n\
+         \x20   for i in range(n):\n\
+         \x20       f.write('%d %d\\n' % (i, pow(7, i, 1000003))); f.flush(); time.sleep(pause)\n\
+         sys.exit(4)\n",
+    )
+    .unwrap();
+    let want = c.sh_ok(
+        "ws1",
+        &format!("python3 {} /tmp/ref 80 0; cat /tmp/ref", script.display()),
+    );
+    let child = spawn_at_ws1(c, &format!("python3 {} /tmp/out 80 0.1", script.display()));
+    let pid: i32 = wait_for(|| {
+        let o = c.sh("ws1", "pgrep -xn python3 && test $(wc -l < /tmp/out) -ge 5");
+        let t = String::from_utf8_lossy(&o.stdout).trim().to_string();
+        (o.status.success() && !t.is_empty()).then(|| t.parse().unwrap())
+    })
+    .expect("python3 did not start at ws1");
+    let said = migrate_at(c, "ws1", pid, "ws2");
+    assert!(said.contains("runs on ws2"), "migrate said: {said}");
+    let said = migrate_at(c, "ws1", pid, "home");
+    assert!(
+        said.contains(&format!("runs on ws1 (pid {pid} there)")),
+        "migrate said: {said}"
+    );
+    assert!(
+        pids_on(c, "ws2", "python3").is_empty(),
+        "python3 still runs at ws2"
+    );
+    let st = state_on(c, "ws1", pid);
+    assert!(
+        st.contains("sleeping") || st.contains("running"),
+        "python3 should run at home again: {st:?}"
+    );
+    assert_eq!(finish(c, child), "status=4", "python3's exit status");
+    let got = c.sh_ok("ws1", "cat /tmp/out");
+    assert!(
+        got == want,
+        "python3's output differs from an unmigrated run ({} vs {} bytes); its stderr: {}",
+        got.len(),
+        want.len(),
+        c.sh_ok("ws1", "cat /tmp/cmd.err")
+    );
+    nothing_left(c);
+}
+
+#[test]
+fn a_failed_homecoming_leaves_the_process_at_its_host_and_the_shadow_working() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let s = setup();
+    let c = &s.c;
+    c.sh_ok("ws1", "mkdir -p /tmp/gh");
+    let (child, pid) = start_homer(&s, 300, 7, 3, "/tmp/gh");
+    migrate_at(c, "ws1", pid, "ws2");
+    // Its working directory goes away at home while it is away.
+    c.sh_ok("ws1", "rmdir /tmp/gh");
+
+    let o = c.exec(
+        "ws1",
+        &["migrate", "--mode", "stop-copy", &pid.to_string(), "home"],
+    );
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    eprintln!("ws1$ migrate {pid} home: {err}");
+    assert!(!o.status.success(), "going home should fail: {err}");
+    assert!(
+        err.contains("/tmp/gh") && err.contains("runs on at ws2"),
+        "migrate should name the missing directory and say the process runs on at ws2: {err}"
+    );
+    assert!(
+        err.contains("shadow is unchanged"),
+        "migrate should say the shadow is unchanged: {err}"
+    );
+    let remote = pids_on(c, "ws2", "homer");
+    assert_eq!(remote.len(), 1, "homer should run on at ws2");
+    let st = state_on(c, "ws2", remote[0]);
+    assert!(
+        st.contains("sleeping") || st.contains("running"),
+        "homer at ws2 should have been thawed: {st:?}"
+    );
+    let before = c.sh_ok("ws1", "wc -l < /tmp/out");
+    wait_for(|| (c.sh_ok("ws1", "wc -l < /tmp/out") != before).then_some(()))
+        .expect("homer stopped writing after the failed homecoming");
+    assert!(
+        state_on(c, "ws1", pid).contains("tracing stop"),
+        "pid {pid} at ws1 should still be the frozen shadow"
+    );
+    let list = c.run_ok("ws1", &["migrate", "--list"]);
+    assert!(
+        list.contains(&pid.to_string()) && list.contains("ws2"),
+        "the shadow should still be listed at ws1:\n{list}"
+    );
+
+    // The shadow still forwards signals...
+    c.sh_ok("ws1", &format!("kill -USR1 {pid}"));
+    wait_for(|| {
+        c.sh_ok("ws1", "cat /tmp/out")
+            .contains("usr1")
+            .then_some(())
+    })
+    .expect("a SIGUSR1 sent to the shadow did not reach homer at ws2");
+    // ...and passes the exit status to the shell.
+    assert_eq!(
+        finish(c, child),
+        "status=7",
+        "the shell should see homer's exit status from ws2"
+    );
+    assert!(
+        pids_on(c, "ws2", "homer").is_empty(),
+        "homer should have ended at ws2"
+    );
+    nothing_left(c);
+}
