@@ -2,7 +2,7 @@
 //! demand from pages.img, with read-ahead around each fault and a background prefetch
 //! of the rest, until nothing depends on the image any more.
 //!
-//! How it is put together (see docs/lazy.md):
+//! How it is put together (docs/lazy.md tells more):
 //! - [`plan`] splits the image: private anonymous areas with saved pages become lazy
 //!   (registered with a userfaultfd in MISSING mode instead of filled); everything
 //!   else, and the pages around each thread's stack pointer and rseq area, are filled
@@ -17,6 +17,8 @@
 //!   (fork, remap, remove, unmap), then faults (served with read-ahead), then, when
 //!   idle, prefetch in large chunks. When every page is in, it unregisters the areas
 //!   and closes the userfaultfd (ours and the stub's).
+//! - The stub also holds the pager's journal ([`journal`]: layout changes, forks), so
+//!   that [`Pager::resume`] can take over from a server that died.
 //!
 //! Lazy pages never lie: a page is filled from the image or, if the image holds no
 //! data for it (or the process dropped it with MADV_DONTNEED), with zeros; a page
@@ -25,25 +27,24 @@
 
 mod journal;
 mod ranges;
+mod setup;
 mod source;
 
 use super::spawn::StubLink;
-use super::{Ctx, RestoreError};
-use crate::engine::image::{self, Area, AreaKind, FdKind, Manifest};
+use crate::engine::image::{self, Manifest};
+use crate::sys;
 use crate::sys::uffd::{self, Uffd, UffdEvent};
-use crate::sys::{self, kabi};
 use journal::{Change, Journal, Layout, Record};
 use ranges::Ranges;
+use setup::present;
+pub use setup::{arm, check_eager_chunks, create_uffd, plan, Plan};
 use source::Source;
 use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 const PAGE: u64 = 4096;
-/// Filled eagerly on each side of a thread's stack pointer.
-const STACK_WINDOW: u64 = 64 * 1024;
 
 /// How a lazy restore serves pages.
 #[derive(Debug, Clone)]
@@ -60,6 +61,9 @@ pub struct LazyOptions {
     /// Wait this long after the process runs before prefetching (tests use it to
     /// have events hit missing pages).
     pub prefetch_delay: Duration,
+    /// Cap on background prefetch, bytes per second (0: none). Faults are served at
+    /// once whatever the cap.
+    pub prefetch_rate: u64,
 }
 
 impl Default for LazyOptions {
@@ -70,6 +74,7 @@ impl Default for LazyOptions {
             prefetch: true,
             prefetch_chunk: 4 << 20,
             prefetch_delay: Duration::ZERO,
+            prefetch_rate: 0,
         }
     }
 }
@@ -115,294 +120,6 @@ pub enum LazyError {
     Resume { what: String },
     #[error(transparent)]
     Image(#[from] image::ImageError),
-}
-
-/// Whether an area is served lazily: private anonymous memory with saved pages (the
-/// only kind MISSING mode takes; wipe-on-fork areas stay eager, since a forked child
-/// must see zeros there, not the image).
-fn is_lazy(a: &Area) -> bool {
-    a.kind == AreaKind::Anon && !a.shared && !a.runs.is_empty() && !a.madv.iter().any(|f| f == "wf")
-}
-
-/// The address ranges filled eagerly inside lazy areas: around each thread's stack
-/// pointer (the kernel writes signal frames there before anyone could serve a
-/// fault) and each thread's rseq area (the kernel writes it at registration).
-fn eager_windows(m: &Manifest) -> Ranges {
-    let mut w = Ranges::default();
-    for t in &m.threads {
-        if let Some(&sp) = t.regs.get(19) {
-            let lo = sp.saturating_sub(STACK_WINDOW) & !(PAGE - 1);
-            let hi = (sp + STACK_WINDOW + PAGE - 1) & !(PAGE - 1);
-            add_window(&mut w, lo, hi);
-        }
-        if let Some(rs) = t.rseq {
-            let lo = rs.ptr & !(PAGE - 1);
-            let hi = (rs.ptr + rs.len as u64 + PAGE - 1) & !(PAGE - 1);
-            add_window(&mut w, lo, hi);
-        }
-    }
-    w
-}
-
-fn add_window(w: &mut Ranges, lo: u64, hi: u64) {
-    let mut lo = lo;
-    let mut hi = hi;
-    for (s, e, _) in w.cut(lo, hi) {
-        lo = lo.min(s);
-        hi = hi.max(e);
-    }
-    // merge with touching neighbours
-    if let Some((s, e, _)) = w.find(lo.saturating_sub(1)) {
-        w.cut(s, e);
-        lo = s;
-    }
-    if let Some((s, e, _)) = w.find(hi) {
-        w.cut(s, e);
-        hi = e;
-    }
-    w.insert(lo, hi, 0);
-}
-
-/// The image split for a lazy restore.
-pub struct Plan {
-    /// The manifest the ordinary restore path shapes with: lazy areas keep only the
-    /// runs inside the eager windows.
-    pub shaping: Manifest,
-    /// Lazy areas: (start, end).
-    pub areas: Vec<(u64, u64)>,
-    /// Image pages of lazy areas not filled eagerly: address -> pages.img offset.
-    missing: Ranges,
-    /// Ranges filled eagerly inside lazy areas.
-    eager: Ranges,
-}
-
-impl Plan {
-    /// Bytes that will come in lazily.
-    pub fn lazy_bytes(&self) -> u64 {
-        self.missing.bytes()
-    }
-}
-
-/// Splits the image into what is filled before the process runs and what is served
-/// on demand.
-pub fn plan(m: &Manifest) -> Plan {
-    let windows = eager_windows(m);
-    let mut shaping = m.clone();
-    let mut missing = Ranges::default();
-    let mut eager = Ranges::default();
-    let mut areas = Vec::new();
-    for a in shaping.areas.iter_mut() {
-        if !is_lazy(a) {
-            continue;
-        }
-        areas.push((a.start, a.end));
-        let mut keep = Vec::new();
-        for &(addr, n, off) in &a.runs {
-            let mut run = Ranges::default();
-            run.insert(addr, addr + n * PAGE, off);
-            for (ws, we, _) in windows.0.iter().map(|(&s, &(e, o))| (s, e, o)) {
-                for (s, e, o) in run.cut(ws, we) {
-                    keep.push((s, (e - s) / PAGE, o));
-                    eager.insert(s, e, 0);
-                }
-            }
-            for (&s, &(e, o)) in &run.0 {
-                missing.insert(s, e, o);
-            }
-        }
-        keep.sort();
-        a.runs = keep;
-    }
-    Plan {
-        shaping,
-        areas,
-        missing,
-        eager,
-    }
-}
-
-/// Checks the CRC-32C of every pages.img chunk the eager part of the restore reads
-/// (the lazy part checks each chunk when it reads it).
-pub fn check_eager_chunks(
-    images: &Path,
-    m: &Manifest,
-    plan: &Plan,
-    pages: &[u8],
-) -> Result<(), RestoreError> {
-    let mut chunks = std::collections::BTreeSet::new();
-    let mut add = |off: u64, len: u64| {
-        if len > 0 {
-            for c in off / image::CHUNK..=(off + len - 1) / image::CHUNK {
-                chunks.insert(c);
-            }
-        }
-    };
-    for a in &plan.shaping.areas {
-        for &(_, n, off) in &a.runs {
-            add(off, n * PAGE);
-        }
-    }
-    for f in &m.fds {
-        match &f.kind {
-            FdKind::Deleted { data_off, len, .. } | FdKind::Memfd { data_off, len, .. } => {
-                add(*data_off, *len)
-            }
-            _ => {}
-        }
-    }
-    let path = images.join(image::PAGES_FILE);
-    for c in chunks {
-        let lo = (c * image::CHUNK) as usize;
-        let hi = (lo + image::CHUNK as usize).min(pages.len());
-        let ok = pages
-            .get(lo..hi)
-            .zip(m.chunk_crcs.get(c as usize))
-            .is_some_and(|(b, &crc)| crc32c::crc32c(b) == crc);
-        if !ok {
-            return Err(image::ImageError::Checksum {
-                path,
-                what: format!("page chunk {c} (bytes {lo}..)"),
-            }
-            .into());
-        }
-    }
-    Ok(())
-}
-
-/// Creates the userfaultfd inside the target (it binds to the caller's mm) while the
-/// target is still root and stopped; returns our reference, API done.
-pub fn create_uffd(ctx: &Ctx) -> Result<Uffd, RestoreError> {
-    let t = &ctx.leader;
-    let flags = (libc::O_CLOEXEC | libc::O_NONBLOCK) as u64;
-    let fd = ctx.ok(t, kabi::SYS_USERFAULTFD, &[flags], "userfaultfd")?;
-    let other = |what: String| RestoreError::Other { what };
-    let pidfd = sys::pidfd_open(ctx.pid).map_err(|e| other(format!("pidfd_open: {e}")))?;
-    let ours = sys::pidfd_getfd(pidfd.as_raw_fd(), fd as i32)
-        .map_err(|e| other(format!("pidfd_getfd(userfaultfd): {e}")))?;
-    ctx.ok(t, libc::SYS_close, &[fd as u64], "close(userfaultfd)")?;
-    let u = Uffd::from_fd(ours);
-    let want = kabi::UFFD_FEATURE_EVENT_FORK
-        | kabi::UFFD_FEATURE_EVENT_REMAP
-        | kabi::UFFD_FEATURE_EVENT_REMOVE
-        | kabi::UFFD_FEATURE_EVENT_UNMAP;
-    let got = u.api(want).map_err(|e| other(format!("UFFDIO_API: {e}")))?;
-    if got & want != want {
-        return Err(RestoreError::Refused {
-            what: format!(
-                "this kernel's userfaultfd lacks event features {:#x} a lazy restore needs",
-                want & !got
-            ),
-        });
-    }
-    Ok(u)
-}
-
-/// Registers the lazy areas, fills the lazy pages the restore touched, and hands a
-/// second reference to the stub. The process is shaped and still stopped.
-pub fn arm(
-    ctx: &Ctx,
-    uffd: Uffd,
-    plan: Plan,
-    images: &Path,
-    m: &Manifest,
-    mut link: StubLink,
-    opts: &LazyOptions,
-) -> Result<Pager, RestoreError> {
-    let other = |what: String| RestoreError::Other { what };
-    let mut registered = Ranges::default();
-    for &(s, e) in &plan.areas {
-        uffd.register(s, e - s, kabi::UFFDIO_REGISTER_MODE_MISSING)
-            .map_err(|e2| other(format!("UFFDIO_REGISTER {s:#x}-{e:#x}: {e2}")))?;
-        registered.insert(s, e, 0);
-    }
-    let mut missing = plan.missing;
-    // Pages present now were touched during the restore (or are eager): they will
-    // never fault, so any not filled eagerly gets its image data now.
-    let pm_path = format!("/proc/{}/pagemap", ctx.pid);
-    let pm = std::fs::File::open(&pm_path).map_err(|source| RestoreError::Io {
-        path: pm_path.clone(),
-        source,
-    })?;
-    let src =
-        std::fs::File::open(images.join(image::PAGES_FILE)).map_err(|source| RestoreError::Io {
-            path: images.join(image::PAGES_FILE).display().to_string(),
-            source,
-        })?;
-    let mut touched = 0u64;
-    for &(s, e) in &plan.areas {
-        let ranges = present(pm.as_raw_fd(), s, e)
-            .map_err(|e2| other(format!("PAGEMAP_SCAN {pm_path}: {e2}")))?;
-        for (rs, re) in ranges {
-            for (a, b, off) in missing.cut(rs, re) {
-                let mut buf = vec![0u8; (b - a) as usize];
-                src.read_exact_at(&mut buf, off)
-                    .map_err(|source| RestoreError::Io {
-                        path: images.join(image::PAGES_FILE).display().to_string(),
-                        source,
-                    })?;
-                sys::vm_write(ctx.pid, a, &buf)
-                    .map_err(|e2| other(format!("filling touched pages at {a:#x}: {e2}")))?;
-                touched += b - a;
-            }
-        }
-    }
-    if touched > 0 {
-        tracing::debug!(
-            bytes = touched,
-            "lazy pages touched by the restore, filled now"
-        );
-    }
-    drop(plan.eager);
-    let stub_fd = link
-        .hold(uffd.fd())
-        .map_err(|e| other(format!("handing the userfaultfd to the stub: {e}")))?;
-    let mut journal =
-        Journal::create().map_err(|e| other(format!("memfd_create(lazy journal): {e}")))?;
-    link.hold(journal.fd())
-        .map_err(|e| other(format!("handing the lazy journal to the stub: {e}")))?;
-    journal.append(&Record::Root { fd: stub_fd });
-    let pages = images.join(image::PAGES_FILE);
-    let mut pager = Pager::new(pages, m, opts.clone(), Some(link.pid));
-    pager.link = Some(link);
-    pager.journal = Some(journal);
-    pager.spaces.push(Space::new(
-        0,
-        uffd,
-        Some(stub_fd),
-        Layout {
-            missing,
-            registered,
-        },
-    ));
-    pager.first_stub_fd = Some(stub_fd);
-    Ok(pager)
-}
-
-/// The present (or swapped) parts of `[start, end)` in `pm` (an open
-/// /proc/PID/pagemap).
-fn present(pm: RawFd, start: u64, end: u64) -> Result<Vec<(u64, u64)>, nix::errno::Errno> {
-    let mut out = Vec::new();
-    let mut at = start;
-    while at < end {
-        let mut regions = Vec::new();
-        let next = uffd::pagemap_scan(
-            pm,
-            at,
-            end,
-            0,
-            0,
-            0,
-            kabi::PAGE_IS_PRESENT | kabi::PAGE_IS_SWAPPED,
-            0,
-            &mut regions,
-        )?;
-        out.extend(regions.iter().map(|r| (r.start, r.end)));
-        if next <= at {
-            break;
-        }
-        at = next;
-    }
-    Ok(out)
 }
 
 /// One address space served: the restored process, or a child it forked.
@@ -640,14 +357,25 @@ impl Pager {
         if let Some(r) = self.retry_at {
             take(r.saturating_duration_since(now));
         } else if self.opts.prefetch && self.spaces.iter().any(|s| !s.layout.missing.is_empty()) {
-            let due = self.started + self.opts.prefetch_delay;
-            take(due.saturating_duration_since(now));
+            take(self.prefetch_due().saturating_duration_since(now));
         }
         t
     }
 
     pub fn progress(&self) -> &Progress {
         &self.progress
+    }
+
+    /// When the next prefetch chunk may go: after the delay, and no faster than
+    /// the rate cap allows for what was prefetched so far.
+    fn prefetch_due(&self) -> Instant {
+        let mut due = self.started + self.opts.prefetch_delay;
+        if self.opts.prefetch_rate > 0 {
+            due += Duration::from_secs_f64(
+                self.progress.prefetched_bytes as f64 / self.opts.prefetch_rate as f64,
+            );
+        }
+        due
     }
 
     /// Time from the pager's start until every page was in.
@@ -681,7 +409,7 @@ impl Pager {
         if !faults_waiting
             && retry_due
             && self.opts.prefetch
-            && self.started.elapsed() >= self.opts.prefetch_delay
+            && Instant::now() >= self.prefetch_due()
         {
             self.prefetch_one();
         }
