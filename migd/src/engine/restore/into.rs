@@ -111,7 +111,29 @@ fn check(pid: i32, m: &Manifest, kept: &[i32]) -> Result<(), RestoreError> {
             continue;
         }
         match &f.kind {
-            FdKind::File { path, .. } | FdKind::Fifo { path, .. } | FdKind::Tty { path, .. } => {
+            FdKind::File { path, .. } => {
+                exists(format!("fd {}:", f.fd), path)?;
+                // Opened here as it will be in the process (same file view), without
+                // blocking: a directory where a file was, say, is caught now.
+                use std::os::unix::fs::OpenOptionsExt;
+                let acc = f.flags & libc::O_ACCMODE;
+                std::fs::OpenOptions::new()
+                    .read(acc != libc::O_WRONLY)
+                    .write(acc != libc::O_RDONLY)
+                    .custom_flags(
+                        (f.flags & (libc::O_DIRECTORY | libc::O_PATH))
+                            | libc::O_NONBLOCK
+                            | libc::O_NOCTTY,
+                    )
+                    .open(path)
+                    .map_err(|e| {
+                        refuse(format!(
+                            "fd {}: {path} cannot be opened at home as it was: {e}",
+                            f.fd
+                        ))
+                    })?;
+            }
+            FdKind::Fifo { path, .. } | FdKind::Tty { path, .. } => {
                 exists(format!("fd {}:", f.fd), path)?
             }
             _ => {}
