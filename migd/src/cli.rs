@@ -80,6 +80,10 @@ pub enum Cmd {
         /// With --lazy: bytes filled per fault (read-ahead).
         #[arg(long, default_value_t = 1 << 20, hide = true, requires = "lazy")]
         readahead: u64,
+        /// With --lazy: cap on the background prefetch, MiB/s (0: none); faults
+        /// are served at once whatever the cap.
+        #[arg(long, default_value_t = 0, requires = "lazy")]
+        prefetch_mib_per_sec: u64,
     },
     /// Serve the missing pages of a lazily restored process again, after the
     /// `migd restore --lazy` serving it died: the userfaultfd is taken back from the
@@ -106,6 +110,7 @@ pub struct LazyArgs {
     pub prefetch_delay_ms: u64,
     pub no_prefetch: bool,
     pub readahead: u64,
+    pub prefetch_mib_per_sec: u64,
 }
 
 impl LazyArgs {
@@ -115,6 +120,7 @@ impl LazyArgs {
             prefetch: !self.no_prefetch,
             prefetch_delay: std::time::Duration::from_millis(self.prefetch_delay_ms),
             readahead: self.readahead,
+            prefetch_rate: self.prefetch_mib_per_sec << 20,
             ..LazyOptions::default()
         }
     }

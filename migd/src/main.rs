@@ -39,6 +39,7 @@ fn main() -> anyhow::Result<()> {
                 prefetch_delay_ms,
                 no_prefetch,
                 readahead,
+                prefetch_mib_per_sec,
             }),
             _,
         ) => {
@@ -48,6 +49,7 @@ fn main() -> anyhow::Result<()> {
                     prefetch_delay_ms,
                     no_prefetch,
                     readahead,
+                    prefetch_mib_per_sec,
                 };
                 migd::cli::run_restore_lazy(images, detach, &inherit_fd, json, &l)?
             } else {
