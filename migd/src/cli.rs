@@ -351,7 +351,7 @@ pub fn run_restore_lazy(
     if !pager.done() {
         let p = pager.progress();
         eprintln!(
-            "the process ended before all pages were in ({} bytes never needed)",
+            "the process ended before all pages were in ({} bytes never faulted in)",
             p.remaining_bytes
         );
     }

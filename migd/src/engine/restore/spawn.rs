@@ -99,25 +99,51 @@ impl StubLink {
         }
     }
 
-    /// The target's raw wait status if it has ended (does not block).
+    /// The target's raw wait status if it has ended (does not block). A stub that
+    /// ended without reporting one (killed: SIGKILL to the stub ends its whole pid
+    /// namespace) gives its own status instead, read without reaping it.
     pub fn try_status(&mut self) -> Option<i32> {
         while self.status.is_none() {
             match self.read(false) {
                 Ok(Some((TAG_STATUS, st))) => self.status = Some(st),
                 Ok(Some(_)) => {}
-                _ => break,
+                Ok(None) => {
+                    self.status = self.stub_status(false);
+                    break;
+                }
+                Err(_) => break,
             }
         }
         self.status
     }
 
-    /// Waits for the target's raw wait status (`None` if the stub ended without one).
+    /// The stub's own raw wait status once it has ended, without reaping it.
+    fn stub_status(&self, block: bool) -> Option<i32> {
+        use nix::sys::wait::{waitid, Id, WaitPidFlag, WaitStatus};
+        let mut flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT;
+        if !block {
+            flags |= WaitPidFlag::WNOHANG;
+        }
+        match waitid(Id::Pid(nix::unistd::Pid::from_raw(self.pid)), flags) {
+            Ok(WaitStatus::Exited(_, code)) => Some((code & 0xff) << 8),
+            Ok(WaitStatus::Signaled(_, sig, core)) => {
+                Some(sig as i32 | if core { 0x80 } else { 0 })
+            }
+            _ => None,
+        }
+    }
+
+    /// Waits for the target's raw wait status (the stub's own if it ended without
+    /// reporting one; `None` if neither can be had).
     pub fn wait_status(&mut self) -> Option<i32> {
         while self.status.is_none() {
             match self.read(true) {
                 Ok(Some((TAG_STATUS, st))) => self.status = Some(st),
                 Ok(Some(_)) => {}
-                _ => break,
+                _ => {
+                    self.status = self.stub_status(true);
+                    break;
+                }
             }
         }
         self.status
