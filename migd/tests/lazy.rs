@@ -773,3 +773,40 @@ fn a_resumed_server_knows_the_layout_changes_the_dead_one_was_told_of() {
         &std::fs::read(&p.out).unwrap(),
     );
 }
+
+#[test]
+fn a_pre_copy_image_restores_lazily_with_every_page_right() {
+    // Pre-copy images point runs at the latest copy of each page, anywhere in
+    // pages.img (offsets need not increase): the pager follows the runs.
+    let dir = tempdir();
+    let exe = compile_c(dir.path(), "big", BIG_C, &["-O2"]);
+    let argv = [exe.to_str().unwrap(), "256"];
+    let reference = reference(dir.path(), &argv);
+    let images = dir.path().join("img");
+    let mut p = run_prog(dir.path(), "mig", &argv);
+    wait_for(
+        &p.out,
+        "filled",
+        Duration::from_secs(60),
+        "run before the dump",
+    );
+    let o = Command::new(migd())
+        .args([
+            "dump",
+            "--precopy",
+            "--pid",
+            &p.child.id().to_string(),
+            "--images",
+        ])
+        .arg(&images)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "migd dump --precopy failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let _ = p.child.wait();
+    let (all_in, verify) = lazy_round(&images, &p.out, &p.err, &reference, &[]);
+    println!("pre-copy image, lazy: {all_in} | program: {verify}");
+}
