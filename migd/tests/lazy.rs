@@ -279,8 +279,10 @@ fn one_gib_process_restored_lazily_sees_every_page_and_ends_as_uninterrupted() {
 /// must read zeros, then and after the prefetch; the second one is read only in
 /// phase 2), moves a range (mremap: must keep its contents; its last MiB is read only
 /// in phase 2), unmaps one and maps fresh memory there (zeros), and forks a child that
-/// checks pages neither of them had touched. After SIGUSR1 again (once every page is
-/// in) it checks everything once more.
+/// checks pages neither of them had touched; then it splits the area with mprotect
+/// where nothing was read yet (a copy across a vma boundary fails as a whole) and
+/// checks the rest. After SIGUSR1 again (once every page is in) it checks everything
+/// once more.
 const EVENTS_C: &str = r#"
 #define _GNU_SOURCE
 #include <stdio.h>
@@ -338,6 +340,9 @@ int main(void) {
     int st = 0;
     waitpid(c, &st, 0);
     printf("child: exit %d\n", WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st));
+    /* Split the area where nothing was read yet: copies across the new vma
+       boundaries must still fill every page. */
+    if (mprotect(a + 40 * w + w / 2, MB, PROT_READ)) return 7;
     /* The moved range's last MiB is not read until phase 2. */
     printf("parent: %zu bad words in 20..64 MiB, %zu in the moved second half\n",
            bad(a + 20 * w, 20 * w, 44 * w), bad(m + 4 * w, 12 * w, 3 * w));

@@ -571,6 +571,10 @@ impl Pager {
         let hi = e.min(addr + ra);
         tracing::trace!(addr, lo, hi, s, e, "fault");
         match self.fill(i, lo, hi, o + (lo - s)) {
+            Ok(_) if self.spaces[i].layout.missing.find(addr).is_some() => {
+                // Stopped short of the faulting page (the layout is changing).
+                Served::Again
+            }
             Ok(n) => {
                 self.progress.faulted_bytes += n;
                 self.spaces[i].cursor = hi;
@@ -615,10 +619,15 @@ impl Pager {
         let mut at = 0u64;
         let mut filled = 0u64;
         let len = hi - lo;
+        // A copy must lie inside one vma (else ENOENT for all of it): after the
+        // process split an area (mprotect, madvise), the rest goes page by page.
+        let mut one_page = false;
         while at < len {
+            let n = if one_page { PAGE } else { len - at };
+            let src = &data[at as usize..(at + n) as usize];
             // Always wake: a thread may wait on a page of a prefetched range (its fault
             // not read yet); DONTWAKE would leave it asleep until we read its fault.
-            match sp.uffd.copy(lo + at, &data[at as usize..], false) {
+            match sp.uffd.copy(lo + at, src, false) {
                 Ok(n) => {
                     filled += n;
                     at += n;
@@ -628,23 +637,28 @@ impl Pager {
                     at += n;
                     match e {
                         nix::errno::Errno::EEXIST => at += PAGE,
-                        nix::errno::Errno::EAGAIN => {
-                            // The layout is changing: events first; keep the rest.
-                            sp.layout.missing.cut(lo, lo + at);
-                            return if at > 0 {
-                                Ok(filled)
-                            } else {
-                                Err(Served::Again)
-                            };
+                        nix::errno::Errno::ENOENT | nix::errno::Errno::EINVAL if !one_page => {
+                            one_page = true;
+                        }
+                        nix::errno::Errno::ENOENT | nix::errno::Errno::EINVAL => {
+                            // Not registered at this page any more (unmapped, or
+                            // mapped over): nothing to fill there.
+                            tracing::debug!(addr = lo + at, errno = %e, "UFFDIO_COPY");
+                            at += PAGE;
                         }
                         nix::errno::Errno::ESRCH => {
                             sp.dead = true;
                             break;
                         }
                         _ => {
-                            // ENOENT: not registered there any more (unmapped).
-                            tracing::debug!(addr = lo + at, errno = %e, "UFFDIO_COPY");
-                            break;
+                            // EAGAIN: the layout is changing (events first); ENOMEM and
+                            // the like: later. Keep the rest missing.
+                            sp.layout.missing.cut(lo, lo + at);
+                            return if at > 0 {
+                                Ok(filled)
+                            } else {
+                                Err(Served::Again)
+                            };
                         }
                     }
                 }
