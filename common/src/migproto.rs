@@ -30,16 +30,32 @@
 
 use serde::{Deserialize, Serialize};
 
-/// How pages move. Only [`Mode::StopCopy`] is implemented so far.
+/// How pages move (docs/migration.md, "Modes").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Mode {
-    /// Freeze, flush every page, restore.
+    /// Freeze, flush every page, restore every page, run.
     StopCopy,
-    /// Pre-copy rounds while the process runs, then a short freeze.
+    /// Pre-copy rounds while the process runs, then a short freeze that flushes the
+    /// rest; the destination restores every page before the process runs.
     Precopy,
-    /// Freeze, start the destination at once, pages fault in from the store.
+    /// Freeze and flush; the destination runs the process at once and its pages
+    /// fault in from the store (with read-ahead and background prefetch).
     Lazy,
+    /// The default: pre-copy rounds, a short freeze, then lazy fault-in.
+    PrecopyLazy,
+}
+
+impl Mode {
+    /// Whether the source writes pages in rounds while the process runs.
+    pub fn precopies(self) -> bool {
+        matches!(self, Mode::Precopy | Mode::PrecopyLazy)
+    }
+
+    /// Whether the destination runs the process before its pages are in.
+    pub fn lazy(self) -> bool {
+        matches!(self, Mode::Lazy | Mode::PrecopyLazy)
+    }
 }
 
 impl std::fmt::Display for Mode {
@@ -48,8 +64,16 @@ impl std::fmt::Display for Mode {
             Mode::StopCopy => "stop-copy",
             Mode::Precopy => "precopy",
             Mode::Lazy => "lazy",
+            Mode::PrecopyLazy => "precopy+lazy",
         })
     }
+}
+
+/// When pre-copy stops its rounds (from the source node's `[migd]` config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrecopyPlan {
+    pub max_rounds: u32,
+    pub stop_below_bytes: u64,
 }
 
 /// What the source proposes to the destination.
@@ -180,6 +204,8 @@ pub struct HeldImage {
     pub bytes: u64,
     /// Time from the freeze to the image written, in milliseconds.
     pub dump_ms: f64,
+    /// Pre-copy rounds written while the process ran (0: none).
+    pub rounds: u32,
 }
 
 /// The service home-proxy offers on `ports.proxy`: the home side of migrated
@@ -190,8 +216,15 @@ pub struct HeldImage {
 #[tarpc::service]
 pub trait ProxyService {
     /// Freezes `pid`, writes its image into `images` (a path under the super-root),
-    /// and keeps it frozen. A refusal leaves it running untouched.
-    async fn hold(id: String, pid: i32, images: String) -> MigResult<HeldImage>;
+    /// and keeps it frozen; with `precopy`, pages are written in rounds while it
+    /// still runs, then the freeze writes the rest. A refusal leaves it running
+    /// untouched.
+    async fn hold(
+        id: String,
+        pid: i32,
+        images: String,
+        precopy: Option<PrecopyPlan>,
+    ) -> MigResult<HeldImage>;
     /// The process runs at `entry.host`: the held original becomes its shadow.
     async fn commit(id: String, entry: ProcessEntry) -> MigResult<()>;
     /// The migration failed before commit: thaw the original where it was.

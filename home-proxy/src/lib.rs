@@ -24,7 +24,8 @@
 use common::auth::ClusterKey;
 use common::config::NodeConfig;
 use common::migproto::{
-    HeldImage, MigError, MigResult, MigdServiceClient, ProcessEntry, ProxyService, Running,
+    HeldImage, MigError, MigResult, MigdServiceClient, PrecopyPlan, ProcessEntry, ProxyService,
+    Running,
 };
 use futures::StreamExt;
 use migd::daemon::keeper::Keeper;
@@ -203,7 +204,14 @@ impl Conn {
 }
 
 impl ProxyService for Conn {
-    async fn hold(self, _: Context, id: String, pid: i32, images: String) -> MigResult<HeldImage> {
+    async fn hold(
+        self,
+        _: Context,
+        id: String,
+        pid: i32,
+        images: String,
+        precopy: Option<PrecopyPlan>,
+    ) -> MigResult<HeldImage> {
         if self.peer != self.p.config.node {
             return Err(MigError::Refused {
                 node: self.p.config.node.clone(),
@@ -225,17 +233,19 @@ impl ProxyService for Conn {
             Path::new(&images),
             false,
             Some(&sock),
+            precopy,
         )
         .await
         .map_err(|why| MigError::Refused {
             node: self.p.config.node.clone(),
             why,
         })?;
-        tracing::info!(id = %id, pid, bytes = dumped.bytes, dump_ms = dumped.dump_ms, "held frozen");
+        tracing::info!(id = %id, pid, bytes = dumped.bytes, dump_ms = dumped.dump_ms, rounds = dumped.rounds, "held frozen");
         self.p.held.lock().unwrap().insert(id, keeper);
         Ok(HeldImage {
             bytes: dumped.bytes,
             dump_ms: dumped.dump_ms,
+            rounds: dumped.rounds,
         })
     }
 

@@ -306,10 +306,7 @@ fn refused_migrations_leave_the_process_running_untouched() {
         &format!("pid {pid} belongs to uid 0; you are uid 1000"),
     );
     check_refused(&["migrate", &p, "ws9"], "unknown node \"ws9\"");
-    check_refused(
-        &["migrate", "--mode", "lazy", &p, "ws2"],
-        "not implemented yet",
-    );
+    check_refused(&["migrate", "--mode", "bogus", &p, "ws2"], "invalid value");
     let before = c.sh_ok("ws1", "wc -l < /tmp/out");
     wait_for(|| (c.sh_ok("ws1", "wc -l < /tmp/out") != before).then_some(()))
         .expect("prog stopped writing after the refusals");

@@ -60,6 +60,8 @@ fn end_and_check(c: &Cluster, b: Busy, what: &str) {
 }
 
 /// Running copies of busy: (node, pid) for every copy not stopped under ptrace.
+/// A shadow runs briefly while its keeper releases its memory, so callers wait
+/// for the answer they expect ([`settles_to`]).
 fn running_copies(c: &Cluster) -> Vec<(String, i32)> {
     let mut v = Vec::new();
     for n in c.nodes() {
@@ -70,6 +72,17 @@ fn running_copies(c: &Cluster) -> Vec<(String, i32)> {
         }
     }
     v
+}
+
+/// Waits (bounded) until the running copies are `want`; panics with what it saw.
+fn settles_to(c: &Cluster, want: &[(&str, i32)], what: &str) {
+    let want: Vec<(String, i32)> = want.iter().map(|(n, p)| (n.to_string(), *p)).collect();
+    if wait_for(|| (running_copies(c) == want).then_some(())).is_none() {
+        panic!(
+            "{what}: running copies {:?}, want {want:?}",
+            running_copies(c)
+        );
+    }
 }
 
 fn one_mode(mode: &str) {
@@ -85,11 +98,9 @@ fn one_mode(mode: &str) {
     c.expect_success("ws1", &format!("migrate --mode {mode}"), &out);
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(said.contains("runs on ws2"), "migrate said {said}");
-    assert_eq!(
-        running_copies(&c),
-        vec![("ws2".to_string(), pids_of(&c, "ws2", "busy")[0])],
-        "exactly one running copy, at ws2"
-    );
+    let there = pids_of(&c, "ws2", "busy");
+    assert_eq!(there.len(), 1, "one busy at ws2: {there:?}");
+    settles_to(&c, &[("ws2", there[0])], "exactly one running copy, at ws2");
     wait_for(|| images_left(&c).is_empty().then_some(()))
         .expect("the store still holds the image a minute after the move");
     end_and_check(&c, b, mode);
@@ -156,16 +167,16 @@ fn killing_the_stores_fs_server_during_precopy_leaves_exactly_one_copy() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    let copies = running_copies(&c);
-    assert_eq!(
-        copies.len(),
-        1,
-        "running copies {copies:?}; migrate said {said}"
-    );
     if out.status.success() {
-        assert_eq!(copies[0].0, "ws2", "migrate said it moved: {said}");
+        let there = pids_of(&c, "ws2", "busy");
+        assert_eq!(
+            there.len(),
+            1,
+            "one busy at ws2: {there:?}; migrate said {said}"
+        );
+        settles_to(&c, &[("ws2", there[0])], &said);
     } else {
-        assert_eq!(copies[0], ("ws1".to_string(), b.pid), "{said}");
+        settles_to(&c, &[("ws1", b.pid)], &said);
         assert!(
             said.contains("runs on"),
             "a failure must say where it runs: {said}"
@@ -184,8 +195,13 @@ fn killing_the_sources_migd_after_the_migration_changes_nothing() {
     wait_for(|| images_left(&c).is_empty().then_some(())).expect("the store still holds the image");
     c.kill_daemon("ws1", "migd", Signal::SIGKILL);
     std::thread::sleep(Duration::from_secs(1));
-    assert_eq!(running_copies(&c).len(), 1, "one copy runs, at ws2");
-    assert_eq!(running_copies(&c)[0].0, "ws2");
+    let there = pids_of(&c, "ws2", "busy");
+    assert_eq!(there.len(), 1, "one busy at ws2: {there:?}");
+    settles_to(
+        &c,
+        &[("ws2", there[0])],
+        "after the source's migd was killed",
+    );
     c.restart_daemon("ws1", "migd");
     end_and_check(&c, b, "source migd killed after the move");
 }
@@ -215,7 +231,9 @@ fn lazy_with_a_kill(node: &str, daemon: &str) {
     wait_for(|| images_left(&c).is_empty().then_some(()))
         .or_else(|| wait_for(|| images_left(&c).is_empty().then_some(())))
         .expect("fault-in did not finish after the daemon came back");
-    assert_eq!(running_copies(&c).len(), 1);
+    let there = pids_of(&c, "ws2", "busy");
+    assert_eq!(there.len(), 1, "one busy at ws2: {there:?}");
+    settles_to(&c, &[("ws2", there[0])], "after the kill");
     end_and_check(
         &c,
         b,
@@ -255,7 +273,7 @@ fn a_store_away_past_the_bound_kills_the_process_and_says_so() {
         shell, "status=137",
         "the shell at home should see the process killed (SIGKILL)"
     );
-    assert!(running_copies(&c).is_empty(), "no copy may run on");
+    settles_to(&c, &[], "no copy may run on after the loss");
     let log = std::fs::read_to_string(c.log_path("ws2", "migd")).unwrap_or_default();
     assert!(
         log.contains("lost"),

@@ -5,6 +5,8 @@
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use common::migproto::{LocalReply, LocalRequest, Mode, ProcessEntry};
+use migd::engine::restore::lazy::LazyOptions;
+use migd::engine::track::PrecopyOptions;
 use std::path::PathBuf;
 
 /// Move a running process to another node of the Ferry cluster, or list them.
@@ -15,8 +17,10 @@ struct Args {
     pid: Option<i32>,
     /// Where to: a node name, or `home`.
     dest: Option<String>,
-    /// How pages move (only stop-copy is implemented yet).
-    #[arg(long, value_enum, default_value = "stop-copy")]
+    /// How pages move: stop-copy (freeze, flush all, restore all), precopy (rounds
+    /// while it runs, short freeze), lazy (freeze, pages fault in at the
+    /// destination), or precopy+lazy.
+    #[arg(long, value_enum, default_value = "precopy+lazy")]
     mode: ModeArg,
     /// List the migrated processes whose home is here and the foreign ones running here.
     #[arg(long)]
@@ -37,6 +41,9 @@ enum ModeArg {
     StopCopy,
     Precopy,
     Lazy,
+    /// Pre-copy rounds, then lazy fault-in (the default).
+    #[value(name = "precopy+lazy")]
+    PrecopyLazy,
 }
 
 #[derive(Debug, Subcommand)]
@@ -53,6 +60,12 @@ enum Internal {
         /// Where to wait for a new peer after commit if ours goes away.
         #[arg(long)]
         socket: Option<PathBuf>,
+        /// Pre-copy: at most this many rounds while the process runs.
+        #[arg(long)]
+        precopy_rounds: Option<u32>,
+        /// Pre-copy: freeze once a round wrote at most this many bytes.
+        #[arg(long, default_value_t = 8 << 20)]
+        precopy_below: u64,
     },
     /// (migd's helper) restore a process under its home's file view.
     #[command(hide = true)]
@@ -68,6 +81,15 @@ enum Internal {
         /// Where to wait for a new peer if ours goes away.
         #[arg(long)]
         socket: Option<PathBuf>,
+        /// Run the process at once; its pages fault in from the image.
+        #[arg(long)]
+        lazy: bool,
+        /// Lazy: seconds a failing store may keep pages from the process.
+        #[arg(long, default_value_t = 60)]
+        store_bound: u64,
+        /// Lazy: background prefetch cap in MiB/s (0: none).
+        #[arg(long, default_value_t = 0)]
+        prefetch_mib_per_sec: u64,
     },
 }
 
@@ -87,11 +109,18 @@ fn run(args: Args) -> anyhow::Result<()> {
             images,
             enter,
             socket,
+            precopy_rounds,
+            precopy_below,
         }) => std::process::exit(migd::daemon::helpers::keeper_main(
             pid,
             &images,
             enter,
             socket.as_deref(),
+            precopy_rounds.map(|max_rounds| PrecopyOptions {
+                max_rounds,
+                stop_below_bytes: precopy_below,
+                ..PrecopyOptions::default()
+            }),
         )),
         Some(Internal::InternalRestore {
             images,
@@ -99,12 +128,20 @@ fn run(args: Args) -> anyhow::Result<()> {
             superroot,
             stage,
             socket,
+            lazy,
+            store_bound,
+            prefetch_mib_per_sec,
         }) => std::process::exit(migd::daemon::helpers::restorer_main(
             &images,
             &home,
             &superroot,
             &stage,
             socket.as_deref(),
+            lazy.then(|| LazyOptions {
+                store_bound: std::time::Duration::from_secs(store_bound),
+                prefetch_rate: prefetch_mib_per_sec << 20,
+                ..LazyOptions::default()
+            }),
         )),
         None => {}
     }
@@ -125,6 +162,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             ModeArg::StopCopy => Mode::StopCopy,
             ModeArg::Precopy => Mode::Precopy,
             ModeArg::Lazy => Mode::Lazy,
+            ModeArg::PrecopyLazy => Mode::PrecopyLazy,
         };
         LocalRequest::Migrate { pid, dest, mode }
     };

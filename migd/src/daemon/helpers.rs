@@ -13,13 +13,17 @@
 //! (a shadow again; also if its peer goes away before the commit).
 //!
 //! restorer (destination side), lines out: `running <pid> <ms>` | `error <why>`, then
-//! `exit <status>` when the process ends; lines in (after `running`): `commit` |
-//! `abort`. Until `commit` the copy dies with its migd (end of input) or on `abort`.
+//! (lazy) `paged <bytes> <ms>` once every page is in or `lost <why>` if the store
+//! stayed away past the bound, and `exit <status>` when the process ends; lines in
+//! (after `running`): `commit` | `abort`. Until `commit` the copy dies with its migd
+//! (end of input) or on `abort`.
 
 use super::sys;
-use crate::engine::handoff::{dump_frozen, Held, Shadow};
+use crate::engine::handoff::{dump_frozen, dump_frozen_precopy, Held, Shadow};
 use crate::engine::restore::into::restore_into;
-use crate::engine::restore::{restore, RestoreError, RestoreOptions};
+use crate::engine::restore::lazy::LazyOptions;
+use crate::engine::restore::{restore, restore_lazy, RestoreError, RestoreOptions};
+use crate::engine::track::PrecopyOptions;
 use std::io::{BufRead, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixListener;
@@ -161,7 +165,15 @@ fn stdin_lines() -> mpsc::Receiver<Option<String>> {
 /// root (a foreign process moving on), so that paths are recorded as it sees them.
 /// After commit it keeps the shadow; if migd or home-proxy (its peer) goes away, it
 /// listens at `socket` for a restarted one, and signals wait queued in the shadow.
-pub fn keeper_main(pid: i32, images: &Path, enter: bool, socket: Option<&Path>) -> i32 {
+/// With `precopy`, pages are written in rounds while the process runs (a line
+/// `round <n> <bytes> <ms>` each) before the freeze writes the rest.
+pub fn keeper_main(
+    pid: i32,
+    images: &Path,
+    enter: bool,
+    socket: Option<&Path>,
+    precopy: Option<PrecopyOptions>,
+) -> i32 {
     let images = if enter {
         match sys::enter_root_of(pid, images) {
             Ok(p) => p,
@@ -175,7 +187,15 @@ pub fn keeper_main(pid: i32, images: &Path, enter: bool, socket: Option<&Path>) 
     };
     // Lines are read on another thread; ptrace stays on this one.
     let rx = stdin_lines();
-    let held = match dump_frozen(pid, &images) {
+    let dumped = match &precopy {
+        None => dump_frozen(pid, &images),
+        Some(opts) => dump_frozen_precopy(pid, &images, opts, |r| {
+            if !r.frozen {
+                say(&format!("round {} {} {:.3}", r.round, r.bytes, r.ms));
+            }
+        }),
+    };
+    let held = match dumped {
         Ok(h) => h,
         Err(e) => {
             say(&format!("error {}", one_line(e)));
@@ -379,6 +399,7 @@ pub fn restorer_main(
     superroot: &Path,
     stage: &Path,
     socket: Option<&Path>,
+    lazy: Option<LazyOptions>,
 ) -> i32 {
     // Bound before the root changes: the path is the host's.
     let mut link = Link::write_only();
@@ -404,6 +425,9 @@ pub fn restorer_main(
         images,
         detach: false,
     };
+    if let Some(lazy) = lazy {
+        return restorer_lazy(&opts, &lazy, &mut link);
+    }
     let mut committed = false;
     let result = restore(&opts, |r| {
         link.say(&format!("running {} {:.3}", r.outer_pid, r.restore_ms));
@@ -427,21 +451,180 @@ pub fn restorer_main(
             tracing::info!("not committed: the copy here was killed");
             1
         }
-        Ok((_, Some(status))) => {
-            let line = format!("exit {status}");
-            while !link.say(&line) {
-                if link.listener.is_none() {
-                    tracing::error!(status, "the process ended and nobody is told");
-                    return 1;
-                }
-                link.hear(Duration::from_millis(100));
-            }
-            0
-        }
+        Ok((_, Some(status))) => tell(&mut link, &format!("exit {status}")),
         Ok((_, None)) => 0,
         Err(e) => {
             say(&format!("error {}", one_line(e)));
             1
+        }
+    }
+}
+
+/// Says `line` to the peer, waiting for a new one (a restarted migd) if it is gone.
+/// 0 once said; 1 if nobody can be told.
+fn tell(link: &mut Link, line: &str) -> i32 {
+    while !link.say(line) {
+        if link.listener.is_none() {
+            tracing::error!(line, "nobody is told");
+            return 1;
+        }
+        link.hear(Duration::from_millis(100));
+    }
+    0
+}
+
+/// Lines from stdin without a thread (the restorer may not start one after the
+/// engine's unshare(CLONE_NEWPID)): read when poll says stdin is readable.
+struct StdinLines {
+    buf: Vec<u8>,
+    open: bool,
+}
+
+impl StdinLines {
+    /// Reads what is there (one read) and returns the complete lines.
+    fn read_ready(&mut self) -> Vec<String> {
+        let mut b = [0u8; 512];
+        let n = crate::sys::read_raw(0, &mut b);
+        if n <= 0 {
+            self.open = false;
+        } else {
+            self.buf.extend_from_slice(&b[..n as usize]);
+        }
+        let mut lines = Vec::new();
+        while let Some(i) = self.buf.iter().position(|&c| c == b'\n') {
+            let l: Vec<u8> = self.buf.drain(..=i).collect();
+            lines.push(String::from_utf8_lossy(&l).trim().to_string());
+        }
+        lines
+    }
+}
+
+/// The lazy restorer: the process runs at once and its pages fault in from the
+/// store while this loop serves them (and prefetches the rest), reads `commit` /
+/// `abort` from migd, and watches for the process's end. Lines out: `running`, then
+/// `paged <bytes> <ms>` once nothing depends on the store, `lost <why>` if the store
+/// stayed away past the bound (the process was killed), and `exit <status>`.
+fn restorer_lazy(opts: &RestoreOptions, lazy: &LazyOptions, link: &mut Link) -> i32 {
+    let lr = match restore_lazy(opts, lazy, &[]) {
+        Ok(l) => l,
+        Err(e) => {
+            say(&format!("error {}", one_line(e)));
+            return 1;
+        }
+    };
+    let r = lr.report;
+    let mut pager = lr.pager;
+    let total = r.lazy_bytes.unwrap_or(0);
+    link.say(&format!("running {} {:.3}", r.outer_pid, r.restore_ms));
+    tracing::info!(
+        pid = r.pid,
+        lazy_bytes = total,
+        "running; pages fault in from the store"
+    );
+    let mut stdin = StdinLines {
+        buf: Vec::new(),
+        open: true,
+    };
+    let mut committed = false;
+    let mut stub = None;
+    let mut paged = pager.done();
+    // Lines for migd that must not be lost if it is away (said once a peer is back).
+    let mut pending: Vec<String> = Vec::new();
+    let status = loop {
+        flush(link, &mut pending);
+        let mut fds = if paged { Vec::new() } else { pager.fds() };
+        let link_fd = stub
+            .as_ref()
+            .map(crate::engine::restore::spawn::StubLink::raw_fd)
+            .or_else(|| pager.link_mut().map(|l| l.raw_fd()));
+        fds.extend(link_fd);
+        let stdin_at = (!committed && stdin.open).then(|| {
+            fds.push(0);
+            fds.len() - 1
+        });
+        let wait = pager
+            .next_timeout()
+            .filter(|_| !paged)
+            .map_or(500, |d| d.as_millis().min(500) as i32);
+        let ready = crate::sys::uffd::poll_readable(&fds, wait).unwrap_or_default();
+        if stdin_at.is_some_and(|i| ready.get(i).copied().unwrap_or(false)) {
+            for l in stdin.read_ready() {
+                match l.as_str() {
+                    "commit" => committed = true,
+                    "abort" => stdin.open = false,
+                    _ => {}
+                }
+            }
+            if !committed && !stdin.open {
+                // Until the source commits, this copy may not outlive migd.
+                tracing::info!("not committed: killing the copy here");
+                let _ = crate::sys::kill(r.stub_pid, libc::SIGKILL);
+                let _ = crate::sys::wait_child(r.stub_pid);
+                return 1;
+            }
+        }
+        if !paged {
+            if let Err(e) = pager.step(Duration::ZERO) {
+                // The store stayed away past the bound: the process was killed.
+                tracing::error!(error = %e, "pages lost; the process was killed");
+                pending.push(format!("lost {}", one_line(e)));
+                paged = true;
+            } else if pager.done() {
+                let ms = pager.finished_after().unwrap_or_default().as_secs_f64() * 1e3;
+                tracing::info!(
+                    bytes = total,
+                    ms,
+                    "every page is in; nothing depends on the store"
+                );
+                pending.push(format!("paged {total} {ms:.1}"));
+                paged = true;
+            }
+            if paged {
+                stub = pager.take_link();
+            }
+        }
+        let mut from_link = || match stub.as_mut() {
+            Some(l) => l.try_status(),
+            None => pager.link_mut().and_then(|l| l.try_status()),
+        };
+        if let Some(st) = from_link() {
+            let _ = crate::sys::wait_child(r.stub_pid);
+            break st;
+        }
+        // The stub itself ended (killed with its namespace, or it lost its link):
+        // the process's status is then whatever it sent, else the stub's own.
+        if let Some(st) = sys::exited(r.stub_pid) {
+            break from_link().unwrap_or(st);
+        }
+    };
+    if !committed {
+        return 1;
+    }
+    if !paged {
+        tracing::info!(
+            left = pager.progress().remaining_bytes,
+            "the process ended before all its pages were in"
+        );
+    }
+    flush(link, &mut pending);
+    for l in pending {
+        tell(link, &l);
+    }
+    tell(link, &format!("exit {status}"))
+}
+
+/// Says the pending lines while a peer listens (accepting a new peer if the old one
+/// went away); what cannot be said yet stays pending.
+fn flush(link: &mut Link, pending: &mut Vec<String>) {
+    if pending.is_empty() {
+        return;
+    }
+    if !link.connected() {
+        link.hear(Duration::ZERO);
+    }
+    while !pending.is_empty() && link.connected() {
+        if link.say(&pending[0]) {
+            pending.remove(0);
         }
     }
 }

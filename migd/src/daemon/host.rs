@@ -73,9 +73,6 @@ impl MigdService for Conn {
                 here.kernel, here.machine, offer.kernel, offer.machine, offer.source
             ));
         }
-        if offer.mode != Mode::StopCopy {
-            return refuse(format!("mode {} is not implemented yet", offer.mode));
-        }
         if self.d.config.node_entry(&offer.home).is_none() {
             return refuse(format!(
                 "its home {:?} is not a node of this cluster",
@@ -119,15 +116,11 @@ impl MigdService for Conn {
             }
             return Ok(());
         }
-        let restorer = self
-            .d
-            .foreign
-            .lock()
-            .unwrap()
-            .get_mut(&id)
-            .ok_or_else(|| self.unknown(&id))?
-            .restorer
-            .take();
+        let (restorer, lazy) = {
+            let mut foreign = self.d.foreign.lock().unwrap();
+            let rec = foreign.get_mut(&id).ok_or_else(|| self.unknown(&id))?;
+            (rec.restorer.take(), rec.lazy)
+        };
         if let Some(mut r) = restorer {
             let sent = async {
                 r.write_all(b"commit\n").await?;
@@ -138,10 +131,9 @@ impl MigdService for Conn {
                 why: format!("the copy here did not take the commit (its restorer is gone: {e})"),
             })?;
         }
-        tracing::info!(id = %id, "committed");
-        let dir = self.d.image_dir(&id);
-        if let Err(e) = std::fs::remove_dir_all(&dir) {
-            tracing::warn!(id = %id, dir = %dir.display(), error = %e, "removing the image from the store");
+        tracing::info!(id = %id, lazy, "committed");
+        if !lazy {
+            remove_image(&self.d, &id);
         }
         Ok(())
     }
@@ -284,6 +276,17 @@ async fn restore(d: Arc<Daemon>, offer: MigrationOffer) -> MigResult<Running> {
         .arg(&stage)
         .arg("--socket")
         .arg(records.join(format!("{id}.sock")))
+        .args(if offer.mode.lazy() {
+            vec![
+                "--lazy".to_string(),
+                "--store-bound".to_string(),
+                d.config.migd.lazy_store_bound_secs.to_string(),
+                "--prefetch-mib-per-sec".to_string(),
+                d.config.migd.lazy_prefetch_mib_per_sec.to_string(),
+            ]
+        } else {
+            Vec::new()
+        })
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -325,6 +328,7 @@ async fn restore(d: Arc<Daemon>, offer: MigrationOffer) -> MigResult<Running> {
             entry,
             departing: false,
             restorer,
+            lazy: offer.mode.lazy(),
         },
     );
     tokio::spawn(watch(d.clone(), id, lines, Some(child)).in_current_span());
@@ -334,6 +338,18 @@ async fn restore(d: Arc<Daemon>, offer: MigrationOffer) -> MigResult<Running> {
     })
 }
 
+/// Removes migration `id`'s image from the store (if still there).
+fn remove_image(d: &Daemon, id: &str) {
+    let dir = d.image_dir(id);
+    match std::fs::remove_dir_all(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            tracing::warn!(id, dir = %dir.display(), error = %e, "removing the image from the store")
+        }
+    }
+}
+
 /// Follows a foreign process's restorer until the process ends, then reports the
 /// end home (unless it moved on) and forgets it.
 async fn watch(d: Arc<Daemon>, id: String, mut lines: LineSource, child: Option<Child>) {
@@ -341,10 +357,25 @@ async fn watch(d: Arc<Daemon>, id: String, mut lines: LineSource, child: Option<
     while let Ok(Some(l)) = lines.next_line().await {
         if let Some(s) = l.strip_prefix("exit ") {
             status = s.trim().parse::<i32>().ok();
+        } else if let Some(p) = l.strip_prefix("paged ") {
+            let mut it = p.split_whitespace();
+            let bytes: u64 = it.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+            let ms: f64 = it.next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
+            tracing::info!(
+                bytes,
+                ms,
+                mb_per_s = bytes as f64 / 1e3 / ms.max(0.001),
+                "every page is in; nothing depends on the store any more"
+            );
+            remove_image(&d, &id);
+        } else if let Some(why) = l.strip_prefix("lost ") {
+            tracing::error!(%why, "pages lost: the store stayed away past the bound; the process was killed");
         } else {
             tracing::warn!(line = %l, "restorer");
         }
     }
+    // A lazily restored process that ended before all its pages were in.
+    remove_image(&d, &id);
     if let Some(mut c) = child {
         let _ = c.wait().await;
     }
@@ -398,6 +429,7 @@ pub async fn adopt_foreign(d: &Arc<Daemon>) {
                         entry,
                         departing: false,
                         restorer: None,
+                        lazy: false,
                     },
                 );
                 let d = d.clone();

@@ -3,6 +3,7 @@
 //! told to thaw it, kill it, or keep it as the shadow. Used by migd (a foreign process
 //! moving on) and by home-proxy (a process leaving its home).
 
+use common::migproto::PrecopyPlan;
 use std::path::Path;
 use std::process::Stdio;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, Lines};
@@ -57,19 +58,24 @@ pub async fn connect_lines(
 #[derive(Debug, Clone, Copy)]
 pub struct Dumped {
     pub bytes: u64,
+    /// The freeze: from the process stopped to the image written.
     pub dump_ms: f64,
+    /// Pre-copy rounds written while it ran (0: none).
+    pub rounds: u32,
 }
 
 impl Keeper {
     /// Starts `exe internal-keep` for `pid` and waits until the image is written (the
-    /// process then stays frozen). On error the process runs on untouched.
-    /// `socket` is where it listens for a new peer once we are gone (after commit).
+    /// process then stays frozen); with `precopy`, in rounds while it still runs.
+    /// On error the process runs on untouched. `socket` is where it listens for a
+    /// new peer once we are gone (after commit).
     pub async fn start(
         exe: &Path,
         pid: i32,
         images: &Path,
         enter: bool,
         socket: Option<&Path>,
+        precopy: Option<PrecopyPlan>,
     ) -> Result<(Keeper, Dumped), String> {
         let mut cmd = tokio::process::Command::new(exe);
         cmd.arg("internal-keep")
@@ -79,6 +85,12 @@ impl Keeper {
             .arg(images);
         if enter {
             cmd.arg("--enter");
+        }
+        if let Some(p) = precopy {
+            cmd.arg("--precopy-rounds")
+                .arg(p.max_rounds.to_string())
+                .arg("--precopy-below")
+                .arg(p.stop_below_bytes.to_string());
         }
         if let Some(s) = socket {
             cmd.arg("--socket").arg(s);
@@ -96,13 +108,31 @@ impl Keeper {
             to,
             lines,
         };
-        let first = keeper.lines.next_line().await.ok().flatten();
+        // `round <n> <bytes> <ms>` per pre-copy round, then `dumped` or `error`.
+        let mut rounds = 0;
+        let first = loop {
+            let line = keeper.lines.next_line().await.ok().flatten();
+            match line.as_deref().and_then(|l| l.strip_prefix("round ")) {
+                Some(r) => {
+                    rounds += 1;
+                    tracing::info!(pid, round = r, "pre-copy round written (n bytes ms)");
+                }
+                None => break line,
+            }
+        };
         match first.as_deref().and_then(|l| l.strip_prefix("dumped ")) {
             Some(rest) => {
                 let mut it = rest.split_whitespace();
                 let bytes = it.next().and_then(|v| v.parse().ok()).unwrap_or(0);
                 let dump_ms = it.next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
-                Ok((keeper, Dumped { bytes, dump_ms }))
+                Ok((
+                    keeper,
+                    Dumped {
+                        bytes,
+                        dump_ms,
+                        rounds,
+                    },
+                ))
             }
             None => {
                 let why = first

@@ -119,11 +119,6 @@ async fn migrate(
             "pid {pid} belongs to uid {owner}; you are uid {uid} (only its owner or root may move it); nothing was changed"
         ));
     }
-    if mode != Mode::StopCopy {
-        return Err(format!(
-            "--mode {mode} is not implemented yet; use --mode stop-copy; nothing was changed"
-        ));
-    }
     if dest != "home" && d.config.node_entry(dest).is_none() {
         return Err(format!(
             "unknown node {dest:?}; the cluster's nodes are {}; nothing was changed",

@@ -61,6 +61,9 @@ pub struct ForeignRec {
     pub departing: bool,
     /// Lines to its restorer (`commit`, `abort`) until the commit; `None` after.
     pub restorer: Option<tokio::process::ChildStdin>,
+    /// Restored lazily: its image stays in the store until its restorer says every
+    /// page is in (`paged`), not only until the commit.
+    pub lazy: bool,
 }
 
 /// Everything the daemon's tasks share.

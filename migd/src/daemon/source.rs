@@ -6,8 +6,8 @@ use super::keeper::{Dumped, Keeper};
 use super::local::Replies;
 use super::{flat, long_ctx, now_secs, Daemon};
 use common::migproto::{
-    LocalReply, MigError, MigrateOutcome, MigrationOffer, Mode, ProcessEntry, ProxyServiceClient,
-    Running,
+    LocalReply, MigError, MigrateOutcome, MigrationOffer, Mode, PrecopyPlan, ProcessEntry,
+    ProxyServiceClient, Running,
 };
 use std::sync::Arc;
 use std::time::Instant;
@@ -60,6 +60,32 @@ fn progress(tx: Option<&Replies>, phase: impl Into<String>, bytes: u64) {
     }
 }
 
+/// Runs `hold` (a dump into `images`) and meanwhile tells `tx` every second how
+/// many page bytes are in the store (pre-copy rounds can take a while).
+async fn with_page_progress<T>(
+    hold: impl std::future::Future<Output = T>,
+    images: &std::path::Path,
+    tx: Option<&Replies>,
+) -> T {
+    let pages = images.join(crate::engine::image::PAGES_FILE);
+    tokio::pin!(hold);
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    tick.tick().await;
+    let mut last = 0;
+    loop {
+        tokio::select! {
+            r = &mut hold => return r,
+            _ = tick.tick() => {
+                let n = tokio::fs::metadata(&pages).await.map(|m| m.len()).unwrap_or(0);
+                if n != last {
+                    last = n;
+                    progress(tx, "pages written to the store", n);
+                }
+            }
+        }
+    }
+}
+
 /// Offer, dump (keeping the original frozen), restore at `dest`, commit there. On
 /// failure nothing runs at `dest` and the original was thawed where it was; on
 /// success the caller ends the original (shadow or kill): the copy at `dest` is the
@@ -78,41 +104,66 @@ pub async fn prepare(
         why,
     };
     let id = offer.id.clone();
+    let mode = offer.mode;
     let peer = d.peer(dest).await?;
     progress(tx, format!("asking {dest}"), 0);
     flat(dest, peer.offer(long_ctx(), offer).await)?;
     let images = d.image_dir(&id);
-    progress(tx, "freezing and writing the image to the store", 0);
-    let held = match at {
-        HoldAt::Keeper => Keeper::start(&d.helper_exe, local_pid, &images, true, None)
-            .await
-            .map(|(k, dumped)| (Holder::Keeper(Box::new(k)), dumped))
-            .map_err(fail),
-        HoldAt::Proxy => match d.proxy(&me).await {
-            Ok(p) => flat(
-                &me,
-                p.hold(
-                    long_ctx(),
-                    id.clone(),
-                    local_pid,
-                    images.display().to_string(),
-                )
-                .await,
-            )
-            .map(|h| {
-                (
-                    Holder::Proxy(p),
-                    Dumped {
-                        bytes: h.bytes,
-                        dump_ms: h.dump_ms,
-                    },
-                )
-            }),
-            Err(e) => Err(e),
+    let precopy = mode.precopies().then_some(PrecopyPlan {
+        max_rounds: d.config.migd.precopy_max_rounds,
+        stop_below_bytes: d.config.migd.precopy_stop_below_bytes,
+    });
+    progress(
+        tx,
+        if precopy.is_some() {
+            "pre-copy: writing pages to the store while it runs"
+        } else {
+            "freezing and writing the image to the store"
         },
+        0,
+    );
+    let hold = async {
+        match at {
+            HoldAt::Keeper => Keeper::start(&d.helper_exe, local_pid, &images, true, None, precopy)
+                .await
+                .map(|(k, dumped)| (Holder::Keeper(Box::new(k)), dumped))
+                .map_err(fail),
+            HoldAt::Proxy => match d.proxy(&me).await {
+                Ok(p) => flat(
+                    &me,
+                    p.hold(
+                        long_ctx(),
+                        id.clone(),
+                        local_pid,
+                        images.display().to_string(),
+                        precopy,
+                    )
+                    .await,
+                )
+                .map(|h| {
+                    (
+                        Holder::Proxy(p),
+                        Dumped {
+                            bytes: h.bytes,
+                            dump_ms: h.dump_ms,
+                            rounds: h.rounds,
+                        },
+                    )
+                }),
+                Err(e) => Err(e),
+            },
+        }
     };
+    let held = with_page_progress(hold, &images, tx).await;
     let frozen_at = Instant::now();
-    let (holder, Dumped { bytes, dump_ms }) = match held {
+    let (
+        holder,
+        Dumped {
+            bytes,
+            dump_ms,
+            rounds,
+        },
+    ) = match held {
         Ok(h) => h,
         Err(e) => {
             let _ = peer.abort(long_ctx(), id.clone()).await;
@@ -120,7 +171,27 @@ pub async fn prepare(
             return Err(e);
         }
     };
-    progress(tx, format!("image written; restoring on {dest}"), bytes);
+    if rounds > 0 {
+        progress(
+            tx,
+            format!(
+                "pre-copy: {rounds} rounds while it ran, then frozen {dump_ms:.1} ms for the rest"
+            ),
+            bytes,
+        );
+    }
+    progress(
+        tx,
+        format!(
+            "image written; restoring on {dest}{}",
+            if mode.lazy() {
+                " (pages fault in from the store)"
+            } else {
+                ""
+            }
+        ),
+        bytes,
+    );
     // The destination's copy runs; it survives its migd only once told `committed`.
     // Until then any failure kills it there and thaws the original here.
     let restored = match flat(dest, peer.restore(long_ctx(), id.clone()).await) {

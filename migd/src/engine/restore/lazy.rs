@@ -129,6 +129,8 @@ struct Space {
     uffd: Uffd,
     /// The stub's copy of this userfaultfd.
     stub_fd: Option<i32>,
+    /// The process, when known (the restored one, as we see it).
+    pid: Option<i32>,
     /// Image pages not filled yet; ranges registered (unregistered at the end).
     layout: Layout,
     /// Faults read but not served yet (the store is failing).
@@ -144,6 +146,7 @@ impl Space {
             id,
             uffd,
             stub_fd,
+            pid: None,
             layout,
             pending: Vec::new(),
             cursor: 0,
@@ -286,10 +289,10 @@ impl Pager {
             ),
         }
         // Pages of the restored process already in need nothing.
-        if let (Some((l, _)), Some(&target)) = (
-            spaces.get_mut(&0),
-            crate::engine::procfs::children_of(stub_pid).first(),
-        ) {
+        let target = crate::engine::procfs::children_of(stub_pid)
+            .first()
+            .copied();
+        if let (Some((l, _)), Some(target)) = (spaces.get_mut(&0), target) {
             if let Ok(pm) = std::fs::File::open(format!("/proc/{target}/pagemap")) {
                 let regs: Vec<(u64, u64)> =
                     l.registered.0.iter().map(|(&s, &(e, _))| (s, e)).collect();
@@ -315,7 +318,11 @@ impl Pager {
             for (&s, &(e, _)) in &layout.registered.0 {
                 let _ = uffd.wake(s, e - s);
             }
-            pager.spaces.push(Space::new(id, uffd, Some(fd), layout));
+            let mut sp = Space::new(id, uffd, Some(fd), layout);
+            if id == 0 {
+                sp.pid = target;
+            }
+            pager.spaces.push(sp);
         }
         pager.journal = journal;
         pager.next_id = next_id;
@@ -715,12 +722,36 @@ impl Pager {
                         tracing::debug!(start = s, end = e, error = %err, "UFFDIO_UNREGISTER");
                     }
                 }
+                if self.link.is_none() {
+                    // The stub's copy stays open (a resumed server cannot tell it to
+                    // drop it): registrations we do not know of (an area grown by
+                    // mremap) would keep waiting for a server. Unregister every area
+                    // still registered for missing pages.
+                    if let Some(pid) = sp.pid {
+                        unregister_all(&sp.uffd, pid);
+                    }
+                }
             }
             if let Some(j) = self.journal.as_mut() {
                 j.append(&Record::Done { space: sp.id });
             }
             if let (Some(n), Some(link)) = (sp.stub_fd, self.link.as_ref()) {
                 link.drop_fd(n);
+            }
+        }
+    }
+}
+
+/// Unregisters every area of `pid` still registered for missing pages (`um` in its
+/// smaps VmFlags).
+fn unregister_all(uffd: &Uffd, pid: i32) {
+    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/smaps")) else {
+        return;
+    };
+    for a in crate::engine::maps::parse_smaps(&text).unwrap_or_default() {
+        if a.vmflags.iter().any(|f| f == "um") {
+            if let Err(e) = uffd.unregister(a.start, a.end - a.start) {
+                tracing::debug!(start = a.start, end = a.end, error = %e, "UFFDIO_UNREGISTER");
             }
         }
     }
