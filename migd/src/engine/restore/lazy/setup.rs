@@ -274,6 +274,7 @@ pub fn arm(
             registered,
         },
     ));
+    pager.spaces[0].pid = Some(ctx.pid);
     pager.first_stub_fd = Some(stub_fd);
     Ok(pager)
 }
