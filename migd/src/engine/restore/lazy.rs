@@ -17,8 +17,8 @@
 //!   (fork, remap, remove, unmap), then faults (served with read-ahead), then, when
 //!   idle, prefetch in large chunks. When every page is in, it unregisters the areas
 //!   and closes the userfaultfd (ours and the stub's).
-//! - The stub also holds the pager's journal ([`journal`]: layout changes, forks), so
-//!   that [`Pager::resume`] can take over from a server that died.
+//! - The stub also holds the pager's journal (`lazy/journal.rs`: layout changes,
+//!   forks), so that [`Pager::resume`] can take over from a server that died.
 //!
 //! Lazy pages never lie: a page is filled from the image or, if the image holds no
 //! data for it (or the process dropped it with MADV_DONTNEED), with zeros; a page
