@@ -129,6 +129,9 @@ async fn migrate(
     let me = d.config.node.clone();
     let shadow = shadows(d).await.into_iter().find(|s| s.pid == pid);
     let homeward = dest == "home" || dest == me;
+    // Into the shadow every page goes at once, from a stop-copy image (a lazy
+    // restore into it is not built; pre-copy from the host is not tried yet).
+    let mode = if homeward { Mode::StopCopy } else { mode };
     match shadow {
         None if dest == "home" => {
             // Run on the host: the pid is the foreign process's pid here.
