@@ -79,8 +79,13 @@ pub struct PrecopyPlan {
 /// What the source proposes to the destination.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MigrationOffer {
-    /// Cluster-unique id (`<source node>-<number>`); also the store directory's name.
+    /// Cluster-unique id of the migrated process (`<home>-<ms>-<n>`), kept for its
+    /// whole life away from home.
     pub id: String,
+    /// This move's image directory under the store's `migrations/`, unique per move
+    /// (a process moving on quickly must not share it with its previous move, whose
+    /// destination removes its own image once every page is in).
+    pub image: String,
     /// The process's home node (where its shadow is).
     pub home: String,
     /// Its pid at home (the pid it sees).

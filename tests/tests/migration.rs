@@ -368,10 +368,15 @@ fn the_shadow_keeps_pid_and_parent_at_home_and_releases_its_memory() {
     );
     let remote = progs_on(c, "ws2");
     assert_eq!(remote.len(), 1, "prog is not running at ws2");
-    let there = status_num(c, "ws2", remote[0], "VmRSS");
+    // Its pages fault in from the store (lazy by default): wait until all are in.
+    let there = wait_for(|| {
+        let v = status_num(c, "ws2", remote[0], "VmRSS");
+        (v > 60 * 1024).then_some(v)
+    });
     assert!(
-        there > 60 * 1024,
-        "prog at ws2 should hold its 64 MiB: VmRSS {there} kB"
+        there.is_some(),
+        "prog at ws2 should come to hold its 64 MiB: VmRSS {} kB",
+        status_num(c, "ws2", remote[0], "VmRSS")
     );
     c.sh_ok("ws1", &format!("kill -TERM {pid}"));
     assert_eq!(finish(c, child), "status=143");

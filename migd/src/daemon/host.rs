@@ -105,21 +105,19 @@ impl MigdService for Conn {
     }
 
     async fn committed(self, _: Context, id: String) -> MigResult<()> {
-        if self.d.homing.lock().unwrap().remove(&id) {
+        let homing = self.d.homing.lock().unwrap().remove(&id);
+        if let Some(image) = homing {
             let span = tracing::info_span!("going_home", id = %id);
             let p = self.d.proxy(&self.me()).await?;
             flat(&self.me(), p.commit_home(long_ctx(), id.clone()).await)?;
             span.in_scope(|| tracing::info!("committed: the process runs at home again"));
-            let dir = self.d.image_dir(&id);
-            if let Err(e) = std::fs::remove_dir_all(&dir) {
-                span.in_scope(|| tracing::warn!(dir = %dir.display(), error = %e, "removing the image from the store"));
-            }
+            remove_image(&self.d, &image);
             return Ok(());
         }
-        let (restorer, lazy) = {
+        let (restorer, lazy, image) = {
             let mut foreign = self.d.foreign.lock().unwrap();
             let rec = foreign.get_mut(&id).ok_or_else(|| self.unknown(&id))?;
-            (rec.restorer.take(), rec.lazy)
+            (rec.restorer.take(), rec.lazy, rec.image.clone())
         };
         if let Some(mut r) = restorer {
             let sent = async {
@@ -133,14 +131,14 @@ impl MigdService for Conn {
         }
         tracing::info!(id = %id, lazy, "committed");
         if !lazy {
-            remove_image(&self.d, &id);
+            remove_image(&self.d, &image);
         }
         Ok(())
     }
 
     async fn abort(self, _: Context, id: String) -> MigResult<()> {
         self.d.offers.lock().unwrap().remove(&id);
-        if self.d.homing.lock().unwrap().remove(&id) {
+        if self.d.homing.lock().unwrap().remove(&id).is_some() {
             tracing::warn!(id = %id, "abort: the process goes back to being a shadow");
             let p = self.d.proxy(&self.me()).await?;
             return flat(&self.me(), p.abort_home(long_ctx(), id.clone()).await);
@@ -238,7 +236,7 @@ pub async fn move_on(
 async fn restore_home(d: Arc<Daemon>, offer: MigrationOffer) -> MigResult<Running> {
     let me = d.config.node.clone();
     let p = d.proxy(&me).await?;
-    let images = d.image_dir(&offer.id).display().to_string();
+    let images = d.image_dir(&offer.image).display().to_string();
     let running = flat(
         &me,
         p.restore_into(long_ctx(), offer.id.clone(), images).await,
@@ -248,7 +246,7 @@ async fn restore_home(d: Arc<Daemon>, offer: MigrationOffer) -> MigResult<Runnin
         restore_ms = running.restore_ms,
         "restored into the shadow"
     );
-    d.homing.lock().unwrap().insert(offer.id);
+    d.homing.lock().unwrap().insert(offer.id, offer.image);
     Ok(running)
 }
 
@@ -267,7 +265,7 @@ async fn restore(d: Arc<Daemon>, offer: MigrationOffer) -> MigResult<Running> {
     let mut child = tokio::process::Command::new(&d.helper_exe)
         .arg("internal-restore")
         .arg("--images")
-        .arg(d.image_dir(&id))
+        .arg(d.image_dir(&offer.image))
         .arg("--home")
         .arg(&offer.home)
         .arg("--superroot")
@@ -329,6 +327,7 @@ async fn restore(d: Arc<Daemon>, offer: MigrationOffer) -> MigResult<Running> {
             departing: false,
             restorer,
             lazy: offer.mode.lazy(),
+            image: offer.image.clone(),
         },
     );
     tokio::spawn(watch(d.clone(), id, lines, Some(child)).in_current_span());
@@ -338,16 +337,30 @@ async fn restore(d: Arc<Daemon>, offer: MigrationOffer) -> MigResult<Running> {
     })
 }
 
-/// Removes migration `id`'s image from the store (if still there).
-fn remove_image(d: &Daemon, id: &str) {
-    let dir = d.image_dir(id);
+/// Removes a move's image directory from the store (if still there; "" names none:
+/// a foreign process taken back after a restart, whose image name was not kept).
+fn remove_image(d: &Daemon, image: &str) {
+    if image.is_empty() {
+        return;
+    }
+    let dir = d.image_dir(image);
     match std::fs::remove_dir_all(&dir) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => {
-            tracing::warn!(id, dir = %dir.display(), error = %e, "removing the image from the store")
+            tracing::warn!(image, dir = %dir.display(), error = %e, "removing the image from the store")
         }
     }
+}
+
+/// The image directory of the foreign process `id`'s move here ("" if unknown).
+fn image_of(d: &Daemon, id: &str) -> String {
+    d.foreign
+        .lock()
+        .unwrap()
+        .get(id)
+        .map(|r| r.image.clone())
+        .unwrap_or_default()
 }
 
 /// Follows a foreign process's restorer until the process ends, then reports the
@@ -367,7 +380,7 @@ async fn watch(d: Arc<Daemon>, id: String, mut lines: LineSource, child: Option<
                 mb_per_s = bytes as f64 / 1e3 / ms.max(0.001),
                 "every page is in; nothing depends on the store any more"
             );
-            remove_image(&d, &id);
+            remove_image(&d, &image_of(&d, &id));
         } else if let Some(why) = l.strip_prefix("lost ") {
             tracing::error!(%why, "pages lost: the store stayed away past the bound; the process was killed");
         } else {
@@ -375,7 +388,7 @@ async fn watch(d: Arc<Daemon>, id: String, mut lines: LineSource, child: Option<
         }
     }
     // A lazily restored process that ended before all its pages were in.
-    remove_image(&d, &id);
+    remove_image(&d, &image_of(&d, &id));
     if let Some(mut c) = child {
         let _ = c.wait().await;
     }
@@ -430,6 +443,7 @@ pub async fn adopt_foreign(d: &Arc<Daemon>) {
                         departing: false,
                         restorer: None,
                         lazy: false,
+                        image: String::new(),
                     },
                 );
                 let d = d.clone();

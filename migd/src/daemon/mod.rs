@@ -64,6 +64,8 @@ pub struct ForeignRec {
     /// Restored lazily: its image stays in the store until its restorer says every
     /// page is in (`paged`), not only until the commit.
     pub lazy: bool,
+    /// Its move's image directory (under the store's `migrations/`).
+    pub image: String,
 }
 
 /// Everything the daemon's tasks share.
@@ -77,7 +79,7 @@ pub struct Daemon {
     pub offers: Mutex<HashMap<String, common::migproto::MigrationOffer>>,
     /// Migrations coming home whose image was restored into the shadow, until their
     /// commit or abort.
-    pub homing: Mutex<std::collections::HashSet<String>>,
+    pub homing: Mutex<std::collections::HashMap<String, String>>,
 }
 
 impl Daemon {

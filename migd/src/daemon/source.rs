@@ -105,10 +105,10 @@ pub async fn prepare(
     };
     let id = offer.id.clone();
     let mode = offer.mode;
+    let images = d.image_dir(&offer.image);
     let peer = d.peer(dest).await?;
     progress(tx, format!("asking {dest}"), 0);
     flat(dest, peer.offer(long_ctx(), offer).await)?;
-    let images = d.image_dir(&id);
     let precopy = mode.precopies().then_some(PrecopyPlan {
         max_rounds: d.config.migd.precopy_max_rounds,
         stop_below_bytes: d.config.migd.precopy_stop_below_bytes,
@@ -246,6 +246,7 @@ pub fn offer_for(
     let u = nix::sys::utsname::uname().ok();
     MigrationOffer {
         id: id.to_string(),
+        image: d.new_id(),
         home: home.to_string(),
         pid,
         comm: comm.to_string(),
