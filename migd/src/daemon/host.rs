@@ -317,6 +317,8 @@ async fn restore(d: Arc<Daemon>, offer: MigrationOffer) -> MigResult<Running> {
         since: now_secs(),
     };
     let json = serde_json::to_string(&entry).expect("entries serialize");
+    // The move's image name, for a restarted migd to remove it once every page is in.
+    let _ = std::fs::write(records.join(format!("{id}.image")), &offer.image);
     if let Err(e) = std::fs::write(records.join(format!("{id}.json")), json) {
         tracing::warn!(error = %e, "cannot record the foreign process; a restarted migd will not know it");
     }
@@ -395,6 +397,7 @@ async fn watch(d: Arc<Daemon>, id: String, mut lines: LineSource, child: Option<
     let _ = std::fs::remove_dir(d.config.migd.state_dir.join("roots").join(&id));
     let records = d.foreign_dir();
     let _ = std::fs::remove_file(records.join(format!("{id}.json")));
+    let _ = std::fs::remove_file(records.join(format!("{id}.image")));
     let _ = std::fs::remove_file(records.join(format!("{id}.sock")));
     let rec = d.foreign.lock().unwrap().remove(&id);
     let departing = rec.as_ref().map(|r| r.departing).unwrap_or(true);
@@ -443,7 +446,8 @@ pub async fn adopt_foreign(d: &Arc<Daemon>) {
                         departing: false,
                         restorer: None,
                         lazy: false,
-                        image: String::new(),
+                        image: std::fs::read_to_string(path.with_extension("image"))
+                            .unwrap_or_default(),
                     },
                 );
                 let d = d.clone();
