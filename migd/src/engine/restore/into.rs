@@ -162,6 +162,23 @@ fn check(pid: i32, m: &Manifest, kept: &[i32]) -> Result<(), RestoreError> {
             )));
         }
     }
+    // Threads come back with their tids (clone3 set_tid): each must be free at home
+    // or one of the shadow's own threads (they end first). A thread made while away
+    // has a tid of its host's namespace, which home may have given to another process.
+    for t in &m.threads[1..] {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", t.tid));
+        if let Ok(st) = status {
+            let tgid = crate::engine::procfs::status_field(&st, "Tgid").unwrap_or("?");
+            if tgid.trim() != pid.to_string() {
+                return Err(refuse(format!(
+                    "its thread {} (made while away) cannot keep its tid at home: pid {} there is process {}",
+                    t.tid,
+                    t.tid,
+                    tgid.trim()
+                )));
+            }
+        }
+    }
     Ok(())
 }
 

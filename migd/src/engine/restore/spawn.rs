@@ -228,6 +228,7 @@ pub fn spawn(vpid: i32, gadget: u64, gadget_len: usize) -> Result<Spawned, Resto
 }
 
 fn stub_main(vpid: i32, gadget: u64, gadget_len: usize, ready: i32, status: i32) -> ! {
+    far_pids();
     let set_tid = [vpid];
     let args = kabi::CloneArgs {
         exit_signal: libc::SIGCHLD as u64,
@@ -257,6 +258,18 @@ fn stub_main(vpid: i32, gadget: u64, gadget_len: usize, ready: i32, status: i32)
             sys::exit_now(126);
         }
     }
+}
+
+/// Makes the namespace hand out pids from the upper half of the range: threads and
+/// children the process makes here get those, and if it goes home with them (clone3
+/// set_tid needs them free there), home has most likely not given them to another
+/// process, its own pids being low. The sysctl acts on the writer's pid namespace.
+fn far_pids() {
+    let max: i32 = std::fs::read_to_string("/proc/sys/kernel/pid_max")
+        .ok()
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or(32768);
+    let _ = std::fs::write("/proc/sys/kernel/ns_last_pid", (max / 2).to_string());
 }
 
 /// The stub's life as pid 1: reap every process of the namespace, keep the fds handed
