@@ -16,28 +16,14 @@ fn c_four_threads_with_mutexes_and_condvars_survive_three_dumps() {
     check_workload("C four threads", &w, &[ms(500), ms(400), ms(400)]);
 }
 
-const PY_THREADS: &str = r#"
-import threading, hashlib
-lock = threading.Lock()
-results = {}
-def work(name, n):
-    h = hashlib.sha256(name.encode())
-    for i in range(n):
-        h.update(str(i).encode())
-        if i % 20000 == 0:
-            with lock:
-                results[(name, i)] = h.hexdigest()[:16]
-ts = [threading.Thread(target=work, args=(nm, 5000000)) for nm in ("a", "b")]
-for t in ts: t.start()
-for t in ts: t.join()
-for k in sorted(results): print(k[0], k[1], results[k])
-"#;
+/// Two python threads (shared with the cluster tests; N from argv).
+const PY_THREADS: &str = include_str!("../../tests/programs/two_threads.py");
 
 #[test]
 fn python3_running_two_threads_survives_three_dumps() {
     let dir = tempdir();
     std::fs::write(dir.path().join("two.py"), PY_THREADS).unwrap();
-    let w = Workload::new(dir.path(), &["/usr/bin/python3", "two.py"]);
+    let w = Workload::new(dir.path(), &["/usr/bin/python3", "two.py", "5000000"]);
     check_workload("python3 two threads", &w, &[ms(300), ms(300), ms(300)]);
 }
 

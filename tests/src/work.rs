@@ -71,6 +71,16 @@ pub fn state_on(c: &Cluster, node: &str, pid: i32) -> String {
     String::from_utf8_lossy(&o.stdout).trim().to_string()
 }
 
+/// A field of /proc/PID/status in `node`, as a number (kB for Vm* fields); panics
+/// if there is no such field (the process is gone).
+pub fn status_num(c: &Cluster, node: &str, pid: i32, field: &str) -> u64 {
+    let o = c.sh_ok(node, &format!("grep '^{field}:' /proc/{pid}/status"));
+    o.split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {field} for pid {pid} on {node}: {o:?}"))
+}
+
 /// Runs `migrate PID DEST [ARGS..]` in `node`; panics with what it said if it fails.
 pub fn migrate_ok(c: &Cluster, node: &str, pid: i32, dest: &str, args: &[&str]) -> String {
     let pid = pid.to_string();
@@ -161,4 +171,34 @@ pub fn compile_c(src: &str, out: &std::path::Path, flags: &[&str]) {
         "cc failed: {}",
         String::from_utf8_lossy(&o.stderr)
     );
+}
+
+/// `count.py OUT N PAUSE` (tests/programs/count.py): N lines, PAUSE s apart, exit 4.
+pub const COUNT_PY: &str = include_str!("../programs/count.py");
+
+/// Writes count.py into the cluster directory, runs it once unmigrated at ws1 for its
+/// reference output, then starts it under a shell at ws1 writing `lines` lines 0.1 s
+/// apart to /tmp/out; returns (reference, shell, python3's pid at ws1) once it wrote 5.
+pub fn start_count_py(c: &Cluster, lines: u32) -> (String, Child, i32) {
+    let script = c.dir().join("count.py");
+    std::fs::write(&script, COUNT_PY).expect("write count.py");
+    let want = c.sh_ok(
+        "ws1",
+        &format!(
+            "python3 {} /tmp/ref {lines} 0; cat /tmp/ref",
+            script.display()
+        ),
+    );
+    let child = spawn_shell(
+        c,
+        "ws1",
+        &format!("python3 {} /tmp/out {lines} 0.1", script.display()),
+    );
+    let pid: i32 = wait_for(|| {
+        let o = c.sh("ws1", "pgrep -xn python3 && test $(wc -l < /tmp/out) -ge 5");
+        let t = String::from_utf8_lossy(&o.stdout).trim().to_string();
+        (o.status.success() && !t.is_empty()).then(|| t.parse().unwrap())
+    })
+    .expect("python3 did not start at ws1");
+    (want, child, pid)
 }

@@ -3,10 +3,12 @@
 //! cluster (ws1 is home). Needs root and the workspace's release binaries.
 
 use std::path::PathBuf;
-use std::process::{Child, Stdio};
+use std::process::Child;
 use std::sync::Mutex;
-use std::time::Duration;
 
+use ferry_tests::work::{
+    finish_shell, pids_of, spawn_shell, start_count_py, state_on, status_num, wait_for,
+};
 use ferry_tests::Cluster;
 
 /// One 3-node cluster at a time: they are heavy for a small machine.
@@ -91,20 +93,6 @@ fn setup() -> Setup {
     Setup { c, prog }
 }
 
-/// Starts `bash -c 'COMMAND; echo status=$?'` at ws1, stdout piped to us; stderr to
-/// /tmp/cmd.err of ws1, inherited fds beyond stdio closed.
-fn spawn_at_ws1(c: &Cluster, command: &str) -> Child {
-    let script = format!(
-        "exec 2>/tmp/cmd.err; for f in /proc/$$/fd/*; do n=${{f##*/}}; \
-         [ \"$n\" -gt 2 ] && eval \"exec $n>&-\"; done; {command}; echo status=$?"
-    );
-    c.command("ws1", &["bash", "-c", &script])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("cluster exec runs")
-}
-
 /// Starts homer at ws1 (from `bash -c`, in `cwd`) and returns the shell and homer's
 /// pid, once homer has written `lines` lines to /tmp/out.
 fn start_homer(s: &Setup, n: u32, code: i32, lines: usize, cwd: &str) -> (Child, i32) {
@@ -120,8 +108,9 @@ fn start_homer_threads(
     cwd: &str,
     threads: u32,
 ) -> (Child, i32) {
-    let child = spawn_at_ws1(
+    let child = spawn_shell(
         &s.c,
+        "ws1",
         &format!(
             "cd {cwd} && {} /tmp/out {n} {code} 100000 {MIB} {threads}",
             s.prog.display()
@@ -150,41 +139,6 @@ fn reference(s: &Setup, n: u32) -> String {
     )
 }
 
-/// Polls `f` until it answers (up to a minute; a bound for a hang, not a timing check).
-fn wait_for<T>(mut f: impl FnMut() -> Option<T>) -> Option<T> {
-    for _ in 0..600 {
-        if let Some(v) = f() {
-            return Some(v);
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    None
-}
-
-/// The pids of processes named `name` on a node.
-fn pids_on(c: &Cluster, node: &str, name: &str) -> Vec<i32> {
-    let o = c.sh(node, &format!("pgrep -x {name} || true"));
-    String::from_utf8_lossy(&o.stdout)
-        .split_whitespace()
-        .filter_map(|p| p.parse().ok())
-        .collect()
-}
-
-/// The State line of /proc/PID/status on a node ("" if gone).
-fn state_on(c: &Cluster, node: &str, pid: i32) -> String {
-    let o = c.sh(node, &format!("grep '^State:' /proc/{pid}/status || true"));
-    String::from_utf8_lossy(&o.stdout).trim().to_string()
-}
-
-/// A field of /proc/PID/status on a node, as a number (kB for Vm* fields).
-fn status_num(c: &Cluster, node: &str, pid: i32, field: &str) -> u64 {
-    let o = c.sh_ok(node, &format!("grep '^{field}:' /proc/{pid}/status"));
-    o.split_whitespace()
-        .nth(1)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no {field} for pid {pid} on {node}: {o:?}"))
-}
-
 /// `migrate --mode stop-copy PID DEST` at `node` (the mode named: going home needs a
 /// complete image, whatever the default mode).
 fn migrate_at(c: &Cluster, node: &str, pid: i32, dest: &str) -> String {
@@ -194,23 +148,6 @@ fn migrate_at(c: &Cluster, node: &str, pid: i32, dest: &str) -> String {
     );
     eprintln!("{node}$ migrate {pid} {dest}: {said}");
     said
-}
-
-/// Waits for the shell (at most two minutes: a bound for a hang) and returns its output.
-fn finish(c: &Cluster, mut child: Child) -> String {
-    if wait_for(|| child.try_wait().ok().flatten()).is_none()
-        && wait_for(|| child.try_wait().ok().flatten()).is_none()
-    {
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!(
-            "the shell at ws1 did not end\n{}\n{}",
-            c.logs("ws1", 20),
-            c.logs("ws3", 10)
-        );
-    }
-    let out = child.wait_with_output().expect("wait for the shell");
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 /// Nothing is listed as migrated or foreign anywhere, and the store holds no image.
@@ -254,7 +191,7 @@ fn there_and_back(asked_at: &str) {
         away < 4 * 1024,
         "the shadow should hold almost no memory while away: VmRSS {away} kB"
     );
-    let host_pid = pids_on(c, "ws3", "homer");
+    let host_pid = pids_of(c, "ws3", "homer");
     assert_eq!(host_pid.len(), 1, "homer should run at ws3");
 
     let said = if asked_at == "ws1" {
@@ -267,7 +204,7 @@ fn there_and_back(asked_at: &str) {
         "migrate should say it runs at home under its pid {pid}: {said}"
     );
     assert!(
-        pids_on(c, "ws3", "homer").is_empty() && pids_on(c, "ws2", "homer").is_empty(),
+        pids_of(c, "ws3", "homer").is_empty() && pids_of(c, "ws2", "homer").is_empty(),
         "a copy of homer still runs away from home"
     );
     let st = state_on(c, "ws1", pid);
@@ -297,7 +234,7 @@ fn there_and_back(asked_at: &str) {
     );
     nothing_left(c);
 
-    let shell = finish(c, child);
+    let shell = finish_shell(c, child);
     assert_eq!(
         shell,
         format!("status={code}"),
@@ -350,7 +287,7 @@ fn a_threaded_process_comes_home_with_its_thread_ids() {
         "homer's threads should be back at home with their tids"
     );
     assert_eq!(
-        finish(c, child),
+        finish_shell(c, child),
         "status=3",
         "the shell should see homer's exit status (98: a thread's tid changed)"
     );
@@ -364,28 +301,7 @@ fn a_python3_program_goes_to_ws2_and_back_home_and_its_output_is_unchanged() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let s = setup();
     let c = &s.c;
-    let script = c.dir().join("count.py");
-    std::fs::write(
-        &script,
-        "import sys, time\n\
-         n, pause = int(sys.argv[2]), float(sys.argv[3])\n\
-         with open(sys.argv[1], 'w') as f:\n\
-         \x20   for i in range(n):\n\
-         \x20       f.write('%d %d\\n' % (i, pow(7, i, 1000003))); f.flush(); time.sleep(pause)\n\
-         sys.exit(4)\n",
-    )
-    .unwrap();
-    let want = c.sh_ok(
-        "ws1",
-        &format!("python3 {} /tmp/ref 80 0; cat /tmp/ref", script.display()),
-    );
-    let child = spawn_at_ws1(c, &format!("python3 {} /tmp/out 80 0.1", script.display()));
-    let pid: i32 = wait_for(|| {
-        let o = c.sh("ws1", "pgrep -xn python3 && test $(wc -l < /tmp/out) -ge 5");
-        let t = String::from_utf8_lossy(&o.stdout).trim().to_string();
-        (o.status.success() && !t.is_empty()).then(|| t.parse().unwrap())
-    })
-    .expect("python3 did not start at ws1");
+    let (want, child, pid) = start_count_py(c, 80);
     let said = migrate_at(c, "ws1", pid, "ws2");
     assert!(said.contains("runs on ws2"), "migrate said: {said}");
     // Home in the default mode, whatever it is (going home is always stop-copy).
@@ -396,7 +312,7 @@ fn a_python3_program_goes_to_ws2_and_back_home_and_its_output_is_unchanged() {
         "migrate said: {said}"
     );
     assert!(
-        pids_on(c, "ws2", "python3").is_empty(),
+        pids_of(c, "ws2", "python3").is_empty(),
         "python3 still runs at ws2"
     );
     let st = state_on(c, "ws1", pid);
@@ -404,7 +320,7 @@ fn a_python3_program_goes_to_ws2_and_back_home_and_its_output_is_unchanged() {
         st.contains("sleeping") || st.contains("running"),
         "python3 should run at home again: {st:?}"
     );
-    assert_eq!(finish(c, child), "status=4", "python3's exit status");
+    assert_eq!(finish_shell(c, child), "status=4", "python3's exit status");
     let got = c.sh_ok("ws1", "cat /tmp/out");
     assert!(
         got == want,
@@ -442,7 +358,7 @@ fn a_failed_homecoming_leaves_the_process_at_its_host_and_the_shadow_working() {
         err.contains("shadow is unchanged"),
         "migrate should say the shadow is unchanged: {err}"
     );
-    let remote = pids_on(c, "ws2", "homer");
+    let remote = pids_of(c, "ws2", "homer");
     assert_eq!(remote.len(), 1, "homer should run on at ws2");
     let st = state_on(c, "ws2", remote[0]);
     assert!(
@@ -472,12 +388,12 @@ fn a_failed_homecoming_leaves_the_process_at_its_host_and_the_shadow_working() {
     .expect("a SIGUSR1 sent to the shadow did not reach homer at ws2");
     // ...and passes the exit status to the shell.
     assert_eq!(
-        finish(c, child),
+        finish_shell(c, child),
         "status=7",
         "the shell should see homer's exit status from ws2"
     );
     assert!(
-        pids_on(c, "ws2", "homer").is_empty(),
+        pids_of(c, "ws2", "homer").is_empty(),
         "homer should have ended at ws2"
     );
     nothing_left(c);

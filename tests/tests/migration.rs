@@ -6,8 +6,10 @@
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::sync::Mutex;
-use std::time::Duration;
 
+use ferry_tests::work::{
+    finish_shell, spawn_shell, start_count_py, state_on, status_num, wait_for,
+};
 use ferry_tests::Cluster;
 
 /// One 3-node cluster at a time: they are heavy for a small machine.
@@ -76,7 +78,7 @@ fn start_at_ws1(s: &Setup, out: &str, n: u32, code: i32, lines: usize) -> (Child
 
 /// Like [`start_at_ws1`] with prog's whole argument string.
 fn start_with(s: &Setup, args: &str, out: &str, lines: usize) -> (Child, i32) {
-    let child = spawn_at_ws1(&s.c, &format!("{} {args}", s.prog.display()));
+    let child = spawn_shell(&s.c, "ws1", &format!("{} {args}", s.prog.display()));
     let pid = wait_for(|| {
         let o = s.c.sh(
             "ws1",
@@ -89,33 +91,6 @@ fn start_with(s: &Setup, args: &str, out: &str, lines: usize) -> (Child, i32) {
     (child, pid)
 }
 
-/// Starts `bash -c 'COMMAND; echo status=$?'` at ws1, stdout piped to us. The
-/// command's stderr goes to /tmp/cmd.err of ws1 (the test's own stderr is not in
-/// ws1's tree), and fds the shell inherited beyond stdio are closed: only what the
-/// command opens itself and its stdio (stdout: a pipe to this test) have to move.
-fn spawn_at_ws1(c: &Cluster, command: &str) -> Child {
-    let script = format!(
-        "exec 2>/tmp/cmd.err; for f in /proc/$$/fd/*; do n=${{f##*/}}; \
-         [ \"$n\" -gt 2 ] && eval \"exec $n>&-\"; done; {command}; echo status=$?"
-    );
-    c.command("ws1", &["bash", "-c", &script])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("cluster exec runs")
-}
-
-/// Polls `f` until it answers (up to a minute; a bound for a hang, not a timing check).
-fn wait_for<T>(mut f: impl FnMut() -> Option<T>) -> Option<T> {
-    for _ in 0..600 {
-        if let Some(v) = f() {
-            return Some(v);
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    None
-}
-
 /// The pids of processes named `prog` on a node.
 fn progs_on(c: &Cluster, node: &str) -> Vec<i32> {
     let o = c.sh(node, "pgrep -x prog || true");
@@ -125,32 +100,8 @@ fn progs_on(c: &Cluster, node: &str) -> Vec<i32> {
         .collect()
 }
 
-/// The State line of /proc/PID/status on a node ("" if gone).
-fn state_on(c: &Cluster, node: &str, pid: i32) -> String {
-    let o = c.sh(node, &format!("grep '^State:' /proc/{pid}/status || true"));
-    String::from_utf8_lossy(&o.stdout).trim().to_string()
-}
-
 fn migrate(c: &Cluster, pid: i32, dest: &str) -> String {
     c.run_ok("ws1", &["migrate", &pid.to_string(), dest])
-}
-
-/// Waits for the shell started by [`start_with`] (at most two minutes: a bound for a
-/// hang, not a timing check) and returns its output.
-fn finish(c: &Cluster, mut child: Child) -> String {
-    if wait_for(|| child.try_wait().ok().flatten()).is_none()
-        && wait_for(|| child.try_wait().ok().flatten()).is_none()
-    {
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!(
-            "the shell at ws1 did not end\n{}\n{}",
-            c.logs("ws1", 10),
-            c.logs("ws2", 10)
-        );
-    }
-    let out = child.wait_with_output().expect("wait for the shell");
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 fn reference(s: &Setup, n: u32) -> String {
@@ -197,7 +148,7 @@ fn migrated_process_runs_elsewhere_writes_home_and_its_exit_status_reaches_the_p
         "prog still runs at ws2 after moving to ws3"
     );
 
-    let shell = finish(c, child);
+    let shell = finish_shell(c, child);
     assert_eq!(
         shell, "status=5",
         "the parent shell at ws1 should see prog's exit status from ws3"
@@ -250,7 +201,7 @@ fn stop_cont_and_term_at_home_reach_the_migrated_process_and_the_shell_sees_deat
     });
 
     c.sh_ok("ws1", &format!("kill -TERM {pid}"));
-    let shell = finish(c, child);
+    let shell = finish_shell(c, child);
     assert_eq!(
         shell, "status=143",
         "the shell at ws1 should see prog die of SIGTERM (128+15)"
@@ -331,16 +282,7 @@ fn refused_migrations_leave_the_process_running_untouched() {
     let st = state_on(c, "ws1", py);
     assert!(st.contains("sleeping"), "python3 should run on: {st:?}");
     c.sh_ok("ws1", &format!("kill {py} {pid}"));
-    let _ = finish(c, child);
-}
-
-/// A field of /proc/PID/status on a node, as a number (kB for Vm* fields).
-fn status_num(c: &Cluster, node: &str, pid: i32, field: &str) -> u64 {
-    let o = c.sh_ok(node, &format!("grep '^{field}:' /proc/{pid}/status"));
-    o.split_whitespace()
-        .nth(1)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no {field} for pid {pid} on {node}: {o:?}"))
+    let _ = finish_shell(c, child);
 }
 
 #[test]
@@ -379,7 +321,7 @@ fn the_shadow_keeps_pid_and_parent_at_home_and_releases_its_memory() {
         status_num(c, "ws2", remote[0], "VmRSS")
     );
     c.sh_ok("ws1", &format!("kill -TERM {pid}"));
-    assert_eq!(finish(c, child), "status=143");
+    assert_eq!(finish_shell(c, child), "status=143");
 }
 
 #[test]
@@ -414,7 +356,7 @@ fn killing_the_daemons_after_a_migration_loses_neither_the_shadow_nor_the_exit_s
         "prog should run on at ws2 across its migd's restart"
     );
 
-    let shell = finish(&s.c, child);
+    let shell = finish_shell(&s.c, child);
     assert_eq!(
         shell, "status=9",
         "the exit status should reach the shell at ws1 across both restarts"
@@ -451,7 +393,7 @@ fn a_destination_that_cannot_restore_leaves_the_original_running_where_it_was() 
         "a copy of prog runs at ws2"
     );
     s.c.sh_ok("ws1", &format!("kill {pid}"));
-    assert_eq!(finish(&s.c, child), "status=143");
+    assert_eq!(finish_shell(&s.c, child), "status=143");
 }
 
 #[test]
@@ -459,33 +401,12 @@ fn a_python3_program_moves_twice_and_its_output_is_unchanged() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let s = setup();
     let c = &s.c;
-    let script = c.dir().join("count.py");
-    std::fs::write(
-        &script,
-        "import sys, time\n\
-         n, pause = int(sys.argv[2]), float(sys.argv[3])\n\
-         with open(sys.argv[1], 'w') as f:\n\
-         \x20   for i in range(n):\n\
-         \x20       f.write('%d %d\\n' % (i, pow(7, i, 1000003))); f.flush(); time.sleep(pause)\n\
-         sys.exit(4)\n",
-    )
-    .unwrap();
-    let want = c.sh_ok(
-        "ws1",
-        &format!("python3 {} /tmp/ref 80 0; cat /tmp/ref", script.display()),
-    );
-    let child = spawn_at_ws1(c, &format!("python3 {} /tmp/out 80 0.1", script.display()));
-    let pid: i32 = wait_for(|| {
-        let o = c.sh("ws1", "pgrep -xn python3 && test $(wc -l < /tmp/out) -ge 5");
-        let t = String::from_utf8_lossy(&o.stdout).trim().to_string();
-        (o.status.success() && !t.is_empty()).then(|| t.parse().unwrap())
-    })
-    .expect("python3 did not start at ws1");
+    let (want, child, pid) = start_count_py(c, 80);
     let said = migrate(c, pid, "ws2");
     assert!(said.contains("runs on ws2"), "migrate said: {said}");
     let said = migrate(c, pid, "ws3");
     assert!(said.contains("runs on ws3"), "migrate said: {said}");
-    assert_eq!(finish(c, child), "status=4", "python3's exit status");
+    assert_eq!(finish_shell(c, child), "status=4", "python3's exit status");
     let got = c.sh_ok("ws1", "cat /tmp/out");
     assert!(
         got == want,
@@ -502,8 +423,9 @@ fn an_ordinary_user_moves_their_own_process() {
     let s = setup();
     let c = &s.c;
     let as_user = "setpriv --reuid 1000 --regid 1000 --clear-groups";
-    let child = spawn_at_ws1(
+    let child = spawn_shell(
         c,
+        "ws1",
         &format!("{as_user} {} /tmp/uout 60 6 100000", s.prog.display()),
     );
     let pid: i32 = wait_for(|| {
@@ -520,7 +442,7 @@ fn an_ordinary_user_moves_their_own_process() {
         1000,
         "prog at ws2 should run as uid 1000"
     );
-    assert_eq!(finish(c, child), "status=6");
+    assert_eq!(finish_shell(c, child), "status=6");
     let owner = c.sh_ok("ws1", "stat -c %u /tmp/uout");
     assert_eq!(owner.trim(), "1000", "the output file's owner at ws1");
 }
@@ -581,7 +503,7 @@ fn killing_the_destinations_migd_mid_migration_leaves_exactly_one_copy() {
     }
     eprintln!("migrate succeeded: {ok}\n{said}");
     c.sh_ok("ws1", &format!("kill {pid}"));
-    assert_eq!(finish(c, child), "status=143");
+    assert_eq!(finish_shell(c, child), "status=143");
 }
 
 #[test]
@@ -594,7 +516,7 @@ fn kill_9_at_home_kills_the_migrated_process_too() {
     assert_eq!(progs_on(c, "ws2").len(), 1, "prog is not running at ws2");
     c.sh_ok("ws1", &format!("kill -KILL {pid}"));
     assert_eq!(
-        finish(c, child),
+        finish_shell(c, child),
         "status=137",
         "the shell at ws1 should see death by SIGKILL"
     );

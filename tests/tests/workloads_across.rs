@@ -29,22 +29,8 @@ struct Work {
 /// engine tests; N items, compiled with -DN=4000 here).
 const THREADS_C: &str = include_str!("../programs/threads.c");
 
-const PY_THREADS: &str = r#"
-import threading, hashlib
-lock = threading.Lock()
-results = {}
-def work(name, n):
-    h = hashlib.sha256(name.encode())
-    for i in range(n):
-        h.update(str(i).encode())
-        if i % 20000 == 0:
-            with lock:
-                results[(name, i)] = h.hexdigest()[:16]
-ts = [threading.Thread(target=work, args=(nm, 20000000)) for nm in ("a", "b")]
-for t in ts: t.start()
-for t in ts: t.join()
-for k in sorted(results): print(k[0], k[1], results[k])
-"#;
+/// Two python threads (shared with the engine tests; N from argv).
+const PY_THREADS: &str = include_str!("../programs/two_threads.py");
 
 /// Runs `w` at ws1 once unmigrated and once moved ws1 -> ws2 -> ws3 -> home, and
 /// compares.
@@ -146,7 +132,7 @@ fn python3_with_two_threads_moves_ws1_ws2_ws3_and_home() {
         comm: "python3",
         files: vec![("two.py", PY_THREADS.into())],
         setup: "true",
-        cmd: "python3 two.py",
+        cmd: "python3 two.py 20000000",
     });
 }
 
