@@ -279,43 +279,64 @@ impl Shadow {
         let inj = Injector { gadget };
         if libc::WIFSIGNALED(status) {
             let sig = libc::WTERMSIG(status);
-            // gadget+8 holds a zeroed struct sigaction: SIG_DFL.
-            inj.ok(
-                leader,
-                libc::SYS_rt_sigaction,
-                &[sig as u64, gadget + 8, 0, 8],
-                || format!("rt_sigaction({sig}, SIG_DFL)"),
-            )?;
-            let own = inj.ok(leader, libc::SYS_getpid, &[], || "getpid".into())?;
-            inj.ok(leader, libc::SYS_kill, &[own as u64, sig as u64], || {
-                format!("kill(self, {sig})")
-            })?;
-            // If the signal somehow does not kill it, it exits 128+sig from the gadget.
-            let mut r = leader.regs()?;
-            r.rip = gadget;
-            r.rax = libc::SYS_exit_group as u64;
-            r.rdi = 128 + sig as u64;
-            r.orig_rax = u64::MAX;
-            leader.set_regs(&r)?;
-            leader.set_sigmask(!(1u64 << (sig - 1)))?;
-            // The other threads wait in pause() at the gadget (their own code is gone)
-            // until the signal takes the whole process.
-            for t in &self.held.frozen.threads[1..] {
-                let mut r = t.regs()?;
-                r.rip = gadget;
-                r.rax = libc::SYS_pause as u64;
-                r.orig_rax = u64::MAX;
-                t.set_regs(&r)?;
+            if sig == libc::SIGKILL {
+                // No handler to reset (rt_sigaction would refuse): kill it outright.
+                self.held.frozen.kill();
+                return Ok(());
             }
-            self.held.frozen.thaw();
-            Ok(())
+            // Any failure below kills the shadow rather than letting it run: its own
+            // code is gone (a thaw would end it by SIGSEGV, a lie to its parent).
+            let prepared = (|| -> Result<(), HandoffError> {
+                // gadget+8 holds a zeroed struct sigaction: SIG_DFL.
+                inj.ok(
+                    leader,
+                    libc::SYS_rt_sigaction,
+                    &[sig as u64, gadget + 8, 0, 8],
+                    || format!("rt_sigaction({sig}, SIG_DFL)"),
+                )?;
+                let own = inj.ok(leader, libc::SYS_getpid, &[], || "getpid".into())?;
+                inj.ok(leader, libc::SYS_kill, &[own as u64, sig as u64], || {
+                    format!("kill(self, {sig})")
+                })?;
+                // If the signal somehow does not kill it, it exits 128+sig from the gadget.
+                let mut r = leader.regs()?;
+                r.rip = gadget;
+                r.rax = libc::SYS_exit_group as u64;
+                r.rdi = 128 + sig as u64;
+                r.orig_rax = u64::MAX;
+                leader.set_regs(&r)?;
+                leader.set_sigmask(!(1u64 << (sig - 1)))?;
+                // The other threads wait in pause() at the gadget (their own code is gone)
+                // until the signal takes the whole process.
+                for t in &self.held.frozen.threads[1..] {
+                    let mut r = t.regs()?;
+                    r.rip = gadget;
+                    r.rax = libc::SYS_pause as u64;
+                    r.orig_rax = u64::MAX;
+                    t.set_regs(&r)?;
+                }
+                Ok(())
+            })();
+            match prepared {
+                Ok(()) => {
+                    self.held.frozen.thaw();
+                    Ok(())
+                }
+                Err(e) => {
+                    self.held.frozen.kill();
+                    Err(e)
+                }
+            }
         } else {
             let code = libc::WEXITSTATUS(status);
             match inj.call(leader, libc::SYS_exit_group, &[code as u64]) {
-                Ok(_) => Err(HandoffError::Other {
-                    pid,
-                    what: "exit_group returned".into(),
-                }),
+                Ok(_) => {
+                    self.held.frozen.kill();
+                    Err(HandoffError::Other {
+                        pid,
+                        what: "exit_group returned".into(),
+                    })
+                }
                 // The process is gone: that is what we asked for.
                 Err(InjectError::Ptrace {
                     source: FreezeError::Gone { .. },
@@ -324,7 +345,11 @@ impl Shadow {
                     self.held.frozen.kill();
                     Ok(())
                 }
-                Err(e) => Err(e.into()),
+                Err(e) => {
+                    // Never thaw a shadow whose code is gone.
+                    self.held.frozen.kill();
+                    Err(e.into())
+                }
             }
         }
     }
