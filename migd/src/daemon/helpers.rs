@@ -241,6 +241,8 @@ fn shadow_loop(
     let mut next = first;
     // A SIGSTOP stays queued until a SIGCONT removes it: forward it once.
     let mut stop_sent = false;
+    // Signals sent between the freeze and the shadow's making (not in the image).
+    let mut late = std::mem::take(&mut shadow.late);
     let code = loop {
         if let Some(line) = next.take() {
             if let Some(dir) = line.trim().strip_prefix("restore ") {
@@ -286,6 +288,10 @@ fn shadow_loop(
                 (true, false) => stop_sent = link.say(&format!("signal {}", libc::SIGSTOP)),
                 (false, true) => stop_sent = false,
                 _ => {}
+            }
+            for s in std::mem::take(&mut late) {
+                tracing::info!(pid, sig = s, "a signal sent during the migration");
+                link.say(&format!("signal {s}"));
             }
             match shadow.take_signals() {
                 Ok(sigs) => {

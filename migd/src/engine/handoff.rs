@@ -36,6 +36,21 @@ pub struct Held {
     pub dump_ms: f64,
     /// The process's command name.
     pub comm: String,
+    /// Signal numbers pending at the freeze (they travel in the image).
+    in_image: Vec<i32>,
+}
+
+/// The signal numbers of the siginfo records queued in the image (si_signo is the
+/// first 32-bit field of a siginfo).
+fn pending_signals(m: &image::Manifest) -> Vec<i32> {
+    m.shared_pending
+        .iter()
+        .chain(m.threads.iter().flat_map(|t| t.pending.iter()))
+        .filter_map(|si| {
+            si.get(..4)
+                .map(|b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+        })
+        .collect()
 }
 
 /// Freezes `pid`, writes its image into `images`, and keeps it frozen. A refusal
@@ -59,6 +74,7 @@ pub fn dump_frozen(pid: i32, images: &Path) -> Result<Held, DumpError> {
         frozen,
         page_bytes: manifest.pages_len,
         dump_ms: t0.elapsed().as_secs_f64() * 1e3,
+        in_image: pending_signals(&manifest),
         comm: manifest.comm,
     })
 }
@@ -84,6 +100,7 @@ pub fn dump_frozen_precopy(
         frozen,
         page_bytes: manifest.pages_len,
         dump_ms: report.ms,
+        in_image: pending_signals(&manifest),
         comm: manifest.comm,
     })
 }
@@ -125,8 +142,22 @@ impl Held {
         for i in 0..6 {
             poke(gadget + 8 + 8 * i, 0)?;
         }
-        let shadow = Shadow { held: self, gadget };
-        shadow.take_signals()?;
+        let mut shadow = Shadow {
+            held: self,
+            gadget,
+            late: Vec::new(),
+        };
+        // Signals queued now were either in the image (pending at the freeze: the
+        // copy gets them there) or sent since the freeze: those are forwarded.
+        let mut in_image = shadow.held.in_image.clone();
+        for sig in shadow.take_signals()? {
+            match in_image.iter().position(|&s| s == sig) {
+                Some(i) => {
+                    in_image.remove(i);
+                }
+                None => shadow.late.push(sig),
+            }
+        }
         shadow.release_memory()?;
         Ok(shadow)
     }
@@ -138,6 +169,8 @@ impl Held {
 pub struct Shadow {
     held: Held,
     gadget: u64,
+    /// Signals sent between the freeze and the shadow's making, to forward first.
+    pub late: Vec<i32>,
 }
 
 /// `RSEQ_FLAG_UNREGISTER` — include/uapi/linux/rseq.h.
