@@ -130,6 +130,19 @@ fn refuse(pid: i32, what: impl Into<String>) -> DumpError {
 
 /// Refuses, before anything is frozen, a process the engine cannot restore faithfully
 /// (used by [`dump`] and by `engine::handoff`).
+/// What every dump does first: the process exists, passes [`precheck`] (nothing is
+/// touched if it does not), and `images` exists.
+pub fn prepare(pid: i32, images: &Path) -> Result<(), DumpError> {
+    if !Path::new(&format!("/proc/{pid}")).exists() {
+        return Err(FreezeError::NoProcess { pid }.into());
+    }
+    precheck(pid)?;
+    std::fs::create_dir_all(images).map_err(|source| DumpError::Proc {
+        path: images.display().to_string(),
+        source,
+    })
+}
+
 pub fn precheck(pid: i32) -> Result<(), DumpError> {
     precheck_process(pid)?;
     let smaps =

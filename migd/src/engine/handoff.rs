@@ -57,14 +57,7 @@ fn pending_signals(m: &image::Manifest) -> Vec<i32> {
 /// (unsupported fd, children, device mapping) leaves it running untouched.
 pub fn dump_frozen(pid: i32, images: &Path) -> Result<Held, DumpError> {
     let _span = tracing::info_span!("dump_frozen", pid).entered();
-    if !Path::new(&format!("/proc/{pid}")).exists() {
-        return Err(FreezeError::NoProcess { pid }.into());
-    }
-    precheck(pid)?;
-    std::fs::create_dir_all(images).map_err(|source| DumpError::Proc {
-        path: images.display().to_string(),
-        source,
-    })?;
+    super::dump::prepare(pid, images)?;
     let frozen = Frozen::freeze(pid)?;
     let t0 = Instant::now();
     precheck(pid)?;

@@ -19,10 +19,10 @@
 //! miss them the same way.
 
 use super::dump::{
-    area_kind, area_record, collect_into, precheck, precheck_areas, precheck_process, read_proc,
-    true_runs, with_gadget, DumpError, MemSource, WINDOW,
+    area_kind, area_record, collect_into, precheck_areas, precheck_process, read_proc, true_runs,
+    with_gadget, DumpError, MemSource, WINDOW,
 };
-use super::freeze::{FreezeError, Frozen};
+use super::freeze::Frozen;
 use super::image::{self, Area, AreaKind, Manifest, PageWriter};
 use super::inject::InjectError;
 use super::maps::{parse_smaps, MapArea};
@@ -218,14 +218,7 @@ impl Tracker {
     /// (see `dump::precheck`) come before anything is injected.
     pub fn start(pid: i32, images: &Path) -> Result<Tracker, DumpError> {
         let _span = tracing::info_span!("precopy_start", pid).entered();
-        if !Path::new(&format!("/proc/{pid}")).exists() {
-            return Err(FreezeError::NoProcess { pid }.into());
-        }
-        precheck(pid)?;
-        std::fs::create_dir_all(images).map_err(|source| DumpError::Proc {
-            path: images.display().to_string(),
-            source,
-        })?;
+        super::dump::prepare(pid, images)?;
         let manifest = images.join(image::MANIFEST_FILE);
         match std::fs::remove_file(&manifest) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
