@@ -76,6 +76,17 @@ pub struct PrecopyPlan {
     pub stop_below_bytes: u64,
 }
 
+/// How a held process's image is written (from the mode and the source node's
+/// `[migd]` config).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HoldPlan {
+    /// Pre-copy rounds while the process runs.
+    pub precopy: Option<PrecopyPlan>,
+    /// Lazy: pages served on demand are written after the freeze, the destination
+    /// running meanwhile; the store may stay unwritable this many seconds.
+    pub late_bound_secs: Option<u64>,
+}
+
 /// What the source proposes to the destination.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MigrationOffer {
@@ -211,6 +222,8 @@ pub struct HeldImage {
     pub dump_ms: f64,
     /// Pre-copy rounds written while the process ran (0: none).
     pub rounds: u32,
+    /// Bytes of page data written after the freeze, in the background (late.img).
+    pub late_bytes: u64,
 }
 
 /// The service home-proxy offers on `ports.proxy`: the home side of migrated
@@ -224,12 +237,7 @@ pub trait ProxyService {
     /// and keeps it frozen; with `precopy`, pages are written in rounds while it
     /// still runs, then the freeze writes the rest. A refusal leaves it running
     /// untouched.
-    async fn hold(
-        id: String,
-        pid: i32,
-        images: String,
-        precopy: Option<PrecopyPlan>,
-    ) -> MigResult<HeldImage>;
+    async fn hold(id: String, pid: i32, images: String, plan: HoldPlan) -> MigResult<HeldImage>;
     /// The process runs at `entry.host`: the held original becomes its shadow.
     async fn commit(id: String, entry: ProcessEntry) -> MigResult<()>;
     /// The migration failed before commit: thaw the original where it was.

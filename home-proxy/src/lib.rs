@@ -24,7 +24,7 @@
 use common::auth::ClusterKey;
 use common::config::NodeConfig;
 use common::migproto::{
-    HeldImage, MigError, MigResult, MigdServiceClient, PrecopyPlan, ProcessEntry, ProxyService,
+    HeldImage, HoldPlan, MigError, MigResult, MigdServiceClient, ProcessEntry, ProxyService,
     Running,
 };
 use futures::StreamExt;
@@ -210,7 +210,7 @@ impl ProxyService for Conn {
         id: String,
         pid: i32,
         images: String,
-        precopy: Option<PrecopyPlan>,
+        plan: HoldPlan,
     ) -> MigResult<HeldImage> {
         if self.peer != self.p.config.node {
             return Err(MigError::Refused {
@@ -233,7 +233,7 @@ impl ProxyService for Conn {
             Path::new(&images),
             false,
             Some(&sock),
-            precopy,
+            plan,
         )
         .await
         .map_err(|why| MigError::Refused {
@@ -246,6 +246,7 @@ impl ProxyService for Conn {
             bytes: dumped.bytes,
             dump_ms: dumped.dump_ms,
             rounds: dumped.rounds,
+            late_bytes: dumped.late_bytes,
         })
     }
 

@@ -192,6 +192,7 @@ fn precopy_vs_stop_copy(dir: &Path, sizes: &[u64]) -> anyhow::Result<()> {
             pid,
             &images,
             &migd::engine::track::PrecopyOptions::default(),
+            None,
             |r| rounds.push(r.clone()),
         )?;
         held.kill();

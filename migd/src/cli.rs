@@ -171,7 +171,7 @@ pub fn run_dump_precopy(
 ) -> anyhow::Result<()> {
     use std::io::Write;
     let mut rounds = Vec::new();
-    let held = crate::engine::handoff::dump_frozen_precopy(pid, &images, opts, |r| {
+    let held = crate::engine::handoff::dump_frozen_precopy(pid, &images, opts, None, |r| {
         if !json {
             if r.frozen {
                 println!(

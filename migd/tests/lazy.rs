@@ -838,3 +838,123 @@ fn a_pre_copy_image_restores_lazily_with_every_page_right() {
     let (all_in, verify) = lazy_round(&images, &p.out, &p.err, &reference, &[]);
     println!("pre-copy image, lazy: {all_in} | program: {verify}");
 }
+
+/// Fills `MiB` MiB with a pattern, says `filled`; on SIGUSR1 reads its last MiB and
+/// prints its checksum (`last ...`); on SIGUSR2 checks every word, prints `bad N`
+/// and `done`.
+const LAST_FIRST_C: &str = r#"
+#include <stdio.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <signal.h>
+#include <unistd.h>
+#include <sys/mman.h>
+static volatile sig_atomic_t step;
+static void on_sig(int s) { step = s == SIGUSR1 ? 1 : 2; }
+static inline uint64_t pat(uint64_t i) { return (i * 0x9E3779B97F4A7C15ULL) ^ (i >> 7) ^ 0x1234567ULL; }
+int main(int argc, char **argv) {
+    size_t n = (strtoull(argv[1], 0, 10) << 20) / 8, mib = 1 << 17;
+    struct sigaction sa = {0};
+    sa.sa_handler = on_sig;
+    sigaction(SIGUSR1, &sa, 0);
+    sigaction(SIGUSR2, &sa, 0);
+    uint64_t *b = mmap(0, n * 8, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (b == MAP_FAILED) return 2;
+    for (size_t i = 0; i < n; i++) b[i] = pat(i);
+    printf("filled\n");
+    fflush(stdout);
+    while (step != 1) usleep(1000);
+    uint64_t h = 1469598103934665603ULL;
+    for (size_t i = n - mib; i < n; i++) h = (h ^ b[i]) * 1099511628211ULL;
+    printf("last %016llx\n", (unsigned long long)h);
+    fflush(stdout);
+    while (step != 2) usleep(1000);
+    size_t bad = 0;
+    for (size_t i = 0; i < n; i++) if (b[i] != pat(i)) bad++;
+    printf("bad %zu\ndone\n", bad);
+    return bad != 0;
+}
+"#;
+
+fn ready_chunks(images: &Path) -> u64 {
+    std::fs::metadata(images.join("late.ready")).map_or(0, |m| m.len() / 8)
+}
+
+#[test]
+fn late_pages_the_process_faults_on_are_written_first_and_every_page_arrives_intact() {
+    use migd::engine::handoff::dump_frozen;
+    use migd::engine::late::{FlushEnd, LateOptions};
+    let dir = tempdir();
+    let exe = compile_c(dir.path(), "lastfirst", LAST_FIRST_C, &["-O2"]);
+    let argv = [exe.to_str().unwrap(), "64"];
+    let images = dir.path().join("img");
+    let mut p = run_prog(dir.path(), "mig", &argv);
+    wait_for(
+        &p.out,
+        "filled",
+        Duration::from_secs(60),
+        "run before the dump",
+    );
+    // Frozen and held here; pages nobody waits for trickle out at 1 MiB/s (64 s for
+    // all), so that only wanted chunks can be in when the program reads its end.
+    let mut held = dump_frozen(
+        p.child.id() as i32,
+        &images,
+        Some(LateOptions {
+            store_bound: Duration::from_secs(60),
+            background_rate: 1 << 20,
+        }),
+    )
+    .expect("lazy dump with late pages");
+    assert!(
+        held.late_bytes >= 63 << 20,
+        "nearly all of the 64 MiB buffer is left for after the freeze, not {} bytes",
+        held.late_bytes
+    );
+    let chunks = held.late_bytes.div_ceil(1 << 20);
+    let r = start_lazy(&images, &["--no-prefetch"]);
+    usr1(r.outer_pid);
+    let restored_out = p.out.clone();
+    wait_for(
+        &restored_out,
+        "last ",
+        Duration::from_secs(30),
+        "the program reading its last MiB",
+    );
+    let ready = ready_chunks(&images);
+    assert!(
+        ready < chunks / 2,
+        "the program read its last MiB while the source had written only the chunks asked \
+         for ({ready} of {chunks} listed in late.ready)"
+    );
+    assert!(Command::new("kill")
+        .args(["-USR2", &r.outer_pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let (ok, rest, stderr) = r.finish();
+    assert!(ok, "migd restore --lazy failed: {rest}{stderr}");
+    let out = std::fs::read_to_string(&restored_out).unwrap();
+    assert!(out.contains("bad 0\ndone"), "every word intact: {out}");
+    match held.wait_flushed() {
+        Some(FlushEnd::Done { bytes, .. }) => assert_eq!(bytes, held.late_bytes),
+        Some(FlushEnd::NotNeeded { .. }) => {}
+        other => panic!("the flush ended as {other:?}"),
+    }
+    held.kill();
+    let _ = p.child.wait();
+    // The reference: the same program's last-MiB checksum, uninterrupted.
+    let mut q = run_prog(dir.path(), "ref", &argv);
+    wait_for(&q.out, "filled", Duration::from_secs(60), "reference run");
+    usr1(q.child.id() as i32);
+    wait_for(&q.out, "last ", Duration::from_secs(30), "reference run");
+    let _ = Command::new("kill")
+        .args(["-USR2", &q.child.id().to_string()])
+        .status();
+    assert!(q.child.wait().unwrap().success());
+    assert_same_output(
+        "late pages",
+        &std::fs::read(&q.out).unwrap(),
+        out.as_bytes(),
+    );
+}

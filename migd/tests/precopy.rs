@@ -298,7 +298,7 @@ fn memory_freed_or_remapped_during_precopy_comes_back_as_zeros_not_stale_data() 
         min_shrink: f64::INFINITY,
     };
     let mut reports: Vec<RoundReport> = Vec::new();
-    let held = dump_frozen_precopy(pid, &images, &opts, |r| {
+    let held = dump_frozen_precopy(pid, &images, &opts, None, |r| {
         reports.push(r.clone());
         if r.round == 1 && !r.frozen {
             // The pages are saved now; free and remap them before round 2.
@@ -389,7 +389,7 @@ fn a_refused_process_gets_nothing_injected() {
     let pid = child.id() as i32;
     wait_line(&out, "ready");
     let images = dir.path().join("img");
-    let e = match dump_frozen_precopy(pid, &images, &PrecopyOptions::default(), |_| {}) {
+    let e = match dump_frozen_precopy(pid, &images, &PrecopyOptions::default(), None, |_| {}) {
         Err(e) => e,
         Ok(_) => panic!("a process holding a socket was dumped"),
     };

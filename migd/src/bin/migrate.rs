@@ -66,6 +66,10 @@ enum Internal {
         /// Pre-copy: freeze once a round wrote at most this many bytes.
         #[arg(long, default_value_t = 8 << 20)]
         precopy_below: u64,
+        /// Lazy: write the pages served on demand after the freeze, in the
+        /// background; the store may stay unwritable this many seconds.
+        #[arg(long)]
+        late_bound: Option<u64>,
     },
     /// (migd's helper) restore a process under its home's file view.
     #[command(hide = true)]
@@ -111,6 +115,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             socket,
             precopy_rounds,
             precopy_below,
+            late_bound,
         }) => std::process::exit(migd::daemon::helpers::keeper_main(
             pid,
             &images,
@@ -121,6 +126,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                 stop_below_bytes: precopy_below,
                 ..PrecopyOptions::default()
             }),
+            late_bound.map(std::time::Duration::from_secs),
         )),
         Some(Internal::InternalRestore {
             images,

@@ -20,6 +20,7 @@
 
 use super::sys;
 use crate::engine::handoff::{dump_frozen, dump_frozen_precopy, Held, Shadow};
+use crate::engine::late::LateOptions;
 use crate::engine::restore::into::restore_into;
 use crate::engine::restore::lazy::LazyOptions;
 use crate::engine::restore::{restore, restore_lazy, RestoreError, RestoreOptions};
@@ -166,13 +167,17 @@ fn stdin_lines() -> mpsc::Receiver<Option<String>> {
 /// After commit it keeps the shadow; if migd or home-proxy (its peer) goes away, it
 /// listens at `socket` for a restarted one, and signals wait queued in the shadow.
 /// With `precopy`, pages are written in rounds while the process runs (a line
-/// `round <n> <bytes> <ms>` each) before the freeze writes the rest.
+/// `round <n> <bytes> <ms>` each) before the freeze writes the rest. With `late`
+/// (the store bound), pages served on demand are written after the freeze, while
+/// the copy already runs; the original is killed or made the shadow only once they
+/// are all in (see `engine::late`).
 pub fn keeper_main(
     pid: i32,
     images: &Path,
     enter: bool,
     socket: Option<&Path>,
     precopy: Option<PrecopyOptions>,
+    late: Option<Duration>,
 ) -> i32 {
     let images = if enter {
         match sys::enter_root_of(pid, images) {
@@ -188,8 +193,8 @@ pub fn keeper_main(
     // Lines are read on another thread; ptrace stays on this one.
     let rx = stdin_lines();
     let dumped = match &precopy {
-        None => dump_frozen(pid, &images),
-        Some(opts) => dump_frozen_precopy(pid, &images, opts, |r| {
+        None => dump_frozen(pid, &images, late.map(LateOptions::bound)),
+        Some(opts) => dump_frozen_precopy(pid, &images, opts, late.map(LateOptions::bound), |r| {
             if !r.frozen {
                 say(&format!("round {} {} {:.3}", r.round, r.bytes, r.ms));
             }
@@ -202,7 +207,10 @@ pub fn keeper_main(
             return 1;
         }
     };
-    say(&format!("dumped {} {:.3}", held.page_bytes, held.dump_ms));
+    say(&format!(
+        "dumped {} {:.3} {}",
+        held.page_bytes, held.dump_ms, held.late_bytes
+    ));
     let first = rx.recv().ok().flatten();
     match first.as_deref().map(str::trim) {
         Some("commit-kill") => {

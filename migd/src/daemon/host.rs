@@ -209,11 +209,15 @@ pub async fn move_on(
             running,
             bytes,
             freeze_ms,
+            late_bytes,
+            images,
         } = prepare(d, entry.host_pid, offer, dest, HoldAt::Keeper, tx).await?;
         // Commit: the copy here ends without a report home.
         if let Some(f) = d.foreign.lock().unwrap().get_mut(id) {
             f.departing = true;
         }
+        let bound = std::time::Duration::from_secs(d.config.migd.lazy_store_bound_secs);
+        let bytes = bytes + super::source::wait_flushed(&images, late_bytes, bound, tx).await;
         if let Holder::Keeper(k) = holder {
             k.end("commit-kill").await;
         }

@@ -3,7 +3,7 @@
 //! told to thaw it, kill it, or keep it as the shadow. Used by migd (a foreign process
 //! moving on) and by home-proxy (a process leaving its home).
 
-use common::migproto::PrecopyPlan;
+use common::migproto::HoldPlan;
 use std::path::Path;
 use std::process::Stdio;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, Lines};
@@ -62,6 +62,8 @@ pub struct Dumped {
     pub dump_ms: f64,
     /// Pre-copy rounds written while it ran (0: none).
     pub rounds: u32,
+    /// Bytes left for after the freeze (written by the keeper in the background).
+    pub late_bytes: u64,
 }
 
 impl Keeper {
@@ -75,7 +77,7 @@ impl Keeper {
         images: &Path,
         enter: bool,
         socket: Option<&Path>,
-        precopy: Option<PrecopyPlan>,
+        plan: HoldPlan,
     ) -> Result<(Keeper, Dumped), String> {
         let mut cmd = tokio::process::Command::new(exe);
         cmd.arg("internal-keep")
@@ -86,11 +88,14 @@ impl Keeper {
         if enter {
             cmd.arg("--enter");
         }
-        if let Some(p) = precopy {
+        if let Some(p) = plan.precopy {
             cmd.arg("--precopy-rounds")
                 .arg(p.max_rounds.to_string())
                 .arg("--precopy-below")
                 .arg(p.stop_below_bytes.to_string());
+        }
+        if let Some(secs) = plan.late_bound_secs {
+            cmd.arg("--late-bound").arg(secs.to_string());
         }
         if let Some(s) = socket {
             cmd.arg("--socket").arg(s);
@@ -125,12 +130,14 @@ impl Keeper {
                 let mut it = rest.split_whitespace();
                 let bytes = it.next().and_then(|v| v.parse().ok()).unwrap_or(0);
                 let dump_ms = it.next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
+                let late_bytes = it.next().and_then(|v| v.parse().ok()).unwrap_or(0);
                 Ok((
                     keeper,
                     Dumped {
                         bytes,
                         dump_ms,
                         rounds,
+                        late_bytes,
                     },
                 ))
             }

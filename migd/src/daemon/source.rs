@@ -6,8 +6,8 @@ use super::keeper::{Dumped, Keeper};
 use super::local::Replies;
 use super::{flat, long_ctx, now_secs, Daemon};
 use common::migproto::{
-    LocalReply, MigError, MigrateOutcome, MigrationOffer, Mode, PrecopyPlan, ProcessEntry,
-    ProxyServiceClient, Running,
+    HoldPlan, LocalReply, MigError, MigrateOutcome, MigrationOffer, Mode, PrecopyPlan,
+    ProcessEntry, ProxyServiceClient, Running,
 };
 use std::sync::Arc;
 use std::time::Instant;
@@ -47,8 +47,64 @@ impl Holder {
 pub struct Ready {
     pub holder: Holder,
     pub running: Running,
+    /// Page bytes written by the freeze (pre-copy rounds included).
     pub bytes: u64,
     pub freeze_ms: f64,
+    /// Page bytes being written after the freeze (lazy), see [`wait_flushed`].
+    pub late_bytes: u64,
+    pub images: std::path::PathBuf,
+}
+
+/// After commit in a lazy move: waits until the holder has written the late pages
+/// (late.ready lists every chunk) or they are no longer needed (the destination
+/// removed the image once every page was in), showing progress every second. Until
+/// then the process at the destination depends on the frozen original here. Gives
+/// up waiting (the holder goes on) if nothing moves for `bound` plus a margin.
+pub async fn wait_flushed(
+    images: &std::path::Path,
+    late_bytes: u64,
+    bound: std::time::Duration,
+    tx: Option<&Replies>,
+) -> u64 {
+    use crate::engine::image::{CHUNK, LATE_READY_FILE};
+    if late_bytes == 0 {
+        return 0;
+    }
+    let chunks = late_bytes.div_ceil(CHUNK);
+    let ready = images.join(LATE_READY_FILE);
+    progress(
+        tx,
+        "running there; writing the rest of its pages to the store in the background",
+        0,
+    );
+    let mut last = (0u64, Instant::now());
+    let mut shown = Instant::now();
+    loop {
+        let n = match tokio::fs::metadata(&ready).await {
+            Ok(m) => (m.len() / 8).min(chunks),
+            // Removed: the destination has every page it needs.
+            Err(_) => return (last.0 * CHUNK).min(late_bytes),
+        };
+        let bytes = (n * CHUNK).min(late_bytes);
+        if n >= chunks {
+            progress(tx, "every page written to the store", late_bytes);
+            return late_bytes;
+        }
+        if n != last.0 {
+            last = (n, Instant::now());
+        } else if last.1.elapsed() > bound + std::time::Duration::from_secs(5) {
+            tracing::warn!(
+                bytes,
+                "the late flush makes no progress; not waiting for it"
+            );
+            return bytes;
+        }
+        if shown.elapsed() >= std::time::Duration::from_secs(1) {
+            progress(tx, "pages written to the store after the freeze", bytes);
+            shown = Instant::now();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }
 
 fn progress(tx: Option<&Replies>, phase: impl Into<String>, bytes: u64) {
@@ -109,13 +165,16 @@ pub async fn prepare(
     let peer = d.peer(dest).await?;
     progress(tx, format!("asking {dest}"), 0);
     flat(dest, peer.offer(long_ctx(), offer).await)?;
-    let precopy = mode.precopies().then_some(PrecopyPlan {
-        max_rounds: d.config.migd.precopy_max_rounds,
-        stop_below_bytes: d.config.migd.precopy_stop_below_bytes,
-    });
+    let plan = HoldPlan {
+        precopy: mode.precopies().then_some(PrecopyPlan {
+            max_rounds: d.config.migd.precopy_max_rounds,
+            stop_below_bytes: d.config.migd.precopy_stop_below_bytes,
+        }),
+        late_bound_secs: mode.lazy().then_some(d.config.migd.lazy_store_bound_secs),
+    };
     progress(
         tx,
-        if precopy.is_some() {
+        if plan.precopy.is_some() {
             "pre-copy: writing pages to the store while it runs"
         } else {
             "freezing and writing the image to the store"
@@ -124,7 +183,7 @@ pub async fn prepare(
     );
     let hold = async {
         match at {
-            HoldAt::Keeper => Keeper::start(&d.helper_exe, local_pid, &images, true, None, precopy)
+            HoldAt::Keeper => Keeper::start(&d.helper_exe, local_pid, &images, true, None, plan)
                 .await
                 .map(|(k, dumped)| (Holder::Keeper(Box::new(k)), dumped))
                 .map_err(fail),
@@ -136,7 +195,7 @@ pub async fn prepare(
                         id.clone(),
                         local_pid,
                         images.display().to_string(),
-                        precopy,
+                        plan,
                     )
                     .await,
                 )
@@ -147,6 +206,7 @@ pub async fn prepare(
                             bytes: h.bytes,
                             dump_ms: h.dump_ms,
                             rounds: h.rounds,
+                            late_bytes: h.late_bytes,
                         },
                     )
                 }),
@@ -162,6 +222,7 @@ pub async fn prepare(
             bytes,
             dump_ms,
             rounds,
+            late_bytes,
         },
     ) = match held {
         Ok(h) => h,
@@ -184,7 +245,9 @@ pub async fn prepare(
         tx,
         format!(
             "image written; restoring on {dest}{}",
-            if mode.lazy() {
+            if late_bytes > 0 {
+                " at once (its other pages are written meanwhile and fault in from the store)"
+            } else if mode.lazy() {
                 " (pages fault in from the store)"
             } else {
                 ""
@@ -206,6 +269,8 @@ pub async fn prepare(
                 running,
                 bytes,
                 freeze_ms,
+                late_bytes,
+                images,
             })
         }
         Err(e) => {
@@ -302,6 +367,8 @@ pub async fn migrate_from_home(
             running,
             bytes,
             freeze_ms,
+            late_bytes,
+            images,
         } = prepare(d, pid, offer, dest, HoldAt::Proxy, Some(tx)).await?;
         // Commit: the copy runs at `dest`; the original becomes the shadow.
         let entry = ProcessEntry {
@@ -322,6 +389,8 @@ pub async fn migrate_from_home(
                 tracing::error!(error = %e, "home-proxy did not take the commit");
             }
         }
+        let bound = std::time::Duration::from_secs(d.config.migd.lazy_store_bound_secs);
+        let bytes = bytes + wait_flushed(&images, late_bytes, bound, Some(tx)).await;
         tracing::info!(host_pid = running.host_pid, bytes, freeze_ms, "migrated");
         Ok(MigrateOutcome {
             id: id.clone(),

@@ -8,6 +8,7 @@ use super::image::{
     SigAction, ThreadImage,
 };
 use super::inject::{InjectError, Injector, GADGET};
+use super::late::Deferral;
 use super::maps::{parse_smaps, MapArea};
 use super::{procfs, regs};
 use crate::sys;
@@ -586,25 +587,50 @@ fn inject_reads(
 /// Extracts the state of the frozen process into `dir` (used by [`dump`] and by
 /// `engine::handoff`, which keeps the process frozen afterwards).
 pub fn collect(pid: i32, frozen: &Frozen, dir: &Path) -> Result<Manifest, DumpError> {
+    collect_deferring(pid, frozen, dir, false).map(|(m, _)| m)
+}
+
+/// [`collect`]; with `late`, the pages of areas a lazy restore serves on demand are
+/// not written but left for a [`super::late::Flusher`] (but for those near each
+/// thread's stack pointer and rseq area): the manifest's `late_len` says how many
+/// bytes, and the late files are created (empty) in `dir`.
+pub fn collect_deferring(
+    pid: i32,
+    frozen: &Frozen,
+    dir: &Path,
+    late: bool,
+) -> Result<(Manifest, Option<Deferral>), DumpError> {
     let pw = PageWriter::create(dir)?;
     let mut src = MemSource::open(pid)?;
-    collect_into(pid, frozen, pw, &mut |smaps, pw| {
+    let mut deferral = None;
+    let mut m = collect_into(pid, frozen, pw, &mut |smaps, threads, pw| {
+        let mut d = late.then(|| Deferral::new(threads));
         let mut out = Vec::new();
         for a in smaps {
             let Some(kind) = area_kind(pid, a)? else {
                 continue;
             };
-            let runs = src.save_area(a, &kind, pw)?;
+            let defer = d.as_mut().filter(|_| Deferral::applies(a, &kind));
+            let runs = src.save_area(a, &kind, pw, defer)?;
             out.push(area_record(a, kind, runs));
         }
+        deferral = d;
         Ok(out)
-    })
+    })?;
+    if let Some(d) = &deferral {
+        m.late_len = d.len();
+        super::late::create_files(dir).map_err(|source| DumpError::Proc {
+            path: dir.display().to_string(),
+            source,
+        })?;
+    }
+    Ok((m, deferral))
 }
 
 /// The memory step of [`collect_into`]: given the layout (read after the injected
-/// reads) and the page writer, saves the pages and returns the areas.
+/// reads), the threads and the page writer, saves the pages and returns the areas.
 pub(crate) type MemoryStep<'a> =
-    dyn FnMut(&[MapArea], &mut PageWriter) -> Result<Vec<Area>, DumpError> + 'a;
+    dyn FnMut(&[MapArea], &[ThreadImage], &mut PageWriter) -> Result<Vec<Area>, DumpError> + 'a;
 
 /// [`collect`] with the page writer given (it may already hold pages, as after
 /// pre-copy rounds) and the memory step chosen by the caller.
@@ -661,7 +687,7 @@ pub(crate) fn collect_into(
             pid,
             what: e.to_string(),
         })?;
-    let areas = memory(&smaps, &mut pw)?;
+    let areas = memory(&smaps, &threads, &mut pw)?;
     let fds = dump_fds(pid, &mut pw)?;
     let (pages_len, chunk_crcs) = pw.finish()?;
 
@@ -716,6 +742,7 @@ pub(crate) fn collect_into(
         fds,
         pages_len,
         chunk_crcs,
+        late_len: 0,
         xsave_len,
         stopped: false,
         posix_timers: inj.timers,
@@ -916,12 +943,14 @@ impl MemSource {
     }
 
     /// Saves the pages of `a` the dump saves (see [`saveable`](Self::saveable));
-    /// returns its runs `(address, pages, offset)`.
+    /// returns its runs `(address, pages, offset)`. With `defer`, pages outside its
+    /// windows are not written but reserved in late.img.
     pub fn save_area(
         &mut self,
         a: &MapArea,
         kind: &AreaKind,
         pw: &mut PageWriter,
+        mut defer: Option<&mut Deferral>,
     ) -> Result<Vec<(u64, u64, u64)>, DumpError> {
         let page = sys::page_size();
         let npages = a.len() / page;
@@ -932,8 +961,22 @@ impl MemSource {
             let wanted = self.saveable(a, kind, w0, wn)?;
             for (s, e) in true_runs(&wanted) {
                 let addr = a.start + (w0 + s as u64) * page;
-                let off = self.copy_run(addr, (e - s) as u64 * page, pw)?;
-                runs.push((addr, (e - s) as u64, off));
+                let end = addr + (e - s) as u64 * page;
+                match defer.as_deref_mut() {
+                    None => {
+                        let off = self.copy_run(addr, end - addr, pw)?;
+                        runs.push((addr, (end - addr) / page, off));
+                    }
+                    Some(d) => {
+                        for (ps, pe, late) in d.split(addr, end) {
+                            let off = match late {
+                                true => d.defer(ps, pe),
+                                false => self.copy_run(ps, pe - ps, pw)?,
+                            };
+                            runs.push((ps, (pe - ps) / page, off));
+                        }
+                    }
+                }
             }
             w0 += wn;
         }

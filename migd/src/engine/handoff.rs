@@ -6,10 +6,11 @@
 //! the same status or die of the same signal, so that its parent's wait() sees the
 //! truth.
 
-use super::dump::{collect, precheck, DumpError};
+use super::dump::{collect_deferring, precheck, DumpError};
 use super::freeze::{FreezeError, Frozen};
 use super::image;
 use super::inject::{InjectError, Injector, GADGET};
+use super::late::{Deferral, FlushEnd, Flusher, LateOptions};
 use super::maps::parse_smaps;
 use super::track::{self, PrecopyOptions, RoundReport, Tracker};
 use crate::sys;
@@ -29,9 +30,14 @@ pub enum HandoffError {
 
 /// A process dumped and still frozen under our ptrace. Dropping it thaws it.
 pub struct Held {
+    /// Writes the late pages (a lazy dump), declared first: dropped (stopped) before
+    /// the process thaws.
+    flusher: Option<Flusher>,
     frozen: Frozen,
-    /// Bytes of page data written.
+    /// Bytes of page data written at the freeze.
     pub page_bytes: u64,
+    /// Bytes of page data left for the flusher (late.img).
+    pub late_bytes: u64,
     /// Time from the freeze to the manifest written, in ms.
     pub dump_ms: f64,
     /// The process's command name.
@@ -54,70 +60,109 @@ fn pending_signals(m: &image::Manifest) -> Vec<i32> {
 }
 
 /// Freezes `pid`, writes its image into `images`, and keeps it frozen. A refusal
-/// (unsupported fd, children, device mapping) leaves it running untouched.
-pub fn dump_frozen(pid: i32, images: &Path) -> Result<Held, DumpError> {
+/// (unsupported fd, children, device mapping) leaves it running untouched. With
+/// `late`, the pages a lazy restore serves on demand are written
+/// after the freeze by a [`Flusher`] (see `engine::late`), which starts at once.
+pub fn dump_frozen(pid: i32, images: &Path, late: Option<LateOptions>) -> Result<Held, DumpError> {
     let _span = tracing::info_span!("dump_frozen", pid).entered();
     super::dump::prepare(pid, images)?;
     let frozen = Frozen::freeze(pid)?;
     let t0 = Instant::now();
     precheck(pid)?;
-    let manifest = collect(pid, &frozen, images)?;
+    let (manifest, deferral) = collect_deferring(pid, &frozen, images, late.is_some())?;
     image::write_manifest(images, &manifest)?;
-    Ok(Held {
+    Ok(Held::new(
         frozen,
-        page_bytes: manifest.pages_len,
-        dump_ms: t0.elapsed().as_secs_f64() * 1e3,
-        in_image: pending_signals(&manifest),
-        comm: manifest.comm,
-    })
+        &manifest,
+        t0.elapsed().as_secs_f64() * 1e3,
+        deferral.zip(late),
+        images,
+    ))
 }
 
 /// Like [`dump_frozen`], but pre-copy: the pages are written in rounds while the
-/// process runs (see `engine::track`), then it is frozen and the rest is written.
-/// `progress` sees each round and, last, the freeze (whose `ms` is the time from the
-/// freeze to the manifest written, the same figure as [`Held::dump_ms`]). On error the
-/// process runs on as it was (a refusal comes before anything is injected); on
-/// success it is held frozen, with nothing of the tracking left in it.
+/// process runs (see `engine::track`), then it is frozen and the rest is written
+/// (with `late`, left for the flusher). `progress` sees each round and, last, the
+/// freeze (whose `ms` is the time from the freeze to the manifest written, the same
+/// figure as [`Held::dump_ms`]). On error the process runs on as it was (a refusal
+/// comes before anything is injected); on success it is held frozen, with nothing
+/// of the tracking left in it.
 pub fn dump_frozen_precopy(
     pid: i32,
     images: &Path,
     opts: &PrecopyOptions,
+    late: Option<LateOptions>,
     mut progress: impl FnMut(&RoundReport),
 ) -> Result<Held, DumpError> {
     let _span = tracing::info_span!("dump_frozen_precopy", pid).entered();
     let mut tracker = Tracker::start(pid, images)?;
     track::run_rounds(&mut tracker, opts, &mut progress)?;
-    let (frozen, manifest, report) = tracker.freeze_and_finish()?;
+    let (frozen, manifest, report, deferral) = tracker.freeze_and_finish(late.is_some())?;
     progress(&report);
-    Ok(Held {
+    Ok(Held::new(
         frozen,
-        page_bytes: manifest.pages_len,
-        dump_ms: report.ms,
-        in_image: pending_signals(&manifest),
-        comm: manifest.comm,
-    })
+        &manifest,
+        report.ms,
+        deferral.zip(late),
+        images,
+    ))
 }
 
 impl Held {
+    fn new(
+        frozen: Frozen,
+        m: &image::Manifest,
+        dump_ms: f64,
+        late: Option<(Deferral, LateOptions)>,
+        images: &Path,
+    ) -> Held {
+        let flusher = late
+            .filter(|(d, _)| !d.is_empty())
+            .map(|(d, o)| Flusher::start(frozen.pid, images, d.into_runs(), o));
+        Held {
+            flusher,
+            page_bytes: m.pages_len,
+            late_bytes: m.late_len,
+            dump_ms,
+            in_image: pending_signals(m),
+            comm: m.comm.clone(),
+            frozen,
+        }
+    }
+
+    /// Waits until the late pages are written (or no longer needed): until then the
+    /// copy elsewhere depends on this frozen original. `None` without late pages.
+    pub fn wait_flushed(&mut self) -> Option<FlushEnd> {
+        self.flusher.take().map(Flusher::wait)
+    }
+
     /// The pid (as the caller sees it).
     pub fn pid(&self) -> i32 {
         self.frozen.pid
     }
 
-    /// Lets the process run on where it was (the migration was abandoned).
-    pub fn thaw(self) {
+    /// Lets the process run on where it was (the migration was abandoned); a flush
+    /// of late pages stops first.
+    pub fn thaw(mut self) {
+        if let Some(f) = self.flusher.take() {
+            f.stop();
+        }
         self.frozen.thaw();
     }
 
-    /// Kills the frozen copy (another copy runs elsewhere now).
-    pub fn kill(self) {
+    /// Kills the frozen copy (another copy runs elsewhere now), once its late pages
+    /// are written.
+    pub fn kill(mut self) {
+        self.wait_flushed();
         self.frozen.kill();
     }
 
     /// Turns the frozen original into the shadow at home (after commit): every signal
     /// blocked, so that signals sent to it stay queued until [`Shadow::take_signals`]
     /// takes them; signals already queued were carried in the image and are dropped.
-    pub fn into_shadow(self) -> Result<Shadow, HandoffError> {
+    /// Late pages are written first (the shadow's memory is released).
+    pub fn into_shadow(mut self) -> Result<Shadow, HandoffError> {
+        self.wait_flushed();
         let pid = self.frozen.pid;
         for t in &self.frozen.threads {
             t.set_sigmask(!0)?;

@@ -10,6 +10,19 @@ pub const IMAGE_VERSION: u32 = 1;
 pub const MANIFEST_FILE: &str = "manifest.json";
 pub const PAGES_FILE: &str = "pages.img";
 pub const CHUNK: u64 = 1 << 20;
+/// Pages flushed after the process left (a lazy migration's source writes them while
+/// the destination already runs), in CHUNK-sized pieces like pages.img.
+pub const LATE_FILE: &str = "late.img";
+/// The flusher's readiness records: (chunk: u32, crc32c: u32), little-endian, one
+/// per chunk of late.img written.
+pub const LATE_READY_FILE: &str = "late.ready";
+/// The destination's wants: chunk numbers (u32, little-endian) it faults on, served
+/// first; [`LATE_DONE`] when it needs nothing more.
+pub const LATE_WANT_FILE: &str = "late.want";
+/// The want record saying "every page is in: stop flushing".
+pub const LATE_DONE: u32 = u32::MAX;
+/// A run offset with this bit set lies in late.img (the bit cleared), not pages.img.
+pub const LATE: u64 = 1 << 62;
 const MAGIC: &str = "FERRY-IMAGE";
 
 /// Everything about one process except its page contents.
@@ -40,6 +53,11 @@ pub struct Manifest {
     /// Size of pages.img and the crc32c of each CHUNK-sized piece of it.
     pub pages_len: u64,
     pub chunk_crcs: Vec<u32>,
+    /// Size of late.img: pages written after the freeze (run offsets with the
+    /// [`LATE`] bit). Their checksums arrive in late.ready as they are written; an
+    /// image with late pages restores only lazily.
+    #[serde(default)]
+    pub late_len: u64,
     /// Size of the XSAVE buffers (must match at restore).
     pub xsave_len: usize,
     /// The process was stopped by job control (SIGSTOP/SIGTSTP) when dumped; it is
@@ -179,6 +197,46 @@ pub enum AreaKind {
     Vdso,
 }
 
+/// Whether an area's pages can come in on demand (and so be written after the
+/// freeze): private anonymous memory, but not wipe-on-fork areas (a forked child must
+/// see zeros there, not the image). MISSING-mode userfaultfd takes no other kind.
+pub fn lazy_kind(kind: &AreaKind, shared: bool, madv: &[String]) -> bool {
+    *kind == AreaKind::Anon && !shared && !madv.iter().any(|f| f == "wf")
+}
+
+/// Bytes filled before the process runs on each side of a thread's stack pointer
+/// (the kernel writes signal frames there before anyone could serve a fault).
+pub const STACK_WINDOW: u64 = 64 * 1024;
+
+/// The address ranges inside lazy areas that a lazy restore fills before the process
+/// runs (so a lazy dump writes them at the freeze): around each thread's stack
+/// pointer and each thread's rseq area (the kernel writes it at registration).
+/// Page-aligned, sorted, overlapping ranges merged.
+pub fn eager_windows(threads: &[ThreadImage], page: u64) -> Vec<(u64, u64)> {
+    let mut w = Vec::new();
+    for t in threads {
+        if let Some(&sp) = t.regs.get(19) {
+            let lo = sp.saturating_sub(STACK_WINDOW) & !(page - 1);
+            let hi = (sp + STACK_WINDOW + page - 1) & !(page - 1);
+            w.push((lo, hi));
+        }
+        if let Some(rs) = t.rseq {
+            let lo = rs.ptr & !(page - 1);
+            let hi = (rs.ptr + rs.len as u64 + page - 1) & !(page - 1);
+            w.push((lo, hi));
+        }
+    }
+    w.sort();
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (lo, hi) in w {
+        match out.last_mut() {
+            Some(last) if lo <= last.1 => last.1 = last.1.max(hi),
+            _ => out.push((lo, hi)),
+        }
+    }
+    out
+}
+
 /// One area of the address space.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Area {
@@ -291,6 +349,8 @@ pub enum ImageError {
     },
     #[error("image {path}: checksum mismatch in {what}; the image is corrupt, dump again")]
     Checksum { path: PathBuf, what: String },
+    #[error("image {path}: {late} bytes of its pages are written after the freeze (late.img); only a lazy restore reads such an image")]
+    Late { path: PathBuf, late: u64 },
     #[error("image {path}: cannot decode manifest: {source}")]
     Decode {
         path: PathBuf,
@@ -328,6 +388,12 @@ pub fn write_manifest(dir: &Path, m: &Manifest) -> Result<(), ImageError> {
 /// Reads and checks the manifest, then checks every chunk of pages.img.
 pub fn read_image(dir: &Path) -> Result<Manifest, ImageError> {
     let m = read_manifest(dir)?;
+    if m.late_len > 0 {
+        return Err(ImageError::Late {
+            path: dir.to_path_buf(),
+            late: m.late_len,
+        });
+    }
     check_pages(dir, &m)?;
     Ok(m)
 }

@@ -8,6 +8,7 @@ pub mod freeze;
 pub mod handoff;
 pub mod image;
 pub mod inject;
+pub mod late;
 pub mod maps;
 pub mod procfs;
 pub mod regs;

@@ -25,6 +25,7 @@ use super::dump::{
 use super::freeze::Frozen;
 use super::image::{self, Area, AreaKind, Manifest, PageWriter};
 use super::inject::InjectError;
+use super::late::Deferral;
 use super::maps::{parse_smaps, MapArea};
 use super::procfs;
 use crate::sys::{self, kabi, uffd::Uffd};
@@ -492,7 +493,14 @@ impl Tracker {
     /// manifest and the freeze's report (`ms`: from the freeze to the manifest
     /// written). The userfaultfd is closed before returning. On error the process
     /// thaws and runs on as it was.
-    pub fn freeze_and_finish(mut self) -> Result<(Frozen, Manifest, RoundReport), DumpError> {
+    ///
+    /// With `late`, the pages still to write of areas a lazy restore serves on demand
+    /// are left for a [`crate::engine::late::Flusher`] (see `dump::collect_deferring`),
+    /// returned as the [`Deferral`].
+    pub fn freeze_and_finish(
+        mut self,
+        late: bool,
+    ) -> Result<(Frozen, Manifest, RoundReport, Option<Deferral>), DumpError> {
         let pid = self.pid;
         let was_stopped = read_proc(format!("/proc/{pid}/status"))
             .map(|s| procfs::status_field(&s, "State").is_some_and(|v| v.starts_with('T')))
@@ -511,18 +519,27 @@ impl Tracker {
             frozen: true,
             ..RoundReport::default()
         };
-        let mut manifest = collect_into(pid, &frozen, pw, &mut |smaps, pw| {
+        let mut deferral = None;
+        let mut manifest = collect_into(pid, &frozen, pw, &mut |smaps, threads, pw| {
             precheck_areas(pid, smaps)?;
-            self.final_memory(smaps, pw, &mut report)
+            deferral = late.then(|| Deferral::new(threads));
+            self.final_memory(smaps, pw, &mut report, deferral.as_mut())
         })?;
         manifest.stopped = was_stopped;
+        if let Some(d) = &deferral {
+            manifest.late_len = d.len();
+            crate::engine::late::create_files(&self.images).map_err(|source| DumpError::Proc {
+                path: self.images.display().to_string(),
+                source,
+            })?;
+        }
         image::write_manifest(&self.images, &manifest)?;
         report.ms = t0.elapsed().as_secs_f64() * 1e3;
         self.finished = true;
         // Closing the last reference unregisters every area (fs/userfaultfd.c,
         // userfaultfd_release), so a thawed process carries nothing of the tracking.
         drop(self.uffd.take());
-        Ok((frozen, manifest, report))
+        Ok((frozen, manifest, report, deferral))
     }
 
     /// The memory step of the final freeze.
@@ -531,6 +548,7 @@ impl Tracker {
         smaps: &[MapArea],
         pw: &mut PageWriter,
         report: &mut RoundReport,
+        mut deferral: Option<&mut Deferral>,
     ) -> Result<Vec<Area>, DumpError> {
         let pid = self.pid;
         let mut out = Vec::new();
@@ -538,24 +556,27 @@ impl Tracker {
             let Some(kind) = area_kind(pid, a)? else {
                 continue;
             };
+            let mut defer = deferral
+                .as_deref_mut()
+                .filter(|_| Deferral::applies(a, &kind));
             // `uw`: still registered in write-protect mode. Only ours can be: a
             // process holding a userfaultfd is refused by precheck.
             let tracked = trackable(a, &kind)
                 && a.has_flag("uw")
                 && self.ranges.iter().any(|&(s, e)| s < a.end && a.start < e);
             let runs = match tracked {
-                true => match self.final_tracked(a, &kind, pw, report)? {
+                true => match self.final_tracked(a, &kind, pw, report, defer.as_deref_mut())? {
                     Some(r) => r,
                     None => {
                         report.untracked_areas += 1;
-                        self.save_full(a, &kind, pw, report)?
+                        self.save_full(a, &kind, pw, report, defer)?
                     }
                 },
                 false => {
                     if trackable(a, &kind) {
                         report.untracked_areas += 1;
                     }
-                    self.save_full(a, &kind, pw, report)?
+                    self.save_full(a, &kind, pw, report, defer)?
                 }
             };
             out.push(area_record(a, kind, runs));
@@ -569,8 +590,9 @@ impl Tracker {
         kind: &AreaKind,
         pw: &mut PageWriter,
         report: &mut RoundReport,
+        defer: Option<&mut Deferral>,
     ) -> Result<Vec<(u64, u64, u64)>, DumpError> {
-        let runs = self.src.save_area(a, kind, pw)?;
+        let runs = self.src.save_area(a, kind, pw, defer)?;
         let pages: u64 = runs.iter().map(|r| r.1).sum();
         report.pages += pages;
         report.bytes += pages * sys::page_size();
@@ -587,6 +609,7 @@ impl Tracker {
         kind: &AreaKind,
         pw: &mut PageWriter,
         report: &mut RoundReport,
+        defer: Option<&mut Deferral>,
     ) -> Result<Option<Runs>, DumpError> {
         let pid = self.pid;
         let page = sys::page_size();
@@ -646,6 +669,25 @@ impl Tracker {
             }
             w0 += wn;
         }
+        let to_save = match defer {
+            None => to_save,
+            Some(d) => {
+                // Late pages get their place in late.img now, their bytes after.
+                let mut now = Vec::new();
+                for &(s, e) in &to_save {
+                    for (ps, pe, late) in d.split(s, e) {
+                        match late {
+                            true => {
+                                let off = d.defer(ps, pe);
+                                self.map.insert(ps, pe, off);
+                            }
+                            false => now.push((ps, pe)),
+                        }
+                    }
+                }
+                now
+            }
+        };
         let bytes = self.copy_regions(&to_save, true, pw)?;
         report.bytes += bytes;
         report.pages += bytes / page;

@@ -41,7 +41,7 @@ pub use setup::{arm, check_eager_chunks, create_uffd, plan, Plan};
 use source::Source;
 use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd, RawFd};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 const PAGE: u64 = 4096;
@@ -162,6 +162,8 @@ impl Space {
 pub struct Pager {
     spaces: Vec<Space>,
     source: Source,
+    /// No prefetch before this: the late pages it would read are not written yet.
+    prefetch_hold: Option<Instant>,
     opts: LazyOptions,
     /// Killed (SIGKILL) if the store stays unreadable past `store_bound`: the stub,
     /// i.e. the whole pid namespace.
@@ -188,17 +190,11 @@ enum Served {
 }
 
 impl Pager {
-    fn new(pages: PathBuf, m: &Manifest, opts: LazyOptions, victim: Option<i32>) -> Pager {
+    fn new(images: &Path, m: &Manifest, opts: LazyOptions, victim: Option<i32>) -> Pager {
         Pager {
             spaces: Vec::new(),
-            source: Source {
-                path: pages,
-                file: None,
-                len: m.pages_len,
-                crcs: m.chunk_crcs.clone(),
-                cache: Vec::new(),
-                stage: Vec::new(),
-            },
+            source: Source::new(m, images),
+            prefetch_hold: None,
             opts,
             victim,
             link: None,
@@ -304,12 +300,7 @@ impl Pager {
             }
         }
         let pidfd = sys::pidfd_open(stub_pid).map_err(|e| err("pidfd_open(stub)", e))?;
-        let mut pager = Pager::new(
-            images.join(image::PAGES_FILE),
-            &m,
-            opts.clone(),
-            Some(stub_pid),
-        );
+        let mut pager = Pager::new(images, &m, opts.clone(), Some(stub_pid));
         for (id, (layout, fd)) in spaces {
             let uffd = Uffd::from_fd(
                 sys::pidfd_getfd(pidfd.as_raw_fd(), fd)
@@ -382,7 +373,10 @@ impl Pager {
                 self.progress.prefetched_bytes as f64 / self.opts.prefetch_rate as f64,
             );
         }
-        due
+        match self.prefetch_hold {
+            Some(h) => due.max(h),
+            None => due,
+        }
     }
 
     /// Time from the pager's start until every page was in.
@@ -426,7 +420,7 @@ impl Pager {
             if since.elapsed() > self.opts.store_bound {
                 let lost = self.progress.remaining_bytes;
                 let e = LazyError::StoreLost {
-                    path: self.source.path.display().to_string(),
+                    path: self.source.main.path.display().to_string(),
                     cause: cause.clone(),
                     secs: since.elapsed().as_secs_f64(),
                     lost,
@@ -445,6 +439,9 @@ impl Pager {
     fn refresh(&mut self) {
         self.progress.remaining_bytes = self.spaces.iter().map(|s| s.layout.missing.bytes()).sum();
         self.progress.done = self.spaces.is_empty();
+        if self.progress.done && self.finished_at.is_none() {
+            self.source.all_in();
+        }
         self.progress.stalled = self.stall.as_ref().map(|(_, c)| c.clone());
         if self.progress.done && self.finished_at.is_none() {
             self.finished_at = Some(self.started.elapsed());
@@ -531,7 +528,7 @@ impl Pager {
 
     fn stalled(&mut self, cause: String) {
         if self.stall.is_none() {
-            tracing::warn!(path = %self.source.path.display(), cause, "pages.img unreadable; faulting threads wait");
+            tracing::warn!(path = %self.source.main.path.display(), cause, "pages.img unreadable; faulting threads wait");
             self.stall = Some((Instant::now(), cause));
         } else if let Some(s) = self.stall.as_mut() {
             s.1 = cause;
@@ -691,6 +688,11 @@ impl Pager {
                 s
             };
             let hi = e.min(lo + chunk);
+            if !self.source.available(o + (lo - s), hi - lo) {
+                self.prefetch_hold = Some(Instant::now() + Duration::from_millis(2));
+                return;
+            }
+            self.prefetch_hold = None;
             match self.fill(i, lo, hi, o + (lo - s)) {
                 Ok(n) => {
                     self.progress.prefetched_bytes += n;

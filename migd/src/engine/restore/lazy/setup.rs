@@ -5,62 +5,27 @@
 use super::journal::{Journal, Layout, Record};
 use super::ranges::Ranges;
 use super::{LazyOptions, Pager, Space, PAGE};
-use crate::engine::image::{self, Area, AreaKind, FdKind, Manifest};
+use crate::engine::image::{self, Area, FdKind, Manifest};
 use crate::engine::restore::spawn::StubLink;
 use crate::engine::restore::{Ctx, RestoreError};
 use crate::sys::uffd::{self, Uffd};
 use crate::sys::{self, kabi};
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-/// Filled eagerly on each side of a thread's stack pointer.
-const STACK_WINDOW: u64 = 64 * 1024;
-
-/// Whether an area is served lazily: private anonymous memory with saved pages (the
-/// only kind MISSING mode takes; wipe-on-fork areas stay eager, since a forked child
-/// must see zeros there, not the image).
+/// Whether an area is served lazily (see [`image::lazy_kind`]); an area without
+/// saved pages needs no server.
 fn is_lazy(a: &Area) -> bool {
-    a.kind == AreaKind::Anon && !a.shared && !a.runs.is_empty() && !a.madv.iter().any(|f| f == "wf")
+    image::lazy_kind(&a.kind, a.shared, &a.madv) && !a.runs.is_empty()
 }
 
-/// The address ranges filled eagerly inside lazy areas: around each thread's stack
-/// pointer (the kernel writes signal frames there before anyone could serve a
-/// fault) and each thread's rseq area (the kernel writes it at registration).
+/// The ranges filled eagerly inside lazy areas (see [`image::eager_windows`]).
 fn eager_windows(m: &Manifest) -> Ranges {
     let mut w = Ranges::default();
-    for t in &m.threads {
-        if let Some(&sp) = t.regs.get(19) {
-            let lo = sp.saturating_sub(STACK_WINDOW) & !(PAGE - 1);
-            let hi = (sp + STACK_WINDOW + PAGE - 1) & !(PAGE - 1);
-            add_window(&mut w, lo, hi);
-        }
-        if let Some(rs) = t.rseq {
-            let lo = rs.ptr & !(PAGE - 1);
-            let hi = (rs.ptr + rs.len as u64 + PAGE - 1) & !(PAGE - 1);
-            add_window(&mut w, lo, hi);
-        }
+    for (lo, hi) in image::eager_windows(&m.threads, PAGE) {
+        w.insert(lo, hi, 0);
     }
     w
-}
-
-fn add_window(w: &mut Ranges, lo: u64, hi: u64) {
-    let mut lo = lo;
-    let mut hi = hi;
-    for (s, e, _) in w.cut(lo, hi) {
-        lo = lo.min(s);
-        hi = hi.max(e);
-    }
-    // merge with touching neighbours
-    if let Some((s, e, _)) = w.find(lo.saturating_sub(1)) {
-        w.cut(s, e);
-        lo = s;
-    }
-    if let Some((s, e, _)) = w.find(hi) {
-        w.cut(s, e);
-        hi = e;
-    }
-    w.insert(lo, hi, 0);
 }
 
 /// The image split for a lazy restore.
@@ -216,30 +181,25 @@ pub fn arm(
         registered.insert(s, e, 0);
     }
     let mut missing = plan.missing;
+    let mut pager = Pager::new(images, m, opts.clone(), Some(link.pid));
     // Pages present now were touched during the restore (or are eager): they will
-    // never fault, so any not filled eagerly gets its image data now.
+    // never fault, so any not filled eagerly gets its image data now (late pages:
+    // once the source has written them).
     let pm_path = format!("/proc/{}/pagemap", ctx.pid);
     let pm = std::fs::File::open(&pm_path).map_err(|source| RestoreError::Io {
         path: pm_path.clone(),
         source,
     })?;
-    let src =
-        std::fs::File::open(images.join(image::PAGES_FILE)).map_err(|source| RestoreError::Io {
-            path: images.join(image::PAGES_FILE).display().to_string(),
-            source,
-        })?;
     let mut touched = 0u64;
     for &(s, e) in &plan.areas {
         let ranges = present(pm.as_raw_fd(), s, e)
             .map_err(|e2| other(format!("PAGEMAP_SCAN {pm_path}: {e2}")))?;
         for (rs, re) in ranges {
             for (a, b, off) in missing.cut(rs, re) {
-                let mut buf = vec![0u8; (b - a) as usize];
-                src.read_exact_at(&mut buf, off)
-                    .map_err(|source| RestoreError::Io {
-                        path: images.join(image::PAGES_FILE).display().to_string(),
-                        source,
-                    })?;
+                let buf = pager
+                    .source
+                    .read_waiting(off, b - a, opts.store_bound)
+                    .map_err(|e2| other(format!("image pages for {a:#x}-{b:#x}: {e2}")))?;
                 sys::vm_write(ctx.pid, a, &buf)
                     .map_err(|e2| other(format!("filling touched pages at {a:#x}: {e2}")))?;
                 touched += b - a;
@@ -261,8 +221,6 @@ pub fn arm(
     link.hold(journal.fd())
         .map_err(|e| other(format!("handing the lazy journal to the stub: {e}")))?;
     journal.append(&Record::Root { fd: stub_fd });
-    let pages = images.join(image::PAGES_FILE);
-    let mut pager = Pager::new(pages, m, opts.clone(), Some(link.pid));
     pager.link = Some(link);
     pager.journal = Some(journal);
     pager.spaces.push(Space::new(

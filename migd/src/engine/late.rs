@@ -1,0 +1,747 @@
+//! Late pages: the lazy migration of docs/lazy.md, "Late pages". The source freezes
+//! the process and writes, at the freeze, everything but the pages of its private
+//! anonymous memory (except those near each thread's stack pointer and rseq area,
+//! which a lazy restore fills before the process runs); the destination starts at
+//! once, and the rest is written to late.img in the background while the original
+//! stays frozen, the chunks the destination is faulting on first.
+//!
+//! The two sides meet only in the image directory on the store:
+//! - late.ready: the flusher appends `(chunk, crc32c)` once a chunk of late.img is
+//!   written; the destination reads a chunk only once it is listed, and checks it;
+//! - late.want: the destination appends the chunk numbers it waits for (served before
+//!   the rest), and [`image::LATE_DONE`] once every page is in.
+//!
+//! Dump side: [`Deferral`] (which pages wait, where they will go). Source side after
+//! the freeze: [`Flusher`]. Destination side: [`LateReader`].
+
+use super::image::{self, AreaKind, ThreadImage, CHUNK, LATE};
+use super::maps::MapArea;
+use crate::sys;
+use std::collections::{HashSet, VecDeque};
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Pages of one run written late: `len` bytes at `addr` go to late.img at `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LateRun {
+    pub addr: u64,
+    pub len: u64,
+    pub off: u64,
+}
+
+/// What a lazy dump leaves for after the freeze, decided while the image is written.
+#[derive(Debug, Default)]
+pub struct Deferral {
+    windows: Vec<(u64, u64)>,
+    runs: Vec<LateRun>,
+    len: u64,
+}
+
+impl Deferral {
+    /// Late pages for a process with these threads (their stack and rseq windows
+    /// stay in pages.img).
+    pub fn new(threads: &[ThreadImage]) -> Deferral {
+        Deferral {
+            windows: image::eager_windows(threads, sys::page_size()),
+            ..Deferral::default()
+        }
+    }
+
+    /// Whether pages of `a` may be written late: exactly the areas a lazy restore
+    /// serves on demand ([`image::lazy_kind`]).
+    pub fn applies(a: &MapArea, kind: &AreaKind) -> bool {
+        image::lazy_kind(kind, a.shared, &[]) && !a.has_flag("wf")
+    }
+
+    /// `[s, e)` cut into pieces `(start, end, late)`: the parts inside a window are
+    /// written now (`late == false`).
+    pub fn split(&self, s: u64, e: u64) -> Vec<(u64, u64, bool)> {
+        let mut out = Vec::new();
+        let mut at = s;
+        for &(ws, we) in &self.windows {
+            if we <= at || ws >= e {
+                continue;
+            }
+            if ws > at {
+                out.push((at, ws, true));
+            }
+            let hi = we.min(e);
+            out.push((at.max(ws), hi, false));
+            at = hi;
+        }
+        if at < e {
+            out.push((at, e, true));
+        }
+        out
+    }
+
+    /// Reserves late.img room for `[s, e)`; returns the run offset (with [`LATE`]).
+    pub fn defer(&mut self, s: u64, e: u64) -> u64 {
+        let off = self.len;
+        match self.runs.last_mut() {
+            Some(r) if r.addr + r.len == s && r.off + r.len == off => r.len += e - s,
+            _ => self.runs.push(LateRun {
+                addr: s,
+                len: e - s,
+                off,
+            }),
+        }
+        self.len += e - s;
+        off | LATE
+    }
+
+    /// Bytes left for after the freeze.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The runs, in late.img order.
+    pub fn into_runs(self) -> Vec<LateRun> {
+        self.runs
+    }
+}
+
+/// Creates late.img, late.ready and late.want (empty) in `images`: before the
+/// manifest is written, so that a destination finds them.
+pub fn create_files(images: &Path) -> std::io::Result<()> {
+    for name in [
+        image::LATE_FILE,
+        image::LATE_READY_FILE,
+        image::LATE_WANT_FILE,
+    ] {
+        File::create(images.join(name))?;
+    }
+    Ok(())
+}
+
+/// How a flush ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FlushEnd {
+    /// Every late page is in late.img (synced): nothing depends on the source.
+    Done { bytes: u64, ms: f64 },
+    /// The destination needs nothing more (it said so, or the image is gone).
+    NotNeeded { bytes: u64, why: String },
+    /// Stopped by [`Flusher::stop`] (the migration was abandoned).
+    Stopped,
+    /// The store stayed unwritable past the bound: pages were not written.
+    Failed(String),
+}
+
+/// How a flush goes.
+#[derive(Debug, Clone, Copy)]
+pub struct LateOptions {
+    /// How long the store may stay unwritable before the flush gives up.
+    pub store_bound: Duration,
+    /// Cap on chunks nobody waits for, in bytes per second (0: none); wanted chunks
+    /// are never held back. For tests and measurements.
+    pub background_rate: u64,
+}
+
+impl LateOptions {
+    pub fn bound(store_bound: Duration) -> LateOptions {
+        LateOptions {
+            store_bound,
+            background_rate: 0,
+        }
+    }
+}
+
+/// Writes a frozen process's late pages to late.img on a thread of its own.
+pub struct Flusher {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<FlushEnd>>,
+}
+
+impl Flusher {
+    /// Starts writing the late pages of `pid` (frozen; it must stay so until the
+    /// flush ends).
+    pub fn start(pid: i32, images: &Path, runs: Vec<LateRun>, opts: LateOptions) -> Flusher {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let images = images.to_path_buf();
+        let thread = std::thread::Builder::new()
+            .name("late-flush".into())
+            .spawn(move || {
+                let _span = tracing::info_span!("late_flush", pid).entered();
+                let end = Flush::new(pid, images, runs, opts, flag).run();
+                match &end {
+                    FlushEnd::Done { bytes, ms } => {
+                        tracing::info!(bytes, ms, "late pages written")
+                    }
+                    FlushEnd::NotNeeded { bytes, why } => {
+                        tracing::info!(bytes, why, "late flush ended early")
+                    }
+                    FlushEnd::Stopped => tracing::info!("late flush stopped"),
+                    FlushEnd::Failed(e) => tracing::error!(error = %e, "late flush failed"),
+                }
+                end
+            })
+            .expect("spawning the late-flush thread");
+        Flusher {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Waits for the flush to end.
+    pub fn wait(mut self) -> FlushEnd {
+        self.join()
+    }
+
+    /// Stops the flush (the migration was abandoned) and waits for the thread.
+    pub fn stop(mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.join();
+    }
+
+    fn join(&mut self) -> FlushEnd {
+        match self.thread.take().map(|t| t.join()) {
+            Some(Ok(end)) => end,
+            Some(Err(_)) => FlushEnd::Failed("the late-flush thread panicked".into()),
+            None => FlushEnd::Stopped,
+        }
+    }
+}
+
+impl Drop for Flusher {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.join();
+    }
+}
+
+/// The open files of a flush (reopened by path after a store failure).
+struct Files {
+    late: File,
+    ready: File,
+    want: File,
+}
+
+struct Flush {
+    pid: i32,
+    images: PathBuf,
+    runs: Vec<LateRun>,
+    len: u64,
+    opts: LateOptions,
+    stop: Arc<AtomicBool>,
+    files: Option<Files>,
+    mem: Option<File>,
+    want_off: u64,
+    wants: VecDeque<u64>,
+    ready_records: u64,
+}
+
+enum Step {
+    Go,
+    End(FlushEnd),
+}
+
+/// The flusher's next move.
+enum Pick {
+    /// Write `n` chunks from `first` (`wanted`: the destination waits for it).
+    Chunks { first: u64, n: u64, wanted: bool },
+    /// Nothing wanted, and the background rate says wait this long.
+    Wait(Duration),
+    /// Every chunk is written.
+    Finished,
+}
+
+impl Flush {
+    fn new(
+        pid: i32,
+        images: PathBuf,
+        runs: Vec<LateRun>,
+        opts: LateOptions,
+        stop: Arc<AtomicBool>,
+    ) -> Flush {
+        let len = runs.last().map_or(0, |r| r.off + r.len);
+        Flush {
+            pid,
+            images,
+            runs,
+            len,
+            opts,
+            stop,
+            files: None,
+            mem: File::open(format!("/proc/{pid}/mem")).ok(),
+            want_off: 0,
+            wants: VecDeque::new(),
+            ready_records: 0,
+        }
+    }
+
+    fn open(&self) -> std::io::Result<Files> {
+        let w = |name: &str| OpenOptions::new().write(true).open(self.images.join(name));
+        Ok(Files {
+            late: w(image::LATE_FILE)?,
+            ready: w(image::LATE_READY_FILE)?,
+            want: File::open(self.images.join(image::LATE_WANT_FILE))?,
+        })
+    }
+
+    /// Runs `op` on the open files, reopening them and retrying with backoff while
+    /// the store fails, up to the bound. Ends the flush if the image was removed.
+    fn with_files<T>(
+        &mut self,
+        what: &str,
+        mut op: impl FnMut(&mut Files) -> std::io::Result<T>,
+    ) -> Result<T, FlushEnd> {
+        let mut since: Option<Instant> = None;
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            if self.stop.load(Ordering::SeqCst) {
+                return Err(FlushEnd::Stopped);
+            }
+            if self.files.is_none() {
+                match self.open() {
+                    Ok(f) => self.files = Some(f),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        return Err(FlushEnd::NotNeeded {
+                            bytes: 0,
+                            why: format!("{} was removed", self.images.display()),
+                        })
+                    }
+                    Err(e) => {
+                        if let Some(end) = self.failing(&mut since, &mut backoff, what, e) {
+                            return Err(end);
+                        }
+                        continue;
+                    }
+                }
+            }
+            match op(self.files.as_mut().unwrap()) {
+                Ok(v) => {
+                    if let Some(s) = since {
+                        tracing::info!(
+                            secs = s.elapsed().as_secs_f64(),
+                            "the store takes late pages again"
+                        );
+                    }
+                    return Ok(v);
+                }
+                Err(e) => {
+                    self.files = None;
+                    if let Some(end) = self.failing(&mut since, &mut backoff, what, e) {
+                        return Err(end);
+                    }
+                }
+            }
+        }
+    }
+
+    fn failing(
+        &self,
+        since: &mut Option<Instant>,
+        backoff: &mut Duration,
+        what: &str,
+        e: std::io::Error,
+    ) -> Option<FlushEnd> {
+        let t = *since.get_or_insert_with(|| {
+            tracing::warn!(error = %e, what, "the store refuses late pages; retrying");
+            Instant::now()
+        });
+        if t.elapsed() > self.opts.store_bound {
+            return Some(FlushEnd::Failed(format!(
+                "{what} in {}: {e} for {:.1} s (bound {} s)",
+                self.images.display(),
+                t.elapsed().as_secs_f64(),
+                self.opts.store_bound.as_secs()
+            )));
+        }
+        std::thread::sleep(*backoff);
+        *backoff = (*backoff * 2).min(Duration::from_secs(1));
+        None
+    }
+
+    /// Reads the wants appended since the last look.
+    fn read_wants(&mut self, chunks: u64) -> Step {
+        let at = self.want_off;
+        let got = self.with_files("reading late.want", |f| {
+            let mut buf = vec![0u8; 4096];
+            let n = f.want.read_at(&mut buf, at)?;
+            buf.truncate(n / 4 * 4);
+            Ok(buf)
+        });
+        let buf = match got {
+            Ok(b) => b,
+            Err(end) => return Step::End(end),
+        };
+        self.want_off += buf.len() as u64;
+        for rec in buf.chunks_exact(4) {
+            let c = u32::from_le_bytes(rec.try_into().unwrap());
+            if c == image::LATE_DONE {
+                return Step::End(FlushEnd::NotNeeded {
+                    bytes: 0,
+                    why: "the destination has every page".into(),
+                });
+            }
+            if (c as u64) < chunks {
+                self.wants.push_back(c as u64);
+            }
+        }
+        Step::Go
+    }
+
+    /// Gathers chunk `c` of late.img from the process's memory into `buf`.
+    fn gather(&mut self, c: u64, buf: &mut Vec<u8>) -> Result<(), String> {
+        let lo = c * CHUNK;
+        let hi = (lo + CHUNK).min(self.len);
+        buf.clear();
+        buf.resize((hi - lo) as usize, 0);
+        let mut i = self.runs.partition_point(|r| r.off + r.len <= lo);
+        while i < self.runs.len() && self.runs[i].off < hi {
+            let r = self.runs[i];
+            let a = r.off.max(lo);
+            let b = (r.off + r.len).min(hi);
+            let slot = &mut buf[(a - lo) as usize..(b - lo) as usize];
+            let addr = r.addr + (a - r.off);
+            let ok = matches!(sys::vm_read(self.pid, addr, slot), Ok(n) if n == slot.len())
+                || self
+                    .mem
+                    .as_ref()
+                    .is_some_and(|m| m.read_exact_at(slot, addr).is_ok());
+            if !ok {
+                return Err(format!(
+                    "pid {}: cannot read {} bytes at {addr:#x} of the frozen process",
+                    self.pid,
+                    slot.len()
+                ));
+            }
+            i += 1;
+        }
+        Ok(())
+    }
+
+    /// How long to hold back chunks nobody waits for (the background rate cap).
+    fn rate_pause(&self, t0: Instant, background: u64) -> Option<Duration> {
+        let rate = self.opts.background_rate;
+        if rate == 0 {
+            return None;
+        }
+        let due = t0 + Duration::from_secs_f64(background as f64 / rate as f64);
+        due.checked_duration_since(Instant::now())
+    }
+
+    /// What to write next: a wanted chunk alone; else the next ones in order, a
+    /// batch at a time (fewer, larger writes while nobody waits), unless the
+    /// background rate holds them back.
+    fn pick(&mut self, done: &[bool], next: &mut u64, t0: Instant, background: u64) -> Pick {
+        while let Some(c) = self.wants.pop_front() {
+            if !done[c as usize] {
+                return Pick::Chunks {
+                    first: c,
+                    n: 1,
+                    wanted: true,
+                };
+            }
+        }
+        let chunks = done.len() as u64;
+        while *next < chunks && done[*next as usize] {
+            *next += 1;
+        }
+        if *next == chunks {
+            return Pick::Finished;
+        }
+        if let Some(pause) = self.rate_pause(t0, background) {
+            return Pick::Wait(pause);
+        }
+        let mut n = 1;
+        while n < BATCH && *next + n < chunks && !done[(*next + n) as usize] {
+            n += 1;
+        }
+        Pick::Chunks {
+            first: *next,
+            n,
+            wanted: false,
+        }
+    }
+
+    /// Writes chunks `c0..c0 + n` (gathered in `buf`) and lists them in late.ready.
+    fn put(&mut self, c0: u64, n: u64, buf: &[u8]) -> Result<(), FlushEnd> {
+        self.with_files("writing late.img", |f| f.late.write_all_at(buf, c0 * CHUNK))?;
+        let mut recs = Vec::with_capacity(8 * n as usize);
+        for (k, piece) in buf.chunks(CHUNK as usize).enumerate() {
+            recs.extend_from_slice(&(c0 as u32 + k as u32).to_le_bytes());
+            recs.extend_from_slice(&crc32c::crc32c(piece).to_le_bytes());
+        }
+        let at = self.ready_records * 8;
+        self.with_files("writing late.ready", |f| f.ready.write_all_at(&recs, at))?;
+        self.ready_records += n;
+        Ok(())
+    }
+
+    fn run(mut self) -> FlushEnd {
+        let t0 = Instant::now();
+        let chunks = self.len.div_ceil(CHUNK);
+        let mut done = vec![false; chunks as usize];
+        let mut next = 0u64;
+        let mut written = 0u64;
+        let mut background = 0u64;
+        let mut buf = Vec::with_capacity((BATCH * CHUNK) as usize);
+        let mut one = Vec::with_capacity(CHUNK as usize);
+        loop {
+            if self.stop.load(Ordering::SeqCst) {
+                return FlushEnd::Stopped;
+            }
+            if let Step::End(end) = self.read_wants(chunks) {
+                return match end {
+                    FlushEnd::NotNeeded { why, .. } => FlushEnd::NotNeeded {
+                        bytes: written,
+                        why,
+                    },
+                    e => e,
+                };
+            }
+            let (c0, n, wanted) = match self.pick(&done, &mut next, t0, background) {
+                Pick::Chunks { first, n, wanted } => (first, n, wanted),
+                Pick::Wait(pause) => {
+                    std::thread::sleep(pause.min(Duration::from_millis(2)));
+                    continue;
+                }
+                Pick::Finished => break,
+            };
+            buf.clear();
+            for c in c0..c0 + n {
+                if let Err(e) = self.gather(c, &mut one) {
+                    return FlushEnd::Failed(e);
+                }
+                buf.extend_from_slice(&one);
+            }
+            if let Err(end) = self.put(c0, n, &buf) {
+                return end;
+            }
+            for c in c0..c0 + n {
+                done[c as usize] = true;
+            }
+            if !wanted {
+                background += buf.len() as u64;
+            }
+            written += buf.len() as u64;
+        }
+        if let Err(end) = self.with_files("syncing late.img", |f| {
+            f.late.sync_all()?;
+            f.ready.sync_all()
+        }) {
+            return end;
+        }
+        FlushEnd::Done {
+            bytes: written,
+            ms: t0.elapsed().as_secs_f64() * 1e3,
+        }
+    }
+}
+
+/// Chunks written together while no chunk is wanted.
+const BATCH: u64 = 4;
+
+/// How long [`LateReader::wait_ready`] waits before giving the caller back control.
+const WAIT_SLICE: Duration = Duration::from_millis(100);
+
+/// The destination's view of late.img: which chunks are written (and their CRCs),
+/// and the wants it sends.
+pub struct LateReader {
+    dir: PathBuf,
+    pub len: u64,
+    crcs: Vec<Option<u32>>,
+    missing: u64,
+    ready: Option<File>,
+    ready_off: u64,
+    want: Option<File>,
+    want_off: u64,
+    wanted: HashSet<u64>,
+}
+
+impl LateReader {
+    pub fn new(dir: &Path, len: u64) -> LateReader {
+        let chunks = len.div_ceil(CHUNK);
+        LateReader {
+            dir: dir.to_path_buf(),
+            len,
+            crcs: vec![None; chunks as usize],
+            missing: chunks,
+            ready: None,
+            ready_off: 0,
+            want: None,
+            want_off: 0,
+            wanted: HashSet::new(),
+        }
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.dir.join(image::LATE_FILE)
+    }
+
+    /// The CRC-32C of chunk `c` once it is written.
+    pub fn crc(&self, c: u64) -> Option<u32> {
+        self.crcs.get(c as usize).copied().flatten()
+    }
+
+    /// Reads the readiness records appended since the last look.
+    pub fn poll(&mut self) -> Result<(), String> {
+        if self.missing == 0 {
+            return Ok(());
+        }
+        if self.ready.is_none() {
+            let p = self.dir.join(image::LATE_READY_FILE);
+            self.ready = Some(File::open(&p).map_err(|e| format!("open {}: {e}", p.display()))?);
+        }
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match self
+                .ready
+                .as_ref()
+                .unwrap()
+                .read_at(&mut buf, self.ready_off)
+            {
+                Ok(n) => n,
+                Err(e) => {
+                    self.ready = None;
+                    return Err(format!("reading late.ready: {e}"));
+                }
+            };
+            let whole = n / 8 * 8;
+            for rec in buf[..whole].chunks_exact(8) {
+                let c = u32::from_le_bytes(rec[..4].try_into().unwrap()) as u64;
+                let crc = u32::from_le_bytes(rec[4..].try_into().unwrap());
+                if let Some(slot) = self.crcs.get_mut(c as usize) {
+                    if slot.is_none() {
+                        self.missing -= 1;
+                    }
+                    *slot = Some(crc);
+                }
+            }
+            self.ready_off += whole as u64;
+            if whole < buf.len() {
+                return Ok(());
+            }
+        }
+    }
+
+    fn append_want(&mut self, rec: u32) -> Result<(), String> {
+        if self.want.is_none() {
+            let p = self.dir.join(image::LATE_WANT_FILE);
+            let f = OpenOptions::new()
+                .write(true)
+                .open(&p)
+                .map_err(|e| format!("open {}: {e}", p.display()))?;
+            // A resumed server appends after its predecessor's records.
+            self.want_off = f.metadata().map(|m| m.len() / 4 * 4).unwrap_or(0);
+            self.want = Some(f);
+        }
+        let r = self
+            .want
+            .as_ref()
+            .unwrap()
+            .write_all_at(&rec.to_le_bytes(), self.want_off);
+        match r {
+            Ok(()) => {
+                self.want_off += 4;
+                Ok(())
+            }
+            Err(e) => {
+                self.want = None;
+                Err(format!("writing late.want: {e}"))
+            }
+        }
+    }
+
+    /// Asks the source for chunk `c` first (once).
+    pub fn want(&mut self, c: u64) -> Result<(), String> {
+        if self.crc(c).is_some() || self.wanted.contains(&c) {
+            return Ok(());
+        }
+        self.append_want(c as u32)?;
+        self.wanted.insert(c);
+        Ok(())
+    }
+
+    /// Waits (a slice of time at most) for chunk `c`, asking for it first.
+    pub fn wait_ready(&mut self, c: u64) -> Result<u32, String> {
+        let t0 = Instant::now();
+        self.poll()?;
+        if let Some(crc) = self.crc(c) {
+            return Ok(crc);
+        }
+        self.want(c)?;
+        loop {
+            std::thread::sleep(Duration::from_micros(500));
+            self.poll()?;
+            if let Some(crc) = self.crc(c) {
+                return Ok(crc);
+            }
+            if t0.elapsed() > WAIT_SLICE {
+                return Err(format!(
+                    "chunk {c} of late.img not written by the source yet"
+                ));
+            }
+        }
+    }
+
+    /// Tells the source that nothing more is needed (best effort: the source also
+    /// stops when the image is removed).
+    pub fn done(&mut self) {
+        if self.missing > 0 {
+            if let Err(e) = self.append_want(image::LATE_DONE) {
+                tracing::debug!(error = %e, "could not tell the source the late pages are in");
+            }
+        }
+        self.missing = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_keeps_windows_in_the_image_and_defers_the_rest() {
+        let d = Deferral {
+            windows: vec![(0x3000, 0x5000), (0x8000, 0x9000)],
+            ..Deferral::default()
+        };
+        assert_eq!(
+            d.split(0x1000, 0xa000),
+            vec![
+                (0x1000, 0x3000, true),
+                (0x3000, 0x5000, false),
+                (0x5000, 0x8000, true),
+                (0x8000, 0x9000, false),
+                (0x9000, 0xa000, true),
+            ]
+        );
+        assert_eq!(d.split(0x4000, 0x4800), vec![(0x4000, 0x4800, false)]);
+        assert_eq!(d.split(0x6000, 0x7000), vec![(0x6000, 0x7000, true)]);
+    }
+
+    #[test]
+    fn deferred_runs_are_contiguous_in_late_img_and_join() {
+        let mut d = Deferral::default();
+        assert_eq!(d.defer(0x1000, 0x3000), LATE);
+        assert_eq!(d.defer(0x3000, 0x4000), LATE | 0x2000);
+        assert_eq!(d.defer(0x8000, 0x9000), LATE | 0x3000);
+        assert_eq!(d.len(), 0x4000);
+        assert_eq!(
+            d.into_runs(),
+            vec![
+                LateRun {
+                    addr: 0x1000,
+                    len: 0x3000,
+                    off: 0
+                },
+                LateRun {
+                    addr: 0x8000,
+                    len: 0x1000,
+                    off: 0x3000
+                }
+            ]
+        );
+    }
+}
