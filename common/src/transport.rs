@@ -4,13 +4,20 @@
 //! Frames are capped ([`DEFAULT_MAX_FRAME`]); an oversized frame or one that does not
 //! decode ends that one connection with a logged error and nothing else changes.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
 
+use futures::{Stream, StreamExt};
 use serde::{Deserialize, Serialize};
 use tarpc::serde_transport::Transport;
+use tarpc::server::BaseChannel;
 use tarpc::tokio_serde::formats::Bincode;
+use tarpc::{ClientMessage, Response};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
+use tracing::Instrument;
 
 use crate::auth::{client_handshake, server_handshake, ClusterKey, HandshakeError};
 
@@ -108,4 +115,65 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr)
         .await
         .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))
+}
+
+/// A tarpc server channel over an authenticated connection, as
+/// [`serve_authenticated`] hands it over.
+pub type ServerChannel<Req, Resp> =
+    BaseChannel<Req, Resp, RpcTransport<ClientMessage<Req>, Response<Resp>>>;
+
+/// Serves authenticated tarpc connections on `listener` until `shutdown` completes.
+///
+/// Each accepted connection runs in a task of its own, inside the span `span` makes
+/// from the peer's address: the handshake on `key` as `my_name`
+/// ([`accept_authenticated`]; a peer that fails it is dropped), then a
+/// [`ServerChannel`] framed with [`DEFAULT_MAX_FRAME`], which `requests` turns, with
+/// the peer's proven name, into the stream of its requests (`channel.execute(..)` of
+/// the service for that peer); each request runs in a task of its own. An accept
+/// error is logged and the next accept tried 50 ms later. Connections already
+/// accepted go on after `shutdown`; only the accepting stops.
+pub async fn serve_authenticated<Req, Resp, Reqs>(
+    listener: TcpListener,
+    key: ClusterKey,
+    my_name: String,
+    span: impl Fn(SocketAddr) -> tracing::Span,
+    requests: impl Fn(ServerChannel<Req, Resp>, String) -> Reqs + Send + Sync + 'static,
+    shutdown: impl Future<Output = ()>,
+) where
+    Req: for<'de> Deserialize<'de> + Send + 'static,
+    Resp: Serialize + Send + 'static,
+    Reqs: Stream + Send + 'static,
+    Reqs::Item: Future<Output = ()> + Send + 'static,
+{
+    let shared = Arc::new((key, my_name, requests));
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            acc = listener.accept() => match acc {
+                Ok((stream, peer_addr)) => {
+                    let shared = shared.clone();
+                    let conn = async move {
+                        let (key, my_name, requests) = &*shared;
+                        let Some((stream, peer)) =
+                            accept_authenticated(stream, peer_addr, key, my_name).await
+                        else {
+                            return;
+                        };
+                        let channel = BaseChannel::with_defaults(frame(stream, DEFAULT_MAX_FRAME));
+                        requests(channel, peer)
+                            .for_each(|fut| async {
+                                tokio::spawn(fut);
+                            })
+                            .await;
+                    };
+                    tokio::spawn(conn.instrument(span(peer_addr)));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
 }

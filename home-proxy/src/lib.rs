@@ -27,14 +27,12 @@ use common::migproto::{
     HeldImage, HoldPlan, MigError, MigResult, MigdServiceClient, ProcessEntry, ProxyService,
     Running,
 };
-use futures::StreamExt;
 use migd::daemon::keeper::Keeper;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 use tarpc::context::Context;
-use tarpc::server::{BaseChannel, Channel};
+use tarpc::server::Channel;
 use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 
@@ -155,31 +153,19 @@ pub async fn serve(
         tracing::info!(addr = %a, node = %p.config.node, "home-proxy listening");
     }
     p.adopt().await;
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            _ = &mut shutdown => break,
-            acc = listener.accept() => match acc {
-                Ok((stream, peer_addr)) => {
-                    let p = p.clone();
-                    let span = tracing::info_span!("proxy_conn", peer = %peer_addr);
-                    tokio::spawn(async move {
-                        let Some((stream, peer)) = common::transport::accept_authenticated(
-                            stream, peer_addr, &p.key, &p.config.node).await else { return };
-                        let transport = common::transport::frame(stream, common::transport::DEFAULT_MAX_FRAME);
-                        BaseChannel::with_defaults(transport)
-                            .execute(Conn { p, peer }.serve())
-                            .for_each(|fut| async { tokio::spawn(fut); })
-                            .await;
-                    }.instrument(span));
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            },
-        }
-    }
+    let conn_p = p.clone();
+    common::transport::serve_authenticated(
+        listener,
+        p.key.clone(),
+        p.config.node.clone(),
+        |peer_addr| tracing::info_span!("proxy_conn", peer = %peer_addr),
+        move |channel, peer| {
+            let p = conn_p.clone();
+            channel.execute(Conn { p, peer }.serve())
+        },
+        shutdown,
+    )
+    .await;
     tracing::info!(
         shadows = p.shadows.lock().unwrap().len(),
         "home-proxy stopped; shadows stay frozen in their keepers"

@@ -5,6 +5,7 @@
 
 use crate::Cluster;
 use std::ffi::OsString;
+use std::path::PathBuf;
 use std::process::{Child, Stdio};
 use std::time::Duration;
 
@@ -172,6 +173,30 @@ pub fn compile_c(src: &str, out: &std::path::Path, flags: &[&str]) {
         "cc failed: {}",
         String::from_utf8_lossy(&o.stderr)
     );
+}
+
+/// A running cluster and a test program compiled for it ([`cluster_with_program`]).
+pub struct ClusterWithProgram {
+    pub c: Cluster,
+    /// The program, by a path the nodes see too (the cluster directory is not under
+    /// /tmp).
+    pub prog: PathBuf,
+}
+
+/// Starts a `nodes`-node cluster with all four daemons and compiles the C source
+/// `src` into `DIR/NAME` (the source beside it as `NAME.c`) with [`compile_c`]:
+/// `cc -O2 FLAGS`, where a `-O` level in `flags` replaces the -O2 (cc takes the last).
+pub fn cluster_with_program(
+    nodes: usize,
+    name: &str,
+    src: &str,
+    flags: &[&str],
+) -> ClusterWithProgram {
+    let c = Cluster::start(nodes);
+    c.require(&["fs-server", "fuse-client", "migd", "home-proxy"]);
+    let prog = c.dir().join(name);
+    compile_c(src, &prog, flags);
+    ClusterWithProgram { c, prog }
 }
 
 /// `count.py OUT N PAUSE` (tests/programs/count.py): N lines, PAUSE s apart, exit 4.

@@ -2,12 +2,12 @@
 //! so that it runs there again under its original pid and parent. On the 3-node local
 //! cluster (ws1 is home). Needs root and the workspace's release binaries.
 
-use std::path::PathBuf;
 use std::process::Child;
 use std::sync::Mutex;
 
 use ferry_tests::work::{
-    finish_shell, pids_of, spawn_shell, start_count_py, state_on, status_num, wait_for,
+    cluster_with_program, finish_shell, pids_of, spawn_shell, start_count_py, state_on, status_num,
+    wait_for, ClusterWithProgram as Setup,
 };
 use ferry_tests::Cluster;
 
@@ -66,31 +66,9 @@ int main(int argc, char **argv) {
 
 const MIB: u32 = 48;
 
-struct Setup {
-    c: Cluster,
-    prog: PathBuf,
-}
-
+/// A 3-node cluster with PROG compiled as DIR/homer (at -O1, as it always was).
 fn setup() -> Setup {
-    let c = Cluster::start(3);
-    c.require(&["fs-server", "fuse-client", "migd", "home-proxy"]);
-    let src = c.dir().join("homer.c");
-    std::fs::write(&src, PROG).unwrap();
-    let prog = c.dir().join("homer");
-    let out = std::process::Command::new("cc")
-        .arg("-O1")
-        .arg("-pthread")
-        .arg("-o")
-        .arg(&prog)
-        .arg(&src)
-        .output()
-        .expect("cc runs");
-    assert!(
-        out.status.success(),
-        "cc failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Setup { c, prog }
+    cluster_with_program(3, "homer", PROG, &["-O1", "-pthread"])
 }
 
 /// Starts homer at ws1 (from `bash -c`, in `cwd`) and returns the shell and homer's

@@ -3,12 +3,13 @@
 //! their parent stay at home. Needs root and the workspace's binaries built
 //! (`cargo build --workspace`): migd, migrate, home-proxy, fs-server, fuse-client.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Stdio};
 use std::sync::Mutex;
 
 use ferry_tests::work::{
-    finish_shell, spawn_shell, start_count_py, state_on, status_num, wait_for,
+    cluster_with_program, finish_shell, spawn_shell, start_count_py, state_on, status_num,
+    wait_for, ClusterWithProgram as Setup,
 };
 use ferry_tests::Cluster;
 
@@ -44,30 +45,9 @@ int main(int argc, char **argv) {
 }
 "#;
 
-struct Setup {
-    c: Cluster,
-    prog: PathBuf,
-}
-
+/// A 3-node cluster with PROG compiled as DIR/prog (at -O1, as it always was).
 fn setup() -> Setup {
-    let c = Cluster::start(3);
-    c.require(&["fs-server", "fuse-client", "migd", "home-proxy"]);
-    let src = c.dir().join("prog.c");
-    std::fs::write(&src, PROG).unwrap();
-    let prog = c.dir().join("prog");
-    let out = std::process::Command::new("cc")
-        .arg("-O1")
-        .arg("-o")
-        .arg(&prog)
-        .arg(&src)
-        .output()
-        .expect("cc runs");
-    assert!(
-        out.status.success(),
-        "cc failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Setup { c, prog }
+    cluster_with_program(3, "prog", PROG, &["-O1"])
 }
 
 /// Starts `sh -c 'prog ...; echo status=$?'` at ws1 (stdout piped) and returns it with

@@ -7,7 +7,7 @@
 use ferry_tests::work::{
     compile_c, finish_shell, images_left, pids_of, spawn_shell, state_on, wait_for, BUSY_C,
 };
-use ferry_tests::{Cluster, Signal};
+use ferry_tests::{Builder, Cluster, Signal};
 use std::process::Child;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -38,6 +38,24 @@ fn start_busy(c: &Cluster, mib: u64) -> Busy {
     // Let it rewrite some memory first, so that pre-copy has a dirty set to chase.
     std::thread::sleep(Duration::from_millis(1500));
     Busy { child, pid }
+}
+
+/// Starts the cluster `b` describes, with all four daemons.
+fn start_cluster(b: Builder) -> Cluster {
+    let c = b.start();
+    c.require(&["fs-server", "fuse-client", "migd", "home-proxy"]);
+    c
+}
+
+/// Starts busy (MIB MiB) at ws1 ([`start_busy`]) and moves it with `migrate PID ws2
+/// ARGS` at ws1, which must succeed; returns busy and what migrate said.
+fn start_and_move(c: &Cluster, mib: u64, args: &[&str]) -> (Busy, String) {
+    let b = start_busy(c, mib);
+    let pid = b.pid.to_string();
+    let mut all = vec!["migrate", pid.as_str(), "ws2"];
+    all.extend_from_slice(args);
+    let said = c.run_ok("ws1", &all);
+    (b, said)
 }
 
 /// Ends busy (SIGTERM at home) and checks that every word of its memory is right
@@ -85,22 +103,25 @@ fn settles_to(c: &Cluster, want: &[(&str, i32)], what: &str) {
     }
 }
 
+/// Checks that there is one busy at ws2 and waits (bounded) until it is the one
+/// running copy ([`settles_to`]); `what` says when, for the panic.
+fn settles_at_ws2(c: &Cluster, what: &str) {
+    let there = pids_of(c, "ws2", "busy");
+    assert_eq!(there.len(), 1, "{what}: one busy at ws2: {there:?}");
+    settles_to(c, &[("ws2", there[0])], what);
+}
+
 fn one_mode(mode: &str) {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let c = Cluster::start(2);
-    c.require(&["fs-server", "fuse-client", "migd", "home-proxy"]);
-    let b = start_busy(&c, 1024);
-    let mut args = vec!["migrate".to_string(), b.pid.to_string(), "ws2".into()];
-    if mode != "default" {
-        args.extend(["--mode".into(), mode.into()]);
-    }
-    let out = c.exec("ws1", &args);
-    c.expect_success("ws1", &format!("migrate --mode {mode}"), &out);
-    let said = String::from_utf8_lossy(&out.stdout);
+    let c = start_cluster(Cluster::with(2));
+    let args: &[&str] = if mode == "default" {
+        &[]
+    } else {
+        &["--mode", mode]
+    };
+    let (b, said) = start_and_move(&c, 1024, args);
     assert!(said.contains("runs on ws2"), "migrate said {said}");
-    let there = pids_of(&c, "ws2", "busy");
-    assert_eq!(there.len(), 1, "one busy at ws2: {there:?}");
-    settles_to(&c, &[("ws2", there[0])], "exactly one running copy, at ws2");
+    settles_at_ws2(&c, "exactly one running copy, at ws2");
     wait_for(|| images_left(&c).is_empty().then_some(()))
         .expect("the store still holds the image a minute after the move");
     end_and_check(&c, b, mode);
@@ -152,8 +173,7 @@ fn pages_written(c: &Cluster) -> u64 {
 #[test]
 fn killing_the_stores_fs_server_during_precopy_leaves_exactly_one_copy() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let mut c = Cluster::start(2);
-    c.require(&["fs-server", "fuse-client", "migd", "home-proxy"]);
+    let mut c = start_cluster(Cluster::with(2));
     let b = start_busy(&c, 1024);
     let m = migrate_in_background(&c, b.pid, &["--mode", "precopy"]);
     wait_for(|| (pages_written(&c) > 64 << 20).then_some(()))
@@ -168,13 +188,7 @@ fn killing_the_stores_fs_server_during_precopy_leaves_exactly_one_copy() {
         String::from_utf8_lossy(&out.stderr)
     );
     if out.status.success() {
-        let there = pids_of(&c, "ws2", "busy");
-        assert_eq!(
-            there.len(),
-            1,
-            "one busy at ws2: {there:?}; migrate said {said}"
-        );
-        settles_to(&c, &[("ws2", there[0])], &said);
+        settles_at_ws2(&c, &said);
     } else {
         settles_to(&c, &[("ws1", b.pid)], &said);
         assert!(
@@ -188,20 +202,12 @@ fn killing_the_stores_fs_server_during_precopy_leaves_exactly_one_copy() {
 #[test]
 fn killing_the_sources_migd_after_the_migration_changes_nothing() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let mut c = Cluster::start(2);
-    c.require(&["fs-server", "fuse-client", "migd", "home-proxy"]);
-    let b = start_busy(&c, 256);
-    c.run_ok("ws1", &["migrate", &b.pid.to_string(), "ws2"]);
+    let mut c = start_cluster(Cluster::with(2));
+    let (b, _) = start_and_move(&c, 256, &[]);
     wait_for(|| images_left(&c).is_empty().then_some(())).expect("the store still holds the image");
     c.kill_daemon("ws1", "migd", Signal::SIGKILL);
     std::thread::sleep(Duration::from_secs(1));
-    let there = pids_of(&c, "ws2", "busy");
-    assert_eq!(there.len(), 1, "one busy at ws2: {there:?}");
-    settles_to(
-        &c,
-        &[("ws2", there[0])],
-        "after the source's migd was killed",
-    );
+    settles_at_ws2(&c, "after the source's migd was killed");
     c.restart_daemon("ws1", "migd");
     end_and_check(&c, b, "source migd killed after the move");
 }
@@ -212,15 +218,9 @@ fn killing_the_sources_migd_after_the_migration_changes_nothing() {
 /// lands while most pages are still in the store.
 fn lazy_with_a_kill(node: &str, daemon: &str) {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let mut c = Cluster::with(2)
-        .configure(|cfg| cfg.migd.lazy_prefetch_mib_per_sec = 128)
-        .start();
-    c.require(&["fs-server", "fuse-client", "migd", "home-proxy"]);
-    let b = start_busy(&c, 1024);
-    c.run_ok(
-        "ws1",
-        &["migrate", &b.pid.to_string(), "ws2", "--mode", "lazy"],
-    );
+    let mut c =
+        start_cluster(Cluster::with(2).configure(|cfg| cfg.migd.lazy_prefetch_mib_per_sec = 128));
+    let (b, _) = start_and_move(&c, 1024, &["--mode", "lazy"]);
     assert!(
         !images_left(&c).is_empty(),
         "the image should still be in the store while pages come in"
@@ -231,9 +231,7 @@ fn lazy_with_a_kill(node: &str, daemon: &str) {
     wait_for(|| images_left(&c).is_empty().then_some(()))
         .or_else(|| wait_for(|| images_left(&c).is_empty().then_some(())))
         .expect("fault-in did not finish after the daemon came back");
-    let there = pids_of(&c, "ws2", "busy");
-    assert_eq!(there.len(), 1, "one busy at ws2: {there:?}");
-    settles_to(&c, &[("ws2", there[0])], "after the kill");
+    settles_at_ws2(&c, "after the kill");
     end_and_check(
         &c,
         b,
@@ -254,19 +252,12 @@ fn lazy_pages_never_lie_when_the_stores_fs_server_is_killed() {
 #[test]
 fn a_store_away_past_the_bound_kills_the_process_and_says_so() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let mut c = Cluster::with(2)
-        .configure(|cfg| {
-            cfg.migd.lazy_prefetch_mib_per_sec = 128;
-            cfg.migd.lazy_store_bound_secs = 3;
-            cfg.fuse.reconnect_timeout_secs = 2;
-        })
-        .start();
-    c.require(&["fs-server", "fuse-client", "migd", "home-proxy"]);
-    let b = start_busy(&c, 1024);
-    c.run_ok(
-        "ws1",
-        &["migrate", &b.pid.to_string(), "ws2", "--mode", "lazy"],
-    );
+    let mut c = start_cluster(Cluster::with(2).configure(|cfg| {
+        cfg.migd.lazy_prefetch_mib_per_sec = 128;
+        cfg.migd.lazy_store_bound_secs = 3;
+        cfg.fuse.reconnect_timeout_secs = 2;
+    }));
+    let (b, _) = start_and_move(&c, 1024, &["--mode", "lazy"]);
     c.kill_daemon("ws1", "fs-server", Signal::SIGKILL);
     let shell = finish_shell(&c, b.child);
     assert_eq!(

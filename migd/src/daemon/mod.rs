@@ -28,14 +28,12 @@ use common::config::NodeConfig;
 use common::migproto::{
     MigError, MigdService, MigdServiceClient, ProcessEntry, ProxyServiceClient,
 };
-use futures::StreamExt;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tarpc::server::{BaseChannel, Channel};
-use tracing::Instrument;
+use tarpc::server::Channel;
 
 /// Why the daemon could not start.
 #[derive(Debug, thiserror::Error)]
@@ -245,31 +243,21 @@ pub async fn serve(
     });
     tracing::info!(%addr, socket = %sock_path.display(), node = %d.config.node, "migd listening");
     host::adopt_foreign(&d).await;
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            _ = &mut shutdown => break,
-            acc = listener.accept() => match acc {
-                Ok((stream, peer_addr)) => {
-                    let d = d.clone();
-                    let span = tracing::info_span!("migd_conn", peer = %peer_addr);
-                    tokio::spawn(async move {
-                        let Some((stream, peer)) = common::transport::accept_authenticated(
-                            stream, peer_addr, &d.key, &d.config.node).await else { return };
-                        let transport = common::transport::frame(stream, common::transport::DEFAULT_MAX_FRAME);
-                        let conn = host::Conn { d, peer };
-                        BaseChannel::with_defaults(transport)
-                            .execute(conn.serve())
-                            .for_each(|fut| async { tokio::spawn(fut); })
-                            .await;
-                    }.instrument(span));
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            },
-            acc = local.accept() => match acc {
+    let conn_d = d.clone();
+    let remote = common::transport::serve_authenticated(
+        listener,
+        d.key.clone(),
+        d.config.node.clone(),
+        |peer_addr| tracing::info_span!("migd_conn", peer = %peer_addr),
+        move |channel, peer| {
+            let d = conn_d.clone();
+            channel.execute(host::Conn { d, peer }.serve())
+        },
+        shutdown,
+    );
+    let local_clients = async {
+        loop {
+            match local.accept().await {
                 Ok((stream, _)) => {
                     tokio::spawn(local::client(d.clone(), stream));
                 }
@@ -277,8 +265,13 @@ pub async fn serve(
                     tracing::warn!(error = %e, "local accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
-            },
+            }
         }
+    };
+    // The local socket is served until the migration service stops (on `shutdown`).
+    tokio::select! {
+        _ = remote => {}
+        _ = local_clients => {}
     }
     let _ = std::fs::remove_file(&sock_path);
     tracing::info!("migd stopped");
