@@ -13,11 +13,11 @@ pub const CHUNK: u64 = 1 << 20;
 /// Pages flushed after the process left (a lazy migration's source writes them while
 /// the destination already runs), in CHUNK-sized pieces like pages.img.
 pub const LATE_FILE: &str = "late.img";
-/// The flusher's readiness records: (chunk: u32, crc32c: u32), little-endian, one
-/// per chunk of late.img written.
+/// The flusher's readiness records: (chunk + 1: u32, crc32c: u32), little-endian,
+/// one per chunk of late.img written (zero: not written yet).
 pub const LATE_READY_FILE: &str = "late.ready";
-/// The destination's wants: chunk numbers (u32, little-endian) it faults on, served
-/// first; [`LATE_DONE`] when it needs nothing more.
+/// The destination's wants: chunk numbers + 1 (u32, little-endian) it faults on,
+/// served first; [`LATE_DONE`] when it needs nothing more (zero: not written yet).
 pub const LATE_WANT_FILE: &str = "late.want";
 /// The want record saying "every page is in: stop flushing".
 pub const LATE_DONE: u32 = u32::MAX;

@@ -6,10 +6,17 @@
 //! stays frozen, the chunks the destination is faulting on first.
 //!
 //! The two sides meet only in the image directory on the store:
-//! - late.ready: the flusher appends `(chunk, crc32c)` once a chunk of late.img is
+//! - late.ready: the flusher appends `(chunk + 1, crc32c)` once a chunk of late.img is
 //!   written; the destination reads a chunk only once it is listed, and checks it;
-//! - late.want: the destination appends the chunk numbers it waits for (served before
-//!   the rest), and [`image::LATE_DONE`] once every page is in.
+//! - late.want: the destination appends the chunk numbers (+ 1) it waits for (served
+//!   before the rest), and [`image::LATE_DONE`] once every page is in.
+//!
+//! Numbers are stored plus one so that a record still zero (a hole the reader's view
+//! of the file may show while a write is on its way) is never taken for chunk 0: a
+//! reader stops at it and reads again from there. The writer of a file opens it for
+//! each write and closes it (the close pushes the write through its node's caches to
+//! fs-server); the reader keeps its handle open, and fs-server calls it back on every
+//! write of a write-shared file, so its cache never serves stale pages.
 //!
 //! Dump side: [`Deferral`] (which pages wait, where they will go). Source side after
 //! the freeze: [`Flusher`]. Destination side: [`LateReader`].
@@ -218,13 +225,6 @@ impl Drop for Flusher {
     }
 }
 
-/// The open files of a flush (reopened by path after a store failure).
-struct Files {
-    late: File,
-    ready: File,
-    want: File,
-}
-
 struct Flush {
     pid: i32,
     images: PathBuf,
@@ -232,8 +232,8 @@ struct Flush {
     len: u64,
     opts: LateOptions,
     stop: Arc<AtomicBool>,
-    files: Option<Files>,
     mem: Option<File>,
+    want_file: Option<File>,
     want_off: u64,
     wants: VecDeque<u64>,
     ready_records: u64,
@@ -270,54 +270,44 @@ impl Flush {
             len,
             opts,
             stop,
-            files: None,
             mem: File::open(format!("/proc/{pid}/mem")).ok(),
+            want_file: None,
             want_off: 0,
             wants: VecDeque::new(),
             ready_records: 0,
         }
     }
 
-    fn open(&self) -> std::io::Result<Files> {
-        let w = |name: &str| OpenOptions::new().write(true).open(self.images.join(name));
-        Ok(Files {
-            late: w(image::LATE_FILE)?,
-            ready: w(image::LATE_READY_FILE)?,
-            want: File::open(self.images.join(image::LATE_WANT_FILE))?,
-        })
-    }
-
-    /// Runs `op` on the open files, reopening them and retrying with backoff while
-    /// the store fails, up to the bound. Ends the flush if the image was removed.
-    fn with_files<T>(
+    /// Opens file `name` of the image (`write`: for writing) and runs `op` on it,
+    /// retrying with backoff while the store fails, up to the bound; ends the flush
+    /// if the image was removed. Every use opens and closes the file: a close pushes
+    /// our writes through the node's caches to fs-server, and an open sees the other
+    /// side's (close-to-open), so nothing waits in a cache.
+    fn with_file<T>(
         &mut self,
-        what: &str,
-        mut op: impl FnMut(&mut Files) -> std::io::Result<T>,
+        name: &str,
+        write: bool,
+        mut op: impl FnMut(&File) -> std::io::Result<T>,
     ) -> Result<T, FlushEnd> {
+        let path = self.images.join(name);
+        let what = format!("{} {name}", if write { "writing" } else { "reading" });
         let mut since: Option<Instant> = None;
         let mut backoff = Duration::from_millis(50);
         loop {
             if self.stop.load(Ordering::SeqCst) {
                 return Err(FlushEnd::Stopped);
             }
-            if self.files.is_none() {
-                match self.open() {
-                    Ok(f) => self.files = Some(f),
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                        return Err(FlushEnd::NotNeeded {
-                            bytes: 0,
-                            why: format!("{} was removed", self.images.display()),
-                        })
-                    }
-                    Err(e) => {
-                        if let Some(end) = self.failing(&mut since, &mut backoff, what, e) {
-                            return Err(end);
-                        }
-                        continue;
-                    }
+            let r = match OpenOptions::new().read(!write).write(write).open(&path) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Err(FlushEnd::NotNeeded {
+                        bytes: 0,
+                        why: format!("{} was removed", path.display()),
+                    })
                 }
-            }
-            match op(self.files.as_mut().unwrap()) {
+                Err(e) => Err(e),
+                Ok(f) => op(&f),
+            };
+            match r {
                 Ok(v) => {
                     if let Some(s) = since {
                         tracing::info!(
@@ -328,8 +318,7 @@ impl Flush {
                     return Ok(v);
                 }
                 Err(e) => {
-                    self.files = None;
-                    if let Some(end) = self.failing(&mut since, &mut backoff, what, e) {
+                    if let Some(end) = self.failing(&mut since, &mut backoff, &what, e) {
                         return Err(end);
                     }
                 }
@@ -364,27 +353,46 @@ impl Flush {
     /// Reads the wants appended since the last look.
     fn read_wants(&mut self, chunks: u64) -> Step {
         let at = self.want_off;
-        let got = self.with_files("reading late.want", |f| {
+        // Read through one handle kept open (fs-server calls it back when the other
+        // side writes, so it never serves stale pages); reopened after an error.
+        let mut held = self.want_file.take();
+        let got = self.with_file(image::LATE_WANT_FILE, false, |fresh| {
+            let f = match &held {
+                Some(f) => f,
+                None => {
+                    held = Some(fresh.try_clone()?);
+                    fresh
+                }
+            };
             let mut buf = vec![0u8; 4096];
-            let n = f.want.read_at(&mut buf, at)?;
+            let n = f.read_at(&mut buf, at);
+            if n.is_err() {
+                held = None;
+            }
+            let n = n?;
             buf.truncate(n / 4 * 4);
             Ok(buf)
         });
+        self.want_file = held;
         let buf = match got {
             Ok(b) => b,
             Err(end) => return Step::End(end),
         };
-        self.want_off += buf.len() as u64;
         for rec in buf.chunks_exact(4) {
-            let c = u32::from_le_bytes(rec.try_into().unwrap());
-            if c == image::LATE_DONE {
+            let v = u32::from_le_bytes(rec.try_into().unwrap());
+            if v == 0 {
+                break; // not written yet (a hole): read again from here next time
+            }
+            self.want_off += 4;
+            if v == image::LATE_DONE {
                 return Step::End(FlushEnd::NotNeeded {
                     bytes: 0,
                     why: "the destination has every page".into(),
                 });
             }
-            if (c as u64) < chunks {
-                self.wants.push_back(c as u64);
+            let c = (v - 1) as u64;
+            if c < chunks {
+                self.wants.push_back(c);
             }
         }
         Step::Go
@@ -466,14 +474,14 @@ impl Flush {
 
     /// Writes chunks `c0..c0 + n` (gathered in `buf`) and lists them in late.ready.
     fn put(&mut self, c0: u64, n: u64, buf: &[u8]) -> Result<(), FlushEnd> {
-        self.with_files("writing late.img", |f| f.late.write_all_at(buf, c0 * CHUNK))?;
+        self.with_file(image::LATE_FILE, true, |f| f.write_all_at(buf, c0 * CHUNK))?;
         let mut recs = Vec::with_capacity(8 * n as usize);
         for (k, piece) in buf.chunks(CHUNK as usize).enumerate() {
-            recs.extend_from_slice(&(c0 as u32 + k as u32).to_le_bytes());
+            recs.extend_from_slice(&(c0 as u32 + k as u32 + 1).to_le_bytes());
             recs.extend_from_slice(&crc32c::crc32c(piece).to_le_bytes());
         }
         let at = self.ready_records * 8;
-        self.with_files("writing late.ready", |f| f.ready.write_all_at(&recs, at))?;
+        self.with_file(image::LATE_READY_FILE, true, |f| f.write_all_at(&recs, at))?;
         self.ready_records += n;
         Ok(())
     }
@@ -526,11 +534,10 @@ impl Flush {
             }
             written += buf.len() as u64;
         }
-        if let Err(end) = self.with_files("syncing late.img", |f| {
-            f.late.sync_all()?;
-            f.ready.sync_all()
-        }) {
-            return end;
+        for name in [image::LATE_FILE, image::LATE_READY_FILE] {
+            if let Err(end) = self.with_file(name, true, |f| f.sync_all()) {
+                return end;
+            }
         }
         FlushEnd::Done {
             bytes: written,
@@ -552,10 +559,13 @@ pub struct LateReader {
     pub len: u64,
     crcs: Vec<Option<u32>>,
     missing: u64,
+    /// late.ready, kept open (see `poll`).
     ready: Option<File>,
+    /// Polls in a row that found nothing new.
+    idle_polls: u32,
     ready_off: u64,
-    want: Option<File>,
-    want_off: u64,
+    /// Where our next want record goes (known after the first).
+    want_off: Option<u64>,
     wanted: HashSet<u64>,
 }
 
@@ -568,9 +578,9 @@ impl LateReader {
             crcs: vec![None; chunks as usize],
             missing: chunks,
             ready: None,
+            idle_polls: 0,
             ready_off: 0,
-            want: None,
-            want_off: 0,
+            want_off: None,
             wanted: HashSet::new(),
         }
     }
@@ -584,73 +594,78 @@ impl LateReader {
         self.crcs.get(c as usize).copied().flatten()
     }
 
-    /// Reads the readiness records appended since the last look.
+    /// Reads the readiness records appended since the last look, through one handle
+    /// kept open (fs-server calls it back whenever the source writes, so its cache
+    /// never lies for long); reopened after an error and after 100 polls that found
+    /// nothing new, in case a callback was missed.
     pub fn poll(&mut self) -> Result<(), String> {
         if self.missing == 0 {
             return Ok(());
         }
+        let p = self.dir.join(image::LATE_READY_FILE);
+        if self.idle_polls >= 100 {
+            self.ready = None;
+            self.idle_polls = 0;
+        }
         if self.ready.is_none() {
-            let p = self.dir.join(image::LATE_READY_FILE);
             self.ready = Some(File::open(&p).map_err(|e| format!("open {}: {e}", p.display()))?);
         }
+        let f = self.ready.as_ref().unwrap();
         let mut buf = vec![0u8; 64 * 1024];
+        let before = self.ready_off;
         loop {
-            let n = match self
-                .ready
-                .as_ref()
-                .unwrap()
-                .read_at(&mut buf, self.ready_off)
-            {
+            let n = match f.read_at(&mut buf, self.ready_off) {
                 Ok(n) => n,
                 Err(e) => {
                     self.ready = None;
-                    return Err(format!("reading late.ready: {e}"));
+                    return Err(format!("reading {}: {e}", p.display()));
                 }
             };
-            let whole = n / 8 * 8;
-            for rec in buf[..whole].chunks_exact(8) {
-                let c = u32::from_le_bytes(rec[..4].try_into().unwrap()) as u64;
+            let mut took = 0;
+            for rec in buf[..n / 8 * 8].chunks_exact(8) {
+                let c1 = u32::from_le_bytes(rec[..4].try_into().unwrap()) as u64;
+                if c1 == 0 {
+                    break; // not written yet (a hole): read again from here next time
+                }
                 let crc = u32::from_le_bytes(rec[4..].try_into().unwrap());
-                if let Some(slot) = self.crcs.get_mut(c as usize) {
+                if let Some(slot) = self.crcs.get_mut((c1 - 1) as usize) {
                     if slot.is_none() {
                         self.missing -= 1;
                     }
                     *slot = Some(crc);
                 }
+                took += 8;
             }
-            self.ready_off += whole as u64;
-            if whole < buf.len() {
-                return Ok(());
+            self.ready_off += took as u64;
+            if took < buf.len() {
+                break;
             }
         }
+        self.idle_polls = if self.ready_off == before {
+            self.idle_polls + 1
+        } else {
+            0
+        };
+        Ok(())
     }
 
+    /// Appends one record to late.want (opened for it and closed again, so that it
+    /// reaches fs-server at once). A resumed server appends after its predecessor's
+    /// records (the file's size when it first writes).
     fn append_want(&mut self, rec: u32) -> Result<(), String> {
-        if self.want.is_none() {
-            let p = self.dir.join(image::LATE_WANT_FILE);
-            let f = OpenOptions::new()
-                .write(true)
-                .open(&p)
-                .map_err(|e| format!("open {}: {e}", p.display()))?;
-            // A resumed server appends after its predecessor's records.
-            self.want_off = f.metadata().map(|m| m.len() / 4 * 4).unwrap_or(0);
-            self.want = Some(f);
-        }
-        let r = self
-            .want
-            .as_ref()
-            .unwrap()
-            .write_all_at(&rec.to_le_bytes(), self.want_off);
-        match r {
-            Ok(()) => {
-                self.want_off += 4;
-                Ok(())
-            }
-            Err(e) => {
-                self.want = None;
-                Err(format!("writing late.want: {e}"))
-            }
-        }
+        let p = self.dir.join(image::LATE_WANT_FILE);
+        let f = OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .map_err(|e| format!("open {}: {e}", p.display()))?;
+        let at = match self.want_off {
+            Some(at) => at,
+            None => f.metadata().map(|m| m.len() / 4 * 4).unwrap_or(0),
+        };
+        f.write_all_at(&rec.to_le_bytes(), at)
+            .map_err(|e| format!("writing {}: {e}", p.display()))?;
+        self.want_off = Some(at + 4);
+        Ok(())
     }
 
     /// Asks the source for chunk `c` first (once).
@@ -658,7 +673,7 @@ impl LateReader {
         if self.crc(c).is_some() || self.wanted.contains(&c) {
             return Ok(());
         }
-        self.append_want(c as u32)?;
+        self.append_want(c as u32 + 1)?;
         self.wanted.insert(c);
         Ok(())
     }

@@ -181,6 +181,9 @@ pub struct Pager {
     finished_at: Option<Duration>,
 }
 
+/// Missing ranges one prefetch step or one fault's read-ahead goes through at most.
+const MAX_RANGES_PER_STEP: usize = 256;
+
 enum Served {
     Done,
     /// The store failed: keep the fault and retry later.
@@ -583,9 +586,38 @@ impl Pager {
                 self.progress.faulted_bytes += n;
                 self.spaces[i].cursor = hi;
                 self.store_ok();
+                self.read_ahead_beyond(i, hi, addr + ra);
                 Served::Done
             }
             Err(r) => r,
+        }
+    }
+
+    /// The rest of a fault's read-ahead window `[from, to)` when the run holding the
+    /// page ended before it: the following missing ranges (a pre-copy image's runs
+    /// can be a few pages each), those already readable only; best effort.
+    fn read_ahead_beyond(&mut self, i: usize, from: u64, to: u64) {
+        let mut at = from;
+        for _ in 0..MAX_RANGES_PER_STEP {
+            let Some((s, e, o)) = self.spaces[i].layout.missing.next_from(at) else {
+                return;
+            };
+            if s < at || s >= to {
+                return; // wrapped around, or beyond the window
+            }
+            let hi = e.min(to);
+            if !self.source.available(o, hi - s) {
+                return;
+            }
+            match self.fill(i, s, hi, o) {
+                Ok(n) => self.progress.faulted_bytes += n,
+                Err(_) => return,
+            }
+            if self.spaces[i].dead {
+                return;
+            }
+            self.spaces[i].cursor = hi;
+            at = hi;
         }
     }
 
@@ -672,22 +704,29 @@ impl Pager {
         Ok(filled)
     }
 
+    /// Prefetches up to `prefetch_chunk` bytes of one address space, from its cursor
+    /// on, across as many missing ranges as that takes (a pre-copy image's runs can
+    /// be a few pages each).
     fn prefetch_one(&mut self) {
-        let chunk = self.opts.prefetch_chunk.max(PAGE);
-        for i in 0..self.spaces.len() {
+        let budget = self.opts.prefetch_chunk.max(PAGE);
+        let Some(i) = (0..self.spaces.len())
+            .find(|&i| !self.spaces[i].dead && !self.spaces[i].layout.missing.is_empty())
+        else {
+            return;
+        };
+        let mut filled = 0u64;
+        // Bounded, so that a fault never waits long behind a prefetch step.
+        for _ in 0..MAX_RANGES_PER_STEP {
             let sp = &self.spaces[i];
-            if sp.dead {
-                continue;
-            }
             let Some((s, e, o)) = sp.layout.missing.next_from(sp.cursor) else {
-                continue;
+                break;
             };
             let lo = if s <= sp.cursor && sp.cursor < e {
                 sp.cursor & !(PAGE - 1)
             } else {
                 s
             };
-            let hi = e.min(lo + chunk);
+            let hi = e.min(lo + (budget - filled));
             if !self.source.available(o + (lo - s), hi - lo) {
                 self.prefetch_hold = Some(Instant::now() + Duration::from_millis(2));
                 return;
@@ -698,11 +737,14 @@ impl Pager {
                     self.progress.prefetched_bytes += n;
                     self.spaces[i].cursor = hi;
                     self.store_ok();
+                    filled += n;
                 }
-                Err(Served::Store(cause)) => self.stalled(cause),
-                Err(_) => {}
+                Err(Served::Store(cause)) => return self.stalled(cause),
+                Err(_) => return,
             }
-            return;
+            if filled >= budget || self.spaces[i].dead {
+                return;
+            }
         }
     }
 
