@@ -89,8 +89,8 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpReport, DumpError> {
         .unwrap_or(false);
     let frozen = Frozen::freeze(pid)?;
     let t0 = Instant::now();
-    // Check again now that nothing can change under us.
-    precheck(pid)?;
+    // Check again now that nothing can change under us (the areas: in `collect`).
+    precheck_process(pid)?;
     let mut manifest = match collect(pid, &frozen, &opts.images) {
         Ok(m) => m,
         Err(e) => {
@@ -590,7 +590,7 @@ pub fn collect(pid: i32, frozen: &Frozen, dir: &Path) -> Result<Manifest, DumpEr
     collect_deferring(pid, frozen, dir, false).map(|(m, _)| m)
 }
 
-/// [`collect`]; with `late`, the pages of areas a lazy restore serves on demand are
+/// [`collect`] (which refuses device mappings, see [`precheck_areas`]); with `late`, the pages of areas a lazy restore serves on demand are
 /// not written but left for a [`super::late::Flusher`] (but for those near each
 /// thread's stack pointer and rseq area): the manifest's `late_len` says how many
 /// bytes, and the late files are created (empty) in `dir`.
@@ -604,6 +604,9 @@ pub fn collect_deferring(
     let mut src = MemSource::open(pid)?;
     let mut deferral = None;
     let mut m = collect_into(pid, frozen, pw, &mut |smaps, threads, pw| {
+        // The device-mapping refusal, on the layout read here (one smaps walk less
+        // in the freeze); the caller checked the rest (`precheck_process`).
+        precheck_areas(pid, smaps)?;
         let mut d = late.then(|| Deferral::new(threads));
         let mut out = Vec::new();
         for a in smaps {

@@ -6,7 +6,7 @@
 //! the same status or die of the same signal, so that its parent's wait() sees the
 //! truth.
 
-use super::dump::{collect_deferring, precheck, DumpError};
+use super::dump::{collect_deferring, precheck_process, DumpError};
 use super::freeze::{FreezeError, Frozen};
 use super::image;
 use super::inject::{InjectError, Injector, GADGET};
@@ -68,7 +68,8 @@ pub fn dump_frozen(pid: i32, images: &Path, late: Option<LateOptions>) -> Result
     super::dump::prepare(pid, images)?;
     let frozen = Frozen::freeze(pid)?;
     let t0 = Instant::now();
-    precheck(pid)?;
+    // The areas are checked by the collect, on the layout it reads anyway.
+    precheck_process(pid)?;
     let (manifest, deferral) = collect_deferring(pid, &frozen, images, late.is_some())?;
     image::write_manifest(images, &manifest)?;
     Ok(Held::new(

@@ -15,8 +15,9 @@
 //! of the file may show while a write is on its way) is never taken for chunk 0: a
 //! reader stops at it and reads again from there. The writer of a file opens it for
 //! each write and closes it (the close pushes the write through its node's caches to
-//! fs-server); the reader keeps its handle open, and fs-server calls it back on every
-//! write of a write-shared file, so its cache never serves stale pages.
+//! fs-server); the reader drops its node's cached pages of the part it reads next and
+//! asks for the size afresh before each look ([`fresh_view`]): a page cached while the
+//! file was shorter holds zeros where the other side's later writes are.
 //!
 //! Dump side: [`Deferral`] (which pages wait, where they will go). Source side after
 //! the freeze: [`Flusher`]. Destination side: [`LateReader`].
@@ -26,6 +27,7 @@ use super::maps::MapArea;
 use crate::sys;
 use std::collections::{HashSet, VecDeque};
 use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -305,7 +307,9 @@ impl Flush {
                     })
                 }
                 Err(e) => Err(e),
-                Ok(f) => op(&f),
+                // The close's answer counts: a write fuse-client queued and could not
+                // deliver (fs-server went away meanwhile) is reported there.
+                Ok(f) => op(&f).and_then(|v| sys::close_checked(f).map(|()| v)),
             };
             match r {
                 Ok(v) => {
@@ -365,6 +369,7 @@ impl Flush {
                 }
             };
             let mut buf = vec![0u8; 4096];
+            fresh_view(f, at);
             let n = f.read_at(&mut buf, at);
             if n.is_err() {
                 held = None;
@@ -495,6 +500,7 @@ impl Flush {
         let mut background = 0u64;
         let mut buf = Vec::with_capacity((BATCH * CHUNK) as usize);
         let mut one = Vec::with_capacity(CHUNK as usize);
+        let mut checks = 0;
         loop {
             if self.stop.load(Ordering::SeqCst) {
                 return FlushEnd::Stopped;
@@ -514,7 +520,32 @@ impl Flush {
                     std::thread::sleep(pause.min(Duration::from_millis(2)));
                     continue;
                 }
-                Pick::Finished => break,
+                Pick::Finished => {
+                    let unlisted = match self.unlisted(chunks) {
+                        Ok(u) => u,
+                        Err(end) => return end,
+                    };
+                    if unlisted.is_empty() {
+                        break;
+                    }
+                    checks += 1;
+                    if checks > 3 {
+                        return FlushEnd::Failed(format!(
+                            "late.ready in {} still lacks {} chunks after writing them {checks} times",
+                            self.images.display(),
+                            unlisted.len()
+                        ));
+                    }
+                    tracing::warn!(
+                        chunks = unlisted.len(),
+                        "late.ready lacks chunks written before (a write lost with fs-server?); writing them again"
+                    );
+                    for c in unlisted {
+                        done[c as usize] = false;
+                    }
+                    next = 0;
+                    continue;
+                }
             };
             buf.clear();
             for c in c0..c0 + n {
@@ -544,13 +575,51 @@ impl Flush {
             ms: t0.elapsed().as_secs_f64() * 1e3,
         }
     }
+
+    /// The chunks late.ready does not list, as fs-server has it now: a check after
+    /// the last write that none went missing (a destination waiting for a chunk the
+    /// source believes written would wait until its store bound).
+    fn unlisted(&mut self, chunks: u64) -> Result<Vec<u64>, FlushEnd> {
+        let data = self.with_file(image::LATE_READY_FILE, false, |f| {
+            fresh_view(f, 0);
+            let mut data = Vec::new();
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                let n = f.read_at(&mut buf, data.len() as u64)?;
+                if n == 0 {
+                    return Ok(data);
+                }
+                data.extend_from_slice(&buf[..n]);
+            }
+        })?;
+        let mut listed = vec![false; chunks as usize];
+        for rec in data.chunks_exact(8) {
+            let c1 = u32::from_le_bytes(rec[..4].try_into().unwrap()) as usize;
+            if c1 == 0 {
+                break;
+            }
+            if let Some(l) = listed.get_mut(c1 - 1) {
+                *l = true;
+            }
+        }
+        Ok((0..chunks).filter(|&c| !listed[c as usize]).collect())
+    }
 }
 
 /// Chunks written together while no chunk is wanted.
 const BATCH: u64 = 4;
 
+/// Makes the next read of `f` from `off` on see what the other node wrote: drops
+/// this node's cached pages from there (one cached while the file was shorter holds
+/// zeros where later records are) and asks for the size afresh (the kernel's may be
+/// behind). Both are cheap next to the read; failures only mean an older view.
+pub fn fresh_view(f: &File, off: u64) {
+    let _ = sys::drop_cached(f, off & !(sys::page_size() - 1), 0);
+    let _ = sys::refresh_size(f.as_raw_fd());
+}
+
 /// How long [`LateReader::wait_ready`] waits before giving the caller back control.
-const WAIT_SLICE: Duration = Duration::from_millis(100);
+const WAIT_SLICE: Duration = Duration::from_millis(20);
 
 /// The destination's view of late.img: which chunks are written (and their CRCs),
 /// and the wants it sends.
@@ -559,10 +628,8 @@ pub struct LateReader {
     pub len: u64,
     crcs: Vec<Option<u32>>,
     missing: u64,
-    /// late.ready, kept open (see `poll`).
+    /// late.ready as the last `poll` opened it.
     ready: Option<File>,
-    /// Polls in a row that found nothing new.
-    idle_polls: u32,
     ready_off: u64,
     /// Where our next want record goes (known after the first).
     want_off: Option<u64>,
@@ -578,7 +645,6 @@ impl LateReader {
             crcs: vec![None; chunks as usize],
             missing: chunks,
             ready: None,
-            idle_polls: 0,
             ready_off: 0,
             want_off: None,
             wanted: HashSet::new(),
@@ -594,25 +660,19 @@ impl LateReader {
         self.crcs.get(c as usize).copied().flatten()
     }
 
-    /// Reads the readiness records appended since the last look, through one handle
-    /// kept open (fs-server calls it back whenever the source writes, so its cache
-    /// never lies for long); reopened after an error and after 100 polls that found
-    /// nothing new, in case a callback was missed.
+    /// Reads the readiness records appended since the last look, through a handle
+    /// opened by path for this look (see [`fresh_view`]). A handle kept open was
+    /// seen to stop following the file after the destination's migd restarted (its
+    /// size stayed put while a new open saw it grow); a fresh one never did.
     pub fn poll(&mut self) -> Result<(), String> {
         if self.missing == 0 {
             return Ok(());
         }
         let p = self.dir.join(image::LATE_READY_FILE);
-        if self.idle_polls >= 100 {
-            self.ready = None;
-            self.idle_polls = 0;
-        }
-        if self.ready.is_none() {
-            self.ready = Some(File::open(&p).map_err(|e| format!("open {}: {e}", p.display()))?);
-        }
+        self.ready = Some(File::open(&p).map_err(|e| format!("open {}: {e}", p.display()))?);
         let f = self.ready.as_ref().unwrap();
+        fresh_view(f, self.ready_off);
         let mut buf = vec![0u8; 64 * 1024];
-        let before = self.ready_off;
         loop {
             let n = match f.read_at(&mut buf, self.ready_off) {
                 Ok(n) => n,
@@ -641,11 +701,6 @@ impl LateReader {
                 break;
             }
         }
-        self.idle_polls = if self.ready_off == before {
-            self.idle_polls + 1
-        } else {
-            0
-        };
         Ok(())
     }
 
@@ -663,6 +718,7 @@ impl LateReader {
             None => f.metadata().map(|m| m.len() / 4 * 4).unwrap_or(0),
         };
         f.write_all_at(&rec.to_le_bytes(), at)
+            .and_then(|()| sys::close_checked(f))
             .map_err(|e| format!("writing {}: {e}", p.display()))?;
         self.want_off = Some(at + 4);
         Ok(())
@@ -678,23 +734,34 @@ impl LateReader {
         Ok(())
     }
 
-    /// Waits (a slice of time at most) for chunk `c`, asking for it first.
-    pub fn wait_ready(&mut self, c: u64) -> Result<u32, String> {
+    /// Waits (a slice of time at most) for chunk `c`, asking for it first. Errors:
+    /// (why, `true` if the chunk is just not written yet).
+    pub fn wait_ready(&mut self, c: u64) -> Result<u32, (String, bool)> {
         let t0 = Instant::now();
-        self.poll()?;
+        self.poll().map_err(|e| (e, false))?;
         if let Some(crc) = self.crc(c) {
             return Ok(crc);
         }
-        self.want(c)?;
+        self.want(c).map_err(|e| (e, false))?;
         loop {
             std::thread::sleep(Duration::from_micros(500));
-            self.poll()?;
+            self.poll().map_err(|e| (e, false))?;
             if let Some(crc) = self.crc(c) {
                 return Ok(crc);
             }
             if t0.elapsed() > WAIT_SLICE {
-                return Err(format!(
-                    "chunk {c} of late.img not written by the source yet"
+                let size = self
+                    .ready
+                    .as_ref()
+                    .and_then(|f| sys::refresh_size(f.as_raw_fd()).ok());
+                return Err((
+                    format!(
+                        "chunk {c} of late.img not written by the source yet (late.ready: \
+                         {} records read, {} chunks not listed, size {size:?})",
+                        self.ready_off / 8,
+                        self.missing
+                    ),
+                    true,
                 ));
             }
         }

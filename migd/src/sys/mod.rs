@@ -218,6 +218,46 @@ pub fn vm_read(pid: i32, addr: u64, buf: &mut [u8]) -> Result<usize, Errno> {
     check(r as libc::c_long).map(|n| n as usize)
 }
 
+/// Asks the file system for `fd`'s attributes afresh (statx with
+/// AT_STATX_FORCE_SYNC): a FUSE file's size cached by the kernel may be behind what
+/// another node wrote; returns the size now.
+pub fn refresh_size(fd: RawFd) -> Result<u64, Errno> {
+    // SAFETY: an all-zero statx is a valid value of this plain C struct.
+    let mut st: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: the path is an empty C string (with AT_EMPTY_PATH `fd` itself is
+    // examined) and `st` is a statx we own for the kernel to fill.
+    let r = unsafe {
+        libc::statx(
+            fd,
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH | libc::AT_STATX_FORCE_SYNC,
+            libc::STATX_SIZE,
+            &mut st,
+        )
+    };
+    check(r as libc::c_long).map(|_| st.stx_size)
+}
+
+/// Closes `f` and returns what close(2) says: on a network file system the end of
+/// the writes queued behind our back (`drop` of a `File` ignores it).
+pub fn close_checked(f: std::fs::File) -> std::io::Result<()> {
+    use std::os::fd::IntoRawFd;
+    nix::unistd::close(f.into_raw_fd()).map_err(std::io::Error::from)
+}
+
+/// Drops this node's clean cached pages of `f` in `[off, off + len)` (len 0: to
+/// the end; posix_fadvise DONTNEED), so that the next read asks the file system:
+/// for a FUSE file another node writes, a page cached while it was shorter holds
+/// zeros where the other node's later writes are.
+pub fn drop_cached(f: &impl std::os::fd::AsFd, off: u64, len: u64) -> Result<(), Errno> {
+    nix::fcntl::posix_fadvise(
+        f,
+        off as libc::off_t,
+        len as libc::off_t,
+        nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+    )
+}
+
 /// Writes `buf` into another process's memory at `addr`.
 pub fn vm_write(pid: i32, addr: u64, buf: &[u8]) -> Result<usize, Errno> {
     let local = libc::iovec {

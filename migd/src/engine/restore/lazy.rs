@@ -164,6 +164,8 @@ pub struct Pager {
     source: Source,
     /// No prefetch before this: the late pages it would read are not written yet.
     prefetch_hold: Option<Instant>,
+    /// A long wait for late pages was logged (until pages come again).
+    said_waiting: bool,
     opts: LazyOptions,
     /// Killed (SIGKILL) if the store stays unreadable past `store_bound`: the stub,
     /// i.e. the whole pid namespace.
@@ -188,6 +190,9 @@ enum Served {
     Done,
     /// The store failed: keep the fault and retry later.
     Store(String),
+    /// The source has not written the page's late chunk yet (asked for it): keep
+    /// the fault and retry soon.
+    NotYet(String),
     /// The layout is changing: read events first.
     Again,
 }
@@ -198,6 +203,7 @@ impl Pager {
             spaces: Vec::new(),
             source: Source::new(m, images),
             prefetch_hold: None,
+            said_waiting: false,
             opts,
             victim,
             link: None,
@@ -523,6 +529,11 @@ impl Pager {
                         left.extend_from_slice(&pending[k..]);
                         break;
                     }
+                    Served::NotYet(cause) => {
+                        self.waiting_for_source(cause);
+                        left.extend_from_slice(&pending[k..]);
+                        break;
+                    }
                 }
             }
             self.spaces[i].pending = left;
@@ -540,6 +551,29 @@ impl Pager {
         self.backoff = (self.backoff * 2).min(Duration::from_secs(1));
     }
 
+    /// Like [`stalled`](Self::stalled) for a late chunk the source has not written
+    /// yet: the same bound (a source that never writes it loses the process), but
+    /// retried at once, with no growing backoff: the wait for it (see
+    /// `LateReader::wait_ready`) paces the retries.
+    fn waiting_for_source(&mut self, cause: String) {
+        let since = self
+            .stall
+            .get_or_insert_with(|| (Instant::now(), String::new()))
+            .0;
+        // Said once the wait has grown long (a normal one takes a few ms).
+        if since.elapsed() > Duration::from_secs(1) && !self.said_waiting {
+            tracing::warn!(
+                cause,
+                "waiting for the source to write late pages; faulting threads wait"
+            );
+            self.said_waiting = true;
+        }
+        if let Some(s) = self.stall.as_mut() {
+            s.1 = cause;
+        }
+        self.retry_at = Some(Instant::now() + Duration::from_millis(1));
+    }
+
     fn store_ok(&mut self) {
         if let Some((since, _)) = self.stall.take() {
             tracing::info!(
@@ -549,6 +583,7 @@ impl Pager {
         }
         self.retry_at = None;
         self.backoff = Duration::from_millis(50);
+        self.said_waiting = false;
     }
 
     fn serve_fault(&mut self, i: usize, addr: u64) -> Served {
@@ -649,7 +684,8 @@ impl Pager {
     fn fill_piece(&mut self, i: usize, lo: u64, hi: u64, off: u64) -> Result<u64, Served> {
         let data = match self.source.read(off, hi - lo) {
             Ok(d) => d,
-            Err(e) => return Err(Served::Store(e)),
+            Err(e) if e.not_yet => return Err(Served::NotYet(e.msg)),
+            Err(e) => return Err(Served::Store(e.msg)),
         };
         let sp = &mut self.spaces[i];
         let mut at = 0u64;
@@ -740,6 +776,7 @@ impl Pager {
                     filled += n;
                 }
                 Err(Served::Store(cause)) => return self.stalled(cause),
+                Err(Served::NotYet(cause)) => return self.waiting_for_source(cause),
                 Err(_) => return,
             }
             if filled >= budget || self.spaces[i].dead {

@@ -16,6 +16,24 @@ use std::time::{Duration, Instant};
 /// Chunks kept in memory (each [`image::CHUNK`] bytes).
 const CACHE_CHUNKS: usize = 16;
 
+/// Why pages could not be read.
+#[derive(Debug)]
+pub(super) struct SourceError {
+    pub(super) msg: String,
+    /// A late chunk the source has not written yet (it was asked for), not a
+    /// failing store.
+    pub(super) not_yet: bool,
+}
+
+impl SourceError {
+    fn store(msg: String) -> SourceError {
+        SourceError {
+            msg,
+            not_yet: false,
+        }
+    }
+}
+
 /// One page file read in whole chunks.
 pub(super) struct PageFile {
     pub(super) path: PathBuf,
@@ -63,23 +81,22 @@ impl Source {
     }
 
     /// The expected CRC of chunk `key`, waiting (a while) for a late one.
-    fn crc(&mut self, key: u64) -> Result<u32, String> {
+    fn crc(&mut self, key: u64) -> Result<u32, SourceError> {
         let i = key & !LATE;
         if key & LATE == 0 {
-            return self
-                .main_crcs
-                .get(i as usize)
-                .copied()
-                .ok_or_else(|| format!("chunk {i} of pages.img has no checksum"));
+            return self.main_crcs.get(i as usize).copied().ok_or_else(|| {
+                SourceError::store(format!("chunk {i} of pages.img has no checksum"))
+            });
         }
-        let (_, reader) = self
-            .late
-            .as_mut()
-            .ok_or_else(|| "a late page but no late.img in this image".to_string())?;
-        reader.wait_ready(i)
+        let (_, reader) = self.late.as_mut().ok_or_else(|| {
+            SourceError::store("a late page but no late.img in this image".to_string())
+        })?;
+        reader
+            .wait_ready(i)
+            .map_err(|(msg, not_yet)| SourceError { msg, not_yet })
     }
 
-    fn chunk(&mut self, key: u64) -> Result<usize, String> {
+    fn chunk(&mut self, key: u64) -> Result<usize, SourceError> {
         if let Some(p) = self.cache.iter().position(|(c, _)| *c == key) {
             return Ok(p);
         }
@@ -89,8 +106,14 @@ impl Source {
             0 => &mut self.main,
             _ => &mut self.late.as_mut().unwrap().0,
         };
+        if key & LATE != 0 {
+            // A late chunk is read once, through a handle opened for it (see
+            // `LateReader::poll` on handles kept open).
+            pf.file = None;
+        }
         if pf.file.is_none() {
-            let f = std::fs::File::open(&pf.path).map_err(|e| format!("open: {e}"))?;
+            let f = std::fs::File::open(&pf.path)
+                .map_err(|e| SourceError::store(format!("open {}: {e}", pf.path.display())))?;
             pf.file = Some(f);
         }
         let lo = i * image::CHUNK;
@@ -101,25 +124,34 @@ impl Source {
             Vec::new()
         };
         buf.resize(len, 0);
-        let r = pf.file.as_ref().unwrap().read_exact_at(&mut buf, lo);
+        let f = pf.file.as_ref().unwrap();
+        if key & LATE != 0 {
+            // Listed in late.ready, so written, but our node may hold pages of it
+            // read before (zeros) or a size from before: see `late::fresh_view`.
+            crate::engine::late::fresh_view(f, lo);
+        }
+        let r = f.read_exact_at(&mut buf, lo);
         if let Err(e) = r {
             // A broken store connection stays broken on this fd: reopen next time.
             pf.file = None;
-            return Err(format!("{} read at {lo}: {e}", pf.path.display()));
+            return Err(SourceError::store(format!(
+                "{} read at {lo}: {e}",
+                pf.path.display()
+            )));
         }
         if crc != crc32c::crc32c(&buf) {
             pf.file = None;
-            return Err(format!(
+            return Err(SourceError::store(format!(
                 "{} chunk {i} (bytes {lo}..): checksum mismatch",
                 pf.path.display()
-            ));
+            )));
         }
         self.cache.push((key, buf));
         Ok(self.cache.len() - 1)
     }
 
     /// `len` bytes at `off` (an offset in pages.img, or in late.img with [`LATE`]).
-    pub(super) fn read(&mut self, off: u64, len: u64) -> Result<&[u8], String> {
+    pub(super) fn read(&mut self, off: u64, len: u64) -> Result<&[u8], SourceError> {
         let space = off & LATE;
         let off = off & !LATE;
         let total = match space {
@@ -127,7 +159,10 @@ impl Source {
             _ => self.late.as_ref().map_or(0, |l| l.0.len),
         };
         if off + len > total {
-            return Err(format!("bytes {off}..{} beyond its end", off + len));
+            return Err(SourceError::store(format!(
+                "bytes {off}..{} beyond its end",
+                off + len
+            )));
         }
         let (c0, c1) = (off / image::CHUNK, (off + len - 1) / image::CHUNK);
         if c0 == c1 {
@@ -166,7 +201,7 @@ impl Source {
         loop {
             match self.read(off, len) {
                 Ok(d) => return Ok(d.to_vec()),
-                Err(e) if t0.elapsed() > bound => return Err(e),
+                Err(e) if t0.elapsed() > bound => return Err(e.msg),
                 Err(_) => std::thread::sleep(Duration::from_millis(10)),
             }
         }
