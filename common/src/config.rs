@@ -156,6 +156,11 @@ pub struct MigdConfig {
     /// Lazy: cap on background prefetch from the store, in MiB/s (0: none). Faults
     /// are always served at once.
     pub lazy_prefetch_mib_per_sec: u64,
+    /// Lazy modes: start the destination right after the freeze and write the pages
+    /// it serves on demand afterwards (late.img, see docs/lazy.md "Late pages").
+    /// Off by default: a destination's view of late.ready was seen to stop
+    /// following the file in about one run in three of the fault tests.
+    pub lazy_late_pages: bool,
 }
 
 impl Default for MigdConfig {
@@ -168,6 +173,7 @@ impl Default for MigdConfig {
             precopy_stop_below_bytes: 8 << 20,
             lazy_store_bound_secs: 60,
             lazy_prefetch_mib_per_sec: 0,
+            lazy_late_pages: false,
         }
     }
 }

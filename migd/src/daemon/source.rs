@@ -170,7 +170,8 @@ pub async fn prepare(
             max_rounds: d.config.migd.precopy_max_rounds,
             stop_below_bytes: d.config.migd.precopy_stop_below_bytes,
         }),
-        late_bound_secs: mode.lazy().then_some(d.config.migd.lazy_store_bound_secs),
+        late_bound_secs: (mode.lazy() && d.config.migd.lazy_late_pages)
+            .then_some(d.config.migd.lazy_store_bound_secs),
     };
     progress(
         tx,
