@@ -121,16 +121,22 @@ fn reference(dir: &Path, argv: &[&str]) -> Vec<u8> {
     std::fs::read(&p.out).unwrap()
 }
 
-/// Runs the program until it says `filled`, then dumps it (killed) into `images`;
-/// returns its output file.
-fn run_and_dump(dir: &Path, argv: &[&str], images: &Path) -> Prog {
-    let mut p = run_prog(dir, "mig", argv);
+/// The program, run (output "mig.out") until it says `filled`.
+fn started(dir: &Path, argv: &[&str]) -> Prog {
+    let p = run_prog(dir, "mig", argv);
     wait_for(
         &p.out,
         "filled",
         Duration::from_secs(60),
         "run before the dump",
     );
+    p
+}
+
+/// Runs the program until it says `filled`, then dumps it (killed) into `images`;
+/// returns its output file.
+fn run_and_dump(dir: &Path, argv: &[&str], images: &Path) -> Prog {
+    let mut p = started(dir, argv);
     dump_ok(&p.child.id().to_string(), images, "dumping the program");
     let _ = p.child.wait();
     p
@@ -811,13 +817,7 @@ fn a_pre_copy_image_restores_lazily_with_every_page_right() {
     let argv = [exe.to_str().unwrap(), "256"];
     let reference = reference(dir.path(), &argv);
     let images = dir.path().join("img");
-    let mut p = run_prog(dir.path(), "mig", &argv);
-    wait_for(
-        &p.out,
-        "filled",
-        Duration::from_secs(60),
-        "run before the dump",
-    );
+    let mut p = started(dir.path(), &argv);
     let o = Command::new(migd())
         .args([
             "dump",
@@ -888,13 +888,7 @@ fn late_pages_the_process_faults_on_are_written_first_and_every_page_arrives_int
     let exe = compile_c(dir.path(), "lastfirst", LAST_FIRST_C, &["-O2"]);
     let argv = [exe.to_str().unwrap(), "64"];
     let images = dir.path().join("img");
-    let mut p = run_prog(dir.path(), "mig", &argv);
-    wait_for(
-        &p.out,
-        "filled",
-        Duration::from_secs(60),
-        "run before the dump",
-    );
+    let mut p = started(dir.path(), &argv);
     // Frozen and held here; pages nobody waits for trickle out at 1 MiB/s (64 s for
     // all), so that only wanted chunks can be in when the program reads its end.
     let mut held = dump_frozen(

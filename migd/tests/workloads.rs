@@ -11,7 +11,10 @@ const THREADS_C: &str = include_str!("../../tests/programs/threads.c");
 #[test]
 fn c_four_threads_with_mutexes_and_condvars_survive_three_dumps() {
     let dir = tempdir();
-    let exe = compile_c(dir.path(), "threads", THREADS_C, &["-pthread"]);
+    // N=2000 rounds: ~5 s alone here, so that the third dump (1.3 s of delays plus
+    // three dumps and restores in) finds it still running on a quiet machine too
+    // (the default 600 ran out first in one run of three).
+    let exe = compile_c(dir.path(), "threads", THREADS_C, &["-pthread", "-DN=2000"]);
     let w = Workload::new(dir.path(), &[exe.to_str().unwrap()]);
     check_workload("C four threads", &w, &[ms(500), ms(400), ms(400)]);
 }
