@@ -216,8 +216,7 @@ pub async fn move_on(
         if let Some(f) = d.foreign.lock().unwrap().get_mut(id) {
             f.departing = true;
         }
-        let bound = std::time::Duration::from_secs(d.config.migd.lazy_store_bound_secs);
-        let bytes = bytes + super::source::wait_flushed(&images, late_bytes, bound, tx).await;
+        let bytes = bytes + super::source::wait_flushed(d, &images, late_bytes, tx).await;
         if let Holder::Keeper(k) = holder {
             k.end("commit-kill").await;
         }

@@ -59,17 +59,19 @@ pub struct Ready {
 /// (late.ready lists every chunk) or they are no longer needed (the destination
 /// removed the image once every page was in), showing progress every second. Until
 /// then the process at the destination depends on the frozen original here. Gives
-/// up waiting (the holder goes on) if nothing moves for `bound` plus a margin.
+/// up waiting (the holder goes on) if nothing moves for the store bound
+/// (`migd.lazy_store_bound_secs`) plus a margin.
 pub async fn wait_flushed(
+    d: &Daemon,
     images: &std::path::Path,
     late_bytes: u64,
-    bound: std::time::Duration,
     tx: Option<&Replies>,
 ) -> u64 {
     use crate::engine::image::{CHUNK, LATE_READY_FILE};
     if late_bytes == 0 {
         return 0;
     }
+    let bound = std::time::Duration::from_secs(d.config.migd.lazy_store_bound_secs);
     let chunks = late_bytes.div_ceil(CHUNK);
     let ready = images.join(LATE_READY_FILE);
     progress(
@@ -390,8 +392,7 @@ pub async fn migrate_from_home(
                 tracing::error!(error = %e, "home-proxy did not take the commit");
             }
         }
-        let bound = std::time::Duration::from_secs(d.config.migd.lazy_store_bound_secs);
-        let bytes = bytes + wait_flushed(&images, late_bytes, bound, Some(tx)).await;
+        let bytes = bytes + wait_flushed(d, &images, late_bytes, Some(tx)).await;
         tracing::info!(host_pid = running.host_pid, bytes, freeze_ms, "migrated");
         Ok(MigrateOutcome {
             id: id.clone(),

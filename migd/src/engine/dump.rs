@@ -620,13 +620,7 @@ pub fn collect_deferring(
         deferral = d;
         Ok(out)
     })?;
-    if let Some(d) = &deferral {
-        m.late_len = d.len();
-        super::late::create_files(dir).map_err(|source| DumpError::Proc {
-            path: dir.display().to_string(),
-            source,
-        })?;
-    }
+    super::late::seal(&mut m, deferral.as_ref(), dir)?;
     Ok((m, deferral))
 }
 

@@ -118,9 +118,26 @@ impl Deferral {
     }
 }
 
+/// Records a lazy dump's deferral in its manifest (`late_len`) and creates the late
+/// files in `images`; nothing without one. Before the manifest is written.
+pub(crate) fn seal(
+    m: &mut image::Manifest,
+    deferral: Option<&Deferral>,
+    images: &Path,
+) -> Result<(), super::dump::DumpError> {
+    let Some(d) = deferral else {
+        return Ok(());
+    };
+    m.late_len = d.len();
+    create_files(images).map_err(|source| super::dump::DumpError::Proc {
+        path: images.display().to_string(),
+        source,
+    })
+}
+
 /// Creates late.img, late.ready and late.want (empty) in `images`: before the
 /// manifest is written, so that a destination finds them.
-pub fn create_files(images: &Path) -> std::io::Result<()> {
+fn create_files(images: &Path) -> std::io::Result<()> {
     for name in [
         image::LATE_FILE,
         image::LATE_READY_FILE,
@@ -235,7 +252,6 @@ struct Flush {
     opts: LateOptions,
     stop: Arc<AtomicBool>,
     mem: Option<File>,
-    want_file: Option<File>,
     want_off: u64,
     wants: VecDeque<u64>,
     ready_records: u64,
@@ -273,7 +289,6 @@ impl Flush {
             opts,
             stop,
             mem: File::open(format!("/proc/{pid}/mem")).ok(),
-            want_file: None,
             want_off: 0,
             wants: VecDeque::new(),
             ready_records: 0,
@@ -357,28 +372,15 @@ impl Flush {
     /// Reads the wants appended since the last look.
     fn read_wants(&mut self, chunks: u64) -> Step {
         let at = self.want_off;
-        // Read through one handle kept open (fs-server calls it back when the other
-        // side writes, so it never serves stale pages); reopened after an error.
-        let mut held = self.want_file.take();
-        let got = self.with_file(image::LATE_WANT_FILE, false, |fresh| {
-            let f = match &held {
-                Some(f) => f,
-                None => {
-                    held = Some(fresh.try_clone()?);
-                    fresh
-                }
-            };
+        // A handle opened for this look, seeing what the destination wrote (see
+        // `LateReader::poll` on handles kept open).
+        let got = self.with_file(image::LATE_WANT_FILE, false, |f| {
             let mut buf = vec![0u8; 4096];
             fresh_view(f, at);
-            let n = f.read_at(&mut buf, at);
-            if n.is_err() {
-                held = None;
-            }
-            let n = n?;
+            let n = f.read_at(&mut buf, at)?;
             buf.truncate(n / 4 * 4);
             Ok(buf)
         });
-        self.want_file = held;
         let buf = match got {
             Ok(b) => b,
             Err(end) => return Step::End(end),
@@ -625,7 +627,6 @@ const WAIT_SLICE: Duration = Duration::from_millis(20);
 /// and the wants it sends.
 pub struct LateReader {
     dir: PathBuf,
-    pub len: u64,
     crcs: Vec<Option<u32>>,
     missing: u64,
     /// late.ready as the last `poll` opened it.
@@ -641,7 +642,6 @@ impl LateReader {
         let chunks = len.div_ceil(CHUNK);
         LateReader {
             dir: dir.to_path_buf(),
-            len,
             crcs: vec![None; chunks as usize],
             missing: chunks,
             ready: None,
@@ -649,10 +649,6 @@ impl LateReader {
             want_off: None,
             wanted: HashSet::new(),
         }
-    }
-
-    pub fn path(&self) -> PathBuf {
-        self.dir.join(image::LATE_FILE)
     }
 
     /// The CRC-32C of chunk `c` once it is written.

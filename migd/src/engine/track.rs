@@ -526,13 +526,7 @@ impl Tracker {
             self.final_memory(smaps, pw, &mut report, deferral.as_mut())
         })?;
         manifest.stopped = was_stopped;
-        if let Some(d) = &deferral {
-            manifest.late_len = d.len();
-            crate::engine::late::create_files(&self.images).map_err(|source| DumpError::Proc {
-                path: self.images.display().to_string(),
-                source,
-            })?;
-        }
+        crate::engine::late::seal(&mut manifest, deferral.as_ref(), &self.images)?;
         image::write_manifest(&self.images, &manifest)?;
         report.ms = t0.elapsed().as_secs_f64() * 1e3;
         self.finished = true;
