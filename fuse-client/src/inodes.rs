@@ -78,6 +78,7 @@ impl InodeTable {
         if let Some(&ino) = self.by_handle.get(&key) {
             let node = self.nodes.get_mut(&ino).expect("indexes agree");
             node.lookups += 1;
+            tracing::trace!(ino, server_ino, lookups = node.lookups, "remember: known");
             return ino;
         }
         let ino = if server_ino > ROOT_INO && !self.nodes.contains_key(&server_ino) {
@@ -107,6 +108,7 @@ impl InodeTable {
             .or_default()
             .push(ino);
         self.by_handle.insert(key, ino);
+        tracing::trace!(ino, server_ino, handle = ?handle.0, "remember: new");
         ino
     }
 
@@ -116,6 +118,7 @@ impl InodeTable {
             return;
         };
         node.lookups = node.lookups.saturating_sub(n);
+        tracing::trace!(ino, n, left = node.lookups, "forget");
         if node.lookups > 0 {
             return;
         }

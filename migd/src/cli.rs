@@ -325,7 +325,7 @@ pub fn run_restore_lazy(
             fds.extend(link_fd);
             let wait = pager
                 .next_timeout()
-                .map_or(1000, |d| d.as_millis().min(1000) as i32);
+                .map_or(1000, |d| crate::engine::restore::lazy::poll_ms(d).min(1000));
             let _ = crate::sys::uffd::poll_readable(&fds, wait);
             if let Err(e) = pager.step(std::time::Duration::ZERO) {
                 // The process was killed: reap the stub, then report the loss.

@@ -64,7 +64,9 @@ impl Inner {
         let node = self.node(parent)?;
         let handle = node.handle.clone();
         let entry = rpc!(node.server, lookup(creds, handle, name)).await?;
-        Ok(self.remember(&node.server, &entry))
+        let out = self.remember(&node.server, &entry);
+        tracing::trace!(parent, ino = out.attr.ino.0, size = out.attr.size, "lookup");
+        Ok(out)
     }
 
     /// `/.../<volume>`: the root of a volume, served by whichever node exports it.
@@ -131,6 +133,7 @@ impl Inner {
         let node = self.node(ino)?;
         let handle = node.handle.clone();
         let attr = rpc!(node.server, getattr(handle)).await?;
+        tracing::trace!(ino, server_ino = attr.ino, size = attr.size, "getattr");
         Ok((self.attr_of(ino, &attr), self.ttl(node.uncached)))
     }
 

@@ -559,7 +559,7 @@ fn restorer_lazy(opts: &RestoreOptions, lazy: &LazyOptions, link: &mut Link) -> 
         let wait = pager
             .next_timeout()
             .filter(|_| !paged)
-            .map_or(500, |d| d.as_millis().min(500) as i32);
+            .map_or(500, |d| crate::engine::restore::lazy::poll_ms(d).min(500));
         let ready = crate::sys::uffd::poll_readable(&fds, wait).unwrap_or_default();
         if stdin_at.is_some_and(|i| ready.get(i).copied().unwrap_or(false)) {
             for l in stdin.read_ready() {

@@ -27,6 +27,7 @@
 
 mod journal;
 mod ranges;
+mod retry;
 mod setup;
 mod source;
 
@@ -36,6 +37,8 @@ use crate::sys;
 use crate::sys::uffd::{self, Uffd, UffdEvent};
 use journal::{Change, Journal, Layout, Record};
 use ranges::Ranges;
+pub use retry::poll_ms;
+use retry::Retry;
 use setup::present;
 pub use setup::{arm, check_eager_chunks, create_uffd, plan, Plan};
 use source::Source;
@@ -164,8 +167,6 @@ pub struct Pager {
     source: Source,
     /// No prefetch before this: the late pages it would read are not written yet.
     prefetch_hold: Option<Instant>,
-    /// A long wait for late pages was logged (until pages come again).
-    said_waiting: bool,
     opts: LazyOptions,
     /// Killed (SIGKILL) if the store stays unreadable past `store_bound`: the stub,
     /// i.e. the whole pid namespace.
@@ -176,10 +177,8 @@ pub struct Pager {
     next_id: u64,
     progress: Progress,
     started: Instant,
-    /// Since when reads fail, and why.
-    stall: Option<(Instant, String)>,
-    retry_at: Option<Instant>,
-    backoff: Duration,
+    /// When failed reads are tried again (and since when they fail).
+    retry: Retry,
     finished_at: Option<Duration>,
 }
 
@@ -195,6 +194,8 @@ enum Served {
     NotYet(String),
     /// The layout is changing: read events first.
     Again,
+    /// Reads failed and their retry is not due yet: keep the fault, change nothing.
+    Later,
 }
 
 impl Pager {
@@ -203,7 +204,6 @@ impl Pager {
             spaces: Vec::new(),
             source: Source::new(m, images),
             prefetch_hold: None,
-            said_waiting: false,
             opts,
             victim,
             link: None,
@@ -212,9 +212,7 @@ impl Pager {
             next_id: 1,
             progress: Progress::default(),
             started: Instant::now(),
-            stall: None,
-            retry_at: None,
-            backoff: Duration::from_millis(50),
+            retry: Retry::new(),
             finished_at: None,
         }
     }
@@ -361,7 +359,7 @@ impl Pager {
         let now = Instant::now();
         let mut t: Option<Duration> = None;
         let mut take = |d: Duration| t = Some(t.map_or(d, |x: Duration| x.min(d)));
-        if let Some(r) = self.retry_at {
+        if let Some(r) = self.retry.at() {
             take(r.saturating_duration_since(now));
         } else if self.opts.prefetch && self.spaces.iter().any(|s| !s.layout.missing.is_empty()) {
             take(self.prefetch_due().saturating_duration_since(now));
@@ -405,17 +403,13 @@ impl Pager {
         if self.spaces.is_empty() {
             return Ok(self.progress.clone());
         }
-        let wait = self
-            .next_timeout()
-            .map_or(timeout, |t| t.min(timeout))
-            .as_millis()
-            .min(i32::MAX as u128) as i32;
+        let wait = poll_ms(self.next_timeout().map_or(timeout, |t| t.min(timeout)));
         let fds = self.fds();
         let _ = uffd::poll_readable(&fds, wait);
         self.read_events();
         self.serve_faults();
         let faults_waiting = self.spaces.iter().any(|s| !s.pending.is_empty());
-        let retry_due = self.retry_at.is_none_or(|r| Instant::now() >= r);
+        let retry_due = self.retry.due(Instant::now());
         if !faults_waiting
             && retry_due
             && self.opts.prefetch
@@ -425,13 +419,13 @@ impl Pager {
         }
         self.finish_spaces();
         self.refresh();
-        if let Some((since, cause)) = &self.stall {
-            if since.elapsed() > self.opts.store_bound {
+        if let Some((for_, cause)) = self.retry.stalled(Instant::now()) {
+            if for_ > self.opts.store_bound {
                 let lost = self.progress.remaining_bytes;
                 let e = LazyError::StoreLost {
                     path: self.source.main.path.display().to_string(),
-                    cause: cause.clone(),
-                    secs: since.elapsed().as_secs_f64(),
+                    cause: cause.to_string(),
+                    secs: for_.as_secs_f64(),
                     lost,
                 };
                 tracing::error!(error = %e, "giving up on the store");
@@ -451,7 +445,10 @@ impl Pager {
         if self.progress.done && self.finished_at.is_none() {
             self.source.all_in();
         }
-        self.progress.stalled = self.stall.as_ref().map(|(_, c)| c.clone());
+        self.progress.stalled = self
+            .retry
+            .stalled(Instant::now())
+            .map(|(_, c)| c.to_string());
         if self.progress.done && self.finished_at.is_none() {
             self.finished_at = Some(self.started.elapsed());
         }
@@ -524,6 +521,10 @@ impl Pager {
                 match self.serve_fault(i, addr) {
                     Served::Done => {}
                     Served::Again => left.push(addr),
+                    Served::Later => {
+                        left.extend_from_slice(&pending[k..]);
+                        break;
+                    }
                     Served::Store(cause) => {
                         self.stalled(cause);
                         left.extend_from_slice(&pending[k..]);
@@ -541,14 +542,10 @@ impl Pager {
     }
 
     fn stalled(&mut self, cause: String) {
-        if self.stall.is_none() {
-            tracing::warn!(path = %self.source.main.path.display(), cause, "pages.img unreadable; faulting threads wait");
-            self.stall = Some((Instant::now(), cause));
-        } else if let Some(s) = self.stall.as_mut() {
-            s.1 = cause;
+        let path = self.source.main.path.display().to_string();
+        if self.retry.failed(cause.clone(), Instant::now()) {
+            tracing::warn!(path, cause, "pages.img unreadable; faulting threads wait");
         }
-        self.retry_at = Some(Instant::now() + self.backoff);
-        self.backoff = (self.backoff * 2).min(Duration::from_secs(1));
     }
 
     /// Like [`stalled`](Self::stalled) for a late chunk the source has not written
@@ -556,34 +553,18 @@ impl Pager {
     /// retried at once, with no growing backoff: the wait for it (see
     /// `LateReader::wait_ready`) paces the retries.
     fn waiting_for_source(&mut self, cause: String) {
-        let since = self
-            .stall
-            .get_or_insert_with(|| (Instant::now(), String::new()))
-            .0;
-        // Said once the wait has grown long (a normal one takes a few ms).
-        if since.elapsed() > Duration::from_secs(1) && !self.said_waiting {
+        if self.retry.not_yet(cause.clone(), Instant::now()) {
             tracing::warn!(
                 cause,
                 "waiting for the source to write late pages; faulting threads wait"
             );
-            self.said_waiting = true;
         }
-        if let Some(s) = self.stall.as_mut() {
-            s.1 = cause;
-        }
-        self.retry_at = Some(Instant::now() + Duration::from_millis(1));
     }
 
     fn store_ok(&mut self) {
-        if let Some((since, _)) = self.stall.take() {
-            tracing::info!(
-                secs = since.elapsed().as_secs_f64(),
-                "pages.img readable again"
-            );
+        if let Some(d) = self.retry.ok(Instant::now()) {
+            tracing::info!(secs = d.as_secs_f64(), "pages.img readable again");
         }
-        self.retry_at = None;
-        self.backoff = Duration::from_millis(50);
-        self.said_waiting = false;
     }
 
     fn serve_fault(&mut self, i: usize, addr: u64) -> Served {
@@ -605,8 +586,8 @@ impl Pager {
                 }
             };
         };
-        if self.retry_at.is_some_and(|r| Instant::now() < r) {
-            return Served::Store(self.stall.as_ref().map(|s| s.1.clone()).unwrap_or_default());
+        if !self.retry.due(Instant::now()) {
+            return Served::Later;
         }
         let ra = self.opts.readahead.max(PAGE);
         let lo = s.max(addr.saturating_sub(ra / 8) & !(PAGE - 1));
