@@ -173,7 +173,7 @@ impl Default for MigdConfig {
             precopy_stop_below_bytes: 8 << 20,
             lazy_store_bound_secs: 60,
             lazy_prefetch_mib_per_sec: 0,
-            lazy_late_pages: false,
+            lazy_late_pages: true,
         }
     }
 }
