@@ -506,3 +506,80 @@ fn kill_9_at_home_kills_the_migrated_process_too() {
     wait_for(|| progs_on(c, "ws2").is_empty().then_some(()))
         .expect("prog still runs at ws2 after kill -9 of its shadow at ws1");
 }
+
+/// The destination holds its copy before the copy's first instruction until the
+/// source commits (`migrate internal-restore` says `ready`, then waits for `commit`):
+/// a copy that is never committed never ran, so a failed migration can thaw the
+/// original without anything having happened twice.
+#[test]
+fn a_destination_copy_runs_only_once_committed() {
+    use std::io::{BufRead, Write};
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let s = setup();
+    let c = &s.c;
+    let (child, pid) = start_with(&s, "/tmp/out 100000 0 20000", "/tmp/out", 3);
+    let images = "/.../store/held-test";
+    c.sh_ok("ws1", &format!("migd dump --pid {pid} --images {images}"));
+    drop(child);
+    let lines = || c.sh_ok("ws1", "wc -l < /tmp/out").trim().to_string();
+    let dumped_at = lines();
+    let restorer = |stage: &str| {
+        let mut r = c
+            .command(
+                "ws2",
+                &[
+                    "migrate",
+                    "internal-restore",
+                    "--images",
+                    images,
+                    "--home",
+                    "ws1",
+                    "--superroot",
+                    "/...",
+                    "--stage",
+                    stage,
+                ],
+            )
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("cluster exec runs");
+        let mut out = std::io::BufReader::new(r.stdout.take().unwrap());
+        let mut first = String::new();
+        out.read_line(&mut first).unwrap();
+        let host_pid: i32 = first
+            .strip_prefix("ready ")
+            .and_then(|r| r.split_whitespace().next()?.parse().ok())
+            .unwrap_or_else(|| panic!("the restorer said {first:?}, not ready"));
+        (r, out, host_pid)
+    };
+
+    // Never committed: it stays held (tracing stop, no line written), and once its
+    // restorer's input ends it is gone without having written a line.
+    let (mut r, _out, host_pid) = restorer("/tmp/stage-a");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert!(
+        state_on(c, "ws2", host_pid).contains("tracing stop"),
+        "the copy should be held before commit: {}",
+        state_on(c, "ws2", host_pid)
+    );
+    assert_eq!(lines(), dumped_at, "the copy ran before any commit");
+    drop(r.stdin.take());
+    assert!(
+        !r.wait().unwrap().success(),
+        "an uncommitted restore must fail"
+    );
+    assert!(
+        state_on(c, "ws2", host_pid).is_empty(),
+        "the uncommitted copy still exists"
+    );
+    assert_eq!(lines(), dumped_at, "the uncommitted copy ran");
+
+    // Committed: it runs on from where it was dumped.
+    let (mut r, _out, host_pid) = restorer("/tmp/stage-b");
+    assert_eq!(lines(), dumped_at, "the copy ran before its commit");
+    writeln!(r.stdin.as_mut().unwrap(), "commit").unwrap();
+    wait_for(|| (lines() != dumped_at).then_some(())).expect("the committed copy does not run");
+    c.sh_ok("ws2", &format!("kill {host_pid}"));
+    let _ = r.wait();
+}

@@ -23,7 +23,7 @@ use crate::engine::handoff::{dump_frozen, dump_frozen_precopy, Held, Shadow};
 use crate::engine::late::LateOptions;
 use crate::engine::restore::into::restore_into;
 use crate::engine::restore::lazy::LazyOptions;
-use crate::engine::restore::{restore, restore_lazy, RestoreError, RestoreOptions};
+use crate::engine::restore::{restore_held, restore_lazy, RestoreError, RestoreOptions};
 use crate::engine::track::PrecopyOptions;
 use std::io::{BufRead, Write};
 use std::os::fd::AsRawFd;
@@ -443,22 +443,22 @@ pub fn restorer_main(
         return restorer_lazy(&opts, &lazy, &mut link);
     }
     let mut committed = false;
-    let result = restore(&opts, |r| {
-        link.say(&format!("running {} {:.3}", r.outer_pid, r.restore_ms));
-        // Until the source commits, this copy may not outlive migd: `commit` lets it
-        // be; `abort`, or the end of input (migd died), kills its pid namespace.
+    let result = restore_held(&opts, |r| {
+        link.say(&format!("ready {} {:.3}", r.outer_pid, r.restore_ms));
+        // Held before its first instruction until the source commits: `commit` lets
+        // it run; `abort`, or the end of input (migd died), kills its pid namespace.
         let mut line = String::new();
         while std::io::stdin().read_line(&mut line).is_ok_and(|n| n > 0) {
             if line.trim() == "commit" {
                 committed = true;
-                return;
+                return true;
             }
             if line.trim() == "abort" {
                 break;
             }
             line.clear();
         }
-        let _ = crate::sys::kill(r.stub_pid, libc::SIGKILL);
+        false
     });
     match result {
         Ok(_) if !committed => {
@@ -528,12 +528,14 @@ fn restorer_lazy(opts: &RestoreOptions, lazy: &LazyOptions, link: &mut Link) -> 
     };
     let r = lr.report;
     let mut pager = lr.pager;
+    // Held before its first instruction until the source commits.
+    let mut held = Some(lr.ready);
     let total = r.lazy_bytes.unwrap_or(0);
-    link.say(&format!("running {} {:.3}", r.outer_pid, r.restore_ms));
+    link.say(&format!("ready {} {:.3}", r.outer_pid, r.restore_ms));
     tracing::info!(
         pid = r.pid,
         lazy_bytes = total,
-        "running; pages fault in from the store"
+        "ready; held until the source commits, then pages fault in from the store"
     );
     let mut stdin = StdinLines {
         buf: Vec::new(),
@@ -569,10 +571,17 @@ fn restorer_lazy(opts: &RestoreOptions, lazy: &LazyOptions, link: &mut Link) -> 
                     _ => {}
                 }
             }
-            if !committed && !stdin.open {
+            if committed {
+                if let Some(Err(e)) = held.take().map(|r| r.go()) {
+                    tracing::error!(error = %e, "letting the committed process run");
+                    pending.push(format!("lost it could not be let run: {}", one_line(e)));
+                }
+            } else if !stdin.open {
                 // Until the source commits, this copy may not outlive migd.
                 tracing::info!("not committed: killing the copy here");
-                let _ = crate::sys::kill(r.stub_pid, libc::SIGKILL);
+                if let Some(h) = held.take() {
+                    h.kill();
+                }
                 let _ = crate::sys::wait_child(r.stub_pid);
                 return 1;
             }

@@ -295,7 +295,8 @@ async fn restore(d: Arc<Daemon>, offer: MigrationOffer) -> MigResult<Running> {
     let restorer = child.stdin.take();
     let mut lines = line_source(child.stdout.take().expect("piped"));
     let first = lines.next_line().await.ok().flatten().unwrap_or_default();
-    let Some(rest) = first.strip_prefix("running ") else {
+    // "ready": built and held before its first instruction until `committed`.
+    let Some(rest) = first.strip_prefix("ready ") else {
         let why = first
             .strip_prefix("error ")
             .unwrap_or("the restorer ended without a word")
@@ -309,7 +310,11 @@ async fn restore(d: Arc<Daemon>, offer: MigrationOffer) -> MigResult<Running> {
     let mut it = rest.split_whitespace();
     let host_pid: i32 = it.next().and_then(|v| v.parse().ok()).unwrap_or(0);
     let restore_ms: f64 = it.next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
-    tracing::info!(host_pid, restore_ms, "running here");
+    tracing::info!(
+        host_pid,
+        restore_ms,
+        "ready here; held until the source commits"
+    );
     let entry = ProcessEntry {
         id: id.clone(),
         pid: offer.pid,

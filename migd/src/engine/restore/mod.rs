@@ -207,6 +207,75 @@ pub fn restore(
     restore_inheriting(opts, &[], running)
 }
 
+/// A restored process that has not run a single instruction of its own yet: every
+/// thread is still stopped under our ptrace (so only the thread that restored it can
+/// let it go). [`go`](Ready::go) lets it run; [`kill`](Ready::kill), or dropping it,
+/// kills its pid namespace. This is how a migration's destination holds its copy
+/// until the source commits: before that, only the original may have run.
+pub struct Ready {
+    leader: Option<Stopped>,
+    threads: Vec<Stopped>,
+    /// It was stopped by job control when dumped: stop it again once it goes.
+    stop_again: bool,
+    target: i32,
+    stub: i32,
+}
+
+impl Ready {
+    /// Lets the process run.
+    pub fn go(mut self) -> Result<(), RestoreError> {
+        for t in std::mem::take(&mut self.threads) {
+            t.detach()?;
+        }
+        if let Some(l) = self.leader.take() {
+            l.detach()?;
+        }
+        if self.stop_again {
+            let _ = sys::kill(self.target, libc::SIGSTOP);
+        }
+        Ok(())
+    }
+
+    /// Kills the process (its pid namespace) before it ran, and reaps what we traced.
+    pub fn kill(mut self) {
+        self.kill_now();
+    }
+
+    fn kill_now(&mut self) {
+        if self.leader.take().is_none() {
+            return;
+        }
+        self.threads.clear();
+        let _ = sys::kill(self.stub, libc::SIGKILL);
+        // The threads are our tracees: reap them, or the stub (pid 1 of their
+        // namespace) waits for them forever.
+        while sys::wait_tid(-1).is_ok() {}
+    }
+}
+
+impl Drop for Ready {
+    fn drop(&mut self) {
+        self.kill_now();
+    }
+}
+
+/// [`restore`], but `decide` is called while the process is held before its first
+/// instruction ([`Ready`]): `true` lets it run (and, without `detach`, waits for its
+/// end), `false` kills it and returns `Ok((report, None))`.
+pub fn restore_held(
+    opts: &RestoreOptions,
+    decide: impl FnOnce(&RestoreReport) -> bool,
+) -> Result<(RestoreReport, Option<i32>), RestoreError> {
+    let (report, link, _, ready) = start(opts, None, &[])?;
+    if !decide(&report) {
+        ready.kill();
+        let _ = sys::wait_child(report.stub_pid);
+        return Ok((report, None));
+    }
+    ready.go()?;
+    finish(opts, report, link)
+}
+
 /// [`restore`], with resources outside the image handed in by the caller: (our fd,
 /// key), where key names the resource as the dump saw it, e.g. `pipe:[12345]`. The
 /// restored process gets our fd in place of that resource (e.g. a pipe whose other
@@ -216,8 +285,18 @@ pub fn restore_inheriting(
     inherit: &[(i32, String)],
     running: impl FnOnce(&RestoreReport),
 ) -> Result<(RestoreReport, Option<i32>), RestoreError> {
-    let (report, link, _) = start(opts, None, inherit)?;
+    let (report, link, _, ready) = start(opts, None, inherit)?;
+    ready.go()?;
     running(&report);
+    finish(opts, report, link)
+}
+
+/// Without `detach`, waits for the restored process and returns its raw status.
+fn finish(
+    opts: &RestoreOptions,
+    report: RestoreReport,
+    link: Option<spawn::StubLink>,
+) -> Result<(RestoreReport, Option<i32>), RestoreError> {
     if opts.detach {
         return Ok((report, None));
     }
@@ -228,26 +307,30 @@ pub fn restore_inheriting(
     Ok((report, Some(status.unwrap_or(st))))
 }
 
-/// A lazily restored process, running: its pages come in while the caller drives
-/// `pager` ([`lazy::Pager::step`]); the stub reports the process's end on the
-/// pager's link ([`lazy::Pager::link_mut`]).
+/// A lazily restored process, held before its first instruction until the caller
+/// lets it go (`ready`); its pages come in while the caller drives `pager`
+/// ([`lazy::Pager::step`], prefetch goes on while it is held); the stub reports the
+/// process's end on the pager's link ([`lazy::Pager::link_mut`]).
 pub struct LazyRestore {
     pub report: RestoreReport,
     pub pager: lazy::Pager,
+    pub ready: Ready,
 }
 
-/// Restores the image lazily (see [`lazy`]): returns once the process runs, with
-/// its private anonymous pages still in pages.img; the caller must drive the pager
-/// until it is done (or the process ends), or the process waits on its faults.
+/// Restores the image lazily (see [`lazy`]): returns once the process is ready to
+/// run, with its private anonymous pages still in pages.img; the caller lets it go
+/// ([`Ready::go`]) and must drive the pager until it is done (or the process ends),
+/// or the process waits on its faults.
 pub fn restore_lazy(
     opts: &RestoreOptions,
     lazy_opts: &lazy::LazyOptions,
     inherit: &[(i32, String)],
 ) -> Result<LazyRestore, RestoreError> {
-    let (report, _, pager) = start(opts, Some(lazy_opts), inherit)?;
+    let (report, _, pager, ready) = start(opts, Some(lazy_opts), inherit)?;
     Ok(LazyRestore {
         report,
         pager: pager.expect("a lazy start returns a pager"),
+        ready,
     })
 }
 
@@ -256,7 +339,15 @@ fn start(
     opts: &RestoreOptions,
     lazy: Option<&lazy::LazyOptions>,
     inherit: &[(i32, String)],
-) -> Result<(RestoreReport, Option<spawn::StubLink>, Option<lazy::Pager>), RestoreError> {
+) -> Result<
+    (
+        RestoreReport,
+        Option<spawn::StubLink>,
+        Option<lazy::Pager>,
+        Ready,
+    ),
+    RestoreError,
+> {
     let m = if lazy.is_some() {
         image::read_manifest(&opts.images)?
     } else {
@@ -323,14 +414,13 @@ fn start(
             return Err(e);
         }
     };
-    for t in threads {
-        t.detach()?;
-    }
-    ctx.leader.detach()?;
-    if m.stopped {
-        // It was stopped by job control when dumped: stop it again.
-        let _ = sys::kill(sp.target, libc::SIGSTOP);
-    }
+    let ready = Ready {
+        leader: Some(ctx.leader),
+        threads,
+        stop_again: m.stopped,
+        target: sp.target,
+        stub: sp.stub,
+    };
     let report = RestoreReport {
         pid: m.pid,
         outer_pid: sp.target,
@@ -343,7 +433,7 @@ fn start(
         lazy_bytes,
         uffd_stub_fd: pager.as_ref().and_then(|p: &lazy::Pager| p.stub_fd()),
     };
-    Ok((report, link, pager))
+    Ok((report, link, pager, ready))
 }
 
 /// Shapes the seized child into the image; returns the other threads, still stopped.
