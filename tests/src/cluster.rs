@@ -277,11 +277,17 @@ impl Cluster {
     /// Starts a daemon again (after [`Cluster::kill_daemon`], or to replace a running
     /// one, which is killed first) and waits until it is ready.
     pub fn restart_daemon(&mut self, node: &str, daemon: &str) {
+        self.restart_daemon_with_env(node, daemon, &[]);
+    }
+
+    /// [`Cluster::restart_daemon`] with extra environment variables for it (e.g.
+    /// `FERRY_FAULT`, a crash point of a fault test).
+    pub fn restart_daemon_with_env(&mut self, node: &str, daemon: &str, env: &[(&str, &str)]) {
         if self.has_daemon(node, daemon) {
             self.kill_daemon(node, daemon, Signal::SIGKILL);
         }
         let spec = daemons::spec(daemon).unwrap_or_else(|| panic!("no daemon named {daemon}"));
-        let started = up::start_daemon(&self.state, node, spec)
+        let started = up::start_daemon_with_env(&self.state, node, spec, env)
             .unwrap_or_else(|e| panic!("restarting {daemon} on {node}: {e}"));
         let n = self.state.node_mut(node).unwrap_or_else(|e| panic!("{e}"));
         match n.daemons.iter_mut().find(|d| d.name == daemon) {

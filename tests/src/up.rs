@@ -367,6 +367,17 @@ pub fn start_daemon(
     node: &str,
     spec: &DaemonSpec,
 ) -> Result<DaemonState, UpError> {
+    start_daemon_with_env(state, node, spec, &[])
+}
+
+/// [`start_daemon`] with extra environment variables (e.g. a fault test's
+/// `FERRY_FAULT`), set through env(1), which execs the daemon in its place.
+pub fn start_daemon_with_env(
+    state: &ClusterState,
+    node: &str,
+    spec: &DaemonSpec,
+    env: &[(&str, &str)],
+) -> Result<DaemonState, UpError> {
     let n = state.node(node)?;
     let log = log_path(&state.dir, node, spec.name);
     let fail = |detail: String| UpError::Spawn {
@@ -382,6 +393,12 @@ pub fn start_daemon(
         .arg(&log)
         .arg(node)
         .arg("--")
+        .args(if env.is_empty() {
+            vec![]
+        } else {
+            vec!["env".to_string()]
+        })
+        .args(env.iter().map(|(k, v)| format!("{k}={v}")))
         .arg(state.bin_dir.join(spec.name))
         .arg("--config")
         .arg(&n.config)

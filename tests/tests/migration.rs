@@ -583,3 +583,51 @@ fn a_destination_copy_runs_only_once_committed() {
     c.sh_ok("ws2", &format!("kill {host_pid}"));
     let _ = r.wait();
 }
+
+/// The destination's migd dies right after passing the commit to its restorer,
+/// before answering (`FERRY_FAULT=after-commit`): the copy there runs, so the
+/// source must not thaw the original on a guess. It asks until the restarted migd
+/// (which takes back the committed copy) answers, then commits: exactly one copy,
+/// at ws2, and the shadow at home.
+#[test]
+fn a_commit_whose_answer_is_lost_is_settled_by_asking_and_leaves_one_copy() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let mut s = setup();
+    s.c.restart_daemon_with_env("ws2", "migd", &[("FERRY_FAULT", "after-commit")]);
+    let (child, pid) = start_at_ws1(&s, "/tmp/out", 100_000, 0, 3);
+    let dying = s.c.daemon_pid("ws2", "migd").expect("migd at ws2");
+    let m =
+        s.c.command("ws1", &["migrate", &pid.to_string(), "ws2"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("cluster exec runs");
+    wait_for(|| (!ferry_tests::up::alive(dying)).then_some(()))
+        .expect("ws2's migd did not die at the fault point");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    s.c.restart_daemon("ws2", "migd");
+    let out = m.wait_with_output().expect("migrate ends");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let c = &s.c;
+    assert!(out.status.success(), "migrate failed:\n{said}");
+    assert_eq!(
+        progs_on(c, "ws2").len(),
+        1,
+        "prog should run at ws2\n{said}"
+    );
+    let home = state_on(c, "ws1", pid);
+    assert!(
+        home.contains("tracing stop"),
+        "ws1 should hold the shadow only, not run prog: {home:?}\n{said}"
+    );
+    let before = c.sh_ok("ws1", "wc -l < /tmp/out");
+    wait_for(|| (c.sh_ok("ws1", "wc -l < /tmp/out") != before).then_some(()))
+        .expect("prog does not go on at ws2");
+    c.sh_ok("ws1", &format!("kill {pid}"));
+    assert_eq!(finish_shell(c, child), "status=143");
+}

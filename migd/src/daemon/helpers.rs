@@ -43,6 +43,8 @@ struct Link {
     rx: mpsc::Receiver<Option<String>>,
     out: Option<Box<dyn Write + Send>>,
     listener: Option<UnixListener>,
+    /// Bound but not listening yet (see [`sys::bind_unlistened`]).
+    unlistened: Option<std::os::fd::OwnedFd>,
     /// Whether lines are read from a new peer (a thread each). The restorer only
     /// writes: after the engine's unshare(CLONE_NEWPID) it cannot start threads.
     reads: bool,
@@ -63,6 +65,7 @@ impl Link {
             rx,
             out: Some(Box::new(std::io::stdout())),
             listener: None,
+            unlistened: None,
             reads: true,
             _quiet: None,
         }
@@ -75,6 +78,7 @@ impl Link {
             rx,
             out: Some(Box::new(std::io::stdout())),
             listener: None,
+            unlistened: None,
             reads: false,
             _quiet: Some(tx),
         }
@@ -89,6 +93,25 @@ impl Link {
                 self.listener = Some(l);
             }
             Err(e) => tracing::warn!(socket = %path.display(), error = %e, "cannot listen"),
+        }
+    }
+
+    /// Binds `path` now (while it is reachable) but lets peers in only after
+    /// [`open_for_peers`](Self::open_for_peers).
+    fn bind_for_later(&mut self, path: &Path) {
+        match sys::bind_unlistened(path) {
+            Ok(fd) => self.unlistened = Some(fd),
+            Err(e) => tracing::warn!(socket = %path.display(), error = %e, "cannot bind"),
+        }
+    }
+
+    /// Starts listening on the socket bound by [`bind_for_later`](Self::bind_for_later).
+    fn open_for_peers(&mut self) {
+        if let Some(fd) = self.unlistened.take() {
+            match sys::listen_now(fd) {
+                Ok(l) => self.listener = Some(l),
+                Err(e) => tracing::warn!(error = %e, "cannot listen"),
+            }
         }
     }
 
@@ -415,10 +438,12 @@ pub fn restorer_main(
     socket: Option<&Path>,
     lazy: Option<LazyOptions>,
 ) -> i32 {
-    // Bound before the root changes: the path is the host's.
+    // Bound before the root changes (the path is the host's); a new peer (a
+    // restarted migd) is let in only once the copy is committed: before that, the
+    // copy dies with this migd and must not be taken back.
     let mut link = Link::write_only();
     if let Some(p) = socket {
-        link.listen(p);
+        link.bind_for_later(p);
     }
     let images_fd = match std::fs::File::open(images) {
         Ok(f) => f,
@@ -451,6 +476,7 @@ pub fn restorer_main(
         while std::io::stdin().read_line(&mut line).is_ok_and(|n| n > 0) {
             if line.trim() == "commit" {
                 committed = true;
+                link.open_for_peers();
                 return true;
             }
             if line.trim() == "abort" {
@@ -572,6 +598,7 @@ fn restorer_lazy(opts: &RestoreOptions, lazy: &LazyOptions, link: &mut Link) -> 
                 }
             }
             if committed {
+                link.open_for_peers();
                 if let Some(Err(e)) = held.take().map(|r| r.go()) {
                     tracing::error!(error = %e, "letting the committed process run");
                     pending.push(format!("lost it could not be let run: {}", one_line(e)));

@@ -5,7 +5,7 @@
 
 use super::keeper::{connect_lines, line_source, LineSource};
 use super::source::{offer_for, prepare, HoldAt, Holder, Ready};
-use super::{flat, long_ctx, now_secs, Daemon, ForeignRec};
+use super::{fault_point, flat, long_ctx, now_secs, Daemon, ForeignRec};
 use common::migproto::{
     MigError, MigResult, MigdService, MigrateOutcome, MigrationOffer, Mode, ProcessEntry, Running,
 };
@@ -128,6 +128,10 @@ impl MigdService for Conn {
                 node: self.me(),
                 why: format!("the copy here did not take the commit (its restorer is gone: {e})"),
             })?;
+            if let Some(rec) = self.d.foreign.lock().unwrap().get_mut(&id) {
+                rec.committed = true;
+            }
+            fault_point("after-commit");
         }
         tracing::info!(id = %id, lazy, "committed");
         if !lazy {
@@ -154,6 +158,18 @@ impl MigdService for Conn {
             let _ = crate::sys::kill(pid, libc::SIGKILL);
         }
         Ok(())
+    }
+
+    async fn runs(self, _: Context, id: String) -> MigResult<bool> {
+        let runs = self
+            .d
+            .foreign
+            .lock()
+            .unwrap()
+            .get(&id)
+            .is_some_and(|f| f.committed && !f.departing);
+        tracing::info!(id = %id, runs, "asked whether the committed copy runs here");
+        Ok(runs)
     }
 
     async fn signal(self, _: Context, id: String, sig: i32) -> MigResult<()> {
@@ -338,6 +354,7 @@ async fn restore(d: Arc<Daemon>, offer: MigrationOffer) -> MigResult<Running> {
             restorer,
             lazy: offer.mode.lazy(),
             image: offer.image.clone(),
+            committed: false,
         },
     );
     tokio::spawn(watch(d.clone(), id, lines, Some(child)).in_current_span());
@@ -456,6 +473,7 @@ pub async fn adopt_foreign(d: &Arc<Daemon>) {
                         lazy: false,
                         image: std::fs::read_to_string(path.with_extension("image"))
                             .unwrap_or_default(),
+                        committed: true,
                     },
                 );
                 let d = d.clone();

@@ -59,11 +59,27 @@ pub struct ForeignRec {
     pub departing: bool,
     /// Lines to its restorer (`commit`, `abort`) until the commit; `None` after.
     pub restorer: Option<tokio::process::ChildStdin>,
+    /// Its restorer took the commit (or it was taken back after a restart, which
+    /// only a committed copy can be): it runs and outlives this migd.
+    pub committed: bool,
     /// Restored lazily: its image stays in the store until its restorer says every
     /// page is in (`paged`), not only until the commit.
     pub lazy: bool,
     /// Its move's image directory (under the store's `migrations/`).
     pub image: String,
+}
+
+/// A crash point for fault tests: with `FERRY_FAULT=<name>` in migd's environment,
+/// migd dies at the point `name` as if killed there (SIGABRT: no clean-up runs).
+/// Only the fault tests set it.
+pub fn fault_point(name: &str) {
+    if std::env::var("FERRY_FAULT").is_ok_and(|v| v == name) {
+        tracing::error!(
+            point = name,
+            "FERRY_FAULT: dying here as a fault test asked"
+        );
+        std::process::abort();
+    }
 }
 
 /// Everything the daemon's tasks share.

@@ -258,10 +258,14 @@ pub async fn prepare(
         ),
         bytes,
     );
-    // The destination's copy runs; it survives its migd only once told `committed`.
-    // Until then any failure kills it there and thaws the original here.
+    // The destination's copy is held before its first instruction until told
+    // `committed`; until then any failure kills it there and thaws the original
+    // here. A `committed` that went unanswered is settled by asking (see below).
     let restored = match flat(dest, peer.restore(long_ctx(), id.clone()).await) {
-        Ok(running) => flat(dest, peer.committed(long_ctx(), id.clone()).await).map(|()| running),
+        Ok(running) => match flat(dest, peer.committed(long_ctx(), id.clone()).await) {
+            Ok(()) => Ok(running),
+            Err(e) => settle_commit(d, dest, &id, e, tx).await.map(|()| running),
+        },
         Err(e) => Err(e),
     };
     match restored {
@@ -297,6 +301,60 @@ pub async fn prepare(
                     d.config.node
                 ),
             })
+        }
+    }
+}
+
+/// How often a source whose `committed` went unanswered asks the destination again.
+const SETTLE_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// `committed` failed without an answer we can trust (the destination's migd may
+/// have died after passing the commit to its restorer, or before): the copy there
+/// may run, so the original must not thaw on a guess. Asks the destination (its
+/// restarted migd takes back a committed copy, and only a committed one) whether
+/// the copy runs, until it answers: Ok if it runs (the commit goes on), the
+/// original error if it does not (the original thaws). Waits as long as it takes,
+/// with the original frozen meanwhile: two copies running would be worse.
+async fn settle_commit(
+    d: &Arc<Daemon>,
+    dest: &str,
+    id: &str,
+    e: MigError,
+    tx: Option<&Replies>,
+) -> Result<(), MigError> {
+    // An answer naming a copy that is gone or was never known settles it too.
+    if let MigError::Refused { .. } = e {
+        return Err(e);
+    }
+    tracing::warn!(error = %e, "the commit went unanswered; asking whether the copy runs");
+    let t0 = Instant::now();
+    let mut said = std::time::Duration::ZERO;
+    loop {
+        let answer = match d.peer(dest).await {
+            Ok(p) => flat(dest, p.runs(long_ctx(), id.to_string()).await),
+            Err(e) => Err(e),
+        };
+        match answer {
+            Ok(true) => {
+                tracing::info!("the destination's copy runs: committed");
+                return Ok(());
+            }
+            Ok(false) => {
+                tracing::warn!("the destination's copy does not run: not committed");
+                return Err(e);
+            }
+            Err(ask) => {
+                if t0.elapsed() >= said {
+                    said += std::time::Duration::from_secs(10);
+                    let why = format!(
+                        "{dest} did not answer the commit ({e}); the process stays frozen \
+                         here until {dest} says whether its copy runs ({ask})"
+                    );
+                    tracing::warn!(%why, "waiting for the destination");
+                    progress(tx, why, 0);
+                }
+                tokio::time::sleep(SETTLE_EVERY).await;
+            }
         }
     }
 }

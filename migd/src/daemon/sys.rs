@@ -1,12 +1,12 @@
 //! The kernel calls of the daemon's helpers: mount namespaces and roots, through
-//! nix's safe wrappers (no `unsafe` here).
+//! nix's safe wrappers (no `unsafe` here); the restorer's socket.
 
 use nix::errno::Errno;
 use nix::mount::{mount, MsFlags};
 use nix::sched::{setns, unshare, CloneFlags};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
-use std::os::fd::IntoRawFd;
+use std::os::fd::{AsRawFd, IntoRawFd};
 use std::path::{Path, PathBuf};
 
 /// A step of building or entering a file view that failed.
@@ -153,4 +153,29 @@ pub fn exited(pid: i32) -> Option<i32> {
         Err(Errno::ECHILD) => Some(libc::SIGKILL),
         _ => None,
     }
+}
+
+/// A unix socket bound at `path` (a stale one replaced) that does not listen yet:
+/// a peer's connect(2) is refused until [`listen_now`]. The restorer binds its
+/// socket before it leaves the host's root (the path is the host's) but listens
+/// only once its copy is committed, so that a restarted migd never takes back a
+/// copy that is about to be killed.
+pub fn bind_unlistened(path: &Path) -> std::io::Result<std::os::fd::OwnedFd> {
+    use nix::sys::socket::{bind, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+    let _ = std::fs::remove_file(path);
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        None,
+    )?;
+    bind(fd.as_raw_fd(), &UnixAddr::new(path)?)?;
+    Ok(fd)
+}
+
+/// Starts listening on a socket from [`bind_unlistened`].
+pub fn listen_now(fd: std::os::fd::OwnedFd) -> std::io::Result<std::os::unix::net::UnixListener> {
+    use nix::sys::socket::{listen, Backlog};
+    listen(&fd, Backlog::new(8)?)?;
+    Ok(std::os::unix::net::UnixListener::from(fd))
 }
