@@ -12,6 +12,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod fault;
 pub mod fsproto;
 pub mod logging;
 pub mod migproto;

@@ -243,6 +243,11 @@ pub trait ProxyService {
     /// still runs, then the freeze writes the rest. A refusal leaves it running
     /// untouched.
     async fn hold(id: String, pid: i32, images: String, plan: HoldPlan) -> MigResult<HeldImage>;
+    /// The source is about to tell the destination `committed`: from now on a copy
+    /// may run at `entry.host`, so the held original must never thaw on its own
+    /// (if home-proxy dies, its keeper makes it the shadow, and a restarted
+    /// home-proxy takes the shadow back from the record written now).
+    async fn decided(id: String, entry: ProcessEntry) -> MigResult<()>;
     /// The process runs at `entry.host`: the held original becomes its shadow.
     async fn commit(id: String, entry: ProcessEntry) -> MigResult<()>;
     /// The migration failed before commit: thaw the original where it was.

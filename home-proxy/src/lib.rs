@@ -236,7 +236,19 @@ impl ProxyService for Conn {
         })
     }
 
+    async fn decided(self, _: Context, id: String, entry: ProcessEntry) -> MigResult<()> {
+        {
+            let held = self.p.held.lock().unwrap();
+            let keeper = held.get(&id).ok_or_else(|| self.unknown(&id))?;
+            keeper.send("decided shadow");
+        }
+        self.p.record(&entry);
+        tracing::info!(id = %id, host = %entry.host, "decided: the original never thaws on its own now");
+        Ok(())
+    }
+
     async fn commit(self, _: Context, id: String, entry: ProcessEntry) -> MigResult<()> {
+        common::fault::point("proxy-before-commit");
         let keeper = self
             .p
             .held
@@ -265,6 +277,8 @@ impl ProxyService for Conn {
         match keeper {
             Some(k) => {
                 tracing::info!(id = %id, "abort: thawing the original");
+                // The record `decided` may have written goes with it.
+                let _ = std::fs::remove_file(self.p.dir().join(format!("{id}.json")));
                 k.end("abort").await;
                 Ok(())
             }

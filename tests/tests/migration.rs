@@ -631,3 +631,57 @@ fn a_commit_whose_answer_is_lost_is_settled_by_asking_and_leaves_one_copy() {
     c.sh_ok("ws1", &format!("kill {pid}"));
     assert_eq!(finish_shell(c, child), "status=143");
 }
+
+/// home-proxy dies after the source decided (the destination has the commit) but
+/// before the original was made the shadow (`FERRY_FAULT=proxy-before-commit`): its
+/// keeper must not thaw the original at the end of its input (two copies would run)
+/// but make it the shadow; a restarted home-proxy takes the shadow back from the
+/// record `decided` wrote, and a signal at home still ends the process at ws2.
+#[test]
+fn home_proxy_dying_at_the_commit_leaves_one_copy_and_the_shadow_is_taken_back() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let mut s = setup();
+    s.c.restart_daemon_with_env(
+        "ws1",
+        "home-proxy",
+        &[("FERRY_FAULT", "proxy-before-commit")],
+    );
+    let (child, pid) = start_at_ws1(&s, "/tmp/out", 100_000, 0, 3);
+    let said = migrate(&s.c, pid, "ws2");
+    wait_for(|| {
+        (!s.c
+            .daemon_pid("ws1", "home-proxy")
+            .is_some_and(ferry_tests::up::alive))
+        .then_some(())
+    })
+    .expect("home-proxy did not die at the fault point");
+    s.c.restart_daemon("ws1", "home-proxy");
+    let c = &s.c;
+    assert_eq!(
+        progs_on(c, "ws2").len(),
+        1,
+        "prog should run at ws2\n{said}"
+    );
+    wait_for(|| {
+        state_on(c, "ws1", pid)
+            .contains("tracing stop")
+            .then_some(())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "ws1 should hold the shadow only: {:?}\n{said}",
+            state_on(c, "ws1", pid)
+        )
+    });
+    let listed = c.sh_ok("ws1", "migrate --list");
+    assert!(
+        listed.contains("ws2"),
+        "the restarted home-proxy lost the shadow:\n{listed}"
+    );
+    let before = c.sh_ok("ws1", "wc -l < /tmp/out");
+    wait_for(|| (c.sh_ok("ws1", "wc -l < /tmp/out") != before).then_some(()))
+        .expect("prog does not go on at ws2");
+    c.sh_ok("ws1", &format!("kill {pid}"));
+    assert_eq!(finish_shell(c, child), "status=143");
+    assert!(progs_on(c, "ws2").is_empty(), "prog survives at ws2");
+}

@@ -6,17 +6,20 @@
 //!
 //! keeper (source side), lines out: `dumped <bytes> <ms>` | `error <why>`, later
 //! `signal <n>` (a signal sent to the shadow) | `gone <status>` (the shadow was killed
-//! at home); lines in: `commit-shadow` | `commit-kill` | `abort` | `exit <status>`.
-//! End of input before commit thaws the process where it was. Going home, a shadow's
+//! at home); lines in: `decided shadow|kill` (optional, first), then `commit-shadow` |
+//! `commit-kill` | `abort` | `exit <status>`. End of input before commit thaws the
+//! process where it was, unless `decided` came: then it means that commit (a copy
+//! may run elsewhere; the original must never run too). Going home, a shadow's
 //! keeper takes `restore <images dir>` (out: `running <pid> <ms>` | `restore-failed
 //! <why>`), then `commit-home` (the process runs, the keeper exits) or `abort-home`
 //! (a shadow again; also if its peer goes away before the commit).
 //!
-//! restorer (destination side), lines out: `running <pid> <ms>` | `error <why>`, then
+//! restorer (destination side), lines out: `ready <pid> <ms>` | `error <why>`, then
 //! (lazy) `paged <bytes> <ms>` once every page is in or `lost <why>` if the store
 //! stayed away past the bound, and `exit <status>` when the process ends; lines in
-//! (after `running`): `commit` | `abort`. Until `commit` the copy dies with its migd
-//! (end of input) or on `abort`.
+//! (after `ready`): `commit` | `abort`. Until `commit` the copy is held before its
+//! first instruction and dies with its migd (end of input) or on `abort`; its
+//! socket lets a new peer in only after `commit`.
 
 use super::sys;
 use crate::engine::handoff::{dump_frozen, dump_frozen_precopy, Held, Shadow};
@@ -234,7 +237,21 @@ pub fn keeper_main(
         "dumped {} {:.3} {}",
         held.page_bytes, held.dump_ms, held.late_bytes
     ));
-    let first = rx.recv().ok().flatten();
+    // `decided <shadow|kill>`: the source is about to send the destination its
+    // commit, so a copy may run from now on: the end of our input (our daemon died)
+    // then means that commit, never a thaw.
+    let mut at_end: Option<String> = None;
+    let first = loop {
+        match rx.recv().ok().flatten() {
+            Some(l) if l.trim().starts_with("decided ") => {
+                let how = l.trim().trim_start_matches("decided ").trim().to_string();
+                tracing::info!(%how, "decided: the original never thaws on its own now");
+                at_end = Some(format!("commit-{how}"));
+            }
+            None => break at_end,
+            l => break l,
+        }
+    };
     match first.as_deref().map(str::trim) {
         Some("commit-kill") => {
             held.kill();

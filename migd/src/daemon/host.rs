@@ -5,7 +5,7 @@
 
 use super::keeper::{connect_lines, line_source, LineSource};
 use super::source::{offer_for, prepare, HoldAt, Holder, Ready};
-use super::{fault_point, flat, long_ctx, now_secs, Daemon, ForeignRec};
+use super::{flat, long_ctx, now_secs, Daemon, ForeignRec};
 use common::migproto::{
     MigError, MigResult, MigdService, MigrateOutcome, MigrationOffer, Mode, ProcessEntry, Running,
 };
@@ -131,7 +131,7 @@ impl MigdService for Conn {
             if let Some(rec) = self.d.foreign.lock().unwrap().get_mut(&id) {
                 rec.committed = true;
             }
-            fault_point("after-commit");
+            common::fault::point("after-commit");
         }
         tracing::info!(id = %id, lazy, "committed");
         if !lazy {

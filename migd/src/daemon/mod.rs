@@ -69,19 +69,6 @@ pub struct ForeignRec {
     pub image: String,
 }
 
-/// A crash point for fault tests: with `FERRY_FAULT=<name>` in migd's environment,
-/// migd dies at the point `name` as if killed there (SIGABRT: no clean-up runs).
-/// Only the fault tests set it.
-pub fn fault_point(name: &str) {
-    if std::env::var("FERRY_FAULT").is_ok_and(|v| v == name) {
-        tracing::error!(
-            point = name,
-            "FERRY_FAULT: dying here as a fault test asked"
-        );
-        std::process::abort();
-    }
-}
-
 /// Everything the daemon's tasks share.
 pub struct Daemon {
     pub config: NodeConfig,

@@ -30,6 +30,25 @@ pub enum HoldAt {
 }
 
 impl Holder {
+    /// The commit is about to be sent to the destination: from now on the
+    /// original must not thaw on its own (see `ProxyService::decided`; our own
+    /// keeper kills it at the end of its input instead, the copy having moved on).
+    async fn decided(&mut self, entry: &ProcessEntry) -> Result<(), MigError> {
+        match self {
+            Holder::Keeper(k) => {
+                k.send("decided kill");
+                Ok(())
+            }
+            Holder::Proxy(p) => {
+                let me = entry.home.clone();
+                flat(
+                    &me,
+                    p.decided(long_ctx(), entry.id.clone(), entry.clone()).await,
+                )
+            }
+        }
+    }
+
     async fn abort(self, id: &str) {
         match self {
             Holder::Keeper(k) => k.end("abort").await,
@@ -164,6 +183,25 @@ pub async fn prepare(
     let id = offer.id.clone();
     let mode = offer.mode;
     let images = d.image_dir(&offer.image);
+    // The listing entry once it runs at `dest` (for `Holder::decided`).
+    let entry_at = {
+        let (id, pid, comm, home) = (
+            id.clone(),
+            offer.pid,
+            offer.comm.clone(),
+            offer.home.clone(),
+        );
+        let host = dest.to_string();
+        move |host_pid: i32| ProcessEntry {
+            id,
+            pid,
+            host_pid,
+            comm,
+            home,
+            host,
+            since: now_secs(),
+        }
+    };
     let peer = d.peer(dest).await?;
     progress(tx, format!("asking {dest}"), 0);
     flat(dest, peer.offer(long_ctx(), offer).await)?;
@@ -220,7 +258,7 @@ pub async fn prepare(
     let held = with_page_progress(hold, &images, tx).await;
     let frozen_at = Instant::now();
     let (
-        holder,
+        mut holder,
         Dumped {
             bytes,
             dump_ms,
@@ -261,10 +299,15 @@ pub async fn prepare(
     // The destination's copy is held before its first instruction until told
     // `committed`; until then any failure kills it there and thaws the original
     // here. A `committed` that went unanswered is settled by asking (see below).
+    // Once the holder knows the decision (`decided`), the original never thaws on
+    // its own: a dying home-proxy or migd cannot leave two copies running.
     let restored = match flat(dest, peer.restore(long_ctx(), id.clone()).await) {
-        Ok(running) => match flat(dest, peer.committed(long_ctx(), id.clone()).await) {
-            Ok(()) => Ok(running),
-            Err(e) => settle_commit(d, dest, &id, e, tx).await.map(|()| running),
+        Ok(running) => match holder.decided(&entry_at(running.host_pid)).await {
+            Ok(()) => match flat(dest, peer.committed(long_ctx(), id.clone()).await) {
+                Ok(()) => Ok(running),
+                Err(e) => settle_commit(d, dest, &id, e, tx).await.map(|()| running),
+            },
+            Err(e) => Err(e),
         },
         Err(e) => Err(e),
     };

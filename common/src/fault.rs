@@ -1,0 +1,17 @@
+//! Crash points for fault tests.
+//!
+//! A daemon started with `FERRY_FAULT=<name>` in its environment dies at the point
+//! `name` as if killed there (SIGABRT: no clean-up runs). The fault tests use them
+//! for the crash windows a `kill -9` from outside cannot hit on purpose (between two
+//! steps of a commit). Nothing else sets the variable.
+
+/// Dies here if `FERRY_FAULT` names this point.
+pub fn point(name: &str) {
+    if std::env::var("FERRY_FAULT").is_ok_and(|v| v == name) {
+        tracing::error!(
+            point = name,
+            "FERRY_FAULT: dying here as a fault test asked"
+        );
+        std::process::abort();
+    }
+}
