@@ -31,14 +31,13 @@ pub enum HoldAt {
 
 impl Holder {
     /// The commit is about to be sent to the destination: from now on the
-    /// original must not thaw on its own (see `ProxyService::decided`; our own
-    /// keeper kills it at the end of its input instead, the copy having moved on).
+    /// original must not thaw on its own (see `ProxyService::decided`). Not for our
+    /// own keeper: its input ends only when this migd dies, and then the commit may
+    /// never reach the destination (its copy would wait, held, for nobody), so it
+    /// still thaws at the end of its input (docs/migration.md "Not yet").
     async fn decided(&mut self, entry: &ProcessEntry) -> Result<(), MigError> {
         match self {
-            Holder::Keeper(k) => {
-                k.send("decided kill");
-                Ok(())
-            }
+            Holder::Keeper(_) => Ok(()),
             Holder::Proxy(p) => {
                 let me = entry.home.clone();
                 flat(
