@@ -260,13 +260,26 @@ pub async fn prepare(
     );
     // The destination's copy runs; it survives its migd only once told `committed`.
     // Until then any failure kills it there and thaws the original here.
+    let mut ph = crate::phases::Phases::new("after_dump");
     let restored = match flat(dest, peer.restore(long_ctx(), id.clone()).await) {
-        Ok(running) => flat(dest, peer.committed(long_ctx(), id.clone()).await).map(|()| running),
+        Ok(running) => {
+            ph.mark("restore rpc");
+            let r = flat(dest, peer.committed(long_ctx(), id.clone()).await).map(|()| running);
+            ph.mark("committed rpc");
+            r
+        }
         Err(e) => Err(e),
     };
     match restored {
         Ok(running) => {
             let freeze_ms = dump_ms + frozen_at.elapsed().as_secs_f64() * 1e3;
+            tracing::debug!(
+                dump_ms,
+                restore_ms = running.restore_ms,
+                freeze_ms,
+                "phases: {}",
+                ph.summary()
+            );
             Ok(Ready {
                 holder,
                 running,

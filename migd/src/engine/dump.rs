@@ -656,6 +656,7 @@ pub(crate) fn collect_into(
         .map(|s| s.to_vec())
         .collect();
     let vtids: Vec<i32> = threads.iter().map(|t| t.tid).collect();
+    ph.mark("status+maps+threads");
     let inj = inject_reads(pid, frozen, &smaps0, &vtids)?;
     for (ti, (ctid, alt)) in threads.iter_mut().zip(&inj.per_thread) {
         ti.clear_tid = *ctid;
@@ -665,6 +666,7 @@ pub(crate) fn collect_into(
     for (ti, t) in threads.iter_mut().zip(&frozen.threads) {
         undo_spurious_eintr(t, ti, &shared_sigs)?;
     }
+    ph.mark("injected reads");
     let mut mm =
         procfs::parse_stat_mm(&read_proc(format!("/proc/{pid}/stat"))?).ok_or_else(|| {
             DumpError::Other {
@@ -678,15 +680,19 @@ pub(crate) fn collect_into(
         source,
     })?;
     mm.auxv = procfs::parse_auxv(&auxv);
-
+    ph.mark("stat+auxv");
     let smaps =
         parse_smaps(&read_proc(format!("/proc/{pid}/smaps"))?).map_err(|e| DumpError::Other {
             pid,
             what: e.to_string(),
         })?;
+    ph.mark("smaps");
     let areas = memory(&smaps, &threads, &mut pw)?;
+    ph.mark("memory");
     let fds = dump_fds(pid, &mut pw)?;
+    ph.mark("fds");
     let (pages_len, chunk_crcs) = pw.finish()?;
+    ph.mark("pages.img closed");
 
     let mut rlimits = Vec::new();
     // prlimit on another user's process needs CAP_SYS_RESOURCE; /proc/PID/limits not.
@@ -711,13 +717,19 @@ pub(crate) fn collect_into(
         .filter_map(|g| g.parse().ok())
         .collect();
     let xsave_len = threads[0].xsave.len();
+    let comm = read_proc(format!("/proc/{pid}/comm"))?
+        .trim_end()
+        .to_string();
+    let exe = read_link(format!("/proc/{pid}/exe"))?;
+    let cwd = read_link(format!("/proc/{pid}/cwd"))?;
+    let root = read_link(format!("/proc/{pid}/root"))?;
+    ph.mark("limits+links");
+    ph.log();
     Ok(Manifest {
         version: image::IMAGE_VERSION,
         pid: procfs::innermost_id(&status, "NSpid").unwrap_or(pid),
-        comm: read_proc(format!("/proc/{pid}/comm"))?
-            .trim_end()
-            .to_string(),
-        exe: read_link(format!("/proc/{pid}/exe"))?,
+        comm,
+        exe,
         threads,
         shared_pending,
         sigactions: inj.sigactions,
@@ -725,8 +737,8 @@ pub(crate) fn collect_into(
         areas,
         mm,
         rlimits,
-        cwd: read_link(format!("/proc/{pid}/cwd"))?,
-        root: read_link(format!("/proc/{pid}/root"))?,
+        cwd,
+        root,
         umask: u32::from_str_radix(procfs::status_field(&status, "Umask").unwrap_or("022"), 8)
             .unwrap_or(0o022),
         personality,
@@ -847,8 +859,15 @@ const PM_FILE: u64 = 1 << 61;
 /// memory.
 pub(crate) const WINDOW: u64 = 1 << 18;
 
-/// A process's memory as the dump reads it: `/proc/PID/pagemap` to choose the pages,
-/// process_vm_readv to read them (`/proc/PID/mem` for protections it cannot read).
+/// Page categories for PAGEMAP_SCAN: populated (present or swapped) and not a file
+/// page, i.e. the pages the dump saves of a private area (the same test as on
+/// `/proc/PID/pagemap`'s PM_PRESENT, PM_SWAP and PM_FILE bits).
+pub(crate) const SAVED_ANYOF: u64 = kabi::PAGE_IS_PRESENT | kabi::PAGE_IS_SWAPPED;
+pub(crate) const SAVED_NOT: u64 = kabi::PAGE_IS_FILE;
+
+/// A process's memory as the dump reads it: PAGEMAP_SCAN (or, on kernels without
+/// it, `/proc/PID/pagemap`) to choose the pages, process_vm_readv to read them
+/// (`/proc/PID/mem` for protections it cannot read).
 pub(crate) struct MemSource {
     pub pid: i32,
     pub pagemap: std::fs::File,

@@ -257,13 +257,16 @@ fn start(
     lazy: Option<&lazy::LazyOptions>,
     inherit: &[(i32, String)],
 ) -> Result<(RestoreReport, Option<spawn::StubLink>, Option<lazy::Pager>), RestoreError> {
+    let mut ph = crate::phases::Phases::new("restore");
     let m = if lazy.is_some() {
         image::read_manifest(&opts.images)?
     } else {
         image::read_image(&opts.images)?
     };
     let _span = tracing::info_span!("restore", pid = m.pid, lazy = lazy.is_some()).entered();
+    ph.mark("manifest");
     precheck(&m)?;
+    ph.mark("precheck");
     let pages_path = opts.images.join(image::PAGES_FILE);
     let pages_file = std::fs::File::open(&pages_path).map_err(|source| RestoreError::Io {
         path: pages_path.display().to_string(),
@@ -276,12 +279,15 @@ fn start(
         }
     })?;
     let plan = lazy.map(|_| lazy::plan(&m));
+    ph.mark("pages map+plan");
     if let Some(p) = &plan {
         lazy::check_eager_chunks(&opts.images, &m, p, pages.bytes())?;
     }
+    ph.mark("eager chunks checked");
     let gadget = free_hole(&m.areas, GADGET_LEN, &[])?;
     let t0 = Instant::now();
     let sp = spawn::spawn(m.pid, gadget, GADGET_LEN as usize)?;
+    ph.mark("spawn");
     let ctx = Ctx {
         pid: sp.target,
         leader: sp.leader,
@@ -300,6 +306,7 @@ fn start(
         let threads = shape(&ctx, shaping, pages.bytes())?;
         Ok::<_, RestoreError>((threads, uffd))
     })();
+    ph.mark("shape");
     let mut link = Some(sp.link);
     let mut pager = None;
     let mut lazy_bytes = None;
@@ -323,10 +330,13 @@ fn start(
             return Err(e);
         }
     };
+    ph.mark("arm");
     for t in threads {
         t.detach()?;
     }
     ctx.leader.detach()?;
+    ph.mark("detach");
+    ph.log();
     if m.stopped {
         // It was stopped by job control when dumped: stop it again.
         let _ = sys::kill(sp.target, libc::SIGSTOP);
@@ -348,13 +358,16 @@ fn start(
 
 /// Shapes the seized child into the image; returns the other threads, still stopped.
 fn shape(ctx: &Ctx, m: &Manifest, pages: &[u8]) -> Result<Vec<Stopped>, RestoreError> {
+    let mut ph = crate::phases::Phases::new("shape");
     let t = &ctx.leader;
     t.set_sigmask(!0)?;
     if let Ok((_, max)) = sys::prlimit_get(ctx.pid, libc::RLIMIT_NOFILE as i32) {
         let _ = sys::prlimit_set(ctx.pid, libc::RLIMIT_NOFILE as i32, max, max);
     }
     memory::rebuild(ctx, m, pages)?;
+    ph.mark("memory");
     files::restore_fds(ctx, m, pages)?;
+    ph.mark("fds");
     memory::finish_memfds(ctx, m)?;
     let mut cwd = m.cwd.as_bytes().to_vec();
     cwd.push(0);
@@ -371,6 +384,7 @@ fn shape(ctx: &Ctx, m: &Manifest, pages: &[u8]) -> Result<Vec<Stopped>, RestoreE
     ctx.ok(t, libc::SYS_umask, &[m.umask as u64], "umask")?;
     ctx.ok(t, libc::SYS_personality, &[m.personality], "personality")?;
     restore_sigactions(ctx, m)?;
+    ph.mark("cwd+sigactions");
 
     // Threads, with their old tids.
     let mut others = Vec::new();
@@ -431,6 +445,7 @@ fn shape(ctx: &Ctx, m: &Manifest, pages: &[u8]) -> Result<Vec<Stopped>, RestoreE
     for (st, ti) in all.iter().zip(&m.threads) {
         per_thread(ctx, st, ti)?;
     }
+    ph.mark("threads");
     // Pending signals, queued by the process to itself while everything is blocked.
     for info in &m.shared_pending {
         let sig = i32::from_ne_bytes(info[..4].try_into().unwrap());
@@ -478,6 +493,7 @@ fn shape(ctx: &Ctx, m: &Manifest, pages: &[u8]) -> Result<Vec<Stopped>, RestoreE
         }
     }
     restore_posix_timers(ctx, m)?;
+    ph.mark("signals+limits+creds+timers");
     for (st, ti) in others.iter().zip(&m.threads[1..]) {
         final_regs(ctx, st, ti)?;
     }
@@ -500,6 +516,8 @@ fn shape(ctx: &Ctx, m: &Manifest, pages: &[u8]) -> Result<Vec<Stopped>, RestoreE
         }
     }
     final_regs(ctx, t, &m.threads[0])?;
+    ph.mark("regs+gadget");
+    ph.log();
     Ok(others)
 }
 
