@@ -12,11 +12,14 @@
 //! <why>`), then `commit-home` (the process runs, the keeper exits) or `abort-home`
 //! (a shadow again; also if its peer goes away before the commit).
 //!
-//! restorer (destination side), lines out: `running <pid> <ms>` | `error <why>`, then
-//! (lazy) `paged <bytes> <ms>` once every page is in or `lost <why>` if the store
-//! stayed away past the bound, and `exit <status>` when the process ends; lines in
-//! (after `running`): `commit` | `abort`. Until `commit` the copy dies with its migd
-//! (end of input) or on `abort`.
+//! restorer (destination side), started when the offer is accepted: it builds the
+//! home's file view and says `ready` (or `error <why>`), then waits for `restore`
+//! (the image is written; end of input or anything else: it exits, nothing was
+//! restored); lines out: `running <pid> <ms>` | `error <why>`, then (lazy) `paged
+//! <bytes> <ms>` once every page is in or `lost <why>` if the store stayed away past
+//! the bound, and `exit <status>` when the process ends; lines in (after `running`):
+//! `commit` | `abort`. Until `commit` the copy dies with its migd (end of input) or
+//! on `abort`.
 
 use super::sys;
 use crate::engine::handoff::{dump_frozen, dump_frozen_precopy, Held, Shadow};
@@ -403,9 +406,26 @@ fn going_home(shadow: Shadow, images: &Path, link: &mut Link) -> Home {
     }
 }
 
+/// One line from stdin, read a byte at a time without buffering (so that nothing
+/// meant for the later readers of fd 0 is taken); `None` at the end of input.
+fn raw_line() -> Option<String> {
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    loop {
+        match crate::sys::read_raw(0, &mut b) {
+            n if n <= 0 => return None,
+            _ if b[0] == b'\n' => return Some(String::from_utf8_lossy(&line).trim().to_string()),
+            _ => line.push(b[0]),
+        }
+    }
+}
+
 /// `migrate internal-restore`: builds the home's file view in a new mount namespace
-/// (`/` from `/.../<home>/`, the host's /proc, /dev, /sys) at `stage`, enters it, and
-/// restores the image there; waits for the process and reports its end.
+/// (`/` from `/.../<home>/`, the host's /proc, /dev, /sys) at `stage` and enters it,
+/// says `ready`, and once told `restore` (the image at `images`, under `superroot`,
+/// is written) restores the image there; waits for the process and reports its end.
+/// The view is built while the source still writes the image (pre-copy, or the
+/// freeze's dump), so that the freeze only waits for the process to be made.
 /// If migd goes away meanwhile, the end is told to the next peer on `socket`.
 pub fn restorer_main(
     images: &Path,
@@ -415,25 +435,60 @@ pub fn restorer_main(
     socket: Option<&Path>,
     lazy: Option<LazyOptions>,
 ) -> i32 {
+    let mut ph = crate::phases::Phases::new("restorer");
     // Bound before the root changes: the path is the host's.
     let mut link = Link::write_only();
     if let Some(p) = socket {
         link.listen(p);
     }
-    let images_fd = match std::fs::File::open(images) {
+    // The image is reached through the super-root opened here, with the host's view
+    // (it does not exist yet: the source writes it while the view is built).
+    let Ok(rel) = images.strip_prefix(superroot) else {
+        say(&format!(
+            "error the image directory {} is not under the super-root {}",
+            images.display(),
+            superroot.display()
+        ));
+        return 1;
+    };
+    let superroot_fd = match std::fs::File::open(superroot) {
         Ok(f) => f,
         Err(e) => {
             say(&format!(
-                "error cannot open image {}: {e}",
-                images.display()
+                "error cannot open the super-root {}: {e}",
+                superroot.display()
             ));
             return 1;
         }
     };
+    ph.mark("socket+super-root");
     if let Err(e) = sys::enter_home_view(superroot, home, stage) {
         say(&format!("error {}", one_line(e)));
         return 1;
     }
+    ph.mark("home view");
+    ph.log();
+    if !say("ready") {
+        return 1;
+    }
+    match raw_line().as_deref() {
+        Some("restore") => {}
+        // Given up before the image was written (abort, or migd gone): nothing was
+        // restored.
+        _ => return 1,
+    }
+    let images = PathBuf::from(format!("/proc/self/fd/{}", superroot_fd.as_raw_fd())).join(rel);
+    let images_fd = match std::fs::File::open(&images) {
+        Ok(f) => f,
+        Err(e) => {
+            say(&format!(
+                "error cannot open image {}: {e}",
+                superroot.join(rel).display()
+            ));
+            return 1;
+        }
+    };
+    drop(superroot_fd);
     let images = PathBuf::from(format!("/proc/self/fd/{}", images_fd.as_raw_fd()));
     let opts = RestoreOptions {
         images,
