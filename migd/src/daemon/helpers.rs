@@ -472,7 +472,7 @@ pub fn restorer_main(
         return 1;
     }
     match raw_line().as_deref() {
-        Some("restore") => {}
+        Some("restore") => ph = crate::phases::Phases::new("restorer_go"),
         // Given up before the image was written (abort, or migd gone): nothing was
         // restored.
         _ => return 1,
@@ -489,6 +489,8 @@ pub fn restorer_main(
         }
     };
     drop(superroot_fd);
+    ph.mark("image dir opened");
+    ph.log();
     let images = PathBuf::from(format!("/proc/self/fd/{}", images_fd.as_raw_fd()));
     let opts = RestoreOptions {
         images,

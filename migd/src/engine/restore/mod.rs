@@ -174,6 +174,9 @@ fn precheck(m: &Manifest) -> Result<(), RestoreError> {
         ));
     }
     memory::check_vdso_layout(m)?;
+    // One stat per file, not per area (a home file's stat goes to the home's
+    // fs-server).
+    let mut seen = std::collections::BTreeMap::new();
     for a in &m.areas {
         if let AreaKind::File {
             path,
@@ -182,10 +185,16 @@ fn precheck(m: &Manifest) -> Result<(), RestoreError> {
             mtime_nsec,
         } = &a.kind
         {
-            let md = std::fs::metadata(path).map_err(|source| RestoreError::Io {
-                path: path.clone(),
-                source,
-            })?;
+            let md = match seen.get(path) {
+                Some(md) => md,
+                None => {
+                    let md = std::fs::metadata(path).map_err(|source| RestoreError::Io {
+                        path: path.clone(),
+                        source,
+                    })?;
+                    seen.entry(path.clone()).or_insert(md)
+                }
+            };
             if !a.shared
                 && (md.size() != *size || md.mtime() != *mtime || md.mtime_nsec() != *mtime_nsec)
             {
@@ -267,23 +276,28 @@ fn start(
     ph.mark("manifest");
     precheck(&m)?;
     ph.mark("precheck");
-    let pages_path = opts.images.join(image::PAGES_FILE);
-    let pages_file = std::fs::File::open(&pages_path).map_err(|source| RestoreError::Io {
-        path: pages_path.display().to_string(),
-        source,
-    })?;
-    let pages = sys::FileMap::map(pages_file.as_raw_fd(), m.pages_len as usize).map_err(|e| {
-        RestoreError::Io {
-            path: pages_path.display().to_string(),
-            source: e.into(),
-        }
-    })?;
     let plan = lazy.map(|_| lazy::plan(&m));
-    ph.mark("pages map+plan");
-    if let Some(p) = &plan {
-        lazy::check_eager_chunks(&opts.images, &m, p, pages.bytes())?;
-    }
-    ph.mark("eager chunks checked");
+    let pages = match &plan {
+        // Only the chunks the eager part reads, read in full and checked.
+        Some(p) => Pages::Eager(lazy::read_eager_chunks(&opts.images, &m, p)?),
+        None => {
+            let pages_path = opts.images.join(image::PAGES_FILE);
+            let pages_file =
+                std::fs::File::open(&pages_path).map_err(|source| RestoreError::Io {
+                    path: pages_path.display().to_string(),
+                    source,
+                })?;
+            Pages::Mapped(
+                sys::FileMap::map(pages_file.as_raw_fd(), m.pages_len as usize).map_err(|e| {
+                    RestoreError::Io {
+                        path: pages_path.display().to_string(),
+                        source: e.into(),
+                    }
+                })?,
+            )
+        }
+    };
+    ph.mark("pages.img (lazy: eager chunks read)");
     let gadget = free_hole(&m.areas, GADGET_LEN, &[])?;
     let t0 = Instant::now();
     let sp = spawn::spawn(m.pid, gadget, GADGET_LEN as usize)?;
@@ -354,6 +368,22 @@ fn start(
         uffd_stub_fd: pager.as_ref().and_then(|p: &lazy::Pager| p.stub_fd()),
     };
     Ok((report, link, pager))
+}
+
+/// pages.img as the shaping reads it: mapped whole (an eager restore, which checked
+/// it whole), or, for a lazy restore, only the chunks its eager part reads, in memory.
+enum Pages {
+    Mapped(sys::FileMap),
+    Eager(sys::AnonMap),
+}
+
+impl Pages {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Pages::Mapped(m) => m.bytes(),
+            Pages::Eager(m) => m.bytes(),
+        }
+    }
 }
 
 /// Shapes the seized child into the image; returns the other threads, still stopped.
