@@ -406,6 +406,32 @@ fn going_home(shadow: Shadow, images: &Path, link: &mut Link) -> Home {
     }
 }
 
+/// Most bytes of mapped files read ahead of the restore.
+const WARM_BOUND: u64 = 64 << 20;
+
+/// Reads the files the process maps (paths in the home view) once, up to
+/// [`WARM_BOUND`] bytes in all, so that the restore finds their pages in this node's
+/// page cache: writing the image's copy of a page of a private file mapping (a
+/// copy-on-write) reads the file's page first, over the network from its home.
+/// A file that cannot be read is skipped (the restore says what is wrong with it).
+fn warm_files(files: &[PathBuf]) {
+    use std::io::Read;
+    let mut left = WARM_BOUND;
+    let mut buf = vec![0u8; 1 << 20];
+    for f in files {
+        let Ok(mut file) = std::fs::File::open(f) else {
+            continue;
+        };
+        while left > 0 {
+            let n = (left as usize).min(buf.len());
+            match file.read(&mut buf[..n]) {
+                Ok(0) | Err(_) => break,
+                Ok(k) => left -= k as u64,
+            }
+        }
+    }
+}
+
 /// One line from stdin, read a byte at a time without buffering (so that nothing
 /// meant for the later readers of fd 0 is taken); `None` at the end of input.
 fn raw_line() -> Option<String> {
@@ -433,6 +459,7 @@ pub fn restorer_main(
     superroot: &Path,
     stage: &Path,
     socket: Option<&Path>,
+    warm: &[PathBuf],
     lazy: Option<LazyOptions>,
 ) -> i32 {
     let mut ph = crate::phases::Phases::new("restorer");
@@ -467,10 +494,12 @@ pub fn restorer_main(
         return 1;
     }
     ph.mark("home view");
-    ph.log();
     if !say("ready") {
         return 1;
     }
+    warm_files(warm);
+    ph.mark("mapped files read");
+    ph.log();
     match raw_line().as_deref() {
         Some("restore") => ph = crate::phases::Phases::new("restorer_go"),
         // Given up before the image was written (abort, or migd gone): nothing was

@@ -56,6 +56,7 @@ impl Restorer {
             .arg(&stage)
             .arg("--socket")
             .arg(&socket)
+            .args(offer.files.iter().flat_map(|f| ["--warm", f.as_str()]))
             .args(if offer.mode.lazy() {
                 vec![
                     "--lazy".to_string(),

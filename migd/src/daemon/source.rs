@@ -342,7 +342,25 @@ pub fn offer_for(
             .as_ref()
             .map(|u| u.machine().to_string_lossy().into_owned())
             .unwrap_or_default(),
+        files: mapped_files(pid),
     }
+}
+
+/// The files `pid` maps (regular paths, each once; none for pid 0 or a process gone).
+fn mapped_files(pid: i32) -> Vec<String> {
+    if pid <= 0 {
+        return Vec::new();
+    }
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+    let areas = crate::engine::maps::parse_smaps(&maps).unwrap_or_default();
+    let mut files: Vec<String> = areas
+        .into_iter()
+        .filter(|a| a.is_file() && !a.name.ends_with(" (deleted)") && a.name.starts_with('/'))
+        .map(|a| a.name)
+        .collect();
+    files.sort();
+    files.dedup();
+    files
 }
 
 fn comm_uid(pid: i32) -> (String, u32) {
