@@ -26,7 +26,7 @@ use crate::engine::handoff::{dump_frozen, dump_frozen_precopy, Held, Shadow};
 use crate::engine::late::LateOptions;
 use crate::engine::restore::into::restore_into;
 use crate::engine::restore::lazy::LazyOptions;
-use crate::engine::restore::{restore, restore_lazy, RestoreError, RestoreOptions};
+use crate::engine::restore::{restore_lazy_paused, restore_paused, RestoreError, RestoreOptions};
 use crate::engine::track::PrecopyOptions;
 use std::io::{BufRead, Write};
 use std::os::fd::AsRawFd;
@@ -529,22 +529,23 @@ pub fn restorer_main(
         return restorer_lazy(&opts, &lazy, &mut link);
     }
     let mut committed = false;
-    let result = restore(&opts, |r| {
+    let result = restore_paused(&opts, |r| {
         link.say(&format!("running {} {:.3}", r.outer_pid, r.restore_ms));
-        // Until the source commits, this copy may not outlive migd: `commit` lets it
-        // be; `abort`, or the end of input (migd died), kills its pid namespace.
+        // The copy is shaped but kept stopped: it runs only once the source
+        // commits (the original there is then frozen for good). `abort`, or the end
+        // of input (migd died), kills it before it ever ran.
         let mut line = String::new();
         while std::io::stdin().read_line(&mut line).is_ok_and(|n| n > 0) {
             if line.trim() == "commit" {
                 committed = true;
-                return;
+                return true;
             }
             if line.trim() == "abort" {
                 break;
             }
             line.clear();
         }
-        let _ = crate::sys::kill(r.stub_pid, libc::SIGKILL);
+        false
     });
     match result {
         Ok(_) if !committed => {
@@ -605,13 +606,16 @@ impl StdinLines {
 /// `paged <bytes> <ms>` once nothing depends on the store, `lost <why>` if the store
 /// stayed away past the bound (the process was killed), and `exit <status>`.
 fn restorer_lazy(opts: &RestoreOptions, lazy: &LazyOptions, link: &mut Link) -> i32 {
-    let lr = match restore_lazy(opts, lazy, &[]) {
+    // The copy is shaped but kept stopped until the source commits (the original
+    // there is then frozen for good): exactly one copy ever runs.
+    let (lr, paused) = match restore_lazy_paused(opts, lazy) {
         Ok(l) => l,
         Err(e) => {
             say(&format!("error {}", one_line(e)));
             return 1;
         }
     };
+    let mut paused = Some(paused);
     let r = lr.report;
     let mut pager = lr.pager;
     let total = r.lazy_bytes.unwrap_or(0);
@@ -650,16 +654,31 @@ fn restorer_lazy(opts: &RestoreOptions, lazy: &LazyOptions, link: &mut Link) -> 
         if stdin_at.is_some_and(|i| ready.get(i).copied().unwrap_or(false)) {
             for l in stdin.read_ready() {
                 match l.as_str() {
-                    "commit" => committed = true,
+                    "commit" if !committed => {
+                        committed = true;
+                        if let Some(p) = paused.take() {
+                            if let Err(e) = p.release() {
+                                // Ptrace failed on a thread: the process cannot be
+                                // let run as restored; it dies (no copy runs here).
+                                tracing::error!(error = %e, "letting the copy run");
+                                let _ = crate::sys::kill(r.stub_pid, libc::SIGKILL);
+                            }
+                        }
+                    }
                     "abort" => stdin.open = false,
                     _ => {}
                 }
             }
             if !committed && !stdin.open {
-                // Until the source commits, this copy may not outlive migd.
-                tracing::info!("not committed: killing the copy here");
-                let _ = crate::sys::kill(r.stub_pid, libc::SIGKILL);
-                let _ = crate::sys::wait_child(r.stub_pid);
+                // Until the source commits, this copy may not run (it never did).
+                tracing::info!("not committed: killing the copy here, which never ran");
+                match paused.take() {
+                    Some(p) => p.kill(r.stub_pid),
+                    None => {
+                        let _ = crate::sys::kill(r.stub_pid, libc::SIGKILL);
+                        let _ = crate::sys::wait_child(r.stub_pid);
+                    }
+                }
                 return 1;
             }
         }
@@ -667,6 +686,10 @@ fn restorer_lazy(opts: &RestoreOptions, lazy: &LazyOptions, link: &mut Link) -> 
             if let Err(e) = pager.step(Duration::ZERO) {
                 // The store stayed away past the bound: the process was killed.
                 tracing::error!(error = %e, "pages lost; the process was killed");
+                if let Some(p) = paused.take() {
+                    // It never ran; its traced threads are reaped here.
+                    p.kill(r.stub_pid);
+                }
                 pending.push(format!("lost {}", one_line(e)));
                 paged = true;
             } else if pager.done() {

@@ -225,8 +225,68 @@ pub fn restore_inheriting(
     inherit: &[(i32, String)],
     running: impl FnOnce(&RestoreReport),
 ) -> Result<(RestoreReport, Option<i32>), RestoreError> {
-    let (report, link, _) = start(opts, None, inherit)?;
+    let (report, link, _, _) = start(opts, None, inherit, false)?;
     running(&report);
+    wait_restored(opts, report, link)
+}
+
+/// [`restore`], but the process is kept stopped (under our ptrace) once shaped:
+/// `ready` is called with the report and says whether to let it run (true), after
+/// which this waits for it as [`restore`] does; false kills it before it ever ran
+/// (returned status `None`). A migration's restorer uses it so that the copy runs
+/// only once the source committed (exactly one copy ever runs).
+pub fn restore_paused(
+    opts: &RestoreOptions,
+    ready: impl FnOnce(&RestoreReport) -> bool,
+) -> Result<(RestoreReport, Option<i32>), RestoreError> {
+    let (report, link, _, paused) = start(opts, None, &[], true)?;
+    let paused = paused.expect("a paused start returns the stopped threads");
+    if !ready(&report) {
+        paused.kill(report.stub_pid);
+        return Ok((report, None));
+    }
+    paused.release()?;
+    wait_restored(opts, report, link)
+}
+
+/// A restored process shaped and kept stopped under our ptrace, not run yet.
+/// [`release`](Self::release) lets it run; [`kill`](Self::kill) ends it. Should we
+/// die first, the kernel kills it (the threads were seized with PTRACE_O_EXITKILL).
+pub struct Paused {
+    threads: Vec<Stopped>,
+    target: i32,
+    /// It was stopped by job control when dumped.
+    stopped: bool,
+}
+
+impl Paused {
+    /// Lets the process run (stopped again if it was when dumped).
+    pub fn release(self) -> Result<(), RestoreError> {
+        for t in self.threads {
+            t.detach()?;
+        }
+        if self.stopped {
+            let _ = sys::kill(self.target, libc::SIGSTOP);
+        }
+        Ok(())
+    }
+
+    /// Kills the process before it ever ran: SIGKILL to `stub` (its pid namespace's
+    /// init) and every child and tracee of ours reaped (the stub waits for its
+    /// namespace, whose traced threads report to us first).
+    pub fn kill(self, stub: i32) {
+        let _ = sys::kill(stub, libc::SIGKILL);
+        while sys::wait_tid(-1).is_ok() {}
+    }
+}
+
+/// After the process runs: without `detach`, waits for it and returns its raw wait
+/// status.
+fn wait_restored(
+    opts: &RestoreOptions,
+    report: RestoreReport,
+    link: Option<spawn::StubLink>,
+) -> Result<(RestoreReport, Option<i32>), RestoreError> {
     if opts.detach {
         return Ok((report, None));
     }
@@ -253,19 +313,47 @@ pub fn restore_lazy(
     lazy_opts: &lazy::LazyOptions,
     inherit: &[(i32, String)],
 ) -> Result<LazyRestore, RestoreError> {
-    let (report, _, pager) = start(opts, Some(lazy_opts), inherit)?;
+    let (report, _, pager, _) = start(opts, Some(lazy_opts), inherit, false)?;
     Ok(LazyRestore {
         report,
         pager: pager.expect("a lazy start returns a pager"),
     })
 }
 
-/// Creates and shapes the process and lets it run; lazily with `lazy`.
+/// [`restore_lazy`], but the process is kept stopped once shaped (see
+/// [`restore_paused`]): the caller lets it run with [`Paused::release`] (the pager
+/// serves it from then on) or kills it with [`Paused::kill`].
+pub fn restore_lazy_paused(
+    opts: &RestoreOptions,
+    lazy_opts: &lazy::LazyOptions,
+) -> Result<(LazyRestore, Paused), RestoreError> {
+    let (report, _, pager, paused) = start(opts, Some(lazy_opts), &[], true)?;
+    Ok((
+        LazyRestore {
+            report,
+            pager: pager.expect("a lazy start returns a pager"),
+        },
+        paused.expect("a paused start returns the stopped threads"),
+    ))
+}
+
+/// What [`start`] returns: the report, the stub link (eager), the pager (lazy), and
+/// the process kept stopped (`hold`).
+type Started = (
+    RestoreReport,
+    Option<spawn::StubLink>,
+    Option<lazy::Pager>,
+    Option<Paused>,
+);
+
+/// Creates and shapes the process and lets it run (with `hold`, keeps it stopped);
+/// lazily with `lazy`.
 fn start(
     opts: &RestoreOptions,
     lazy: Option<&lazy::LazyOptions>,
     inherit: &[(i32, String)],
-) -> Result<(RestoreReport, Option<spawn::StubLink>, Option<lazy::Pager>), RestoreError> {
+    hold: bool,
+) -> Result<Started, RestoreError> {
     let mut ph = crate::phases::Phases::new("restore");
     let m = if lazy.is_some() {
         image::read_manifest(&opts.images)?
@@ -345,16 +433,23 @@ fn start(
         }
     };
     ph.mark("arm");
-    for t in threads {
-        t.detach()?;
-    }
-    ctx.leader.detach()?;
+    // Released in this order: the other threads, then the leader (as before).
+    let mut all = threads;
+    all.push(ctx.leader);
+    let paused = Paused {
+        threads: all,
+        target: sp.target,
+        stopped: m.stopped,
+    };
+    let paused = match hold {
+        true => Some(paused),
+        false => {
+            paused.release()?;
+            None
+        }
+    };
     ph.mark("detach");
     ph.log();
-    if m.stopped {
-        // It was stopped by job control when dumped: stop it again.
-        let _ = sys::kill(sp.target, libc::SIGSTOP);
-    }
     let report = RestoreReport {
         pid: m.pid,
         outer_pid: sp.target,
@@ -367,7 +462,7 @@ fn start(
         lazy_bytes,
         uffd_stub_fd: pager.as_ref().and_then(|p: &lazy::Pager| p.stub_fd()),
     };
-    Ok((report, link, pager))
+    Ok((report, link, pager, paused))
 }
 
 /// pages.img as the shaping reads it: mapped whole (an eager restore, which checked
