@@ -494,6 +494,11 @@ pub fn restorer_main(
         return 1;
     }
     ph.mark("home view");
+    // The source made the image directory before its offer: opened now, so that
+    // no lookup of it is left for the freeze (again at `restore` if this fails).
+    let image_path = PathBuf::from(format!("/proc/self/fd/{}", superroot_fd.as_raw_fd())).join(rel);
+    let early = std::fs::File::open(&image_path).ok();
+    ph.mark("image dir opened");
     if !say("ready") {
         return 1;
     }
@@ -506,8 +511,7 @@ pub fn restorer_main(
         // restored.
         _ => return 1,
     }
-    let images = PathBuf::from(format!("/proc/self/fd/{}", superroot_fd.as_raw_fd())).join(rel);
-    let images_fd = match std::fs::File::open(&images) {
+    let images_fd = match early.map_or_else(|| std::fs::File::open(&image_path), Ok) {
         Ok(f) => f,
         Err(e) => {
             say(&format!(
@@ -518,7 +522,7 @@ pub fn restorer_main(
         }
     };
     drop(superroot_fd);
-    ph.mark("image dir opened");
+    ph.mark("image dir ready");
     ph.log();
     let images = PathBuf::from(format!("/proc/self/fd/{}", images_fd.as_raw_fd()));
     let opts = RestoreOptions {

@@ -166,7 +166,16 @@ pub async fn prepare(
     let images = d.image_dir(&offer.image);
     let peer = d.peer(dest).await?;
     progress(tx, format!("asking {dest}"), 0);
-    flat(dest, peer.offer(long_ctx(), offer).await)?;
+    // The image directory exists before the offer: the destination's restorer
+    // opens it then, so that no lookup of it is left for the freeze.
+    tokio::fs::create_dir_all(&images)
+        .await
+        .map_err(|e| fail(format!("cannot create {}: {e}", images.display())))?;
+    let offered = flat(dest, peer.offer(long_ctx(), offer).await);
+    if offered.is_err() {
+        let _ = std::fs::remove_dir_all(&images);
+    }
+    offered?;
     let plan = HoldPlan {
         precopy: mode.precopies().then_some(PrecopyPlan {
             max_rounds: d.config.migd.precopy_max_rounds,
