@@ -558,6 +558,11 @@ impl PageWriter {
         }
         Ok(at)
     }
+    /// Writes out what is buffered (the file stays open for more).
+    pub fn flush(&mut self) -> Result<(), ImageError> {
+        self.file.flush().map_err(io_err(&self.path))
+    }
+
     /// Flushes, syncs (unless [`without_sync`](Self::without_sync)) and closes;
     /// returns (length, chunk checksums).
     pub fn finish(mut self) -> Result<(u64, Vec<u32>), ImageError> {

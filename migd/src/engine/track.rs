@@ -379,8 +379,12 @@ impl Tracker {
             .take()
             .ok_or_else(|| other(pid, "page writer gone"))?;
         let copied = self.copy_regions(&regions, false, &mut pw);
+        // This round's last pages leave the page writer's buffer now, while the
+        // process runs, not in the freeze.
+        let flushed = pw.flush();
         self.pw = Some(pw);
         let bytes = copied?;
+        flushed?;
         // Push this round's pages to the disk now, while the process runs, so that
         // the final fsync (in the freeze) has only the freeze's own pages to write.
         let path = self.images.join(image::PAGES_FILE);
@@ -553,6 +557,7 @@ impl Tracker {
             dirty_scan_ms = f.dirty_scan,
             pagemap_ms = f.pagemap,
             copy_ms = f.copy,
+            bytes = report.bytes,
             "phases: {}",
             ph.summary()
         );
