@@ -111,6 +111,10 @@ pub struct MigrationOffer {
     /// `uname -r` and machine of the source, to refuse unlike hosts.
     pub kernel: String,
     pub machine: String,
+    /// The files the process maps, as it names them (its home's paths), when it was
+    /// offered: the destination reads them into its page cache while the image is
+    /// written, so that the restore in the freeze does not wait for them.
+    pub files: Vec<String>,
 }
 
 /// The destination's answer once the process runs there.

@@ -310,7 +310,6 @@ pub fn run_restore_lazy(
     lazy: &LazyArgs,
 ) -> anyhow::Result<i32> {
     let lr = restore_lazy(&RestoreOptions { images, detach }, &lazy.options(), inherit)?;
-    lr.ready.go()?;
     let r = lr.report;
     let mut pager = lr.pager;
     if !detach {

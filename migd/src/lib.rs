@@ -10,4 +10,5 @@
 pub mod cli;
 pub mod daemon;
 pub mod engine;
+pub mod phases;
 pub mod sys;

@@ -298,7 +298,7 @@ fn memory_freed_or_remapped_during_precopy_comes_back_as_zeros_not_stale_data() 
         min_shrink: f64::INFINITY,
     };
     let mut reports: Vec<RoundReport> = Vec::new();
-    let held = dump_frozen_precopy(pid, &images, &opts, None, |r| {
+    let mut held = dump_frozen_precopy(pid, &images, &opts, None, |r| {
         reports.push(r.clone());
         if r.round == 1 && !r.frozen {
             // The pages are saved now; free and remap them before round 2.
@@ -307,6 +307,8 @@ fn memory_freed_or_remapped_during_precopy_comes_back_as_zeros_not_stale_data() 
         }
     })
     .expect("pre-copy dump");
+    // The tracking ends off the freeze's critical path, before any thaw or kill.
+    held.settle();
     let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
     assert!(
         !smaps

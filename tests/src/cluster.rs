@@ -333,7 +333,9 @@ impl Cluster {
     pub fn down(mut self) -> Result<DownReport, DownError> {
         self.stopped = true;
         let r = down(&self.state.dir);
-        if r.is_ok() && self.remove_dir {
+        if std::env::var_os("FERRY_KEEP").is_some() {
+            eprintln!("cluster directory kept: {}", self.state.dir.display());
+        } else if r.is_ok() && self.remove_dir {
             let _ = std::fs::remove_dir_all(&self.state.dir);
         }
         r

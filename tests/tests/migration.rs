@@ -508,7 +508,8 @@ fn kill_9_at_home_kills_the_migrated_process_too() {
 }
 
 /// The destination holds its copy before the copy's first instruction until the
-/// source commits (`migrate internal-restore` says `ready`, then waits for `commit`):
+/// source commits (`migrate internal-restore`, told `restore`, says `running` and
+/// waits for `commit`):
 /// a copy that is never committed never ran, so a failed migration can thaw the
 /// original without anything having happened twice.
 #[test]
@@ -545,12 +546,20 @@ fn a_destination_copy_runs_only_once_committed() {
             .spawn()
             .expect("cluster exec runs");
         let mut out = std::io::BufReader::new(r.stdout.take().unwrap());
-        let mut first = String::new();
-        out.read_line(&mut first).unwrap();
-        let host_pid: i32 = first
-            .strip_prefix("ready ")
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        assert_eq!(
+            line.trim(),
+            "ready",
+            "the restorer's home view is not ready"
+        );
+        writeln!(r.stdin.as_mut().unwrap(), "restore").unwrap();
+        line.clear();
+        out.read_line(&mut line).unwrap();
+        let host_pid: i32 = line
+            .strip_prefix("running ")
             .and_then(|r| r.split_whitespace().next()?.parse().ok())
-            .unwrap_or_else(|| panic!("the restorer said {first:?}, not ready"));
+            .unwrap_or_else(|| panic!("the restorer said {line:?}, not running"));
         (r, out, host_pid)
     };
 

@@ -85,6 +85,10 @@ enum Internal {
         /// Where to wait for a new peer if ours goes away.
         #[arg(long)]
         socket: Option<PathBuf>,
+        /// A file the process maps (home path): read into the page cache while
+        /// the image is written.
+        #[arg(long)]
+        warm: Vec<PathBuf>,
         /// Run the process at once; its pages fault in from the image.
         #[arg(long)]
         lazy: bool,
@@ -134,6 +138,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             superroot,
             stage,
             socket,
+            warm,
             lazy,
             store_bound,
             prefetch_mib_per_sec,
@@ -143,6 +148,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             &superroot,
             &stage,
             socket.as_deref(),
+            &warm,
             lazy.then(|| LazyOptions {
                 store_bound: std::time::Duration::from_secs(store_bound),
                 prefetch_rate: prefetch_mib_per_sec << 20,

@@ -14,19 +14,22 @@
 //! <why>`), then `commit-home` (the process runs, the keeper exits) or `abort-home`
 //! (a shadow again; also if its peer goes away before the commit).
 //!
-//! restorer (destination side), lines out: `ready <pid> <ms>` | `error <why>`, then
-//! (lazy) `paged <bytes> <ms>` once every page is in or `lost <why>` if the store
-//! stayed away past the bound, and `exit <status>` when the process ends; lines in
-//! (after `ready`): `commit` | `abort`. Until `commit` the copy is held before its
-//! first instruction and dies with its migd (end of input) or on `abort`; its
-//! socket lets a new peer in only after `commit`.
+//! restorer (destination side), started when the offer is accepted: it builds the
+//! home's file view and says `ready` (or `error <why>`), then waits for `restore`
+//! (the image is written; end of input or anything else: it exits, nothing was
+//! restored); lines out: `running <pid> <ms>` | `error <why>`, then (lazy) `paged
+//! <bytes> <ms>` once every page is in or `lost <why>` if the store stayed away past
+//! the bound, and `exit <status>` when the process ends; lines in (after `running`):
+//! `commit` | `abort`. Until `commit` the copy is held before its first instruction
+//! and dies with its migd (end of input) or on `abort`; its socket lets a new peer
+//! (a restarted migd) in only after `commit`.
 
 use super::sys;
 use crate::engine::handoff::{dump_frozen, dump_frozen_precopy, Held, Shadow};
 use crate::engine::late::LateOptions;
 use crate::engine::restore::into::restore_into;
 use crate::engine::restore::lazy::LazyOptions;
-use crate::engine::restore::{restore_held, restore_lazy, RestoreError, RestoreOptions};
+use crate::engine::restore::{restore_lazy_paused, restore_paused, RestoreError, RestoreOptions};
 use crate::engine::track::PrecopyOptions;
 use std::io::{BufRead, Write};
 use std::os::fd::AsRawFd;
@@ -443,9 +446,52 @@ fn going_home(shadow: Shadow, images: &Path, link: &mut Link) -> Home {
     }
 }
 
+/// Most bytes of mapped files read ahead of the restore.
+const WARM_BOUND: u64 = 64 << 20;
+
+/// Reads the files the process maps (paths in the home view) once, up to
+/// [`WARM_BOUND`] bytes in all, so that the restore finds their pages in this node's
+/// page cache: writing the image's copy of a page of a private file mapping (a
+/// copy-on-write) reads the file's page first, over the network from its home.
+/// A file that cannot be read is skipped (the restore says what is wrong with it).
+fn warm_files(files: &[PathBuf]) {
+    use std::io::Read;
+    let mut left = WARM_BOUND;
+    let mut buf = vec![0u8; 1 << 20];
+    for f in files {
+        let Ok(mut file) = std::fs::File::open(f) else {
+            continue;
+        };
+        while left > 0 {
+            let n = (left as usize).min(buf.len());
+            match file.read(&mut buf[..n]) {
+                Ok(0) | Err(_) => break,
+                Ok(k) => left -= k as u64,
+            }
+        }
+    }
+}
+
+/// One line from stdin, read a byte at a time without buffering (so that nothing
+/// meant for the later readers of fd 0 is taken); `None` at the end of input.
+fn raw_line() -> Option<String> {
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    loop {
+        match crate::sys::read_raw(0, &mut b) {
+            n if n <= 0 => return None,
+            _ if b[0] == b'\n' => return Some(String::from_utf8_lossy(&line).trim().to_string()),
+            _ => line.push(b[0]),
+        }
+    }
+}
+
 /// `migrate internal-restore`: builds the home's file view in a new mount namespace
-/// (`/` from `/.../<home>/`, the host's /proc, /dev, /sys) at `stage`, enters it, and
-/// restores the image there; waits for the process and reports its end.
+/// (`/` from `/.../<home>/`, the host's /proc, /dev, /sys) at `stage` and enters it,
+/// says `ready`, and once told `restore` (the image at `images`, under `superroot`,
+/// is written) restores the image there; waits for the process and reports its end.
+/// The view is built while the source still writes the image (pre-copy, or the
+/// freeze's dump), so that the freeze only waits for the process to be made.
 /// If migd goes away meanwhile, the end is told to the next peer on `socket`.
 pub fn restorer_main(
     images: &Path,
@@ -453,8 +499,10 @@ pub fn restorer_main(
     superroot: &Path,
     stage: &Path,
     socket: Option<&Path>,
+    warm: &[PathBuf],
     lazy: Option<LazyOptions>,
 ) -> i32 {
+    let mut ph = crate::phases::Phases::new("restorer");
     // Bound before the root changes (the path is the host's); a new peer (a
     // restarted migd) is let in only once the copy is committed: before that, the
     // copy dies with this migd and must not be taken back.
@@ -462,20 +510,62 @@ pub fn restorer_main(
     if let Some(p) = socket {
         link.bind_for_later(p);
     }
-    let images_fd = match std::fs::File::open(images) {
+    // The image is reached through the super-root opened here, with the host's view
+    // (it does not exist yet: the source writes it while the view is built).
+    let Ok(rel) = images.strip_prefix(superroot) else {
+        say(&format!(
+            "error the image directory {} is not under the super-root {}",
+            images.display(),
+            superroot.display()
+        ));
+        return 1;
+    };
+    let superroot_fd = match std::fs::File::open(superroot) {
         Ok(f) => f,
         Err(e) => {
             say(&format!(
-                "error cannot open image {}: {e}",
-                images.display()
+                "error cannot open the super-root {}: {e}",
+                superroot.display()
             ));
             return 1;
         }
     };
+    ph.mark("socket+super-root");
     if let Err(e) = sys::enter_home_view(superroot, home, stage) {
         say(&format!("error {}", one_line(e)));
         return 1;
     }
+    ph.mark("home view");
+    // The source made the image directory before its offer: opened now, so that
+    // no lookup of it is left for the freeze (again at `restore` if this fails).
+    let image_path = PathBuf::from(format!("/proc/self/fd/{}", superroot_fd.as_raw_fd())).join(rel);
+    let early = std::fs::File::open(&image_path).ok();
+    ph.mark("image dir opened");
+    if !say("ready") {
+        return 1;
+    }
+    warm_files(warm);
+    ph.mark("mapped files read");
+    ph.log();
+    match raw_line().as_deref() {
+        Some("restore") => ph = crate::phases::Phases::new("restorer_go"),
+        // Given up before the image was written (abort, or migd gone): nothing was
+        // restored.
+        _ => return 1,
+    }
+    let images_fd = match early.map_or_else(|| std::fs::File::open(&image_path), Ok) {
+        Ok(f) => f,
+        Err(e) => {
+            say(&format!(
+                "error cannot open image {}: {e}",
+                superroot.join(rel).display()
+            ));
+            return 1;
+        }
+    };
+    drop(superroot_fd);
+    ph.mark("image dir ready");
+    ph.log();
     let images = PathBuf::from(format!("/proc/self/fd/{}", images_fd.as_raw_fd()));
     let opts = RestoreOptions {
         images,
@@ -485,10 +575,11 @@ pub fn restorer_main(
         return restorer_lazy(&opts, &lazy, &mut link);
     }
     let mut committed = false;
-    let result = restore_held(&opts, |r| {
-        link.say(&format!("ready {} {:.3}", r.outer_pid, r.restore_ms));
-        // Held before its first instruction until the source commits: `commit` lets
-        // it run; `abort`, or the end of input (migd died), kills its pid namespace.
+    let result = restore_paused(&opts, |r| {
+        link.say(&format!("running {} {:.3}", r.outer_pid, r.restore_ms));
+        // The copy is shaped but kept stopped: it runs only once the source
+        // commits (the original there is then frozen for good). `abort`, or the end
+        // of input (migd died), kills it before it ever ran.
         let mut line = String::new();
         while std::io::stdin().read_line(&mut line).is_ok_and(|n| n > 0) {
             if line.trim() == "commit" {
@@ -562,23 +653,24 @@ impl StdinLines {
 /// `paged <bytes> <ms>` once nothing depends on the store, `lost <why>` if the store
 /// stayed away past the bound (the process was killed), and `exit <status>`.
 fn restorer_lazy(opts: &RestoreOptions, lazy: &LazyOptions, link: &mut Link) -> i32 {
-    let lr = match restore_lazy(opts, lazy, &[]) {
+    // The copy is shaped but kept stopped until the source commits (the original
+    // there is then frozen for good): exactly one copy ever runs.
+    let (lr, paused) = match restore_lazy_paused(opts, lazy) {
         Ok(l) => l,
         Err(e) => {
             say(&format!("error {}", one_line(e)));
             return 1;
         }
     };
+    let mut paused = Some(paused);
     let r = lr.report;
     let mut pager = lr.pager;
-    // Held before its first instruction until the source commits.
-    let mut held = Some(lr.ready);
     let total = r.lazy_bytes.unwrap_or(0);
-    link.say(&format!("ready {} {:.3}", r.outer_pid, r.restore_ms));
+    link.say(&format!("running {} {:.3}", r.outer_pid, r.restore_ms));
     tracing::info!(
         pid = r.pid,
         lazy_bytes = total,
-        "ready; held until the source commits, then pages fault in from the store"
+        "restored; held until the source commits, then pages fault in from the store"
     );
     let mut stdin = StdinLines {
         buf: Vec::new(),
@@ -609,24 +701,32 @@ fn restorer_lazy(opts: &RestoreOptions, lazy: &LazyOptions, link: &mut Link) -> 
         if stdin_at.is_some_and(|i| ready.get(i).copied().unwrap_or(false)) {
             for l in stdin.read_ready() {
                 match l.as_str() {
-                    "commit" => committed = true,
+                    "commit" if !committed => {
+                        committed = true;
+                        link.open_for_peers();
+                        if let Some(p) = paused.take() {
+                            if let Err(e) = p.release() {
+                                // Ptrace failed on a thread: the process cannot be
+                                // let run as restored; it dies (no copy runs here).
+                                tracing::error!(error = %e, "letting the copy run");
+                                let _ = crate::sys::kill(r.stub_pid, libc::SIGKILL);
+                            }
+                        }
+                    }
                     "abort" => stdin.open = false,
                     _ => {}
                 }
             }
-            if committed {
-                link.open_for_peers();
-                if let Some(Err(e)) = held.take().map(|r| r.go()) {
-                    tracing::error!(error = %e, "letting the committed process run");
-                    pending.push(format!("lost it could not be let run: {}", one_line(e)));
+            if !committed && !stdin.open {
+                // Until the source commits, this copy may not run (it never did).
+                tracing::info!("not committed: killing the copy here, which never ran");
+                match paused.take() {
+                    Some(p) => p.kill(r.stub_pid),
+                    None => {
+                        let _ = crate::sys::kill(r.stub_pid, libc::SIGKILL);
+                        let _ = crate::sys::wait_child(r.stub_pid);
+                    }
                 }
-            } else if !stdin.open {
-                // Until the source commits, this copy may not outlive migd.
-                tracing::info!("not committed: killing the copy here");
-                if let Some(h) = held.take() {
-                    h.kill();
-                }
-                let _ = crate::sys::wait_child(r.stub_pid);
                 return 1;
             }
         }
@@ -634,6 +734,10 @@ fn restorer_lazy(opts: &RestoreOptions, lazy: &LazyOptions, link: &mut Link) -> 
             if let Err(e) = pager.step(Duration::ZERO) {
                 // The store stayed away past the bound: the process was killed.
                 tracing::error!(error = %e, "pages lost; the process was killed");
+                if let Some(p) = paused.take() {
+                    // It never ran; its traced threads are reaped here.
+                    p.kill(r.stub_pid);
+                }
                 pending.push(format!("lost {}", one_line(e)));
                 paged = true;
             } else if pager.done() {

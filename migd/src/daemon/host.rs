@@ -16,6 +16,84 @@ use tokio::io::AsyncWriteExt;
 use tokio::process::Child;
 use tracing::Instrument;
 
+/// An accepted offer, until its restore (or abort).
+pub struct Offered {
+    pub offer: MigrationOffer,
+    /// The restorer started at once (building the home's file view while the
+    /// source writes the image); `Err` says why it could not be started. `None`
+    /// going home (home-proxy restores into the shadow).
+    pub restorer: Option<Result<Restorer, String>>,
+}
+
+/// A restorer helper started for an offer (see `helpers::restorer_main`): it builds
+/// the home's file view, says `ready`, and waits for `restore`.
+pub struct Restorer {
+    child: Child,
+    stdin: Option<tokio::process::ChildStdin>,
+    lines: LineSource,
+    stage: std::path::PathBuf,
+    socket: std::path::PathBuf,
+    started: std::time::Instant,
+}
+
+impl Restorer {
+    /// Starts the restorer of `offer` (the image not written yet).
+    fn start(d: &Daemon, offer: &MigrationOffer) -> Result<Restorer, String> {
+        let stage = d.config.migd.state_dir.join("roots").join(&offer.id);
+        let records = d.foreign_dir();
+        std::fs::create_dir_all(&records)
+            .map_err(|e| format!("cannot create {}: {e}", records.display()))?;
+        let socket = records.join(format!("{}.sock", offer.id));
+        let mut child = tokio::process::Command::new(&d.helper_exe)
+            .arg("internal-restore")
+            .arg("--images")
+            .arg(d.image_dir(&offer.image))
+            .arg("--home")
+            .arg(&offer.home)
+            .arg("--superroot")
+            .arg(d.superroot())
+            .arg("--stage")
+            .arg(&stage)
+            .arg("--socket")
+            .arg(&socket)
+            .args(offer.files.iter().flat_map(|f| ["--warm", f.as_str()]))
+            .args(if offer.mode.lazy() {
+                vec![
+                    "--lazy".to_string(),
+                    "--store-bound".to_string(),
+                    d.config.migd.lazy_store_bound_secs.to_string(),
+                    "--prefetch-mib-per-sec".to_string(),
+                    d.config.migd.lazy_prefetch_mib_per_sec.to_string(),
+                ]
+            } else {
+                Vec::new()
+            })
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", d.helper_exe.display()))?;
+        Ok(Restorer {
+            stdin: child.stdin.take(),
+            lines: line_source(child.stdout.take().expect("piped")),
+            child,
+            stage,
+            socket,
+            started: std::time::Instant::now(),
+        })
+    }
+
+    /// Ends a restorer that restored nothing (the migration was given up before
+    /// its restore): its input closes, it exits; its stage and socket are removed.
+    fn dismiss(mut self) {
+        drop(self.stdin.take());
+        tokio::spawn(async move {
+            let _ = self.child.wait().await;
+            let _ = std::fs::remove_dir(&self.stage);
+            let _ = std::fs::remove_file(&self.socket);
+        });
+    }
+}
+
 /// One authenticated connection from another node's migd.
 #[derive(Clone)]
 pub struct Conn {
@@ -82,17 +160,24 @@ impl MigdService for Conn {
         if let Some(why) = going_home_refusal {
             return refuse(why);
         }
+        // Not going home: the restorer starts now and builds the home's file view
+        // while the source writes the image.
+        let restorer = (offer.home != self.me()).then(|| Restorer::start(&self.d, &offer));
         tracing::info!("offer accepted");
-        self.d
+        let old = self
+            .d
             .offers
             .lock()
             .unwrap()
-            .insert(offer.id.clone(), offer);
+            .insert(offer.id.clone(), Offered { offer, restorer });
+        if let Some(Ok(r)) = old.and_then(|o| o.restorer) {
+            r.dismiss();
+        }
         Ok(())
     }
 
     async fn restore(self, _: Context, id: String) -> MigResult<Running> {
-        let Some(offer) = self.d.offers.lock().unwrap().remove(&id) else {
+        let Some(Offered { offer, restorer }) = self.d.offers.lock().unwrap().remove(&id) else {
             return Err(self.unknown(&id));
         };
         if offer.home == self.me() {
@@ -101,7 +186,10 @@ impl MigdService for Conn {
             return restore_home(self.d.clone(), offer).instrument(span).await;
         }
         let span = tracing::info_span!("restore", id = %id, pid = offer.pid, home = %offer.home, from = %offer.source);
-        restore(self.d.clone(), offer).instrument(span).await
+        let restorer = restorer.unwrap_or_else(|| Err("no restorer was started".into()));
+        restore(self.d.clone(), offer, restorer)
+            .instrument(span)
+            .await
     }
 
     async fn committed(self, _: Context, id: String) -> MigResult<()> {
@@ -141,7 +229,11 @@ impl MigdService for Conn {
     }
 
     async fn abort(self, _: Context, id: String) -> MigResult<()> {
-        self.d.offers.lock().unwrap().remove(&id);
+        let offered = self.d.offers.lock().unwrap().remove(&id);
+        if let Some(Ok(r)) = offered.and_then(|o| o.restorer) {
+            tracing::info!(id = %id, "abort: the restorer ends, nothing was restored");
+            r.dismiss();
+        }
         if self.d.homing.lock().unwrap().remove(&id).is_some() {
             tracing::warn!(id = %id, "abort: the process goes back to being a shadow");
             let p = self.d.proxy(&self.me()).await?;
@@ -269,67 +361,76 @@ async fn restore_home(d: Arc<Daemon>, offer: MigrationOffer) -> MigResult<Runnin
     Ok(running)
 }
 
-/// Restores an offered process under its home's file view and watches it.
-async fn restore(d: Arc<Daemon>, offer: MigrationOffer) -> MigResult<Running> {
+/// Restores an offered process under its home's file view (built by `restorer`
+/// since the offer) and watches it.
+async fn restore(
+    d: Arc<Daemon>,
+    offer: MigrationOffer,
+    restorer: Result<Restorer, String>,
+) -> MigResult<Running> {
     let me = d.config.node.clone();
     let fail = |why: String| MigError::Failed {
         node: me.clone(),
         why,
     };
     let id = offer.id.clone();
-    let stage = d.config.migd.state_dir.join("roots").join(&id);
+    let mut ph = crate::phases::Phases::new("restore_rpc");
     let records = d.foreign_dir();
-    std::fs::create_dir_all(&records)
-        .map_err(|e| fail(format!("cannot create {}: {e}", records.display())))?;
-    let mut child = tokio::process::Command::new(&d.helper_exe)
-        .arg("internal-restore")
-        .arg("--images")
-        .arg(d.image_dir(&offer.image))
-        .arg("--home")
-        .arg(&offer.home)
-        .arg("--superroot")
-        .arg(d.superroot())
-        .arg("--stage")
-        .arg(&stage)
-        .arg("--socket")
-        .arg(records.join(format!("{id}.sock")))
-        .args(if offer.mode.lazy() {
-            vec![
-                "--lazy".to_string(),
-                "--store-bound".to_string(),
-                d.config.migd.lazy_store_bound_secs.to_string(),
-                "--prefetch-mib-per-sec".to_string(),
-                d.config.migd.lazy_prefetch_mib_per_sec.to_string(),
-            ]
-        } else {
-            Vec::new()
-        })
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .map_err(|e| fail(format!("cannot start {}: {e}", d.helper_exe.display())))?;
-    let restorer = child.stdin.take();
-    let mut lines = line_source(child.stdout.take().expect("piped"));
+    let Restorer {
+        mut child,
+        stdin: mut restorer,
+        mut lines,
+        stage,
+        socket,
+        started,
+    } = restorer.map_err(&fail)?;
+    let ended = |why: String| {
+        let _ = std::fs::remove_dir(&stage);
+        let _ = std::fs::remove_file(&socket);
+        tracing::warn!(%why, "restore failed");
+        fail(why)
+    };
+    // `ready` (the home's file view is built), normally long before the image.
     let first = lines.next_line().await.ok().flatten().unwrap_or_default();
-    // "ready": built and held before its first instruction until `committed`.
-    let Some(rest) = first.strip_prefix("ready ") else {
+    if first != "ready" {
         let why = first
             .strip_prefix("error ")
             .unwrap_or("the restorer ended without a word")
             .to_string();
         let _ = child.wait().await;
-        let _ = std::fs::remove_dir(&stage);
-        let _ = std::fs::remove_file(records.join(format!("{id}.sock")));
-        tracing::warn!(%why, "restore failed");
-        return Err(fail(why));
+        return Err(ended(why));
+    }
+    ph.mark("restorer ready");
+    let go = async {
+        let w = restorer.as_mut().ok_or(std::io::ErrorKind::BrokenPipe)?;
+        w.write_all(b"restore\n").await?;
+        w.flush().await
     };
+    if let Err(e) = go.await {
+        let _ = child.wait().await;
+        return Err(ended(format!("the restorer went away: {e}")));
+    }
+    let first = lines.next_line().await.ok().flatten().unwrap_or_default();
+    ph.mark("until running");
+    let Some(rest) = first.strip_prefix("running ") else {
+        let why = first
+            .strip_prefix("error ")
+            .unwrap_or("the restorer ended without a word")
+            .to_string();
+        let _ = child.wait().await;
+        return Err(ended(why));
+    };
+    tracing::debug!(
+        view_ready_before_ms = started.elapsed().as_secs_f64() * 1e3,
+        "restorer started at the offer"
+    );
     let mut it = rest.split_whitespace();
     let host_pid: i32 = it.next().and_then(|v| v.parse().ok()).unwrap_or(0);
     let restore_ms: f64 = it.next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
     tracing::info!(
         host_pid,
         restore_ms,
-        "ready here; held until the source commits"
+        "restored here; held before its first instruction until the source commits"
     );
     let entry = ProcessEntry {
         id: id.clone(),
@@ -358,6 +459,8 @@ async fn restore(d: Arc<Daemon>, offer: MigrationOffer) -> MigResult<Running> {
         },
     );
     tokio::spawn(watch(d.clone(), id, lines, Some(child)).in_current_span());
+    ph.mark("records");
+    ph.log();
     Ok(Running {
         host_pid,
         restore_ms,

@@ -77,7 +77,7 @@ pub struct Daemon {
     pub helper_exe: PathBuf,
     next: AtomicU64,
     pub foreign: Mutex<HashMap<String, ForeignRec>>,
-    pub offers: Mutex<HashMap<String, common::migproto::MigrationOffer>>,
+    pub offers: Mutex<HashMap<String, host::Offered>>,
     /// Migrations coming home whose image was restored into the shadow, until their
     /// commit or abort.
     pub homing: Mutex<std::collections::HashMap<String, String>>,

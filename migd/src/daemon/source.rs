@@ -203,7 +203,16 @@ pub async fn prepare(
     };
     let peer = d.peer(dest).await?;
     progress(tx, format!("asking {dest}"), 0);
-    flat(dest, peer.offer(long_ctx(), offer).await)?;
+    // The image directory exists before the offer: the destination's restorer
+    // opens it then, so that no lookup of it is left for the freeze.
+    tokio::fs::create_dir_all(&images)
+        .await
+        .map_err(|e| fail(format!("cannot create {}: {e}", images.display())))?;
+    let offered = flat(dest, peer.offer(long_ctx(), offer).await);
+    if offered.is_err() {
+        let _ = std::fs::remove_dir_all(&images);
+    }
+    offered?;
     let plan = HoldPlan {
         precopy: mode.precopies().then_some(PrecopyPlan {
             max_rounds: d.config.migd.precopy_max_rounds,
@@ -298,21 +307,37 @@ pub async fn prepare(
     // The destination's copy is held before its first instruction until told
     // `committed`; until then any failure kills it there and thaws the original
     // here. A `committed` that went unanswered is settled by asking (see below).
-    // Once the holder knows the decision (`decided`), the original never thaws on
-    // its own: a dying home-proxy or migd cannot leave two copies running.
+    // Once home-proxy knows the decision (`decided`), the original never thaws on
+    // its own: a dying home-proxy cannot leave two copies running.
+    let mut ph = crate::phases::Phases::new("after_dump");
     let restored = match flat(dest, peer.restore(long_ctx(), id.clone()).await) {
-        Ok(running) => match holder.decided(&entry_at(running.host_pid)).await {
-            Ok(()) => match flat(dest, peer.committed(long_ctx(), id.clone()).await) {
-                Ok(()) => Ok(running),
-                Err(e) => settle_commit(d, dest, &id, e, tx).await.map(|()| running),
-            },
-            Err(e) => Err(e),
-        },
+        Ok(running) => {
+            ph.mark("restore rpc");
+            match holder.decided(&entry_at(running.host_pid)).await {
+                Ok(()) => {
+                    ph.mark("decided");
+                    let r = match flat(dest, peer.committed(long_ctx(), id.clone()).await) {
+                        Ok(()) => Ok(running),
+                        Err(e) => settle_commit(d, dest, &id, e, tx).await.map(|()| running),
+                    };
+                    ph.mark("committed rpc");
+                    r
+                }
+                Err(e) => Err(e),
+            }
+        }
         Err(e) => Err(e),
     };
     match restored {
         Ok(running) => {
             let freeze_ms = dump_ms + frozen_at.elapsed().as_secs_f64() * 1e3;
+            tracing::debug!(
+                dump_ms,
+                restore_ms = running.restore_ms,
+                freeze_ms,
+                "phases: {}",
+                ph.summary()
+            );
             Ok(Ready {
                 holder,
                 running,
@@ -429,7 +454,25 @@ pub fn offer_for(
             .as_ref()
             .map(|u| u.machine().to_string_lossy().into_owned())
             .unwrap_or_default(),
+        files: mapped_files(pid),
     }
+}
+
+/// The files `pid` maps (regular paths, each once; none for pid 0 or a process gone).
+fn mapped_files(pid: i32) -> Vec<String> {
+    if pid <= 0 {
+        return Vec::new();
+    }
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+    let areas = crate::engine::maps::parse_smaps(&maps).unwrap_or_default();
+    let mut files: Vec<String> = areas
+        .into_iter()
+        .filter(|a| a.is_file() && !a.name.ends_with(" (deleted)") && a.name.starts_with('/'))
+        .map(|a| a.name)
+        .collect();
+    files.sort();
+    files.dedup();
+    files
 }
 
 fn comm_uid(pid: i32) -> (String, u32) {

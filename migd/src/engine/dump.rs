@@ -11,7 +11,8 @@ use super::inject::{InjectError, Injector, GADGET};
 use super::late::Deferral;
 use super::maps::{parse_smaps, MapArea};
 use super::{procfs, regs};
-use crate::sys;
+use crate::sys::{self, kabi};
+use nix::errno::Errno;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
@@ -587,20 +588,25 @@ fn inject_reads(
 /// Extracts the state of the frozen process into `dir` (used by [`dump`] and by
 /// `engine::handoff`, which keeps the process frozen afterwards).
 pub fn collect(pid: i32, frozen: &Frozen, dir: &Path) -> Result<Manifest, DumpError> {
-    collect_deferring(pid, frozen, dir, false).map(|(m, _)| m)
+    collect_deferring(pid, frozen, dir, false, true).map(|(m, _)| m)
 }
 
 /// [`collect`] (which refuses device mappings, see [`precheck_areas`]); with `late`, the pages of areas a lazy restore serves on demand are
 /// not written but left for a [`super::late::Flusher`] (but for those near each
 /// thread's stack pointer and rseq area): the manifest's `late_len` says how many
-/// bytes, and the late files are created (empty) in `dir`.
+/// bytes, and the late files are created (empty) in `dir`. Without `sync`, pages.img
+/// is only closed, not synced (see [`PageWriter::without_sync`]).
 pub fn collect_deferring(
     pid: i32,
     frozen: &Frozen,
     dir: &Path,
     late: bool,
+    sync: bool,
 ) -> Result<(Manifest, Option<Deferral>), DumpError> {
-    let pw = PageWriter::create(dir)?;
+    let mut pw = PageWriter::create(dir)?;
+    if !sync {
+        pw.without_sync();
+    }
     let mut src = MemSource::open(pid)?;
     let mut deferral = None;
     let mut m = collect_into(pid, frozen, pw, &mut |smaps, threads, pw| {
@@ -637,6 +643,7 @@ pub(crate) fn collect_into(
     mut pw: PageWriter,
     memory: &mut MemoryStep,
 ) -> Result<Manifest, DumpError> {
+    let mut ph = crate::phases::Phases::new("collect");
     let status = read_proc(format!("/proc/{pid}/status"))?;
     // Where to plant the gadget: /proc/PID/maps is enough (smaps costs a page-table
     // walk of the whole address space).
@@ -656,6 +663,7 @@ pub(crate) fn collect_into(
         .map(|s| s.to_vec())
         .collect();
     let vtids: Vec<i32> = threads.iter().map(|t| t.tid).collect();
+    ph.mark("status+maps+threads");
     let inj = inject_reads(pid, frozen, &smaps0, &vtids)?;
     for (ti, (ctid, alt)) in threads.iter_mut().zip(&inj.per_thread) {
         ti.clear_tid = *ctid;
@@ -665,6 +673,7 @@ pub(crate) fn collect_into(
     for (ti, t) in threads.iter_mut().zip(&frozen.threads) {
         undo_spurious_eintr(t, ti, &shared_sigs)?;
     }
+    ph.mark("injected reads");
     let mut mm =
         procfs::parse_stat_mm(&read_proc(format!("/proc/{pid}/stat"))?).ok_or_else(|| {
             DumpError::Other {
@@ -678,15 +687,19 @@ pub(crate) fn collect_into(
         source,
     })?;
     mm.auxv = procfs::parse_auxv(&auxv);
-
+    ph.mark("stat+auxv");
     let smaps =
         parse_smaps(&read_proc(format!("/proc/{pid}/smaps"))?).map_err(|e| DumpError::Other {
             pid,
             what: e.to_string(),
         })?;
+    ph.mark("smaps");
     let areas = memory(&smaps, &threads, &mut pw)?;
+    ph.mark("memory");
     let fds = dump_fds(pid, &mut pw)?;
+    ph.mark("fds");
     let (pages_len, chunk_crcs) = pw.finish()?;
+    ph.mark("pages.img closed");
 
     let mut rlimits = Vec::new();
     // prlimit on another user's process needs CAP_SYS_RESOURCE; /proc/PID/limits not.
@@ -711,13 +724,19 @@ pub(crate) fn collect_into(
         .filter_map(|g| g.parse().ok())
         .collect();
     let xsave_len = threads[0].xsave.len();
+    let comm = read_proc(format!("/proc/{pid}/comm"))?
+        .trim_end()
+        .to_string();
+    let exe = read_link(format!("/proc/{pid}/exe"))?;
+    let cwd = read_link(format!("/proc/{pid}/cwd"))?;
+    let root = read_link(format!("/proc/{pid}/root"))?;
+    ph.mark("limits+links");
+    ph.log();
     Ok(Manifest {
         version: image::IMAGE_VERSION,
         pid: procfs::innermost_id(&status, "NSpid").unwrap_or(pid),
-        comm: read_proc(format!("/proc/{pid}/comm"))?
-            .trim_end()
-            .to_string(),
-        exe: read_link(format!("/proc/{pid}/exe"))?,
+        comm,
+        exe,
         threads,
         shared_pending,
         sigactions: inj.sigactions,
@@ -725,8 +744,8 @@ pub(crate) fn collect_into(
         areas,
         mm,
         rlimits,
-        cwd: read_link(format!("/proc/{pid}/cwd"))?,
-        root: read_link(format!("/proc/{pid}/root"))?,
+        cwd,
+        root,
         umask: u32::from_str_radix(procfs::status_field(&status, "Umask").unwrap_or("022"), 8)
             .unwrap_or(0o022),
         personality,
@@ -847,8 +866,15 @@ const PM_FILE: u64 = 1 << 61;
 /// memory.
 pub(crate) const WINDOW: u64 = 1 << 18;
 
-/// A process's memory as the dump reads it: `/proc/PID/pagemap` to choose the pages,
-/// process_vm_readv to read them (`/proc/PID/mem` for protections it cannot read).
+/// Page categories for PAGEMAP_SCAN: populated (present or swapped) and not a file
+/// page, i.e. the pages the dump saves of a private area (the same test as on
+/// `/proc/PID/pagemap`'s PM_PRESENT, PM_SWAP and PM_FILE bits).
+pub(crate) const SAVED_ANYOF: u64 = kabi::PAGE_IS_PRESENT | kabi::PAGE_IS_SWAPPED;
+pub(crate) const SAVED_NOT: u64 = kabi::PAGE_IS_FILE;
+
+/// A process's memory as the dump reads it: PAGEMAP_SCAN (or, on kernels without
+/// it, `/proc/PID/pagemap`) to choose the pages, process_vm_readv to read them
+/// (`/proc/PID/mem` for protections it cannot read).
 pub(crate) struct MemSource {
     pub pid: i32,
     pub pagemap: std::fs::File,
@@ -871,10 +897,105 @@ impl MemSource {
         })
     }
 
-    /// Which pages of `a` (pages `w0..w0+wn` of it) the dump saves: for private
-    /// anonymous and private file areas, those present or swapped and not file-backed;
-    /// for deleted files and shared memory, all; for shared files and the vDSO, none.
-    pub fn saveable(
+    /// PAGEMAP_SCAN over `[start, end)` (see `sys::uffd::pagemap_scan`); the regions
+    /// found, adjacent ones joined.
+    pub fn scan(
+        &self,
+        start: u64,
+        end: u64,
+        flags: u64,
+        required: u64,
+        inverted: u64,
+        anyof: u64,
+    ) -> Result<Vec<(u64, u64)>, Errno> {
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        let mut v = Vec::new();
+        let mut at = start;
+        while at < end {
+            v.clear();
+            let walked = sys::uffd::pagemap_scan(
+                self.pagemap.as_raw_fd(),
+                at,
+                end,
+                flags,
+                required,
+                inverted,
+                anyof,
+                0,
+                &mut v,
+            )?;
+            for r in &v {
+                match out.last_mut() {
+                    Some(last) if last.1 == r.start => last.1 = r.end,
+                    _ => out.push((r.start, r.end)),
+                }
+            }
+            if walked <= at {
+                return Err(Errno::EIO);
+            }
+            at = walked;
+        }
+        Ok(out)
+    }
+
+    /// The address ranges `[start, end)` of `a` the dump saves, in order: for private
+    /// anonymous and private file areas, the pages present or swapped and not
+    /// file-backed (one PAGEMAP_SCAN walk; `/proc/PID/pagemap` read in windows where
+    /// the kernel lacks it); for deleted files and shared memory, all; for shared
+    /// files and the vDSO, none.
+    pub fn saved_runs(&self, a: &MapArea, kind: &AreaKind) -> Result<Vec<(u64, u64)>, DumpError> {
+        if !matches!(kind, AreaKind::Anon | AreaKind::File { .. }) || a.shared {
+            return self.pagemap_runs(a, kind);
+        }
+        // In private anonymous memory no page is a file page: without the FILE
+        // category the kernel need not look at each page's struct page, which makes
+        // the walk of a large area several times faster.
+        let not = match kind {
+            AreaKind::Anon => 0,
+            _ => SAVED_NOT,
+        };
+        match self.scan(a.start, a.end, 0, 0, not, SAVED_ANYOF) {
+            Ok(r) => Ok(r),
+            // Before Linux 6.7.
+            Err(Errno::ENOTTY | Errno::EINVAL) => self.pagemap_runs(a, kind),
+            Err(e) => Err(DumpError::Other {
+                pid: self.pid,
+                what: format!(
+                    "PAGEMAP_SCAN of {:#x}-{:#x} {}: {e}",
+                    a.start, a.end, a.name
+                ),
+            }),
+        }
+    }
+
+    /// [`saved_runs`](Self::saved_runs) from `/proc/PID/pagemap`, read in windows.
+    pub(crate) fn pagemap_runs(
+        &self,
+        a: &MapArea,
+        kind: &AreaKind,
+    ) -> Result<Vec<(u64, u64)>, DumpError> {
+        let page = sys::page_size();
+        let npages = a.len() / page;
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        let mut w0 = 0u64;
+        while w0 < npages {
+            let wn = WINDOW.min(npages - w0);
+            for (s, e) in true_runs(&self.saveable(a, kind, w0, wn)?) {
+                let rs = a.start + (w0 + s as u64) * page;
+                let re = a.start + (w0 + e as u64) * page;
+                match runs.last_mut() {
+                    Some(last) if last.1 == rs => last.1 = re,
+                    _ => runs.push((rs, re)),
+                }
+            }
+            w0 += wn;
+        }
+        Ok(runs)
+    }
+
+    /// Which pages of `a` (pages `w0..w0+wn` of it) the dump saves, from
+    /// `/proc/PID/pagemap` (see [`saved_runs`](Self::saved_runs)).
+    fn saveable(
         &self,
         a: &MapArea,
         kind: &AreaKind,
@@ -939,7 +1060,7 @@ impl MemSource {
         self.mem.read_exact_at(buf, addr)
     }
 
-    /// Saves the pages of `a` the dump saves (see [`saveable`](Self::saveable));
+    /// Saves the pages of `a` the dump saves (see [`saved_runs`](Self::saved_runs));
     /// returns its runs `(address, pages, offset)`. With `defer`, pages outside its
     /// windows are not written but reserved in late.img.
     pub fn save_area(
@@ -950,32 +1071,23 @@ impl MemSource {
         mut defer: Option<&mut Deferral>,
     ) -> Result<Vec<(u64, u64, u64)>, DumpError> {
         let page = sys::page_size();
-        let npages = a.len() / page;
         let mut runs = Vec::new();
-        let mut w0 = 0u64;
-        while w0 < npages {
-            let wn = WINDOW.min(npages - w0);
-            let wanted = self.saveable(a, kind, w0, wn)?;
-            for (s, e) in true_runs(&wanted) {
-                let addr = a.start + (w0 + s as u64) * page;
-                let end = addr + (e - s) as u64 * page;
-                match defer.as_deref_mut() {
-                    None => {
-                        let off = self.copy_run(addr, end - addr, pw)?;
-                        runs.push((addr, (end - addr) / page, off));
-                    }
-                    Some(d) => {
-                        for (ps, pe, late) in d.split(addr, end) {
-                            let off = match late {
-                                true => d.defer(ps, pe),
-                                false => self.copy_run(ps, pe - ps, pw)?,
-                            };
-                            runs.push((ps, (pe - ps) / page, off));
-                        }
+        for (addr, end) in self.saved_runs(a, kind)? {
+            match defer.as_deref_mut() {
+                None => {
+                    let off = self.copy_run(addr, end - addr, pw)?;
+                    runs.push((addr, (end - addr) / page, off));
+                }
+                Some(d) => {
+                    for (ps, pe, late) in d.split(addr, end) {
+                        let off = match late {
+                            true => d.defer(ps, pe),
+                            false => self.copy_run(ps, pe - ps, pw)?,
+                        };
+                        runs.push((ps, (pe - ps) / page, off));
                     }
                 }
             }
-            w0 += wn;
         }
         Ok(runs)
     }
@@ -1206,4 +1318,59 @@ fn caps_of(status: &str) -> Option<crate::engine::image::Caps> {
         bounding: field("CapBnd")?,
         ambient: field("CapAmb").unwrap_or(0),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::BufRead;
+
+    /// The pages PAGEMAP_SCAN picks are exactly those `/proc/PID/pagemap` picks, in
+    /// every area of a stopped python3 whose private anonymous memory holds written
+    /// pages, pages only read (the zero page) and pages never touched, beside its
+    /// libraries' file pages and copied-on-write data.
+    #[test]
+    fn pagemap_scan_and_pagemap_choose_the_same_pages_to_save() {
+        let prog = "import mmap,signal\n\
+                    m=mmap.mmap(-1,64<<20,flags=mmap.MAP_PRIVATE)\n\
+                    for i in range(0,64<<20,3*4096): m[i]=1\n\
+                    x=sum(m[i] for i in range(4096,64<<20,5*4096))\n\
+                    print('ready',flush=True)\n\
+                    signal.pause()\n";
+        let mut child = std::process::Command::new("python3")
+            .args(["-c", prog])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "ready");
+        let pid = child.id() as i32;
+        crate::sys::kill(pid, libc::SIGSTOP).unwrap();
+        let src = MemSource::open(pid).unwrap();
+        let smaps = parse_smaps(&read_proc(format!("/proc/{pid}/smaps")).unwrap()).unwrap();
+        let mut compared = 0;
+        let mut pages = 0;
+        for a in &smaps {
+            let Some(kind) = area_kind(pid, a).unwrap() else {
+                continue;
+            };
+            let by_scan = src.saved_runs(a, &kind).unwrap();
+            let by_pagemap = src.pagemap_runs(a, &kind).unwrap();
+            assert_eq!(
+                by_scan, by_pagemap,
+                "area {:#x}-{:#x} {}",
+                a.start, a.end, a.name
+            );
+            compared += 1;
+            pages += by_scan.iter().map(|(s, e)| (e - s) / 4096).sum::<u64>();
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(compared > 5, "only {compared} areas");
+        // 64 MiB / 3 pages written, 1/5 read (zero page, saved as present), at least.
+        assert!(pages > (64 << 20) / 4096 / 3, "{pages} pages");
+    }
 }

@@ -33,6 +33,11 @@ pub struct Held {
     /// Writes the late pages (a lazy dump), declared first: dropped (stopped) before
     /// the process thaws.
     flusher: Option<Flusher>,
+    /// What the dump leaves for after its critical path (the image synced, a
+    /// pre-copy's tracking ended), on a thread of its own; waited for before the
+    /// process is thawed, killed or made the shadow (declared before `frozen`: a
+    /// drop waits for it too before the process thaws).
+    after: After,
     frozen: Frozen,
     /// Bytes of page data written at the freeze.
     pub page_bytes: u64,
@@ -68,17 +73,65 @@ pub fn dump_frozen(pid: i32, images: &Path, late: Option<LateOptions>) -> Result
     super::dump::prepare(pid, images)?;
     let frozen = Frozen::freeze(pid)?;
     let t0 = Instant::now();
+    let mut ph = crate::phases::Phases::new("dump_frozen");
     // The areas are checked by the collect, on the layout it reads anyway.
     precheck_process(pid)?;
-    let (manifest, deferral) = collect_deferring(pid, &frozen, images, late.is_some())?;
-    image::write_manifest(images, &manifest)?;
+    ph.mark("precheck");
+    let (manifest, deferral) = collect_deferring(pid, &frozen, images, late.is_some(), false)?;
+    ph.mark("collect+late files");
+    image::write_manifest_with(images, &manifest, false)?;
+    ph.mark("manifest");
+    ph.log();
+    let after = after_dump(images, None);
     Ok(Held::new(
         frozen,
         &manifest,
         t0.elapsed().as_secs_f64() * 1e3,
         deferral.zip(late),
         images,
+        after,
     ))
+}
+
+/// The thread of [`after_dump`]; dropping it waits for it.
+struct After(Option<std::thread::JoinHandle<()>>);
+
+impl After {
+    fn wait(&mut self) {
+        if let Some(t) = self.0.take() {
+            if t.join().is_err() {
+                tracing::error!("the work after the dump panicked");
+            }
+        }
+    }
+}
+
+impl Drop for After {
+    fn drop(&mut self) {
+        self.wait();
+    }
+}
+
+/// Starts what the dump leaves for after the freeze's critical path: the image is
+/// synced (the freeze only closed its files: another node reads them all the same),
+/// and a pre-copy's tracking ends (`untrack` dropped, see
+/// `Tracker::freeze_and_finish`).
+fn after_dump(images: &Path, untrack: Option<sys::uffd::Uffd>) -> std::thread::JoinHandle<()> {
+    let images = images.to_path_buf();
+    let span = tracing::Span::current();
+    std::thread::spawn(move || {
+        let _span = span.entered();
+        let mut ph = crate::phases::Phases::new("after_dump");
+        drop(untrack);
+        ph.mark("tracking ended");
+        if let Err(e) = image::sync_image(&images) {
+            // The copy elsewhere reads the image all the same (it was closed, so it
+            // reached the store's server); only its durability is not known.
+            tracing::warn!(error = %e, "syncing the image after the freeze");
+        }
+        ph.mark("image synced");
+        ph.log();
+    })
 }
 
 /// Like [`dump_frozen`], but pre-copy: the pages are written in rounds while the
@@ -86,8 +139,9 @@ pub fn dump_frozen(pid: i32, images: &Path, late: Option<LateOptions>) -> Result
 /// (with `late`, left for the flusher). `progress` sees each round and, last, the
 /// freeze (whose `ms` is the time from the freeze to the manifest written, the same
 /// figure as [`Held::dump_ms`]). On error the process runs on as it was (a refusal
-/// comes before anything is injected); on success it is held frozen, with nothing
-/// of the tracking left in it.
+/// comes before anything is injected); on success it is held frozen, and the
+/// tracking is ended on a thread of its own (see [`Held::settle`]): nothing of it is
+/// left in the process once it is thawed, killed or made the shadow.
 pub fn dump_frozen_precopy(
     pid: i32,
     images: &Path,
@@ -97,15 +151,19 @@ pub fn dump_frozen_precopy(
 ) -> Result<Held, DumpError> {
     let _span = tracing::info_span!("dump_frozen_precopy", pid).entered();
     let mut tracker = Tracker::start(pid, images)?;
+    tracker.defer_sync();
     track::run_rounds(&mut tracker, opts, &mut progress)?;
-    let (frozen, manifest, report, deferral) = tracker.freeze_and_finish(late.is_some())?;
+    let (frozen, manifest, report, deferral, untrack) =
+        tracker.freeze_and_finish(late.is_some())?;
     progress(&report);
+    let after = after_dump(images, Some(untrack));
     Ok(Held::new(
         frozen,
         &manifest,
         report.ms,
         deferral.zip(late),
         images,
+        after,
     ))
 }
 
@@ -116,12 +174,14 @@ impl Held {
         dump_ms: f64,
         late: Option<(Deferral, LateOptions)>,
         images: &Path,
+        after: std::thread::JoinHandle<()>,
     ) -> Held {
         let flusher = late
             .filter(|(d, _)| !d.is_empty())
             .map(|(d, o)| Flusher::start(frozen.pid, images, d.into_runs(), o));
         Held {
             flusher,
+            after: After(Some(after)),
             page_bytes: m.pages_len,
             late_bytes: m.late_len,
             dump_ms,
@@ -133,8 +193,18 @@ impl Held {
 
     /// Waits until the late pages are written (or no longer needed): until then the
     /// copy elsewhere depends on this frozen original. `None` without late pages.
+    /// The work left after the dump (see `after_dump`) is waited for too.
     pub fn wait_flushed(&mut self) -> Option<FlushEnd> {
-        self.flusher.take().map(Flusher::wait)
+        let end = self.flusher.take().map(Flusher::wait);
+        self.settle();
+        end
+    }
+
+    /// Waits for the work the dump left for after the freeze's critical path: the
+    /// image synced, a pre-copy's tracking ended (every way of ending the held
+    /// process waits for it first).
+    pub fn settle(&mut self) {
+        self.after.wait();
     }
 
     /// The pid (as the caller sees it).
@@ -148,6 +218,8 @@ impl Held {
         if let Some(f) = self.flusher.take() {
             f.stop();
         }
+        // A pre-copy's tracking ends before the process runs again.
+        self.settle();
         self.frozen.thaw();
     }
 

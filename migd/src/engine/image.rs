@@ -367,6 +367,13 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ImageError + '_ {
 
 /// Writes the manifest with its header line `FERRY-IMAGE v1 len=N crc32c=X`.
 pub fn write_manifest(dir: &Path, m: &Manifest) -> Result<(), ImageError> {
+    write_manifest_with(dir, m, true)
+}
+
+/// [`write_manifest`]; without `sync` it is only closed (close(2) answers whether it
+/// reached the store's server, so that another node can read it), and
+/// [`sync_image`] makes the image durable later.
+pub fn write_manifest_with(dir: &Path, m: &Manifest, sync: bool) -> Result<(), ImageError> {
     let path = dir.join(MANIFEST_FILE);
     let body = serde_json::to_vec(m).map_err(|source| ImageError::Decode {
         path: path.clone(),
@@ -381,7 +388,21 @@ pub fn write_manifest(dir: &Path, m: &Manifest) -> Result<(), ImageError> {
     let mut f = std::fs::File::create(&path).map_err(io_err(&path))?;
     f.write_all(header.as_bytes()).map_err(io_err(&path))?;
     f.write_all(&body).map_err(io_err(&path))?;
-    f.sync_all().map_err(io_err(&path))?;
+    if sync {
+        f.sync_all().map_err(io_err(&path))?;
+    }
+    crate::sys::close_checked(f).map_err(io_err(&path))
+}
+
+/// Makes an image written without syncing ([`PageWriter::without_sync`],
+/// [`write_manifest_with`]) durable: pages.img and the manifest are synced.
+pub fn sync_image(dir: &Path) -> Result<(), ImageError> {
+    for name in [PAGES_FILE, MANIFEST_FILE] {
+        let path = dir.join(name);
+        std::fs::File::open(&path)
+            .and_then(|f| f.sync_all())
+            .map_err(io_err(&path))?;
+    }
     Ok(())
 }
 
@@ -494,6 +515,8 @@ pub struct PageWriter {
     len: u64,
     crcs: Vec<u32>,
     cur: u32,
+    /// Synced at [`finish`](Self::finish) (else only closed).
+    sync: bool,
 }
 
 impl PageWriter {
@@ -506,7 +529,15 @@ impl PageWriter {
             len: 0,
             crcs: Vec::new(),
             cur: 0,
+            sync: true,
         })
+    }
+
+    /// [`finish`](Self::finish) closes pages.img without syncing it (close(2) still
+    /// answers whether the data reached the store's server, so that another node
+    /// reads it); [`sync_image`] makes it durable later.
+    pub fn without_sync(&mut self) {
+        self.sync = false;
     }
     pub fn offset(&self) -> u64 {
         self.len
@@ -527,13 +558,26 @@ impl PageWriter {
         }
         Ok(at)
     }
-    /// Flushes and syncs; returns (length, chunk checksums).
+    /// Writes out what is buffered (the file stays open for more).
+    pub fn flush(&mut self) -> Result<(), ImageError> {
+        self.file.flush().map_err(io_err(&self.path))
+    }
+
+    /// Flushes, syncs (unless [`without_sync`](Self::without_sync)) and closes;
+    /// returns (length, chunk checksums).
     pub fn finish(mut self) -> Result<(u64, Vec<u32>), ImageError> {
         if !self.len.is_multiple_of(CHUNK) {
             self.crcs.push(self.cur);
         }
-        self.file.flush().map_err(io_err(&self.path))?;
-        self.file.get_ref().sync_all().map_err(io_err(&self.path))?;
+        let path = self.path;
+        let f = self
+            .file
+            .into_inner()
+            .map_err(|e| io_err(&path)(e.into_error()))?;
+        if self.sync {
+            f.sync_all().map_err(io_err(&path))?;
+        }
+        crate::sys::close_checked(f).map_err(io_err(&path))?;
         Ok((self.len, self.crcs))
     }
 }

@@ -19,8 +19,8 @@
 //! miss them the same way.
 
 use super::dump::{
-    area_kind, area_record, collect_into, precheck_areas, precheck_process, read_proc, true_runs,
-    with_gadget, DumpError, MemSource, WINDOW,
+    area_kind, area_record, collect_into, precheck_areas, precheck_process, read_proc, with_gadget,
+    DumpError, MemSource, SAVED_ANYOF, SAVED_NOT,
 };
 use super::freeze::Frozen;
 use super::image::{self, Area, AreaKind, Manifest, PageWriter};
@@ -189,6 +189,29 @@ pub struct Tracker {
     map: OffsetMap,
     rounds: u32,
     finished: bool,
+    /// Milliseconds of the final freeze's memory step: dirty scans, pagemap reads,
+    /// page copies (logged with the freeze's phases).
+    final_ms: FinalMs,
+    /// In a lazy dump with late pages, the eager windows (see `image::eager_windows`)
+    /// whose pages the freeze writes again (see `final_tracked`).
+    fresh: Option<Vec<(u64, u64)>>,
+    /// Sync pages.img and the manifest in the freeze (else see [`Tracker::defer_sync`]).
+    sync: bool,
+    /// The copy buffer, kept from round to round: a fresh 8 MiB `vec![0; n]` per
+    /// call comes from the heap once glibc raised its mmap threshold, and is zeroed
+    /// in full each time (~1 ms a call, one call per tracked area in the freeze).
+    copy_buf: Vec<u8>,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct FinalMs {
+    dirty_scan: f64,
+    pagemap: f64,
+    copy: f64,
+}
+
+fn ms_since(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e3
 }
 
 fn other(pid: i32, what: impl Into<String>) -> DumpError {
@@ -206,11 +229,6 @@ fn trackable(a: &MapArea, kind: &AreaKind) -> bool {
         && a.prot & libc::PROT_WRITE != 0
         && matches!(kind, AreaKind::Anon | AreaKind::File { .. })
 }
-
-/// Page categories for PAGEMAP_SCAN: populated (present or swapped) and not a file
-/// page, i.e. the pages the dump saves of a private area.
-const SAVED_ANYOF: u64 = kabi::PAGE_IS_PRESENT | kabi::PAGE_IS_SWAPPED;
-const SAVED_NOT: u64 = kabi::PAGE_IS_FILE;
 
 impl Tracker {
     /// Starts tracking the writes of `pid` and opens the image in `images` (its
@@ -287,7 +305,21 @@ impl Tracker {
             map: OffsetMap::default(),
             rounds: 0,
             finished: false,
+            final_ms: FinalMs::default(),
+            fresh: None,
+            sync: true,
+            copy_buf: Vec::new(),
         })
+    }
+
+    /// The freeze closes pages.img and the manifest without syncing them (close(2)
+    /// still says whether they reached the store's server); the caller syncs them
+    /// after the freeze (`image::sync_image`).
+    pub fn defer_sync(&mut self) {
+        self.sync = false;
+        if let Some(pw) = self.pw.as_mut() {
+            pw.without_sync();
+        }
     }
 
     /// The pid being tracked.
@@ -305,34 +337,7 @@ impl Tracker {
         inverted: u64,
         anyof: u64,
     ) -> Result<Vec<(u64, u64)>, Errno> {
-        let mut out: Vec<(u64, u64)> = Vec::new();
-        let mut v = Vec::new();
-        let mut at = start;
-        while at < end {
-            v.clear();
-            let walked = sys::uffd::pagemap_scan(
-                self.src.pagemap.as_raw_fd(),
-                at,
-                end,
-                flags,
-                required,
-                inverted,
-                anyof,
-                0,
-                &mut v,
-            )?;
-            for r in &v {
-                match out.last_mut() {
-                    Some(last) if last.1 == r.start => last.1 = r.end,
-                    _ => out.push((r.start, r.end)),
-                }
-            }
-            if walked <= at {
-                return Err(Errno::EIO);
-            }
-            at = walked;
-        }
-        Ok(out)
+        self.src.scan(start, end, flags, required, inverted, anyof)
     }
 
     /// One round while the process runs: the first writes every populated page of
@@ -379,8 +384,12 @@ impl Tracker {
             .take()
             .ok_or_else(|| other(pid, "page writer gone"))?;
         let copied = self.copy_regions(&regions, false, &mut pw);
+        // This round's last pages leave the page writer's buffer now, while the
+        // process runs, not in the freeze.
+        let flushed = pw.flush();
         self.pw = Some(pw);
         let bytes = copied?;
+        flushed?;
         // Push this round's pages to the disk now, while the process runs, so that
         // the final fsync (in the freeze) has only the freeze's own pages to write.
         let path = self.images.join(image::PAGES_FILE);
@@ -413,7 +422,12 @@ impl Tracker {
         const BATCH: u64 = 8 << 20;
         const IOV: usize = 512;
         let pid = self.pid;
-        {
+        if regions.is_empty() {
+            return Ok(0);
+        }
+        let mut buf = std::mem::take(&mut self.copy_buf);
+        buf.resize(BATCH as usize, 0);
+        let copied = {
             // Pieces of at most BATCH bytes.
             let mut pieces = Vec::new();
             for &(s, e) in regions {
@@ -424,7 +438,6 @@ impl Tracker {
                     a += n;
                 }
             }
-            let mut buf = vec![0u8; BATCH as usize];
             let mut written = 0u64;
             let mut i = 0;
             while i < pieces.len() {
@@ -484,15 +497,20 @@ impl Tracker {
                 i = j;
             }
             Ok(written)
-        }
+        };
+        self.copy_buf = buf;
+        copied
     }
 
     /// Freezes the process and completes the image: the pages written since the last
     /// round, areas that lost their tracking in full, then everything else as
     /// `dump::collect` does; writes the manifest. Returns the frozen process, the
-    /// manifest and the freeze's report (`ms`: from the freeze to the manifest
-    /// written). The userfaultfd is closed before returning. On error the process
-    /// thaws and runs on as it was.
+    /// manifest, the freeze's report (`ms`: from the freeze to the manifest
+    /// written) and the userfaultfd: dropping it ends the tracking (the kernel
+    /// unregisters every area and clears their write-protect bits, a walk of all the
+    /// tracked memory, ~15 ms for 1 GiB), which the caller does off the freeze's
+    /// critical path but before the process thaws. On error the process thaws and
+    /// runs on as it was, the userfaultfd closed.
     ///
     /// With `late`, the pages still to write of areas a lazy restore serves on demand
     /// are left for a [`crate::engine::late::Flusher`] (see `dump::collect_deferring`),
@@ -500,16 +518,20 @@ impl Tracker {
     pub fn freeze_and_finish(
         mut self,
         late: bool,
-    ) -> Result<(Frozen, Manifest, RoundReport, Option<Deferral>), DumpError> {
+    ) -> Result<(Frozen, Manifest, RoundReport, Option<Deferral>, Uffd), DumpError> {
         let pid = self.pid;
         let was_stopped = read_proc(format!("/proc/{pid}/status"))
             .map(|s| procfs::status_field(&s, "State").is_some_and(|v| v.starts_with('T')))
             .unwrap_or(false);
+        let t_freeze = Instant::now();
         let frozen = Frozen::freeze(pid)?;
+        let freeze_op_ms = ms_since(t_freeze);
         let t0 = Instant::now();
+        let mut ph = crate::phases::Phases::new("precopy_freeze");
         // The device-mapping refusal is checked on the layout collect reads anyway
         // (one smaps walk less in the freeze).
         precheck_process(pid)?;
+        ph.mark("precheck");
         let pw = self
             .pw
             .take()
@@ -523,17 +545,34 @@ impl Tracker {
         let mut manifest = collect_into(pid, &frozen, pw, &mut |smaps, threads, pw| {
             precheck_areas(pid, smaps)?;
             deferral = late.then(|| Deferral::new(threads));
+            self.fresh = late.then(|| image::eager_windows(threads, sys::page_size()));
             self.final_memory(smaps, pw, &mut report, deferral.as_mut())
         })?;
+        ph.mark("collect");
         manifest.stopped = was_stopped;
         crate::engine::late::seal(&mut manifest, deferral.as_ref(), &self.images)?;
-        image::write_manifest(&self.images, &manifest)?;
+        ph.mark("late files");
+        image::write_manifest_with(&self.images, &manifest, self.sync)?;
+        ph.mark("manifest");
         report.ms = t0.elapsed().as_secs_f64() * 1e3;
         self.finished = true;
         // Closing the last reference unregisters every area (fs/userfaultfd.c,
         // userfaultfd_release), so a thawed process carries nothing of the tracking.
-        drop(self.uffd.take());
-        Ok((frozen, manifest, report, deferral))
+        let uffd = self
+            .uffd
+            .take()
+            .ok_or_else(|| other(pid, "userfaultfd gone"))?;
+        let f = self.final_ms;
+        tracing::debug!(
+            freeze_op_ms,
+            dirty_scan_ms = f.dirty_scan,
+            pagemap_ms = f.pagemap,
+            copy_ms = f.copy,
+            bytes = report.bytes,
+            "phases: {}",
+            ph.summary()
+        );
+        Ok((frozen, manifest, report, deferral, uffd))
     }
 
     /// The memory step of the final freeze.
@@ -593,10 +632,14 @@ impl Tracker {
         Ok(runs)
     }
 
-    /// Runs of a tracked area at the freeze: the pages the dump saves (pagemap, as
-    /// `collect` reads it); those saved in a round and not written since keep their
-    /// copy, the others are written now. `None` if the area turns out not to be
-    /// tracked after all (then it is saved in full).
+    /// Runs of a tracked area at the freeze: the pages the dump saves (as `collect`
+    /// chooses them); those saved in a round and not written since keep their copy,
+    /// the others are written now. In a lazy dump with late pages (`self.fresh`),
+    /// the pages a lazy restore fills before the process runs (areas not served
+    /// lazily; each thread's stack and rseq windows) are written again now all the
+    /// same: the destination then reads the freeze's few chunks of pages.img before
+    /// the process runs, not chunks of every round. `None` if the area turns out not
+    /// to be tracked after all (then it is saved in full).
     fn final_tracked(
         &mut self,
         a: &MapArea,
@@ -607,6 +650,7 @@ impl Tracker {
     ) -> Result<Option<Runs>, DumpError> {
         let pid = self.pid;
         let page = sys::page_size();
+        let t = Instant::now();
         let dirty = match self.scan(
             a.start,
             a.end,
@@ -626,43 +670,23 @@ impl Tracker {
                 return Ok(None);
             }
         };
-        let mut di = 0usize;
-        let npages = a.len() / page;
-        let mut wanted_runs = Vec::new();
-        let mut to_save: Vec<(u64, u64)> = Vec::new();
-        let mut w0 = 0u64;
-        while w0 < npages {
-            let wn = WINDOW.min(npages - w0);
-            let wanted = self.src.saveable(a, kind, w0, wn)?;
-            for (s, e) in true_runs(&wanted) {
-                let rs = a.start + (w0 + s as u64) * page;
-                let re = a.start + (w0 + e as u64) * page;
-                wanted_runs.push((rs, re));
-                let saved = self.map.pieces(rs, re);
-                let mut si = 0usize;
-                let mut p = rs;
-                while p < re {
-                    while di < dirty.len() && dirty[di].1 <= p {
-                        di += 1;
-                    }
-                    while si < saved.len() && saved[si].1 <= p {
-                        si += 1;
-                    }
-                    let is_dirty = di < dirty.len() && dirty[di].0 <= p;
-                    let has_copy = si < saved.len() && saved[si].0 <= p;
-                    if is_dirty || !has_copy {
-                        match to_save.last_mut() {
-                            Some(last) if last.1 == p => last.1 = p + page,
-                            _ => to_save.push((p, p + page)),
-                        }
-                    } else {
-                        report.reused_pages += 1;
-                    }
-                    p += page;
-                }
-            }
-            w0 += wn;
-        }
+        self.final_ms.dirty_scan += ms_since(t);
+        let t = Instant::now();
+        let wanted = self.src.saved_runs(a, kind)?;
+        let copies = joined(
+            self.map
+                .pieces(a.start, a.end)
+                .into_iter()
+                .map(|(s, e, _)| (s, e)),
+        );
+        let again = match (&self.fresh, defer.is_some()) {
+            (None, _) => dirty,
+            (Some(_), false) => vec![(a.start, a.end)],
+            (Some(windows), true) => union(&dirty, windows),
+        };
+        let to_save = union(&subtract(&wanted, &copies), &intersect(&wanted, &again));
+        report.reused_pages += (total(&wanted) - total(&to_save)) / page;
+        self.final_ms.pagemap += ms_since(t);
         let to_save = match defer {
             None => to_save,
             Some(d) => {
@@ -682,11 +706,13 @@ impl Tracker {
                 now
             }
         };
+        let t = Instant::now();
         let bytes = self.copy_regions(&to_save, true, pw)?;
+        self.final_ms.copy += ms_since(t);
         report.bytes += bytes;
         report.pages += bytes / page;
         let mut pieces = Vec::new();
-        for &(s, e) in &wanted_runs {
+        for &(s, e) in &wanted {
             let got = self.map.pieces(s, e);
             let covered: u64 = got.iter().map(|p| p.1 - p.0).sum();
             if covered != e - s {
@@ -699,6 +725,78 @@ impl Tracker {
         }
         Ok(Some(to_runs(&pieces, page)))
     }
+}
+
+// Address ranges `[start, end)`: sorted, disjoint, adjacent ones joined.
+
+/// `ranges` (sorted by start) with overlapping and adjacent ones joined.
+fn joined(ranges: impl IntoIterator<Item = (u64, u64)>) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (s, e) in ranges {
+        if s >= e {
+            continue;
+        }
+        match out.last_mut() {
+            Some(last) if s <= last.1 => last.1 = last.1.max(e),
+            _ => out.push((s, e)),
+        }
+    }
+    out
+}
+
+fn union(a: &[(u64, u64)], b: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut all = [a, b].concat();
+    all.sort_unstable();
+    joined(all)
+}
+
+fn intersect(a: &[(u64, u64)], b: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let (mut i, mut j) = (0, 0);
+    let mut out = Vec::new();
+    while i < a.len() && j < b.len() {
+        let (s, e) = (a[i].0.max(b[j].0), a[i].1.min(b[j].1));
+        if s < e {
+            out.push((s, e));
+        }
+        if a[i].1 < b[j].1 {
+            i += 1;
+        } else {
+            j += 1;
+        }
+    }
+    joined(out)
+}
+
+fn subtract(a: &[(u64, u64)], b: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    let mut j = 0;
+    for &(s, e) in a {
+        while j < b.len() && b[j].1 <= s {
+            j += 1;
+        }
+        let mut at = s;
+        let mut k = j;
+        while at < e {
+            match b.get(k) {
+                Some(&(bs, be)) if bs < e => {
+                    if bs > at {
+                        out.push((at, bs));
+                    }
+                    at = at.max(be);
+                    k += 1;
+                }
+                _ => {
+                    out.push((at, e));
+                    at = e;
+                }
+            }
+        }
+    }
+    joined(out)
+}
+
+fn total(r: &[(u64, u64)]) -> u64 {
+    r.iter().map(|(s, e)| e - s).sum()
 }
 
 impl Drop for Tracker {
@@ -804,6 +902,52 @@ mod tests {
         assert_eq!(m.get(5 * P), None);
         assert_eq!(m.get(6 * P), Some(6 * P));
         assert_eq!(m.get(3 * P), Some(100 * P));
+    }
+
+    #[test]
+    fn range_sets_join_cut_and_meet_as_sets_of_pages_do() {
+        let a = [(0, 10), (20, 30), (40, 50)];
+        let b = [(5, 25), (30, 40), (45, 60)];
+        assert_eq!(union(&a, &b), vec![(0, 60)]);
+        assert_eq!(intersect(&a, &b), vec![(5, 10), (20, 25), (45, 50)]);
+        assert_eq!(subtract(&a, &b), vec![(0, 5), (25, 30), (40, 45)]);
+        assert_eq!(subtract(&a, &[]), a.to_vec());
+        assert_eq!(
+            subtract(&[(0, 100)], &[(10, 20), (30, 40)]),
+            vec![(0, 10), (20, 30), (40, 100)]
+        );
+        assert_eq!(
+            intersect(&[(0, 100)], &[(10, 20), (30, 40)]),
+            vec![(10, 20), (30, 40)]
+        );
+        // Page by page, the same as a brute-force walk.
+        let pages = |r: &[(u64, u64)]| -> Vec<u64> { r.iter().flat_map(|&(s, e)| s..e).collect() };
+        let x = [(1, 4), (6, 9), (12, 13)];
+        let y = [(0, 2), (3, 7), (8, 12)];
+        let inx = |p: u64| pages(&x).contains(&p);
+        let iny = |p: u64| pages(&y).contains(&p);
+        let all: Vec<u64> = (0..15).collect();
+        assert_eq!(
+            pages(&subtract(&x, &y)),
+            all.iter()
+                .copied()
+                .filter(|&p| inx(p) && !iny(p))
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(
+            pages(&intersect(&x, &y)),
+            all.iter()
+                .copied()
+                .filter(|&p| inx(p) && iny(p))
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(
+            pages(&union(&x, &y)),
+            all.iter()
+                .copied()
+                .filter(|&p| inx(p) || iny(p))
+                .collect::<Vec<_>>()
+        );
     }
 
     #[test]

@@ -375,6 +375,60 @@ pub fn mmap_anon_noreplace(addr: u64, len: usize, prot: i32) -> Result<*mut u8, 
     }
 }
 
+/// A private anonymous read-write mapping of `len` bytes (zeros until written;
+/// `MAP_NORESERVE`: only the pages written take memory), unmapped on drop. It stands
+/// in for a large file of which only some parts are read.
+pub struct AnonMap {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl AnonMap {
+    pub fn new(len: usize) -> Result<AnonMap, Errno> {
+        if len == 0 {
+            return Ok(AnonMap {
+                ptr: std::ptr::NonNull::dangling().as_ptr(),
+                len: 0,
+            });
+        }
+        // SAFETY: a new private mapping chosen by the kernel; nothing aliases it.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(Errno::last());
+        }
+        Ok(AnonMap { ptr: p.cast(), len })
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        // SAFETY: ptr/len describe a live read-write mapping owned by self (or an
+        // empty slice at a dangling, aligned pointer).
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `bytes`; `&mut self` makes this the only reference.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
+impl Drop for AnonMap {
+    fn drop(&mut self) {
+        if self.len > 0 {
+            // SAFETY: unmapping exactly the mapping this value owns.
+            unsafe { libc::munmap(self.ptr.cast(), self.len) };
+        }
+    }
+}
+
 /// A read-only mapping of a whole file, unmapped on drop.
 pub struct FileMap {
     ptr: *mut u8,

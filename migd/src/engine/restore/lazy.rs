@@ -40,7 +40,7 @@ use ranges::Ranges;
 pub use retry::poll_ms;
 use retry::Retry;
 use setup::present;
-pub use setup::{arm, check_eager_chunks, create_uffd, plan, Plan};
+pub use setup::{arm, create_uffd, plan, read_eager_chunks, Plan};
 use source::Source;
 use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd, RawFd};

@@ -48,6 +48,7 @@ fn smaps_of(pid: i32) -> Result<Vec<MapArea>, RestoreError> {
 }
 
 pub fn rebuild(ctx: &Ctx, m: &Manifest, pages: &[u8]) -> Result<(), RestoreError> {
+    let mut ph = crate::phases::Phases::new("memory");
     let t = &ctx.leader;
     // 1. The stub's rseq registration points into memory about to go away.
     let conf = t.rseq()?;
@@ -95,13 +96,22 @@ pub fn rebuild(ctx: &Ctx, m: &Manifest, pages: &[u8]) -> Result<(), RestoreError
             &format!("munmap({:#x})", a.start),
         )?;
     }
+    ph.mark("unmap");
     create_memfds(ctx, m, pages)?;
     // 4. vDSO block to its old place.
     move_vdso(ctx, m, &own)?;
-    // 5. Map the areas.
-    for a in &m.areas {
-        map_area(ctx, a)?;
+    // 5. Map the areas; each file is opened once for all its areas (an open of a
+    // home file goes to the home's fs-server).
+    let mut opened = std::collections::BTreeMap::new();
+    let mapped = m
+        .areas
+        .iter()
+        .try_for_each(|a| map_area(ctx, a, &mut opened));
+    for fd in opened.into_values() {
+        ctx.ok(t, libc::SYS_close, &[fd as u64], "close")?;
     }
+    mapped?;
+    ph.mark("map");
     // 6. Fill.
     for a in &m.areas {
         for &(addr, n, off) in &a.runs {
@@ -128,6 +138,12 @@ pub fn rebuild(ctx: &Ctx, m: &Manifest, pages: &[u8]) -> Result<(), RestoreError
             }
         }
     }
+    ph.mark("fill");
+    let filled: u64 = m.areas.iter().flat_map(|a| &a.runs).map(|r| r.1).sum();
+    tracing::debug!(
+        bytes = filled * sys::page_size(),
+        "pages filled before the process runs"
+    );
     // 7. Final protections and madvise bits.
     for a in &m.areas {
         if is_vdso(a) {
@@ -158,8 +174,12 @@ pub fn rebuild(ctx: &Ctx, m: &Manifest, pages: &[u8]) -> Result<(), RestoreError
             )?;
         }
     }
+    ph.mark("protections");
     // 8. mm fields, auxv and exe.
-    set_mm(ctx, m)
+    set_mm(ctx, m)?;
+    ph.mark("mm");
+    ph.log();
+    Ok(())
 }
 
 fn is_vdso(a: &Area) -> bool {
@@ -241,7 +261,13 @@ fn move_vdso(ctx: &Ctx, m: &Manifest, own: &[MapArea]) -> Result<(), RestoreErro
     Ok(())
 }
 
-fn map_area(ctx: &Ctx, a: &Area) -> Result<(), RestoreError> {
+/// Maps area `a` in the process; a file is opened there (once: `opened` keeps the
+/// fds by path and mode, for the caller to close).
+fn map_area(
+    ctx: &Ctx,
+    a: &Area,
+    opened: &mut std::collections::BTreeMap<(String, i32), i32>,
+) -> Result<(), RestoreError> {
     let t = &ctx.leader;
     let len = a.end - a.start;
     let prot = fill_prot(a) as u64;
@@ -300,15 +326,21 @@ fn map_area(ctx: &Ctx, a: &Area) -> Result<(), RestoreError> {
             } else {
                 libc::O_RDONLY
             };
-            let fd = ctx.open(t, path, mode | libc::O_CLOEXEC, 0)?;
-            let r = ctx.ok(
+            let fd = match opened.get(&(path.clone(), mode)) {
+                Some(&fd) => fd,
+                None => {
+                    let fd = ctx.open(t, path, mode | libc::O_CLOEXEC, 0)?;
+                    opened.insert((path.clone(), mode), fd);
+                    fd
+                }
+            };
+            ctx.ok(
                 t,
                 libc::SYS_mmap,
                 &[a.start, len, prot, flags as u64, fd as u64, a.offset],
                 &what,
-            );
-            ctx.ok(t, libc::SYS_close, &[fd as u64], "close")?;
-            r.map(drop)
+            )
+            .map(drop)
         }
     }
 }

@@ -174,6 +174,9 @@ fn precheck(m: &Manifest) -> Result<(), RestoreError> {
         ));
     }
     memory::check_vdso_layout(m)?;
+    // One stat per file, not per area (a home file's stat goes to the home's
+    // fs-server).
+    let mut seen = std::collections::BTreeMap::new();
     for a in &m.areas {
         if let AreaKind::File {
             path,
@@ -182,10 +185,16 @@ fn precheck(m: &Manifest) -> Result<(), RestoreError> {
             mtime_nsec,
         } = &a.kind
         {
-            let md = std::fs::metadata(path).map_err(|source| RestoreError::Io {
-                path: path.clone(),
-                source,
-            })?;
+            let md = match seen.get(path) {
+                Some(md) => md,
+                None => {
+                    let md = std::fs::metadata(path).map_err(|source| RestoreError::Io {
+                        path: path.clone(),
+                        source,
+                    })?;
+                    seen.entry(path.clone()).or_insert(md)
+                }
+            };
             if !a.shared
                 && (md.size() != *size || md.mtime() != *mtime || md.mtime_nsec() != *mtime_nsec)
             {
@@ -207,75 +216,6 @@ pub fn restore(
     restore_inheriting(opts, &[], running)
 }
 
-/// A restored process that has not run a single instruction of its own yet: every
-/// thread is still stopped under our ptrace (so only the thread that restored it can
-/// let it go). [`go`](Ready::go) lets it run; [`kill`](Ready::kill), or dropping it,
-/// kills its pid namespace. This is how a migration's destination holds its copy
-/// until the source commits: before that, only the original may have run.
-pub struct Ready {
-    leader: Option<Stopped>,
-    threads: Vec<Stopped>,
-    /// It was stopped by job control when dumped: stop it again once it goes.
-    stop_again: bool,
-    target: i32,
-    stub: i32,
-}
-
-impl Ready {
-    /// Lets the process run.
-    pub fn go(mut self) -> Result<(), RestoreError> {
-        for t in std::mem::take(&mut self.threads) {
-            t.detach()?;
-        }
-        if let Some(l) = self.leader.take() {
-            l.detach()?;
-        }
-        if self.stop_again {
-            let _ = sys::kill(self.target, libc::SIGSTOP);
-        }
-        Ok(())
-    }
-
-    /// Kills the process (its pid namespace) before it ran, and reaps what we traced.
-    pub fn kill(mut self) {
-        self.kill_now();
-    }
-
-    fn kill_now(&mut self) {
-        if self.leader.take().is_none() {
-            return;
-        }
-        self.threads.clear();
-        let _ = sys::kill(self.stub, libc::SIGKILL);
-        // The threads are our tracees: reap them, or the stub (pid 1 of their
-        // namespace) waits for them forever.
-        while sys::wait_tid(-1).is_ok() {}
-    }
-}
-
-impl Drop for Ready {
-    fn drop(&mut self) {
-        self.kill_now();
-    }
-}
-
-/// [`restore`], but `decide` is called while the process is held before its first
-/// instruction ([`Ready`]): `true` lets it run (and, without `detach`, waits for its
-/// end), `false` kills it and returns `Ok((report, None))`.
-pub fn restore_held(
-    opts: &RestoreOptions,
-    decide: impl FnOnce(&RestoreReport) -> bool,
-) -> Result<(RestoreReport, Option<i32>), RestoreError> {
-    let (report, link, _, ready) = start(opts, None, &[])?;
-    if !decide(&report) {
-        ready.kill();
-        let _ = sys::wait_child(report.stub_pid);
-        return Ok((report, None));
-    }
-    ready.go()?;
-    finish(opts, report, link)
-}
-
 /// [`restore`], with resources outside the image handed in by the caller: (our fd,
 /// key), where key names the resource as the dump saw it, e.g. `pipe:[12345]`. The
 /// restored process gets our fd in place of that resource (e.g. a pipe whose other
@@ -285,14 +225,64 @@ pub fn restore_inheriting(
     inherit: &[(i32, String)],
     running: impl FnOnce(&RestoreReport),
 ) -> Result<(RestoreReport, Option<i32>), RestoreError> {
-    let (report, link, _, ready) = start(opts, None, inherit)?;
-    ready.go()?;
+    let (report, link, _, _) = start(opts, None, inherit, false)?;
     running(&report);
-    finish(opts, report, link)
+    wait_restored(opts, report, link)
 }
 
-/// Without `detach`, waits for the restored process and returns its raw status.
-fn finish(
+/// [`restore`], but the process is kept stopped (under our ptrace) once shaped:
+/// `ready` is called with the report and says whether to let it run (true), after
+/// which this waits for it as [`restore`] does; false kills it before it ever ran
+/// (returned status `None`). A migration's restorer uses it so that the copy runs
+/// only once the source committed (exactly one copy ever runs).
+pub fn restore_paused(
+    opts: &RestoreOptions,
+    ready: impl FnOnce(&RestoreReport) -> bool,
+) -> Result<(RestoreReport, Option<i32>), RestoreError> {
+    let (report, link, _, paused) = start(opts, None, &[], true)?;
+    let paused = paused.expect("a paused start returns the stopped threads");
+    if !ready(&report) {
+        paused.kill(report.stub_pid);
+        return Ok((report, None));
+    }
+    paused.release()?;
+    wait_restored(opts, report, link)
+}
+
+/// A restored process shaped and kept stopped under our ptrace, not run yet.
+/// [`release`](Self::release) lets it run; [`kill`](Self::kill) ends it. Should we
+/// die first, the kernel kills it (the threads were seized with PTRACE_O_EXITKILL).
+pub struct Paused {
+    threads: Vec<Stopped>,
+    target: i32,
+    /// It was stopped by job control when dumped.
+    stopped: bool,
+}
+
+impl Paused {
+    /// Lets the process run (stopped again if it was when dumped).
+    pub fn release(self) -> Result<(), RestoreError> {
+        for t in self.threads {
+            t.detach()?;
+        }
+        if self.stopped {
+            let _ = sys::kill(self.target, libc::SIGSTOP);
+        }
+        Ok(())
+    }
+
+    /// Kills the process before it ever ran: SIGKILL to `stub` (its pid namespace's
+    /// init) and every child and tracee of ours reaped (the stub waits for its
+    /// namespace, whose traced threads report to us first).
+    pub fn kill(self, stub: i32) {
+        let _ = sys::kill(stub, libc::SIGKILL);
+        while sys::wait_tid(-1).is_ok() {}
+    }
+}
+
+/// After the process runs: without `detach`, waits for it and returns its raw wait
+/// status.
+fn wait_restored(
     opts: &RestoreOptions,
     report: RestoreReport,
     link: Option<spawn::StubLink>,
@@ -307,72 +297,99 @@ fn finish(
     Ok((report, Some(status.unwrap_or(st))))
 }
 
-/// A lazily restored process, held before its first instruction until the caller
-/// lets it go (`ready`); its pages come in while the caller drives `pager`
-/// ([`lazy::Pager::step`], prefetch goes on while it is held); the stub reports the
-/// process's end on the pager's link ([`lazy::Pager::link_mut`]).
+/// A lazily restored process, running: its pages come in while the caller drives
+/// `pager` ([`lazy::Pager::step`]); the stub reports the process's end on the
+/// pager's link ([`lazy::Pager::link_mut`]).
 pub struct LazyRestore {
     pub report: RestoreReport,
     pub pager: lazy::Pager,
-    pub ready: Ready,
 }
 
-/// Restores the image lazily (see [`lazy`]): returns once the process is ready to
-/// run, with its private anonymous pages still in pages.img; the caller lets it go
-/// ([`Ready::go`]) and must drive the pager until it is done (or the process ends),
-/// or the process waits on its faults.
+/// Restores the image lazily (see [`lazy`]): returns once the process runs, with
+/// its private anonymous pages still in pages.img; the caller must drive the pager
+/// until it is done (or the process ends), or the process waits on its faults.
 pub fn restore_lazy(
     opts: &RestoreOptions,
     lazy_opts: &lazy::LazyOptions,
     inherit: &[(i32, String)],
 ) -> Result<LazyRestore, RestoreError> {
-    let (report, _, pager, ready) = start(opts, Some(lazy_opts), inherit)?;
+    let (report, _, pager, _) = start(opts, Some(lazy_opts), inherit, false)?;
     Ok(LazyRestore {
         report,
         pager: pager.expect("a lazy start returns a pager"),
-        ready,
     })
 }
 
-/// Creates and shapes the process and lets it run; lazily with `lazy`.
+/// [`restore_lazy`], but the process is kept stopped once shaped (see
+/// [`restore_paused`]): the caller lets it run with [`Paused::release`] (the pager
+/// serves it from then on) or kills it with [`Paused::kill`].
+pub fn restore_lazy_paused(
+    opts: &RestoreOptions,
+    lazy_opts: &lazy::LazyOptions,
+) -> Result<(LazyRestore, Paused), RestoreError> {
+    let (report, _, pager, paused) = start(opts, Some(lazy_opts), &[], true)?;
+    Ok((
+        LazyRestore {
+            report,
+            pager: pager.expect("a lazy start returns a pager"),
+        },
+        paused.expect("a paused start returns the stopped threads"),
+    ))
+}
+
+/// What [`start`] returns: the report, the stub link (eager), the pager (lazy), and
+/// the process kept stopped (`hold`).
+type Started = (
+    RestoreReport,
+    Option<spawn::StubLink>,
+    Option<lazy::Pager>,
+    Option<Paused>,
+);
+
+/// Creates and shapes the process and lets it run (with `hold`, keeps it stopped);
+/// lazily with `lazy`.
 fn start(
     opts: &RestoreOptions,
     lazy: Option<&lazy::LazyOptions>,
     inherit: &[(i32, String)],
-) -> Result<
-    (
-        RestoreReport,
-        Option<spawn::StubLink>,
-        Option<lazy::Pager>,
-        Ready,
-    ),
-    RestoreError,
-> {
+    hold: bool,
+) -> Result<Started, RestoreError> {
+    let mut ph = crate::phases::Phases::new("restore");
     let m = if lazy.is_some() {
         image::read_manifest(&opts.images)?
     } else {
         image::read_image(&opts.images)?
     };
     let _span = tracing::info_span!("restore", pid = m.pid, lazy = lazy.is_some()).entered();
+    ph.mark("manifest");
     precheck(&m)?;
-    let pages_path = opts.images.join(image::PAGES_FILE);
-    let pages_file = std::fs::File::open(&pages_path).map_err(|source| RestoreError::Io {
-        path: pages_path.display().to_string(),
-        source,
-    })?;
-    let pages = sys::FileMap::map(pages_file.as_raw_fd(), m.pages_len as usize).map_err(|e| {
-        RestoreError::Io {
-            path: pages_path.display().to_string(),
-            source: e.into(),
-        }
-    })?;
+    ph.mark("precheck");
     let plan = lazy.map(|_| lazy::plan(&m));
-    if let Some(p) = &plan {
-        lazy::check_eager_chunks(&opts.images, &m, p, pages.bytes())?;
-    }
+    let pages = match &plan {
+        // Only the chunks the eager part reads, read in full and checked.
+        Some(p) => Pages::Eager(lazy::read_eager_chunks(&opts.images, &m, p)?),
+        None => {
+            let pages_path = opts.images.join(image::PAGES_FILE);
+            let pages_file =
+                std::fs::File::open(&pages_path).map_err(|source| RestoreError::Io {
+                    path: pages_path.display().to_string(),
+                    source,
+                })?;
+            Pages::Mapped(
+                sys::FileMap::map(pages_file.as_raw_fd(), m.pages_len as usize).map_err(|e| {
+                    RestoreError::Io {
+                        path: pages_path.display().to_string(),
+                        source: e.into(),
+                    }
+                })?,
+            )
+        }
+    };
+    ph.mark("pages.img (lazy: eager chunks read)");
     let gadget = free_hole(&m.areas, GADGET_LEN, &[])?;
     let t0 = Instant::now();
     let sp = spawn::spawn(m.pid, gadget, GADGET_LEN as usize)?;
+    ph.mark("spawn");
     let ctx = Ctx {
         pid: sp.target,
         leader: sp.leader,
@@ -391,6 +408,7 @@ fn start(
         let threads = shape(&ctx, shaping, pages.bytes())?;
         Ok::<_, RestoreError>((threads, uffd))
     })();
+    ph.mark("shape");
     let mut link = Some(sp.link);
     let mut pager = None;
     let mut lazy_bytes = None;
@@ -414,13 +432,24 @@ fn start(
             return Err(e);
         }
     };
-    let ready = Ready {
-        leader: Some(ctx.leader),
-        threads,
-        stop_again: m.stopped,
+    ph.mark("arm");
+    // Released in this order: the other threads, then the leader (as before).
+    let mut all = threads;
+    all.push(ctx.leader);
+    let paused = Paused {
+        threads: all,
         target: sp.target,
-        stub: sp.stub,
+        stopped: m.stopped,
     };
+    let paused = match hold {
+        true => Some(paused),
+        false => {
+            paused.release()?;
+            None
+        }
+    };
+    ph.mark("detach");
+    ph.log();
     let report = RestoreReport {
         pid: m.pid,
         outer_pid: sp.target,
@@ -433,18 +462,37 @@ fn start(
         lazy_bytes,
         uffd_stub_fd: pager.as_ref().and_then(|p: &lazy::Pager| p.stub_fd()),
     };
-    Ok((report, link, pager, ready))
+    Ok((report, link, pager, paused))
+}
+
+/// pages.img as the shaping reads it: mapped whole (an eager restore, which checked
+/// it whole), or, for a lazy restore, only the chunks its eager part reads, in memory.
+enum Pages {
+    Mapped(sys::FileMap),
+    Eager(sys::AnonMap),
+}
+
+impl Pages {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Pages::Mapped(m) => m.bytes(),
+            Pages::Eager(m) => m.bytes(),
+        }
+    }
 }
 
 /// Shapes the seized child into the image; returns the other threads, still stopped.
 fn shape(ctx: &Ctx, m: &Manifest, pages: &[u8]) -> Result<Vec<Stopped>, RestoreError> {
+    let mut ph = crate::phases::Phases::new("shape");
     let t = &ctx.leader;
     t.set_sigmask(!0)?;
     if let Ok((_, max)) = sys::prlimit_get(ctx.pid, libc::RLIMIT_NOFILE as i32) {
         let _ = sys::prlimit_set(ctx.pid, libc::RLIMIT_NOFILE as i32, max, max);
     }
     memory::rebuild(ctx, m, pages)?;
+    ph.mark("memory");
     files::restore_fds(ctx, m, pages)?;
+    ph.mark("fds");
     memory::finish_memfds(ctx, m)?;
     let mut cwd = m.cwd.as_bytes().to_vec();
     cwd.push(0);
@@ -461,6 +509,7 @@ fn shape(ctx: &Ctx, m: &Manifest, pages: &[u8]) -> Result<Vec<Stopped>, RestoreE
     ctx.ok(t, libc::SYS_umask, &[m.umask as u64], "umask")?;
     ctx.ok(t, libc::SYS_personality, &[m.personality], "personality")?;
     restore_sigactions(ctx, m)?;
+    ph.mark("cwd+sigactions");
 
     // Threads, with their old tids.
     let mut others = Vec::new();
@@ -521,6 +570,7 @@ fn shape(ctx: &Ctx, m: &Manifest, pages: &[u8]) -> Result<Vec<Stopped>, RestoreE
     for (st, ti) in all.iter().zip(&m.threads) {
         per_thread(ctx, st, ti)?;
     }
+    ph.mark("threads");
     // Pending signals, queued by the process to itself while everything is blocked.
     for info in &m.shared_pending {
         let sig = i32::from_ne_bytes(info[..4].try_into().unwrap());
@@ -568,6 +618,7 @@ fn shape(ctx: &Ctx, m: &Manifest, pages: &[u8]) -> Result<Vec<Stopped>, RestoreE
         }
     }
     restore_posix_timers(ctx, m)?;
+    ph.mark("signals+limits+creds+timers");
     for (st, ti) in others.iter().zip(&m.threads[1..]) {
         final_regs(ctx, st, ti)?;
     }
@@ -590,6 +641,8 @@ fn shape(ctx: &Ctx, m: &Manifest, pages: &[u8]) -> Result<Vec<Stopped>, RestoreE
         }
     }
     final_regs(ctx, t, &m.threads[0])?;
+    ph.mark("regs+gadget");
+    ph.log();
     Ok(others)
 }
 

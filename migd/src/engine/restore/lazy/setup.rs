@@ -86,14 +86,18 @@ pub fn plan(m: &Manifest) -> Plan {
     }
 }
 
-/// Checks the CRC-32C of every pages.img chunk the eager part of the restore reads
-/// (the lazy part checks each chunk when it reads it).
-pub fn check_eager_chunks(
+/// Reads and checks (CRC-32C) every pages.img chunk the eager part of the restore
+/// reads (the lazy part checks each chunk when it reads it), each with one read(2):
+/// one request to the store, not one per page fault of a mapping of pages.img.
+/// Returns pages.img as the eager part sees it: those chunks at their offsets, in
+/// memory, zeros elsewhere (which it never reads: the chunks are those of the runs
+/// `plan.shaping` fills and of the fd contents, the only parts of pages.img the
+/// restore's shaping reads).
+pub fn read_eager_chunks(
     images: &Path,
     m: &Manifest,
     plan: &Plan,
-    pages: &[u8],
-) -> Result<(), RestoreError> {
+) -> Result<sys::AnonMap, RestoreError> {
     let mut chunks = std::collections::BTreeSet::new();
     let mut add = |off: u64, len: u64| {
         if len > 0 {
@@ -116,13 +120,40 @@ pub fn check_eager_chunks(
         }
     }
     let path = images.join(image::PAGES_FILE);
+    let f = std::fs::File::open(&path).map_err(|source| RestoreError::Io {
+        path: path.display().to_string(),
+        source,
+    })?;
+    let mut pages = sys::AnonMap::new(m.pages_len as usize).map_err(|e| RestoreError::Other {
+        what: format!(
+            "mapping {} bytes for pages.img's eager chunks: {e}",
+            m.pages_len
+        ),
+    })?;
+    let n = chunks.len();
     for c in chunks {
-        let lo = (c * image::CHUNK) as usize;
-        let hi = (lo + image::CHUNK as usize).min(pages.len());
-        let ok = pages
-            .get(lo..hi)
-            .zip(m.chunk_crcs.get(c as usize))
-            .is_some_and(|(b, &crc)| crc32c::crc32c(b) == crc);
+        let lo = c * image::CHUNK;
+        let hi = (lo + image::CHUNK).min(m.pages_len);
+        let Some(b) = pages.bytes_mut().get_mut(lo as usize..hi as usize) else {
+            return Err(image::ImageError::Checksum {
+                path,
+                what: format!(
+                    "page chunk {c} lies beyond pages.img's {} bytes",
+                    m.pages_len
+                ),
+            }
+            .into());
+        };
+        std::os::unix::fs::FileExt::read_exact_at(&f, b, lo).map_err(|source| {
+            RestoreError::Io {
+                path: format!("{} (page chunk {c})", path.display()),
+                source,
+            }
+        })?;
+        let ok = m
+            .chunk_crcs
+            .get(c as usize)
+            .is_some_and(|&crc| crc32c::crc32c(b) == crc);
         if !ok {
             return Err(image::ImageError::Checksum {
                 path,
@@ -131,7 +162,8 @@ pub fn check_eager_chunks(
             .into());
         }
     }
-    Ok(())
+    tracing::debug!(chunks = n, "eager chunks of pages.img read and checked");
+    Ok(pages)
 }
 
 /// Creates the userfaultfd inside the target (it binds to the caller's mm) while the
