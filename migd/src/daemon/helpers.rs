@@ -683,7 +683,15 @@ fn restorer_lazy(opts: &RestoreOptions, lazy: &LazyOptions, link: &mut Link) -> 
     let mut pending: Vec<String> = Vec::new();
     let status = loop {
         flush(link, &mut pending);
-        let mut fds = if paged { Vec::new() } else { pager.fds() };
+        // While the copy is held (before the commit) the pager rests: nothing can
+        // fault, and a prefetch step (tens of ms on a loaded store) would delay the
+        // release the source's `committed` waits for.
+        let held = paused.is_some();
+        let mut fds = if paged || held {
+            Vec::new()
+        } else {
+            pager.fds()
+        };
         let link_fd = stub
             .as_ref()
             .map(crate::engine::restore::spawn::StubLink::raw_fd)
@@ -695,7 +703,7 @@ fn restorer_lazy(opts: &RestoreOptions, lazy: &LazyOptions, link: &mut Link) -> 
         });
         let wait = pager
             .next_timeout()
-            .filter(|_| !paged)
+            .filter(|_| !paged && !held)
             .map_or(500, |d| crate::engine::restore::lazy::poll_ms(d).min(500));
         let ready = crate::sys::uffd::poll_readable(&fds, wait).unwrap_or_default();
         if stdin_at.is_some_and(|i| ready.get(i).copied().unwrap_or(false)) {
@@ -730,14 +738,10 @@ fn restorer_lazy(opts: &RestoreOptions, lazy: &LazyOptions, link: &mut Link) -> 
                 return 1;
             }
         }
-        if !paged {
+        if !paged && paused.is_none() {
             if let Err(e) = pager.step(Duration::ZERO) {
                 // The store stayed away past the bound: the process was killed.
                 tracing::error!(error = %e, "pages lost; the process was killed");
-                if let Some(p) = paused.take() {
-                    // It never ran; its traced threads are reaped here.
-                    p.kill(r.stub_pid);
-                }
                 pending.push(format!("lost {}", one_line(e)));
                 paged = true;
             } else if pager.done() {

@@ -202,10 +202,15 @@ impl MigdService for Conn {
             remove_image(&self.d, &image);
             return Ok(());
         }
-        let (restorer, lazy, image) = {
+        let (restorer, lazy, image, host_pid) = {
             let mut foreign = self.d.foreign.lock().unwrap();
             let rec = foreign.get_mut(&id).ok_or_else(|| self.unknown(&id))?;
-            (rec.restorer.take(), rec.lazy, rec.image.clone())
+            (
+                rec.restorer.take(),
+                rec.lazy,
+                rec.image.clone(),
+                rec.entry.host_pid,
+            )
         };
         if let Some(mut r) = restorer {
             let sent = async {
@@ -221,6 +226,7 @@ impl MigdService for Conn {
             }
             common::fault::point("after-commit");
         }
+        released(host_pid).await;
         tracing::info!(id = %id, lazy, "committed");
         if !lazy {
             remove_image(&self.d, &image);
@@ -465,6 +471,31 @@ async fn restore(
         host_pid,
         restore_ms,
     })
+}
+
+/// Waits (at most 2 s) until the restorer has let the committed copy `pid` run: its
+/// threads leave the restorer's ptrace (the leader last), so that once `committed`
+/// returns the copy runs and can be moved on (a keeper's PTRACE_SEIZE of a copy
+/// still held fails with EPERM). A copy gone (killed) ends the wait too.
+async fn released(pid: i32) {
+    let t = std::time::Instant::now();
+    while t.elapsed() < std::time::Duration::from_secs(2) {
+        let traced = tokio::fs::read_to_string(format!("/proc/{pid}/status"))
+            .await
+            .ok()
+            .and_then(|s| {
+                crate::engine::procfs::status_field(&s, "TracerPid").map(|v| v.trim() != "0")
+            })
+            .unwrap_or(false);
+        if !traced {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    tracing::warn!(
+        pid,
+        "the restorer has not let the committed copy run after 2 s"
+    );
 }
 
 /// Removes a move's image directory from the store (if still there; "" names none:
