@@ -397,14 +397,16 @@ async fn restore(
         fail(why)
     };
     // `ready` (the home's file view is built), normally long before the image.
+    // What a restorer that did not say what was expected said instead.
+    let why = |line: &str| {
+        line.strip_prefix("error ")
+            .unwrap_or("the restorer ended without a word")
+            .to_string()
+    };
     let first = lines.next_line().await.ok().flatten().unwrap_or_default();
     if first != "ready" {
-        let why = first
-            .strip_prefix("error ")
-            .unwrap_or("the restorer ended without a word")
-            .to_string();
         let _ = child.wait().await;
-        return Err(ended(why));
+        return Err(ended(why(&first)));
     }
     ph.mark("restorer ready");
     let go = async {
@@ -419,12 +421,8 @@ async fn restore(
     let first = lines.next_line().await.ok().flatten().unwrap_or_default();
     ph.mark("until running");
     let Some(rest) = first.strip_prefix("running ") else {
-        let why = first
-            .strip_prefix("error ")
-            .unwrap_or("the restorer ended without a word")
-            .to_string();
         let _ = child.wait().await;
-        return Err(ended(why));
+        return Err(ended(why(&first)));
     };
     tracing::debug!(
         view_ready_before_ms = started.elapsed().as_secs_f64() * 1e3,

@@ -327,19 +327,6 @@ impl Tracker {
         self.pid
     }
 
-    /// PAGEMAP_SCAN over `[start, end)`; the regions found, adjacent ones joined.
-    fn scan(
-        &self,
-        start: u64,
-        end: u64,
-        flags: u64,
-        required: u64,
-        inverted: u64,
-        anyof: u64,
-    ) -> Result<Vec<(u64, u64)>, Errno> {
-        self.src.scan(start, end, flags, required, inverted, anyof)
-    }
-
     /// One round while the process runs: the first writes every populated page of
     /// the tracked areas, later ones the pages written since the previous round.
     pub fn round(&mut self) -> Result<RoundReport, DumpError> {
@@ -356,6 +343,7 @@ impl Tracker {
             // No PM_SCAN_CHECK_WPASYNC: areas mapped over a tracked one since the
             // start are not tracked and are skipped silently (saved at the freeze).
             let found = self
+                .src
                 .scan(
                     start,
                     end,
@@ -651,7 +639,7 @@ impl Tracker {
         let pid = self.pid;
         let page = sys::page_size();
         let t = Instant::now();
-        let dirty = match self.scan(
+        let dirty = match self.src.scan(
             a.start,
             a.end,
             kabi::PM_SCAN_CHECK_WPASYNC,
