@@ -71,6 +71,13 @@ fn start_with(s: &Setup, args: &str, out: &str, lines: usize) -> (Child, i32) {
     (child, pid)
 }
 
+/// Waits until prog's output at ws1 grows (it runs, wherever it is); panics with
+/// `what` if it does not.
+fn keeps_writing(c: &Cluster, what: &str) {
+    let before = c.sh_ok("ws1", "wc -l < /tmp/out");
+    wait_for(|| (c.sh_ok("ws1", "wc -l < /tmp/out") != before).then_some(())).expect(what);
+}
+
 /// The pids of processes named `prog` on a node.
 fn progs_on(c: &Cluster, node: &str) -> Vec<i32> {
     let o = c.sh(node, "pgrep -x prog || true");
@@ -238,9 +245,7 @@ fn refused_migrations_leave_the_process_running_untouched() {
     );
     check_refused(&["migrate", &p, "ws9"], "unknown node \"ws9\"");
     check_refused(&["migrate", "--mode", "bogus", &p, "ws2"], "invalid value");
-    let before = c.sh_ok("ws1", "wc -l < /tmp/out");
-    wait_for(|| (c.sh_ok("ws1", "wc -l < /tmp/out") != before).then_some(()))
-        .expect("prog stopped writing after the refusals");
+    keeps_writing(c, "prog stopped writing after the refusals");
 
     // A process holding a TCP socket.
     c.sh_ok(
@@ -368,9 +373,7 @@ fn a_destination_that_cannot_restore_leaves_the_original_running_where_it_was() 
         st.contains("sleeping") || st.contains("running"),
         "pid {pid} should run on at ws1 after the failed migration: {st:?}"
     );
-    let before = s.c.sh_ok("ws1", "wc -l < /tmp/out");
-    wait_for(|| (s.c.sh_ok("ws1", "wc -l < /tmp/out") != before).then_some(()))
-        .expect("prog stopped writing after the failed migration");
+    keeps_writing(&s.c, "prog stopped writing after the failed migration");
     assert!(
         progs_on(&s.c, "ws2").is_empty(),
         "a copy of prog runs at ws2"
@@ -480,9 +483,7 @@ fn killing_the_destinations_migd_mid_migration_leaves_exactly_one_copy() {
             said.contains("thawed"),
             "migrate should say the process was thawed:\n{said}"
         );
-        let before = c.sh_ok("ws1", "wc -l < /tmp/out");
-        wait_for(|| (c.sh_ok("ws1", "wc -l < /tmp/out") != before).then_some(()))
-            .expect("prog stopped writing after the failed migration");
+        keeps_writing(c, "prog stopped writing after the failed migration");
     }
     eprintln!("migrate succeeded: {ok}\n{said}");
     c.sh_ok("ws1", &format!("kill {pid}"));
@@ -634,9 +635,7 @@ fn a_commit_whose_answer_is_lost_is_settled_by_asking_and_leaves_one_copy() {
         home.contains("tracing stop"),
         "ws1 should hold the shadow only, not run prog: {home:?}\n{said}"
     );
-    let before = c.sh_ok("ws1", "wc -l < /tmp/out");
-    wait_for(|| (c.sh_ok("ws1", "wc -l < /tmp/out") != before).then_some(()))
-        .expect("prog does not go on at ws2");
+    keeps_writing(c, "prog does not go on at ws2");
     c.sh_ok("ws1", &format!("kill {pid}"));
     assert_eq!(finish_shell(c, child), "status=143");
 }
@@ -687,9 +686,7 @@ fn home_proxy_dying_at_the_commit_leaves_one_copy_and_the_shadow_is_taken_back()
         listed.contains("ws2"),
         "the restarted home-proxy lost the shadow:\n{listed}"
     );
-    let before = c.sh_ok("ws1", "wc -l < /tmp/out");
-    wait_for(|| (c.sh_ok("ws1", "wc -l < /tmp/out") != before).then_some(()))
-        .expect("prog does not go on at ws2");
+    keeps_writing(c, "prog does not go on at ws2");
     c.sh_ok("ws1", &format!("kill {pid}"));
     assert_eq!(finish_shell(c, child), "status=143");
     assert!(progs_on(c, "ws2").is_empty(), "prog survives at ws2");
