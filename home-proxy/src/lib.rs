@@ -240,7 +240,7 @@ impl ProxyService for Conn {
         {
             let held = self.p.held.lock().unwrap();
             let keeper = held.get(&id).ok_or_else(|| self.unknown(&id))?;
-            keeper.send("decided shadow");
+            keeper.send("decided");
         }
         self.p.record(&entry);
         tracing::info!(id = %id, host = %entry.host, "decided: the original never thaws on its own now");

@@ -6,7 +6,7 @@
 //!
 //! keeper (source side), lines out: `dumped <bytes> <ms>` | `error <why>`, later
 //! `signal <n>` (a signal sent to the shadow) | `gone <status>` (the shadow was killed
-//! at home); lines in: `decided shadow|kill` (optional, first), then `commit-shadow` |
+//! at home); lines in: `decided` (optional, first), then `commit-shadow` |
 //! `commit-kill` | `abort` | `exit <status>`. End of input before commit thaws the
 //! process where it was, unless `decided` came: then it means that commit (a copy
 //! may run elsewhere; the original must never run too). Going home, a shadow's
@@ -240,18 +240,17 @@ pub fn keeper_main(
         "dumped {} {:.3} {}",
         held.page_bytes, held.dump_ms, held.late_bytes
     ));
-    // `decided <shadow|kill>`: the source is about to send the destination its
-    // commit, so a copy may run from now on: the end of our input (our daemon died)
-    // then means that commit, never a thaw.
-    let mut at_end: Option<String> = None;
+    // `decided`: the source is about to send the destination its commit, so a copy
+    // may run from now on: the end of our input (home-proxy died) then means the
+    // commit (the shadow), never a thaw.
+    let mut decided = false;
     let first = loop {
         match rx.recv().ok().flatten() {
-            Some(l) if l.trim().starts_with("decided ") => {
-                let how = l.trim().trim_start_matches("decided ").trim().to_string();
-                tracing::info!(%how, "decided: the original never thaws on its own now");
-                at_end = Some(format!("commit-{how}"));
+            Some(l) if l.trim() == "decided" => {
+                tracing::info!("decided: the original never thaws on its own now");
+                decided = true;
             }
-            None => break at_end,
+            None if decided => break Some("commit-shadow".to_string()),
             l => break l,
         }
     };

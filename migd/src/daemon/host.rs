@@ -325,6 +325,7 @@ pub async fn move_on(
             freeze_ms,
             late_bytes,
             images,
+            ..
         } = prepare(d, entry.host_pid, offer, dest, HoldAt::Keeper, tx).await?;
         // Commit: the copy here ends without a report home.
         if let Some(f) = d.foreign.lock().unwrap().get_mut(id) {

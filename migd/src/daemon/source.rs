@@ -65,6 +65,8 @@ impl Holder {
 pub struct Ready {
     pub holder: Holder,
     pub running: Running,
+    /// The listing entry of the process where it runs now.
+    pub entry: ProcessEntry,
     /// Page bytes written by the freeze (pre-copy rounds included).
     pub bytes: u64,
     pub freeze_ms: f64,
@@ -182,24 +184,16 @@ pub async fn prepare(
     let id = offer.id.clone();
     let mode = offer.mode;
     let images = d.image_dir(&offer.image);
-    // The listing entry once it runs at `dest` (for `Holder::decided`).
-    let entry_at = {
-        let (id, pid, comm, home) = (
-            id.clone(),
-            offer.pid,
-            offer.comm.clone(),
-            offer.home.clone(),
-        );
-        let host = dest.to_string();
-        move |host_pid: i32| ProcessEntry {
-            id,
-            pid,
-            host_pid,
-            comm,
-            home,
-            host,
-            since: now_secs(),
-        }
+    // The listing entry once it runs at `dest` (its host pid and time filled in
+    // after the restore), for `Holder::decided` and the commit.
+    let mut entry = ProcessEntry {
+        id: id.clone(),
+        pid: offer.pid,
+        host_pid: 0,
+        comm: offer.comm.clone(),
+        home: offer.home.clone(),
+        host: dest.to_string(),
+        since: 0,
     };
     let peer = d.peer(dest).await?;
     progress(tx, format!("asking {dest}"), 0);
@@ -313,7 +307,9 @@ pub async fn prepare(
     let restored = match flat(dest, peer.restore(long_ctx(), id.clone()).await) {
         Ok(running) => {
             ph.mark("restore rpc");
-            match holder.decided(&entry_at(running.host_pid)).await {
+            entry.host_pid = running.host_pid;
+            entry.since = now_secs();
+            match holder.decided(&entry).await {
                 Ok(()) => {
                     ph.mark("decided");
                     let r = match flat(dest, peer.committed(long_ctx(), id.clone()).await) {
@@ -341,6 +337,7 @@ pub async fn prepare(
             Ok(Ready {
                 holder,
                 running,
+                entry,
                 bytes,
                 freeze_ms,
                 late_bytes,
@@ -511,21 +508,13 @@ pub async fn migrate_from_home(
         let Ready {
             holder,
             running,
+            entry,
             bytes,
             freeze_ms,
             late_bytes,
             images,
         } = prepare(d, pid, offer, dest, HoldAt::Proxy, Some(tx)).await?;
         // Commit: the copy runs at `dest`; the original becomes the shadow.
-        let entry = ProcessEntry {
-            id: id.clone(),
-            pid,
-            host_pid: running.host_pid,
-            comm,
-            home: d.config.node.clone(),
-            host: dest.to_string(),
-            since: now_secs(),
-        };
         if let Holder::Proxy(p) = &holder {
             if let Err(e) = flat(
                 &d.config.node,
