@@ -237,11 +237,24 @@ impl ProxyService for Conn {
     }
 
     async fn decided(self, _: Context, id: String, entry: ProcessEntry) -> MigResult<()> {
-        {
-            let held = self.p.held.lock().unwrap();
-            let keeper = held.get(&id).ok_or_else(|| self.unknown(&id))?;
+        // The keeper's word that the image is faithful comes first (see
+        // `Keeper::checked`); the source aborts if it does not.
+        let mut keeper = self
+            .p
+            .held
+            .lock()
+            .unwrap()
+            .remove(&id)
+            .ok_or_else(|| self.unknown(&id))?;
+        let checked = keeper.checked().await;
+        if checked.is_ok() {
             keeper.send("decided");
         }
+        self.p.held.lock().unwrap().insert(id.clone(), keeper);
+        checked.map_err(|why| MigError::Failed {
+            node: self.p.config.node.clone(),
+            why,
+        })?;
         self.p.record(&entry);
         tracing::info!(id = %id, host = %entry.host, "decided: the original never thaws on its own now");
         Ok(())

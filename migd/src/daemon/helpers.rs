@@ -52,7 +52,7 @@ struct Link {
     /// Bound but not listening yet (see [`sys::bind_unlistened`]).
     unlistened: Option<std::os::fd::OwnedFd>,
     /// Whether lines are read from a new peer (a thread each). The restorer only
-    /// writes: after the engine's unshare(CLONE_NEWPID) it cannot start threads.
+    /// writes: it reads its input in its own poll loop (see [`StdinLines`]).
     reads: bool,
     /// Keeps a write-only link's (empty) input open.
     _quiet: Option<mpsc::Sender<Option<String>>>,
@@ -229,7 +229,7 @@ pub fn keeper_main(
             }
         }),
     };
-    let held = match dumped {
+    let mut held = match dumped {
         Ok(h) => h,
         Err(e) => {
             say(&format!("error {}", one_line(e)));
@@ -240,6 +240,14 @@ pub fn keeper_main(
         "dumped {} {:.3} {}",
         held.page_bytes, held.dump_ms, held.late_bytes
     ));
+    // While the destination restores: is the image faithful (flags read before
+    // the freeze still true)? Nothing runs from it until we say so.
+    if let Err(e) = held.checked() {
+        say(&format!("error {}", one_line(e)));
+        held.thaw();
+        return 1;
+    }
+    say("checked");
     // `decided`: the source is about to send the destination its commit, so a copy
     // may run from now on: the end of our input (home-proxy died) then means the
     // commit (the shadow), never a thaw.
@@ -299,7 +307,7 @@ fn shadow_loop(
                 match going_home(shadow, Path::new(dir), &mut link) {
                     Home::Done => break 0,
                     Home::Shadow(s) => {
-                        shadow = s;
+                        shadow = *s;
                         continue;
                     }
                     Home::Lost => {
@@ -373,7 +381,7 @@ enum Home {
     /// Committed: the process runs at home again; the keeper's work is done.
     Done,
     /// It is (again) a shadow.
-    Shadow(Shadow),
+    Shadow(Box<Shadow>),
     /// It could not be made a shadow again.
     Lost,
 }
@@ -406,7 +414,7 @@ fn going_home(shadow: Shadow, images: &Path, link: &mut Link) -> Home {
                 one_line(why)
             ));
             return match f.shadow {
-                Some(s) => Home::Shadow(s),
+                Some(s) => Home::Shadow(Box::new(s)),
                 None => Home::Lost,
             };
         }
@@ -436,7 +444,7 @@ fn going_home(shadow: Shadow, images: &Path, link: &mut Link) -> Home {
     } else {
         tracing::warn!("going home given up after the restore; back to a shadow");
         match restored.give_back() {
-            Ok(s) => Home::Shadow(s),
+            Ok(s) => Home::Shadow(Box::new(s)),
             Err(e) => {
                 tracing::error!(error = %e, "the process could not be made a shadow again");
                 Home::Lost
@@ -620,8 +628,8 @@ fn tell(link: &mut Link, line: &str) -> i32 {
     0
 }
 
-/// Lines from stdin without a thread (the restorer may not start one after the
-/// engine's unshare(CLONE_NEWPID)): read when poll says stdin is readable.
+/// Lines from stdin without a thread, read when poll says stdin is readable: the
+/// restorer's one loop polls them with the userfaultfd and the stub's status.
 struct StdinLines {
     buf: Vec<u8>,
     open: bool,

@@ -153,6 +153,18 @@ impl Keeper {
         }
     }
 
+    /// Waits for the keeper's word that the image is faithful (`checked`, which
+    /// follows `dumped`: see `engine::handoff::Held::checked`); nothing may run
+    /// from the image before. On an error the keeper has thawed the original.
+    pub async fn checked(&mut self) -> Result<(), String> {
+        let line = self.lines.next_line().await.ok().flatten();
+        match line.as_deref() {
+            Some("checked") => Ok(()),
+            Some(l) => Err(l.strip_prefix("error ").unwrap_or(l).to_string()),
+            None => Err("the keeper ended before it checked the image".into()),
+        }
+    }
+
     /// Takes over a keeper whose first peer is gone, through its socket.
     pub async fn adopt(socket: &Path) -> std::io::Result<Keeper> {
         let (to, lines) = connect_lines(socket).await?;

@@ -37,7 +37,11 @@ impl Holder {
     /// still thaws at the end of its input (docs/migration.md "Not yet").
     async fn decided(&mut self, entry: &ProcessEntry) -> Result<(), MigError> {
         match self {
-            Holder::Keeper(_) => Ok(()),
+            // The image must be known faithful first (home-proxy waits for it too).
+            Holder::Keeper(k) => k.checked().await.map_err(|why| MigError::Failed {
+                node: entry.home.clone(),
+                why,
+            }),
             Holder::Proxy(p) => {
                 let me = entry.home.clone();
                 flat(

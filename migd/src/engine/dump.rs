@@ -133,26 +133,26 @@ fn refuse(pid: i32, what: impl Into<String>) -> DumpError {
 /// Refuses, before anything is frozen, a process the engine cannot restore faithfully
 /// (used by [`dump`] and by `engine::handoff`).
 /// What every dump does first: the process exists, passes [`precheck`] (nothing is
-/// touched if it does not), and `images` exists.
-pub fn prepare(pid: i32, images: &Path) -> Result<(), DumpError> {
+/// touched if it does not), and `images` exists. Returns the layout the check read.
+pub fn prepare(pid: i32, images: &Path) -> Result<EarlyLayout, DumpError> {
     if !Path::new(&format!("/proc/{pid}")).exists() {
         return Err(FreezeError::NoProcess { pid }.into());
     }
-    precheck(pid)?;
+    let early = precheck(pid)?;
     std::fs::create_dir_all(images).map_err(|source| DumpError::Proc {
         path: images.display().to_string(),
         source,
-    })
+    })?;
+    Ok(early)
 }
 
-pub fn precheck(pid: i32) -> Result<(), DumpError> {
+/// Refuses a process the engine cannot move (see [`precheck_process`] and
+/// [`precheck_areas`]); returns the layout it read.
+pub fn precheck(pid: i32) -> Result<EarlyLayout, DumpError> {
     precheck_process(pid)?;
-    let smaps =
-        parse_smaps(&read_proc(format!("/proc/{pid}/smaps"))?).map_err(|e| DumpError::Other {
-            pid,
-            what: e.to_string(),
-        })?;
-    precheck_areas(pid, &smaps)
+    let smaps = read_smaps(pid)?;
+    precheck_areas(pid, &smaps)?;
+    Ok(EarlyLayout(smaps))
 }
 
 /// The refusals of [`precheck`] that do not need the address space (children,
@@ -588,28 +588,32 @@ fn inject_reads(
 /// Extracts the state of the frozen process into `dir` (used by [`dump`] and by
 /// `engine::handoff`, which keeps the process frozen afterwards).
 pub fn collect(pid: i32, frozen: &Frozen, dir: &Path) -> Result<Manifest, DumpError> {
-    collect_deferring(pid, frozen, dir, false, true).map(|(m, _)| m)
+    collect_deferring(pid, frozen, dir, false, true, None).map(|(m, _, _)| m)
 }
 
 /// [`collect`] (which refuses device mappings, see [`precheck_areas`]); with `late`, the pages of areas a lazy restore serves on demand are
 /// not written but left for a [`super::late::Flusher`] (but for those near each
 /// thread's stack pointer and rseq area): the manifest's `late_len` says how many
-/// bytes, and the late files are created (empty) in `dir`. Without `sync`, pages.img
-/// is only closed, not synced (see [`PageWriter::without_sync`]).
+/// bytes (the caller made the late files before the freeze:
+/// `late::create_files`). Without `sync`, pages.img
+/// is only closed, not synced (see [`PageWriter::without_sync`]). With `early`, the
+/// VmFlags come from there where the layout is the same, and the [`FlagsCheck`]
+/// returned must pass before anything runs from the image.
 pub fn collect_deferring(
     pid: i32,
     frozen: &Frozen,
     dir: &Path,
     late: bool,
     sync: bool,
-) -> Result<(Manifest, Option<Deferral>), DumpError> {
+    early: Option<&EarlyLayout>,
+) -> Result<(Manifest, Option<Deferral>, Option<FlagsCheck>), DumpError> {
     let mut pw = PageWriter::create(dir)?;
     if !sync {
         pw.without_sync();
     }
     let mut src = MemSource::open(pid)?;
     let mut deferral = None;
-    let mut m = collect_into(pid, frozen, pw, &mut |smaps, threads, pw| {
+    let (mut m, check) = collect_into(pid, frozen, pw, early, &mut |smaps, threads, pw| {
         // The device-mapping refusal, on the layout read here (one smaps walk less
         // in the freeze); the caller checked the rest (`precheck_process`).
         precheck_areas(pid, smaps)?;
@@ -626,8 +630,74 @@ pub fn collect_deferring(
         deferral = d;
         Ok(out)
     })?;
-    super::late::seal(&mut m, deferral.as_ref(), dir)?;
-    Ok((m, deferral))
+    super::late::seal(&mut m, deferral.as_ref());
+    Ok((m, deferral, check))
+}
+
+/// The address space with its VmFlags (smaps), read before the freeze while the
+/// process still runs. Reading smaps walks every page table (some 15 ms per GiB
+/// resident), so the freeze reads only /proc/PID/maps and takes each area's flags
+/// from here when its line there is the same. A flag can change without the line
+/// changing (madvise or mlock of a whole area, or an area unmapped and mapped again
+/// alike, which loses a pre-copy's write tracking), so the dump's choice is checked
+/// against smaps read again once the freeze's critical path is over ([`FlagsCheck`]),
+/// and the migration fails if they differ.
+pub struct EarlyLayout(Vec<MapArea>);
+
+impl EarlyLayout {
+    pub fn read(pid: i32) -> Result<EarlyLayout, DumpError> {
+        read_smaps(pid).map(EarlyLayout)
+    }
+}
+
+fn read_smaps(pid: i32) -> Result<Vec<MapArea>, DumpError> {
+    parse_smaps(&read_proc(format!("/proc/{pid}/smaps"))?).map_err(|e| DumpError::Other {
+        pid,
+        what: e.to_string(),
+    })
+}
+
+/// The areas a dump went by, with VmFlags taken from an [`EarlyLayout`], being
+/// compared with smaps on a thread of its own (started as soon as the dump has the
+/// layout; the process stays frozen meanwhile): see [`FlagsCheck::wait`].
+#[derive(Debug)]
+pub struct FlagsCheck {
+    pid: i32,
+    thread: std::thread::JoinHandle<Result<(), DumpError>>,
+}
+
+impl FlagsCheck {
+    /// Starts reading smaps of the frozen `pid` (its pre-copy tracking still on:
+    /// ending it clears the `uw` flags) to compare with `used`.
+    fn start(pid: i32, used: Vec<MapArea>) -> FlagsCheck {
+        let span = tracing::Span::current();
+        let thread = std::thread::spawn(move || {
+            let _span = span.entered();
+            let now = read_smaps(pid)?;
+            match super::maps::first_difference(&used, &now) {
+                None => Ok(()),
+                Some(d) => Err(DumpError::Other {
+                    pid,
+                    what: format!(
+                        "its memory areas changed while it was being frozen ({d}; madvise \
+                         or mlock?), so the image may not be faithful; it was not moved, \
+                         try again"
+                    ),
+                }),
+            }
+        });
+        FlagsCheck { pid, thread }
+    }
+
+    /// The answer: an error names the first difference.
+    pub fn wait(self) -> Result<(), DumpError> {
+        self.thread.join().unwrap_or_else(|_| {
+            Err(DumpError::Other {
+                pid: self.pid,
+                what: "the check of the memory areas' flags panicked".into(),
+            })
+        })
+    }
 }
 
 /// The memory step of [`collect_into`]: given the layout (read after the injected
@@ -637,12 +707,16 @@ pub(crate) type MemoryStep<'a> =
 
 /// [`collect`] with the page writer given (it may already hold pages, as after
 /// pre-copy rounds) and the memory step chosen by the caller.
+/// With `early`, the areas' VmFlags come from there if the layout is the same (see
+/// [`EarlyLayout`]); the [`FlagsCheck`] returned then must pass before anything runs
+/// from the image.
 pub(crate) fn collect_into(
     pid: i32,
     frozen: &Frozen,
     mut pw: PageWriter,
+    early: Option<&EarlyLayout>,
     memory: &mut MemoryStep,
-) -> Result<Manifest, DumpError> {
+) -> Result<(Manifest, Option<FlagsCheck>), DumpError> {
     let mut ph = crate::phases::Phases::new("collect");
     let status = read_proc(format!("/proc/{pid}/status"))?;
     // Where to plant the gadget: /proc/PID/maps is enough (smaps costs a page-table
@@ -688,12 +762,28 @@ pub(crate) fn collect_into(
     })?;
     mm.auxv = procfs::parse_auxv(&auxv);
     ph.mark("stat+auxv");
-    let smaps =
-        parse_smaps(&read_proc(format!("/proc/{pid}/smaps"))?).map_err(|e| DumpError::Other {
-            pid,
-            what: e.to_string(),
-        })?;
-    ph.mark("smaps");
+    // The layout after the injected reads (which map and unmap a scratch area).
+    let from_early = match early {
+        Some(e) => {
+            let layout = parse_smaps(&read_proc(format!("/proc/{pid}/maps"))?).map_err(|e| {
+                DumpError::Other {
+                    pid,
+                    what: e.to_string(),
+                }
+            })?;
+            let with = super::maps::flags_from(&layout, &e.0);
+            if with.is_none() {
+                tracing::debug!("the layout changed since the early read; reading smaps");
+            }
+            with
+        }
+        None => None,
+    };
+    let (smaps, check) = match from_early {
+        Some(used) => (used.clone(), Some(FlagsCheck::start(pid, used))),
+        None => (read_smaps(pid)?, None),
+    };
+    ph.mark("layout");
     let areas = memory(&smaps, &threads, &mut pw)?;
     ph.mark("memory");
     let fds = dump_fds(pid, &mut pw)?;
@@ -732,7 +822,7 @@ pub(crate) fn collect_into(
     let root = read_link(format!("/proc/{pid}/root"))?;
     ph.mark("limits+links");
     ph.log();
-    Ok(Manifest {
+    let m = Manifest {
         version: image::IMAGE_VERSION,
         pid: procfs::innermost_id(&status, "NSpid").unwrap_or(pid),
         comm,
@@ -763,7 +853,8 @@ pub(crate) fn collect_into(
         stopped: false,
         posix_timers: inj.timers,
         prctl: inj.prctl,
-    })
+    };
+    Ok((m, check))
 }
 
 /// "/memfd:NAME (deleted)" -> "NAME".
@@ -1372,5 +1463,96 @@ mod tests {
         assert!(compared > 5, "only {compared} areas");
         // 64 MiB / 3 pages written, 1/5 read (zero page, saved as present), at least.
         assert!(pages > (64 << 20) / 4096 / 3, "{pages} pages");
+    }
+
+    /// A python3 that maps an area, then on each line of input changes its memory
+    /// as told (`dontfork`: madvise the whole area, which leaves /proc/PID/maps as
+    /// it was; `map`: a new area) and says `ok`.
+    struct Changer {
+        child: std::process::Child,
+        out: std::io::BufReader<std::process::ChildStdout>,
+    }
+
+    impl Changer {
+        fn start() -> Changer {
+            let prog = "import mmap,sys\n\
+                        m=mmap.mmap(-1,1<<20,flags=mmap.MAP_SHARED)\n\
+                        m[0]=1\n\
+                        keep=[]\n\
+                        print('ready',flush=True)\n\
+                        for l in sys.stdin:\n\
+                        \x20if l.strip()=='dontfork': m.madvise(mmap.MADV_DONTFORK)\n\
+                        \x20if l.strip()=='map': keep.append(mmap.mmap(-1,3<<20,flags=mmap.MAP_PRIVATE))\n\
+                        \x20print('ok',flush=True)\n";
+            let mut child = std::process::Command::new("python3")
+                .args(["-c", prog])
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .expect("python3");
+            let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+            let mut line = String::new();
+            out.read_line(&mut line).unwrap();
+            assert_eq!(line.trim(), "ready");
+            Changer { child, out }
+        }
+
+        fn tell(&mut self, what: &str) {
+            use std::io::Write;
+            let stdin = self.child.stdin.as_mut().unwrap();
+            writeln!(stdin, "{what}").unwrap();
+            let mut line = String::new();
+            self.out.read_line(&mut line).unwrap();
+            assert_eq!(line.trim(), "ok");
+        }
+
+        /// Reads the early layout, lets `change` happen, then freezes and collects:
+        /// the flags check (None if the dump read smaps itself).
+        fn dump_after(&mut self, change: Option<&str>) -> Option<Result<(), DumpError>> {
+            let pid = self.child.id() as i32;
+            let early = EarlyLayout::read(pid).unwrap();
+            if let Some(c) = change {
+                self.tell(c);
+            }
+            let dir = tempfile::tempdir().unwrap();
+            let frozen = Frozen::freeze(pid).unwrap();
+            let (_, _, check) =
+                collect_deferring(pid, &frozen, dir.path(), false, false, Some(&early)).unwrap();
+            let answer = check.map(FlagsCheck::wait);
+            drop(frozen);
+            answer
+        }
+    }
+
+    impl Drop for Changer {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    /// The flags the freeze takes from before it are checked: a whole area
+    /// madvised in between (its line in /proc/PID/maps unchanged) fails the check,
+    /// naming the area and the flag; nothing changed passes; a layout that changed
+    /// makes the dump read smaps itself (nothing left to check).
+    #[test]
+    fn flags_taken_from_before_the_freeze_are_checked() {
+        let mut p = Changer::start();
+        // The interpreter's own allocations settle first (a heap that grows while
+        // it answers would change the layout).
+        for _ in 0..3 {
+            p.tell("nothing");
+        }
+        assert!(matches!(p.dump_after(None), Some(Ok(()))));
+        match p.dump_after(Some("dontfork")) {
+            Some(Err(e)) => {
+                let e = e.to_string();
+                assert!(e.contains("dc") && e.contains("try again"), "{e}");
+            }
+            other => panic!("a flag changed unseen: {other:?}"),
+        }
+        assert!(p.dump_after(Some("map")).is_none());
+        // The process ran on unharmed after each dump.
+        p.tell("nothing");
     }
 }

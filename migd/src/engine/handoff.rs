@@ -6,7 +6,7 @@
 //! the same status or die of the same signal, so that its parent's wait() sees the
 //! truth.
 
-use super::dump::{collect_deferring, precheck_process, DumpError};
+use super::dump::{collect_deferring, precheck_process, DumpError, FlagsCheck};
 use super::freeze::{FreezeError, Frozen};
 use super::image;
 use super::inject::{InjectError, Injector, GADGET};
@@ -70,19 +70,23 @@ fn pending_signals(m: &image::Manifest) -> Vec<i32> {
 /// after the freeze by a [`Flusher`] (see `engine::late`), which starts at once.
 pub fn dump_frozen(pid: i32, images: &Path, late: Option<LateOptions>) -> Result<Held, DumpError> {
     let _span = tracing::info_span!("dump_frozen", pid).entered();
-    super::dump::prepare(pid, images)?;
+    let early = super::dump::prepare(pid, images)?;
+    if late.is_some() {
+        super::late::create_files(images)?;
+    }
     let frozen = Frozen::freeze(pid)?;
     let t0 = Instant::now();
     let mut ph = crate::phases::Phases::new("dump_frozen");
     // The areas are checked by the collect, on the layout it reads anyway.
     precheck_process(pid)?;
     ph.mark("precheck");
-    let (manifest, deferral) = collect_deferring(pid, &frozen, images, late.is_some(), false)?;
+    let (manifest, deferral, check) =
+        collect_deferring(pid, &frozen, images, late.is_some(), false, Some(&early))?;
     ph.mark("collect+late files");
     image::write_manifest_with(images, &manifest, false)?;
     ph.mark("manifest");
     ph.log();
-    let after = after_dump(images, None);
+    let after = after_dump(images, check, None);
     Ok(Held::new(
         frozen,
         &manifest,
@@ -94,11 +98,17 @@ pub fn dump_frozen(pid: i32, images: &Path, late: Option<LateOptions>) -> Result
 }
 
 /// The thread of [`after_dump`]; dropping it waits for it.
-struct After(Option<std::thread::JoinHandle<()>>);
+struct After {
+    thread: Option<std::thread::JoinHandle<()>>,
+    /// The flags check's answer (see [`Held::checked`]), until taken.
+    checked: Option<std::sync::mpsc::Receiver<Result<(), DumpError>>>,
+    /// Why the check failed, once taken.
+    check_failed: Option<String>,
+}
 
 impl After {
     fn wait(&mut self) {
-        if let Some(t) = self.0.take() {
+        if let Some(t) = self.thread.take() {
             if t.join().is_err() {
                 tracing::error!("the work after the dump panicked");
             }
@@ -112,16 +122,26 @@ impl Drop for After {
     }
 }
 
-/// Starts what the dump leaves for after the freeze's critical path: the image is
-/// synced (the freeze only closed its files: another node reads them all the same),
-/// and a pre-copy's tracking ends (`untrack` dropped, see
-/// `Tracker::freeze_and_finish`).
-fn after_dump(images: &Path, untrack: Option<sys::uffd::Uffd>) -> std::thread::JoinHandle<()> {
+/// Starts what the dump leaves for after the freeze's critical path: the VmFlags
+/// the dump took from before the freeze are checked (see `dump::EarlyLayout`), the
+/// image is synced (the freeze only closed its files: another node reads them all
+/// the same), and a pre-copy's tracking ends (`untrack` dropped, see
+/// `Tracker::freeze_and_finish`; after the check, which sees the tracking's flags).
+fn after_dump(images: &Path, check: Option<FlagsCheck>, untrack: Option<sys::uffd::Uffd>) -> After {
     let images = images.to_path_buf();
     let span = tracing::Span::current();
-    std::thread::spawn(move || {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let thread = std::thread::spawn(move || {
         let _span = span.entered();
         let mut ph = crate::phases::Phases::new("after_dump");
+        let _ = tx.send(check.map_or(Ok(()), FlagsCheck::wait));
+        ph.mark("flags checked");
+        // The rest is waited for only once the migration is decided: it must not
+        // take the CPU from the restore meanwhile (on one machine, or the
+        // store's).
+        if let Err(e) = sys::background_thread() {
+            tracing::debug!(error = %e, "cannot lower the priority of the work after the dump");
+        }
         drop(untrack);
         ph.mark("tracking ended");
         if let Err(e) = image::sync_image(&images) {
@@ -131,7 +151,12 @@ fn after_dump(images: &Path, untrack: Option<sys::uffd::Uffd>) -> std::thread::J
         }
         ph.mark("image synced");
         ph.log();
-    })
+    });
+    After {
+        thread: Some(thread),
+        checked: Some(rx),
+        check_failed: None,
+    }
 }
 
 /// Like [`dump_frozen`], but pre-copy: the pages are written in rounds while the
@@ -153,15 +178,14 @@ pub fn dump_frozen_precopy(
     let mut tracker = Tracker::start(pid, images)?;
     tracker.defer_sync();
     track::run_rounds(&mut tracker, opts, &mut progress)?;
-    let (frozen, manifest, report, deferral, untrack) =
-        tracker.freeze_and_finish(late.is_some())?;
-    progress(&report);
-    let after = after_dump(images, Some(untrack));
+    let f = tracker.freeze_and_finish(late.is_some())?;
+    progress(&f.report);
+    let after = after_dump(images, f.check, Some(f.uffd));
     Ok(Held::new(
-        frozen,
-        &manifest,
-        report.ms,
-        deferral.zip(late),
+        f.frozen,
+        &f.manifest,
+        f.report.ms,
+        f.deferral.zip(late),
         images,
         after,
     ))
@@ -174,14 +198,14 @@ impl Held {
         dump_ms: f64,
         late: Option<(Deferral, LateOptions)>,
         images: &Path,
-        after: std::thread::JoinHandle<()>,
+        after: After,
     ) -> Held {
         let flusher = late
             .filter(|(d, _)| !d.is_empty())
             .map(|(d, o)| Flusher::start(frozen.pid, images, d.into_runs(), o));
         Held {
             flusher,
-            after: After(Some(after)),
+            after,
             page_bytes: m.pages_len,
             late_bytes: m.late_len,
             dump_ms,
@@ -200,9 +224,33 @@ impl Held {
         end
     }
 
+    /// Whether the image is faithful to the frozen process: the dump took the
+    /// areas' flags from before the freeze (see `dump::EarlyLayout`), checked on a
+    /// thread of its own meanwhile; this waits for the answer. Nothing may run
+    /// from the image before it is Ok; on an error the original must thaw.
+    pub fn checked(&mut self) -> Result<(), DumpError> {
+        let pid = self.frozen.pid;
+        if let Some(rx) = self.after.checked.take() {
+            let answer = rx.recv().unwrap_or_else(|_| {
+                Err(DumpError::Other {
+                    pid,
+                    what: "the check of its memory areas' flags did not answer".into(),
+                })
+            });
+            self.after.check_failed = answer.err().map(|e| e.to_string());
+        }
+        match &self.after.check_failed {
+            None => Ok(()),
+            Some(why) => Err(DumpError::Other {
+                pid,
+                what: why.clone(),
+            }),
+        }
+    }
+
     /// Waits for the work the dump left for after the freeze's critical path: the
-    /// image synced, a pre-copy's tracking ended (every way of ending the held
-    /// process waits for it first).
+    /// flags checked, the image synced, a pre-copy's tracking ended (every way of
+    /// ending the held process waits for it first).
     pub fn settle(&mut self) {
         self.after.wait();
     }

@@ -118,32 +118,30 @@ impl Deferral {
     }
 }
 
-/// Records a lazy dump's deferral in its manifest (`late_len`) and creates the late
-/// files in `images`; nothing without one. Before the manifest is written.
-pub(crate) fn seal(
-    m: &mut image::Manifest,
-    deferral: Option<&Deferral>,
-    images: &Path,
-) -> Result<(), super::dump::DumpError> {
-    let Some(d) = deferral else {
-        return Ok(());
-    };
-    m.late_len = d.len();
-    create_files(images).map_err(|source| super::dump::DumpError::Proc {
-        path: images.display().to_string(),
-        source,
-    })
+/// Records a lazy dump's deferral in its manifest (`late_len`); nothing without one.
+/// Before the manifest is written; the late files were made before the freeze
+/// ([`create_files`]).
+pub(crate) fn seal(m: &mut image::Manifest, deferral: Option<&Deferral>) {
+    if let Some(d) = deferral {
+        m.late_len = d.len();
+    }
 }
 
-/// Creates late.img, late.ready and late.want (empty) in `images`: before the
-/// manifest is written, so that a destination finds them.
-fn create_files(images: &Path) -> std::io::Result<()> {
+/// Creates late.img, late.ready and late.want (empty) in `images`, before the
+/// freeze (each create is a round trip to the store's server, a millisecond or
+/// so that the freeze need not wait for): the manifest, written last, then names
+/// files a destination finds.
+pub(crate) fn create_files(images: &Path) -> Result<(), super::dump::DumpError> {
     for name in [
         image::LATE_FILE,
         image::LATE_READY_FILE,
         image::LATE_WANT_FILE,
     ] {
-        File::create(images.join(name))?;
+        let path = images.join(name);
+        File::create(&path).map_err(|source| super::dump::DumpError::Proc {
+            path: path.display().to_string(),
+            source,
+        })?;
     }
     Ok(())
 }

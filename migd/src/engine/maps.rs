@@ -34,6 +34,62 @@ impl MapArea {
     pub fn is_file(&self) -> bool {
         self.inode != 0 && !self.name.starts_with('[')
     }
+
+    /// True if `other` has the same line in /proc/PID/maps: range, protection,
+    /// sharing, offset, file and name (the VmFlags are not compared).
+    pub fn same_place(&self, other: &MapArea) -> bool {
+        self.start == other.start
+            && self.end == other.end
+            && self.prot == other.prot
+            && self.shared == other.shared
+            && self.offset == other.offset
+            && self.dev == other.dev
+            && self.inode == other.inode
+            && self.name == other.name
+    }
+}
+
+/// `layout` (read from /proc/PID/maps, so without VmFlags) with the VmFlags of the
+/// same areas in `earlier` (an smaps read before); `None` if some area of `layout`
+/// is not in `earlier` as it is now (the layout changed: read smaps instead).
+pub fn flags_from(layout: &[MapArea], earlier: &[MapArea]) -> Option<Vec<MapArea>> {
+    let by_start: std::collections::HashMap<u64, &MapArea> =
+        earlier.iter().map(|e| (e.start, e)).collect();
+    layout
+        .iter()
+        .map(|a| {
+            let e = by_start.get(&a.start)?;
+            e.same_place(a).then(|| MapArea {
+                vmflags: e.vmflags.clone(),
+                ..a.clone()
+            })
+        })
+        .collect()
+}
+
+/// The first difference between the areas a dump went by (`used`) and the address
+/// space as smaps shows it (`now`): an area added, gone, moved, or with other
+/// VmFlags. `None` if they are the same.
+pub fn first_difference(used: &[MapArea], now: &[MapArea]) -> Option<String> {
+    let show = |a: &MapArea| format!("{:#x}-{:#x} {}", a.start, a.end, a.name);
+    for (u, n) in used.iter().zip(now) {
+        if !u.same_place(n) {
+            return Some(format!("area {} is now {}", show(u), show(n)));
+        }
+        if u.vmflags != n.vmflags {
+            return Some(format!(
+                "area {}: VmFlags [{}] are now [{}]",
+                show(u),
+                u.vmflags.join(" "),
+                n.vmflags.join(" ")
+            ));
+        }
+    }
+    match used.len().cmp(&now.len()) {
+        std::cmp::Ordering::Equal => None,
+        std::cmp::Ordering::Less => Some(format!("area {} is new", show(&now[used.len()]))),
+        std::cmp::Ordering::Greater => Some(format!("area {} is gone", show(&used[now.len()]))),
+    }
 }
 
 /// Errors in /proc/PID/smaps text.
@@ -154,6 +210,51 @@ VmFlags: mr mw me
         assert_eq!(m[3].prot, 0);
         assert_eq!(m[3].name, "");
         assert!(!m[3].is_file());
+    }
+
+    #[test]
+    fn flags_come_from_the_earlier_read_only_where_the_layout_is_the_same() {
+        let earlier = parse_smaps(SAMPLE).unwrap();
+        let maps: String = SAMPLE
+            .lines()
+            .filter(|l| !l.starts_with("VmFlags") && !l.starts_with("Size"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let layout = parse_smaps(&maps).unwrap();
+        assert!(layout.iter().all(|a| a.vmflags.is_empty()));
+        let with = flags_from(&layout, &earlier).expect("same layout");
+        assert_eq!(with, earlier);
+        assert_eq!(first_difference(&with, &earlier), None);
+
+        // An area that grew, or one the earlier read did not see: no flags to take.
+        let mut grown = layout.clone();
+        grown[1].end += 4096;
+        assert_eq!(flags_from(&grown, &earlier), None);
+        let mut moved = layout.clone();
+        moved[3].start -= 4096;
+        assert_eq!(flags_from(&moved, &earlier), None);
+        let mut renamed = layout;
+        renamed[0].name = "/usr/bin/dog".into();
+        assert_eq!(flags_from(&renamed, &earlier), None);
+    }
+
+    #[test]
+    fn a_flag_changed_or_an_area_added_is_a_difference_naming_the_area() {
+        let used = parse_smaps(SAMPLE).unwrap();
+        let mut now = used.clone();
+        now[1].vmflags.push("dd".into());
+        let d = first_difference(&used, &now).expect("a difference");
+        assert!(d.contains("0x7ffd1c000000") && d.contains("dd"), "{d}");
+        let mut more = used.clone();
+        more.push(MapArea {
+            start: 0x7f0000004000,
+            end: 0x7f0000005000,
+            ..used[3].clone()
+        });
+        let d = first_difference(&used, &more).expect("a difference");
+        assert!(d.contains("is new"), "{d}");
+        let d = first_difference(&more, &used).expect("a difference");
+        assert!(d.contains("is gone"), "{d}");
     }
 
     #[test]

@@ -20,7 +20,7 @@
 
 use super::dump::{
     area_kind, area_record, collect_into, precheck_areas, precheck_process, read_proc, with_gadget,
-    DumpError, MemSource, SAVED_ANYOF, SAVED_NOT,
+    DumpError, EarlyLayout, FlagsCheck, MemSource, SAVED_ANYOF, SAVED_NOT,
 };
 use super::freeze::Frozen;
 use super::image::{self, Area, AreaKind, Manifest, PageWriter};
@@ -171,6 +171,20 @@ fn to_runs(pieces: &[(u64, u64, u64)], page: u64) -> Vec<(u64, u64, u64)> {
         out.push((s, (e - s) / page, o));
     }
     out
+}
+
+/// What [`Tracker::freeze_and_finish`] leaves: the process frozen and its image.
+pub struct Finished {
+    pub frozen: Frozen,
+    pub manifest: Manifest,
+    /// The freeze's round (`ms`: from the freeze to the manifest written).
+    pub report: RoundReport,
+    /// The late pages, if any (see `engine::late`).
+    pub deferral: Option<Deferral>,
+    /// Dropping it ends the tracking (after `check`, which needs it).
+    pub uffd: Uffd,
+    /// To pass before anything runs from the image (see `dump::EarlyLayout`).
+    pub check: Option<FlagsCheck>,
 }
 
 /// A running process whose writes are being tracked, and the image being written.
@@ -494,7 +508,7 @@ impl Tracker {
     /// round, areas that lost their tracking in full, then everything else as
     /// `dump::collect` does; writes the manifest. Returns the frozen process, the
     /// manifest, the freeze's report (`ms`: from the freeze to the manifest
-    /// written) and the userfaultfd: dropping it ends the tracking (the kernel
+    /// written), the flags check and the userfaultfd: dropping it ends the tracking (the kernel
     /// unregisters every area and clears their write-protect bits, a walk of all the
     /// tracked memory, ~15 ms for 1 GiB), which the caller does off the freeze's
     /// critical path but before the process thaws. On error the process thaws and
@@ -503,14 +517,17 @@ impl Tracker {
     /// With `late`, the pages still to write of areas a lazy restore serves on demand
     /// are left for a [`crate::engine::late::Flusher`] (see `dump::collect_deferring`),
     /// returned as the [`Deferral`].
-    pub fn freeze_and_finish(
-        mut self,
-        late: bool,
-    ) -> Result<(Frozen, Manifest, RoundReport, Option<Deferral>, Uffd), DumpError> {
+    pub fn freeze_and_finish(mut self, late: bool) -> Result<Finished, DumpError> {
         let pid = self.pid;
         let was_stopped = read_proc(format!("/proc/{pid}/status"))
             .map(|s| procfs::status_field(&s, "State").is_some_and(|v| v.starts_with('T')))
             .unwrap_or(false);
+        // The smaps walk while it still runs (see `dump::EarlyLayout`), and the
+        // late files made (round trips to the store).
+        let early = EarlyLayout::read(pid)?;
+        if late {
+            crate::engine::late::create_files(&self.images)?;
+        }
         let t_freeze = Instant::now();
         let frozen = Frozen::freeze(pid)?;
         let freeze_op_ms = ms_since(t_freeze);
@@ -530,15 +547,16 @@ impl Tracker {
             ..RoundReport::default()
         };
         let mut deferral = None;
-        let mut manifest = collect_into(pid, &frozen, pw, &mut |smaps, threads, pw| {
-            precheck_areas(pid, smaps)?;
-            deferral = late.then(|| Deferral::new(threads));
-            self.fresh = late.then(|| image::eager_windows(threads, sys::page_size()));
-            self.final_memory(smaps, pw, &mut report, deferral.as_mut())
-        })?;
+        let (mut manifest, check) =
+            collect_into(pid, &frozen, pw, Some(&early), &mut |smaps, threads, pw| {
+                precheck_areas(pid, smaps)?;
+                deferral = late.then(|| Deferral::new(threads));
+                self.fresh = late.then(|| image::eager_windows(threads, sys::page_size()));
+                self.final_memory(smaps, pw, &mut report, deferral.as_mut())
+            })?;
         ph.mark("collect");
         manifest.stopped = was_stopped;
-        crate::engine::late::seal(&mut manifest, deferral.as_ref(), &self.images)?;
+        crate::engine::late::seal(&mut manifest, deferral.as_ref());
         ph.mark("late files");
         image::write_manifest_with(&self.images, &manifest, self.sync)?;
         ph.mark("manifest");
@@ -560,7 +578,14 @@ impl Tracker {
             "phases: {}",
             ph.summary()
         );
-        Ok((frozen, manifest, report, deferral, uffd))
+        Ok(Finished {
+            frozen,
+            manifest,
+            report,
+            deferral,
+            uffd,
+            check,
+        })
     }
 
     /// The memory step of the final freeze.

@@ -312,6 +312,16 @@ pub fn prlimit_get(pid: i32, res: i32) -> Result<(u64, u64), Errno> {
     check(r as libc::c_long).map(|_| (old.rlim_cur, old.rlim_max))
 }
 
+/// Makes the calling thread yield the CPU to everyone else (nice 19; on Linux the
+/// nice value is the thread's own): for work nobody waits for.
+pub fn background_thread() -> Result<(), Errno> {
+    // SAFETY: gettid has no arguments and cannot fail.
+    let tid = unsafe { libc::gettid() };
+    // SAFETY: plain integer arguments.
+    let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 19) };
+    check(r as libc::c_long).map(drop)
+}
+
 pub fn prlimit_set(pid: i32, res: i32, cur: u64, max: u64) -> Result<(), Errno> {
     let new = libc::rlimit64 {
         rlim_cur: cur,
