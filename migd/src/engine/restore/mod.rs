@@ -17,6 +17,7 @@ use super::inject::{InjectError, Injector};
 use super::maps::parse_smaps;
 use super::regs;
 use crate::sys::{self, kabi};
+use std::collections::HashMap;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
@@ -174,9 +175,15 @@ fn precheck(m: &Manifest) -> Result<(), RestoreError> {
         ));
     }
     memory::check_vdso_layout(m)?;
-    // One stat per file, not per area (a home file's stat goes to the home's
-    // fs-server).
-    let mut seen = std::collections::BTreeMap::new();
+    let files: std::collections::BTreeSet<&str> = m
+        .areas
+        .iter()
+        .filter_map(|a| match &a.kind {
+            AreaKind::File { path, .. } => Some(path.as_str()),
+            _ => None,
+        })
+        .collect();
+    let seen = stat_all(files.into_iter().collect())?;
     for a in &m.areas {
         if let AreaKind::File {
             path,
@@ -185,16 +192,7 @@ fn precheck(m: &Manifest) -> Result<(), RestoreError> {
             mtime_nsec,
         } = &a.kind
         {
-            let md = match seen.get(path) {
-                Some(md) => md,
-                None => {
-                    let md = std::fs::metadata(path).map_err(|source| RestoreError::Io {
-                        path: path.clone(),
-                        source,
-                    })?;
-                    seen.entry(path.clone()).or_insert(md)
-                }
-            };
+            let md = &seen[path.as_str()];
             if !a.shared
                 && (md.size() != *size || md.mtime() != *mtime || md.mtime_nsec() != *mtime_nsec)
             {
@@ -205,6 +203,42 @@ fn precheck(m: &Manifest) -> Result<(), RestoreError> {
         }
     }
     Ok(())
+}
+
+/// At most this many stats at once in [`stat_all`].
+const STATS_AT_ONCE: usize = 8;
+
+/// The metadata of each path, asked for in parallel: a file of the home view is
+/// a round trip to its node's fs-server, and a process maps a few to a few dozen.
+fn stat_all(paths: Vec<&str>) -> Result<HashMap<&str, std::fs::Metadata>, RestoreError> {
+    let per_thread = paths.len().div_ceil(STATS_AT_ONCE).max(1);
+    std::thread::scope(|s| {
+        let threads: Vec<_> = paths
+            .chunks(per_thread)
+            .map(|some| {
+                s.spawn(move || {
+                    some.iter()
+                        .map(|&p| {
+                            std::fs::metadata(p).map(|md| (p, md)).map_err(|source| {
+                                RestoreError::Io {
+                                    path: p.to_string(),
+                                    source,
+                                }
+                            })
+                        })
+                        .collect::<Result<Vec<_>, _>>()
+                })
+            })
+            .collect();
+        let mut out = HashMap::new();
+        for t in threads {
+            let got = t.join().map_err(|_| RestoreError::Other {
+                what: "a thread checking the mapped files panicked".into(),
+            })??;
+            out.extend(got);
+        }
+        Ok(out)
+    })
 }
 
 /// Restores the image. `running` is called once the process runs (with the report);
@@ -362,30 +396,23 @@ fn start(
     };
     let _span = tracing::info_span!("restore", pid = m.pid, lazy = lazy.is_some()).entered();
     ph.mark("manifest");
-    precheck(&m)?;
-    ph.mark("precheck");
     let plan = lazy.map(|_| lazy::plan(&m));
-    let pages = match &plan {
-        // Only the chunks the eager part reads, read in full and checked.
-        Some(p) => Pages::Eager(lazy::read_eager_chunks(&opts.images, &m, p)?),
-        None => {
-            let pages_path = opts.images.join(image::PAGES_FILE);
-            let pages_file =
-                std::fs::File::open(&pages_path).map_err(|source| RestoreError::Io {
-                    path: pages_path.display().to_string(),
-                    source,
-                })?;
-            Pages::Mapped(
-                sys::FileMap::map(pages_file.as_raw_fd(), m.pages_len as usize).map_err(|e| {
-                    RestoreError::Io {
-                        path: pages_path.display().to_string(),
-                        source: e.into(),
-                    }
-                })?,
-            )
-        }
-    };
-    ph.mark("pages.img (lazy: eager chunks read)");
+    // The checks (round trips for the mapped files) while the pages are read
+    // (round trips to the store); a refusal still wins over any read error. Both
+    // threads end here: the rest needs this thread alone (ptrace, fork).
+    let (checked, pages) = std::thread::scope(|s| {
+        let check = s.spawn(|| precheck(&m));
+        let pages = read_pages(opts, &m, plan.as_ref());
+        let checked = check.join().unwrap_or_else(|_| {
+            Err(RestoreError::Other {
+                what: "the pre-check panicked".into(),
+            })
+        });
+        (checked, pages)
+    });
+    checked?;
+    let pages = pages?;
+    ph.mark("precheck + pages.img (lazy: eager chunks read)");
     let gadget = free_hole(&m.areas, GADGET_LEN, &[])?;
     let t0 = Instant::now();
     let sp = spawn::spawn(m.pid, gadget, GADGET_LEN as usize)?;
@@ -463,6 +490,34 @@ fn start(
         uffd_stub_fd: pager.as_ref().and_then(|p: &lazy::Pager| p.stub_fd()),
     };
     Ok((report, link, pager, paused))
+}
+
+/// pages.img as the shaping reads it (see [`Pages`]).
+fn read_pages(
+    opts: &RestoreOptions,
+    m: &Manifest,
+    plan: Option<&lazy::Plan>,
+) -> Result<Pages, RestoreError> {
+    Ok(match plan {
+        // Only the chunks the eager part reads, read in full and checked.
+        Some(p) => Pages::Eager(lazy::read_eager_chunks(&opts.images, m, p)?),
+        None => {
+            let pages_path = opts.images.join(image::PAGES_FILE);
+            let pages_file =
+                std::fs::File::open(&pages_path).map_err(|source| RestoreError::Io {
+                    path: pages_path.display().to_string(),
+                    source,
+                })?;
+            Pages::Mapped(
+                sys::FileMap::map(pages_file.as_raw_fd(), m.pages_len as usize).map_err(|e| {
+                    RestoreError::Io {
+                        path: pages_path.display().to_string(),
+                        source: e.into(),
+                    }
+                })?,
+            )
+        }
+    })
 }
 
 /// pages.img as the shaping reads it: mapped whole (an eager restore, which checked
