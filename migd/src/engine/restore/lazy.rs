@@ -180,6 +180,9 @@ pub struct Pager {
     /// When failed reads are tried again (and since when they fail).
     retry: Retry,
     finished_at: Option<Duration>,
+    /// Time spent reading the image and copying into the process (debug figures).
+    read_time: Duration,
+    copy_time: Duration,
 }
 
 /// Missing ranges one prefetch step or one fault's read-ahead goes through at most.
@@ -214,6 +217,8 @@ impl Pager {
             started: Instant::now(),
             retry: Retry::new(),
             finished_at: None,
+            read_time: Duration::ZERO,
+            copy_time: Duration::ZERO,
         }
     }
 
@@ -450,7 +455,18 @@ impl Pager {
             .stalled(Instant::now())
             .map(|(_, c)| c.to_string());
         if self.progress.done && self.finished_at.is_none() {
-            self.finished_at = Some(self.started.elapsed());
+            let all = self.started.elapsed();
+            self.finished_at = Some(all);
+            let p = &self.progress;
+            tracing::debug!(
+                all_ms = all.as_secs_f64() * 1e3,
+                read_ms = self.read_time.as_secs_f64() * 1e3,
+                copy_ms = self.copy_time.as_secs_f64() * 1e3,
+                faults = p.faults,
+                faulted_bytes = p.faulted_bytes,
+                prefetched_bytes = p.prefetched_bytes,
+                "every page is in"
+            );
         }
     }
 
@@ -663,12 +679,21 @@ impl Pager {
     }
 
     fn fill_piece(&mut self, i: usize, lo: u64, hi: u64, off: u64) -> Result<u64, Served> {
+        let t0 = Instant::now();
         let data = match self.source.read(off, hi - lo) {
             Ok(d) => d,
             Err(e) if e.not_yet => return Err(Served::NotYet(e.msg)),
             Err(e) => return Err(Served::Store(e.msg)),
         };
-        let sp = &mut self.spaces[i];
+        let t1 = Instant::now();
+        self.read_time += t1 - t0;
+        let r = Self::copy_in(&mut self.spaces[i], lo, hi, data);
+        self.copy_time += t1.elapsed();
+        r
+    }
+
+    /// Copies `data` to `[lo, hi)` of `sp` (see [`fill`](Self::fill)).
+    fn copy_in(sp: &mut Space, lo: u64, hi: u64, data: &[u8]) -> Result<u64, Served> {
         let mut at = 0u64;
         let mut filled = 0u64;
         let len = hi - lo;

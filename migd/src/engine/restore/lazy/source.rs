@@ -9,12 +9,116 @@
 
 use crate::engine::image::{self, LATE};
 use crate::engine::late::LateReader;
+use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 /// Chunks kept in memory (each [`image::CHUNK`] bytes).
 const CACHE_CHUNKS: usize = 16;
+
+/// Chunks of pages.img read ahead of a sequential reader (the prefetch).
+const AHEAD_CHUNKS: u64 = 8;
+
+/// Threads reading ahead (the store's client serves requests in parallel).
+const AHEAD_THREADS: usize = 2;
+
+/// Reads chunks of pages.img on a thread of its own, each checked against its CRC,
+/// while the pager copies the ones before into the process: the store's latency
+/// and the checksum overlap the copies. Asked only when reads go in order (the
+/// prefetch); a fault elsewhere is read at once by the pager itself. A failed read
+/// is only forgotten: the pager's own read then fails (or not) as it would have.
+struct ReadAhead {
+    ask: mpsc::Sender<u64>,
+    got: mpsc::Receiver<(u64, Option<Vec<u8>>)>,
+    /// Asked, not received yet.
+    pending: BTreeSet<u64>,
+    /// Received, not taken yet.
+    ready: BTreeMap<u64, Vec<u8>>,
+}
+
+impl ReadAhead {
+    fn start(path: PathBuf, len: u64, crcs: Vec<u32>) -> ReadAhead {
+        let (ask, asked) = mpsc::channel::<u64>();
+        let asked = std::sync::Arc::new(std::sync::Mutex::new(asked));
+        let crcs = std::sync::Arc::new(crcs);
+        let (give, got) = mpsc::channel();
+        for _ in 0..AHEAD_THREADS {
+            let (asked, give, crcs, path) =
+                (asked.clone(), give.clone(), crcs.clone(), path.clone());
+            let span = tracing::Span::current();
+            std::thread::spawn(move || {
+                let _span = span.entered();
+                let mut file: Option<std::fs::File> = None;
+                // Ends when the pager's Source is dropped.
+                loop {
+                    let next = asked.lock().unwrap().recv();
+                    let Ok(i) = next else { return };
+                    let lo = i * image::CHUNK;
+                    let mut buf = vec![0u8; (len - lo).min(image::CHUNK) as usize];
+                    if file.is_none() {
+                        file = std::fs::File::open(&path).ok();
+                    }
+                    let ok = file
+                        .as_ref()
+                        .is_some_and(|f| f.read_exact_at(&mut buf, lo).is_ok())
+                        && crcs.get(i as usize) == Some(&crc32c::crc32c(&buf));
+                    if !ok {
+                        file = None;
+                    }
+                    if give.send((i, ok.then_some(buf))).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        ReadAhead {
+            ask,
+            got,
+            pending: BTreeSet::new(),
+            ready: BTreeMap::new(),
+        }
+    }
+
+    fn keep(&mut self, (i, data): (u64, Option<Vec<u8>>)) {
+        self.pending.remove(&i);
+        if let Some(d) = data {
+            self.ready.insert(i, d);
+        }
+    }
+
+    /// Chunk `i` if it was read ahead (waiting for it if it is on its way).
+    fn take(&mut self, i: u64) -> Option<Vec<u8>> {
+        while let Ok(r) = self.got.try_recv() {
+            self.keep(r);
+        }
+        while self.pending.contains(&i) {
+            match self.got.recv() {
+                Ok(r) => self.keep(r),
+                Err(_) => {
+                    self.pending.clear();
+                    break;
+                }
+            }
+        }
+        self.ready.remove(&i)
+    }
+
+    /// Asks for the chunks after `i` (up to [`AHEAD_CHUNKS`], below `chunks`) not
+    /// asked for yet; drops what was read ahead before `i` (the reader moved on).
+    fn ask_after(&mut self, i: u64, chunks: u64, cached: impl Fn(u64) -> bool) {
+        self.ready.retain(|&c, _| c > i);
+        for c in i + 1..(i + 1 + AHEAD_CHUNKS).min(chunks) {
+            if !self.pending.contains(&c) && !self.ready.contains_key(&c) && !cached(c) {
+                if self.ask.send(c).is_err() {
+                    return;
+                }
+                self.pending.insert(c);
+            }
+        }
+    }
+}
 
 /// Why pages could not be read.
 #[derive(Debug)]
@@ -61,6 +165,10 @@ pub(super) struct Source {
     stage: Vec<u8>,
     /// When late.ready was last read for [`available`](Self::available).
     last_poll: Option<Instant>,
+    /// pages.img read ahead (started at the first reads in order).
+    ahead: Option<ReadAhead>,
+    /// The last chunk of pages.img read.
+    last_main: Option<u64>,
 }
 
 impl Source {
@@ -77,7 +185,27 @@ impl Source {
             cache: Vec::new(),
             stage: Vec::new(),
             last_poll: None,
+            ahead: None,
+            last_main: None,
         }
+    }
+
+    /// After chunk `i` of pages.img was taken: if reads go in order, the next
+    /// ones are read ahead.
+    fn read_ahead_after(&mut self, i: u64) {
+        let in_order = self.last_main.is_some_and(|l| l + 1 == i);
+        self.last_main = Some(i);
+        if !in_order {
+            return;
+        }
+        let chunks = self.main.len.div_ceil(image::CHUNK);
+        let (path, len) = (self.main.path.clone(), self.main.len);
+        let crcs = &self.main_crcs;
+        let ahead = self
+            .ahead
+            .get_or_insert_with(|| ReadAhead::start(path, len, crcs.clone()));
+        let cache = &self.cache;
+        ahead.ask_after(i, chunks, |c| cache.iter().any(|(k, _)| *k == c));
     }
 
     /// The expected CRC of chunk `key`, waiting (a while) for a late one.
@@ -100,6 +228,28 @@ impl Source {
         if let Some(p) = self.cache.iter().position(|(c, _)| *c == key) {
             return Ok(p);
         }
+        let i = key & !LATE;
+        if key & LATE == 0 {
+            let early = self.ahead.as_mut().and_then(|a| a.take(i));
+            if let Some(buf) = early {
+                if self.cache.len() >= CACHE_CHUNKS {
+                    self.cache.remove(0);
+                }
+                self.cache.push((key, buf));
+                self.read_ahead_after(i);
+                return Ok(self.cache.len() - 1);
+            }
+        }
+        let p = self.read_chunk(key)?;
+        if key & LATE == 0 {
+            self.read_ahead_after(i);
+            // (It leaves the cache as it is: `p` still holds.)
+        }
+        Ok(p)
+    }
+
+    /// Reads chunk `key` into the cache (this thread, now).
+    fn read_chunk(&mut self, key: u64) -> Result<usize, SourceError> {
         let crc = self.crc(key)?;
         let i = key & !LATE;
         let pf = match key & LATE {
