@@ -657,46 +657,32 @@ fn read_smaps(pid: i32) -> Result<Vec<MapArea>, DumpError> {
     })
 }
 
-/// The areas a dump went by, with VmFlags taken from an [`EarlyLayout`], being
-/// compared with smaps on a thread of its own (started as soon as the dump has the
-/// layout; the process stays frozen meanwhile): see [`FlagsCheck::wait`].
+/// The areas a dump went by, with VmFlags taken from an [`EarlyLayout`]: to be
+/// compared with smaps while the process is still frozen, before anything runs
+/// from the image ([`FlagsCheck::run`], done beside the restore: started during
+/// the dump, it would take the CPU from it).
 #[derive(Debug)]
 pub struct FlagsCheck {
     pid: i32,
-    thread: std::thread::JoinHandle<Result<(), DumpError>>,
+    used: Vec<MapArea>,
 }
 
 impl FlagsCheck {
-    /// Starts reading smaps of the frozen `pid` (its pre-copy tracking still on:
-    /// ending it clears the `uw` flags) to compare with `used`.
-    fn start(pid: i32, used: Vec<MapArea>) -> FlagsCheck {
-        let span = tracing::Span::current();
-        let thread = std::thread::spawn(move || {
-            let _span = span.entered();
-            let now = read_smaps(pid)?;
-            match super::maps::first_difference(&used, &now) {
-                None => Ok(()),
-                Some(d) => Err(DumpError::Other {
-                    pid,
-                    what: format!(
-                        "its memory areas changed while it was being frozen ({d}; madvise \
-                         or mlock?), so the image may not be faithful; it was not moved, \
-                         try again"
-                    ),
-                }),
-            }
-        });
-        FlagsCheck { pid, thread }
-    }
-
-    /// The answer: an error names the first difference.
-    pub fn wait(self) -> Result<(), DumpError> {
-        self.thread.join().unwrap_or_else(|_| {
-            Err(DumpError::Other {
+    /// Reads smaps (the process must still be frozen, and its pre-copy tracking not
+    /// yet ended: that clears the `uw` flags) and compares: an error names the
+    /// first difference.
+    pub fn run(self) -> Result<(), DumpError> {
+        let now = read_smaps(self.pid)?;
+        match super::maps::first_difference(&self.used, &now) {
+            None => Ok(()),
+            Some(d) => Err(DumpError::Other {
                 pid: self.pid,
-                what: "the check of the memory areas' flags panicked".into(),
-            })
-        })
+                what: format!(
+                    "its memory areas changed while it was being frozen ({d}; madvise or \
+                     mlock?), so the image may not be faithful; it was not moved, try again"
+                ),
+            }),
+        }
     }
 }
 
@@ -780,7 +766,7 @@ pub(crate) fn collect_into(
         None => None,
     };
     let (smaps, check) = match from_early {
-        Some(used) => (used.clone(), Some(FlagsCheck::start(pid, used))),
+        Some(used) => (used.clone(), Some(FlagsCheck { pid, used })),
         None => (read_smaps(pid)?, None),
     };
     ph.mark("layout");
@@ -1518,7 +1504,7 @@ mod tests {
             let frozen = Frozen::freeze(pid).unwrap();
             let (_, _, check) =
                 collect_deferring(pid, &frozen, dir.path(), false, false, Some(&early)).unwrap();
-            let answer = check.map(FlagsCheck::wait);
+            let answer = check.map(FlagsCheck::run);
             drop(frozen);
             answer
         }

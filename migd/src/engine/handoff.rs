@@ -134,7 +134,7 @@ fn after_dump(images: &Path, check: Option<FlagsCheck>, untrack: Option<sys::uff
     let thread = std::thread::spawn(move || {
         let _span = span.entered();
         let mut ph = crate::phases::Phases::new("after_dump");
-        let _ = tx.send(check.map_or(Ok(()), FlagsCheck::wait));
+        let _ = tx.send(check.map_or(Ok(()), FlagsCheck::run));
         ph.mark("flags checked");
         // The rest is waited for only once the migration is decided: it must not
         // take the CPU from the restore meanwhile (on one machine, or the
