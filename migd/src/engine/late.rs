@@ -501,11 +501,17 @@ impl Flush {
         let mut buf = Vec::with_capacity((BATCH * CHUNK) as usize);
         let mut one = Vec::with_capacity(CHUNK as usize);
         let mut checks = 0;
+        // Where the time goes (debug figures): wants read, pages gathered, written.
+        let mut ph = crate::phases::Phases::new("late_flush");
+        let (mut t_wants, mut t_gather, mut t_put) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
         loop {
             if self.stop.load(Ordering::SeqCst) {
                 return FlushEnd::Stopped;
             }
-            if let Step::End(end) = self.read_wants(chunks) {
+            let t = Instant::now();
+            let wants = self.read_wants(chunks);
+            t_wants += t.elapsed();
+            if let Step::End(end) = wants {
                 return match end {
                     FlushEnd::NotNeeded { why, .. } => FlushEnd::NotNeeded {
                         bytes: written,
@@ -548,15 +554,19 @@ impl Flush {
                 }
             };
             buf.clear();
+            let t = Instant::now();
             for c in c0..c0 + n {
                 if let Err(e) = self.gather(c, &mut one) {
                     return FlushEnd::Failed(e);
                 }
                 buf.extend_from_slice(&one);
             }
+            let t1 = Instant::now();
+            t_gather += t1 - t;
             if let Err(end) = self.put(c0, n, &buf) {
                 return end;
             }
+            t_put += t1.elapsed();
             for c in c0..c0 + n {
                 done[c as usize] = true;
             }
@@ -565,11 +575,21 @@ impl Flush {
             }
             written += buf.len() as u64;
         }
+        ph.mark("written");
         for name in [image::LATE_FILE, image::LATE_READY_FILE] {
             if let Err(end) = self.with_file(name, true, |f| f.sync_all()) {
                 return end;
             }
         }
+        ph.mark("synced");
+        tracing::debug!(
+            wants_ms = t_wants.as_secs_f64() * 1e3,
+            gather_ms = t_gather.as_secs_f64() * 1e3,
+            put_ms = t_put.as_secs_f64() * 1e3,
+            bytes = written,
+            "phases: {}",
+            ph.summary()
+        );
         FlushEnd::Done {
             bytes: written,
             ms: t0.elapsed().as_secs_f64() * 1e3,
