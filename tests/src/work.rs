@@ -10,8 +10,13 @@ use std::process::{Child, Stdio};
 use std::time::Duration;
 
 /// Polls `f` every 100 ms until it answers, for at most a minute.
-pub fn wait_for<T>(mut f: impl FnMut() -> Option<T>) -> Option<T> {
-    for _ in 0..600 {
+pub fn wait_for<T>(f: impl FnMut() -> Option<T>) -> Option<T> {
+    wait_up_to(Duration::from_secs(60), f)
+}
+
+/// Polls `f` every 100 ms until it answers, for at most `limit`.
+pub fn wait_up_to<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    for _ in 0..limit.as_millis().div_ceil(100) {
         if let Some(v) = f() {
             return Some(v);
         }

@@ -503,7 +503,8 @@ impl Flush {
         let mut checks = 0;
         // Where the time goes (debug figures): wants read, pages gathered, written.
         let mut ph = crate::phases::Phases::new("late_flush");
-        let (mut t_wants, mut t_gather, mut t_put) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
+        let (mut t_wants, mut t_gather, mut t_put) =
+            (Duration::ZERO, Duration::ZERO, Duration::ZERO);
         loop {
             if self.stop.load(Ordering::SeqCst) {
                 return FlushEnd::Stopped;

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use ferry_tests::work::{compile_c, images_left, spawn_shell, wait_for, BUSY_C};
+use ferry_tests::work::{compile_c, images_left, spawn_shell, wait_for, wait_up_to, BUSY_C};
 use ferry_tests::Cluster;
 
 #[derive(Parser)]
@@ -54,11 +54,21 @@ fn scans(c: &Cluster) -> Vec<f64> {
         .collect()
 }
 
+/// How long a scan may take before the row is given up: a scan right after a lazy
+/// move waits for pages the source may still be writing (at 4 GiB, tens of seconds
+/// on a busy machine), and a slow figure is still a figure.
+const SCAN_LIMIT: Duration = Duration::from_secs(300);
+
 /// Sends SIGUSR1 at home and waits for the scan's line.
 fn scan(c: &Cluster, pid: i32) -> Result<f64> {
     let before = scans(c).len();
     c.sh_ok("ws1", &format!("kill -USR1 {pid}"));
-    wait_for(|| scans(c).get(before).copied()).context("the program did not report its scan")
+    wait_up_to(SCAN_LIMIT, || scans(c).get(before).copied()).with_context(|| {
+        format!(
+            "the program did not report its scan within {} s",
+            SCAN_LIMIT.as_secs()
+        )
+    })
 }
 
 /// "… B bytes moved, frozen X ms" → (B, X).
