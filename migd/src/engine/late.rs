@@ -565,7 +565,14 @@ impl Flush {
             let t1 = Instant::now();
             t_gather += t1 - t;
             if let Err(end) = self.put(c0, n, &buf) {
-                return end;
+                return match end {
+                    // Counted here: `put` does not know what was written before.
+                    FlushEnd::NotNeeded { why, .. } => FlushEnd::NotNeeded {
+                        bytes: written,
+                        why,
+                    },
+                    e => e,
+                };
             }
             t_put += t1.elapsed();
             for c in c0..c0 + n {
@@ -627,8 +634,11 @@ impl Flush {
     }
 }
 
-/// Chunks written together while no chunk is wanted.
-const BATCH: u64 = 4;
+/// Chunks written together while no chunk is wanted (a wanted chunk waits behind
+/// at most one batch). Measured at 1 GiB, all pages late, the destination reading
+/// meanwhile: 4 chunks a write 7.2 s, 8 6.2 s, 16 5.3 s; the write path through
+/// "/..." is the bound, not the round trips.
+const BATCH: u64 = 8;
 
 /// Makes the next read of `f` from `off` on see what the other node wrote: drops
 /// this node's cached pages from there (one cached while the file was shorter holds

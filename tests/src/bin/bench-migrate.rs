@@ -6,13 +6,17 @@
 //! command's total time, the time until the store holds nothing of it any more (lazy
 //! modes keep paging in after the command returns), bytes moved, and the slowdown of
 //! a full memory scan right after the move against the same scan just before it
-//! (pages faulting in from the store); then the ratios that matter: freeze at each
+//! (pages faulting in from the store; in the lazy modes the scan starts as soon as
+//! `migrate` says the process runs at ws2, while the source may still be writing
+//! its last pages); then the ratios that matter: freeze at each
 //! size against 64 MiB (flat is the aim), and each mode against stop-copy.
 //! No pass/fail thresholds: the machines are shared and noisy.
 //!
 //! Usage: `bench-migrate [--mib 64,1024,4096] [--modes stop-copy,precopy,lazy,default]`
 //! (root; `scripts/bench.sh migrate` builds and runs it).
 
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -61,8 +65,14 @@ const SCAN_LIMIT: Duration = Duration::from_secs(300);
 
 /// Sends SIGUSR1 at home and waits for the scan's line.
 fn scan(c: &Cluster, pid: i32) -> Result<f64> {
+    scan_by(c, "ws1", &format!("kill -USR1 {pid}"))
+}
+
+/// Has `signal` (a shell command at `node`) send the scan's SIGUSR1 and waits for
+/// its line.
+fn scan_by(c: &Cluster, node: &str, signal: &str) -> Result<f64> {
     let before = scans(c).len();
-    c.sh_ok("ws1", &format!("kill -USR1 {pid}"));
+    c.sh_ok(node, signal);
     wait_up_to(SCAN_LIMIT, || scans(c).get(before).copied()).with_context(|| {
         format!(
             "the program did not report its scan within {} s",
@@ -125,16 +135,45 @@ fn measure(c: &Cluster, mib: u64, mode: &str) -> Result<(Run, i32)> {
         args.extend(["--mode".to_string(), mode.to_string()]);
     }
     let t = Instant::now();
-    let out = c.exec("ws1", &args);
+    let mut child = c
+        .command("ws1", &args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("cannot start migrate")?;
+    // In the lazy modes the process runs at ws2 while its last pages are still
+    // being written, and `migrate` waits for that: the scan goes as soon as it says
+    // so ("running there; ..."), else once it ends.
+    let (runs_tx, runs_rx) = std::sync::mpsc::channel();
+    let stderr = child.stderr.take().expect("piped");
+    let errs = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in BufReader::new(stderr).lines().map_while(|l| l.ok()) {
+            if line.contains("running there;") {
+                let _ = runs_tx.send(());
+            }
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    let early_scan = match runs_rx.recv() {
+        // Signalled there: at home the original becomes the shadow, which forwards
+        // signals, only once the source has written every page.
+        Ok(()) => Some(scan_by(c, "ws2", "pkill -USR1 -xn busy")?),
+        Err(_) => None, // it ended without saying so
+    };
+    let out = child.wait_with_output().context("waiting for migrate")?;
     let command_ms = t.elapsed().as_secs_f64() * 1e3;
+    let stderr = errs.join().unwrap_or_default();
     let said = String::from_utf8_lossy(&out.stdout).to_string();
     if !out.status.success() {
-        bail!(
-            "migrate --mode {mode} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        bail!("migrate --mode {mode} failed: {stderr}");
     }
-    let scan_after_ms = scan(c, pid)?;
+    let scan_after_ms = match early_scan {
+        Some(ms) => ms,
+        None => scan(c, pid)?,
+    };
     wait_for(|| images_left(c).is_empty().then_some(()))
         .context("the image stayed in the store")?;
     let until_free_ms = t.elapsed().as_secs_f64() * 1e3;

@@ -18,6 +18,9 @@ use std::time::{Duration, Instant};
 /// Chunks kept in memory (each [`image::CHUNK`] bytes).
 const CACHE_CHUNKS: usize = 16;
 
+/// Late chunks read at once at most (see [`Source::read_chunk`]).
+const LATE_SPAN: u64 = 4;
+
 /// Chunks of pages.img read ahead of a sequential reader (the prefetch).
 const AHEAD_CHUNKS: u64 = 8;
 
@@ -163,6 +166,8 @@ pub(super) struct Source {
     /// (chunk key: index, with LATE for late.img; bytes).
     cache: Vec<(u64, Vec<u8>)>,
     stage: Vec<u8>,
+    /// The buffer of the last read (reused).
+    span: Vec<u8>,
     /// When late.ready was last read for [`available`](Self::available).
     last_poll: Option<Instant>,
     /// pages.img read ahead (started at the first reads in order).
@@ -184,6 +189,7 @@ impl Source {
             }),
             cache: Vec::new(),
             stage: Vec::new(),
+            span: Vec::new(),
             last_poll: None,
             ahead: None,
             last_main: None,
@@ -248,10 +254,24 @@ impl Source {
         Ok(p)
     }
 
-    /// Reads chunk `key` into the cache (this thread, now).
+    /// Reads chunk `key` into the cache (this thread, now). A late chunk comes with
+    /// the listed chunks right after it (up to [`LATE_SPAN`] in one read: the source
+    /// writes them a few at a time, and each read of late.img is a fresh open and a
+    /// few round trips to the store).
     fn read_chunk(&mut self, key: u64) -> Result<usize, SourceError> {
         let crc = self.crc(key)?;
         let i = key & !LATE;
+        let mut crcs = vec![crc];
+        if key & LATE != 0 {
+            let reader = &self.late.as_ref().unwrap().1;
+            let cached = |c: u64| self.cache.iter().any(|(k, _)| *k == LATE | c);
+            for c in i + 1..i + LATE_SPAN {
+                match reader.crc(c) {
+                    Some(crc) if !cached(c) => crcs.push(crc),
+                    _ => break,
+                }
+            }
+        }
         let pf = match key & LATE {
             0 => &mut self.main,
             _ => &mut self.late.as_mut().unwrap().0,
@@ -267,12 +287,8 @@ impl Source {
             pf.file = Some(f);
         }
         let lo = i * image::CHUNK;
-        let len = (pf.len - lo).min(image::CHUNK) as usize;
-        let mut buf = if self.cache.len() >= CACHE_CHUNKS {
-            self.cache.remove(0).1
-        } else {
-            Vec::new()
-        };
+        let len = (pf.len - lo).min(image::CHUNK * crcs.len() as u64) as usize;
+        let mut buf = std::mem::take(&mut self.span);
         buf.resize(len, 0);
         let f = pf.file.as_ref().unwrap();
         if key & LATE != 0 {
@@ -280,23 +296,56 @@ impl Source {
             // read before (zeros) or a size from before: see `late::fresh_view`.
             crate::engine::late::fresh_view(f, lo);
         }
-        let r = f.read_exact_at(&mut buf, lo);
-        if let Err(e) = r {
+        if let Err(e) = f.read_exact_at(&mut buf, lo) {
             // A broken store connection stays broken on this fd: reopen next time.
             pf.file = None;
+            self.span = buf;
             return Err(SourceError::store(format!(
                 "{} read at {lo}: {e}",
                 pf.path.display()
             )));
         }
-        if crc != crc32c::crc32c(&buf) {
-            pf.file = None;
-            return Err(SourceError::store(format!(
-                "{} chunk {i} (bytes {lo}..): checksum mismatch",
-                pf.path.display()
-            )));
+        for (k, (piece, crc)) in buf.chunks(image::CHUNK as usize).zip(&crcs).enumerate() {
+            if *crc != crc32c::crc32c(piece) {
+                pf.file = None;
+                let c = i + k as u64;
+                if k == 0 {
+                    self.span = buf;
+                    return Err(SourceError::store(format!(
+                        "{} chunk {c} (bytes {}..): checksum mismatch",
+                        pf.path.display(),
+                        c * image::CHUNK
+                    )));
+                }
+                // Only the one asked for must be right now; the rest is read again.
+                crcs.truncate(k);
+                break;
+            }
         }
-        self.cache.push((key, buf));
+        let evict = |cache: &mut Vec<(u64, Vec<u8>)>| match cache.len() >= CACHE_CHUNKS {
+            true => cache.remove(0).1,
+            false => Vec::new(),
+        };
+        if crcs.len() == 1 {
+            // One chunk: the buffer itself goes into the cache (no copy).
+            buf.truncate((pf.len - lo).min(image::CHUNK) as usize);
+            self.span = evict(&mut self.cache);
+            self.cache.push((key, buf));
+            return Ok(self.cache.len() - 1);
+        }
+        for (k, piece) in buf
+            .chunks(image::CHUNK as usize)
+            .take(crcs.len())
+            .enumerate()
+            .rev()
+        {
+            let mut chunk = evict(&mut self.cache);
+            chunk.clear();
+            chunk.extend_from_slice(piece);
+            self.cache.push(((key & LATE) | (i + k as u64), chunk));
+        }
+        self.span = buf;
+        // Pushed last: the one asked for.
         Ok(self.cache.len() - 1)
     }
 
