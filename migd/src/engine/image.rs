@@ -424,6 +424,7 @@ pub fn read_image(dir: &Path) -> Result<Manifest, ImageError> {
 pub fn read_manifest(dir: &Path) -> Result<Manifest, ImageError> {
     let path = dir.join(MANIFEST_FILE);
     let data = std::fs::read(&path).map_err(io_err(&path))?;
+    tracing::debug!(bytes = data.len(), "manifest read");
     let nl = data
         .iter()
         .position(|&b| b == b'\n')
