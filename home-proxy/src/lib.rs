@@ -219,6 +219,7 @@ impl ProxyService for Conn {
             Path::new(&images),
             false,
             Some(&sock),
+            None,
             plan,
         )
         .await
@@ -237,11 +238,20 @@ impl ProxyService for Conn {
     }
 
     async fn decided(self, _: Context, id: String, entry: ProcessEntry) -> MigResult<()> {
-        {
-            let held = self.p.held.lock().unwrap();
-            let keeper = held.get(&id).ok_or_else(|| self.unknown(&id))?;
-            keeper.send("decided");
-        }
+        // Out of the map while it answers (the lock is not held across the wait).
+        let mut keeper = self
+            .p
+            .held
+            .lock()
+            .unwrap()
+            .remove(&id)
+            .ok_or_else(|| self.unknown(&id))?;
+        let took = keeper.decided().await;
+        self.p.held.lock().unwrap().insert(id.clone(), keeper);
+        took.map_err(|why| MigError::Failed {
+            node: self.p.config.node.clone(),
+            why,
+        })?;
         self.p.record(&entry);
         tracing::info!(id = %id, host = %entry.host, "decided: the original never thaws on its own now");
         Ok(())

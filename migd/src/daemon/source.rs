@@ -226,10 +226,12 @@ pub async fn prepare(
     );
     let hold = async {
         match at {
-            HoldAt::Keeper => Keeper::start(&d.helper_exe, local_pid, &images, true, None, plan)
-                .await
-                .map(|(k, dumped)| (Holder::Keeper(Box::new(k)), dumped))
-                .map_err(fail),
+            HoldAt::Keeper => {
+                Keeper::start(&d.helper_exe, local_pid, &images, true, None, None, plan)
+                    .await
+                    .map(|(k, dumped)| (Holder::Keeper(Box::new(k)), dumped))
+                    .map_err(fail)
+            }
             HoldAt::Proxy => match d.proxy(&me).await {
                 Ok(p) => flat(
                     &me,
