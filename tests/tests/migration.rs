@@ -691,3 +691,62 @@ fn home_proxy_dying_at_the_commit_leaves_one_copy_and_the_shadow_is_taken_back()
     assert_eq!(finish_shell(c, child), "status=143");
     assert!(progs_on(c, "ws2").is_empty(), "prog survives at ws2");
 }
+
+/// A process moving on from ws2 to ws3 (asked at home): ws2's migd dies after ws3
+/// answered `committed`, before ws2's keeper killed the old copy
+/// (`FERRY_FAULT=mover-after-commit`). The keeper was told `decided`, so the end of
+/// its input keeps the old copy frozen instead of thawing it; the restarted migd
+/// finds the decision it recorded, asks ws3 whether its copy runs, kills the old
+/// copy and tells home-proxy at ws1 where the process is now: one copy, at ws3,
+/// and a signal at home still reaches it.
+#[test]
+fn a_host_dying_after_a_move_on_committed_leaves_one_copy_and_home_learns_the_new_host() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let mut s = setup();
+    s.c.restart_daemon_with_env("ws2", "migd", &[("FERRY_FAULT", "mover-after-commit")]);
+    let (child, pid) = start_at_ws1(&s, "/tmp/out", 100_000, 0, 3);
+    migrate(&s.c, pid, "ws2");
+    let dying = s.c.daemon_pid("ws2", "migd").expect("migd at ws2");
+    let o = s.c.exec("ws1", &["migrate", &pid.to_string(), "ws3"]);
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    wait_for(|| (!ferry_tests::up::alive(dying)).then_some(()))
+        .unwrap_or_else(|| panic!("ws2's migd did not die at the fault point\n{said}"));
+    s.c.restart_daemon("ws2", "migd");
+    let c = &s.c;
+    wait_for(|| progs_on(c, "ws2").is_empty().then_some(())).unwrap_or_else(|| {
+        panic!(
+            "the old copy at ws2 is still there ({}) while one runs at ws3 ({:?})\n{said}\n{}",
+            progs_on(c, "ws2")
+                .iter()
+                .map(|p| state_on(c, "ws2", *p))
+                .collect::<Vec<_>>()
+                .join(", "),
+            progs_on(c, "ws3"),
+            c.logs("ws2", 20)
+        )
+    });
+    assert_eq!(
+        progs_on(c, "ws3").len(),
+        1,
+        "prog should run at ws3\n{said}"
+    );
+    wait_for(|| {
+        c.run_ok("ws1", &["migrate", "--list"])
+            .contains("ws3")
+            .then_some(())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "home-proxy at ws1 was not told that prog runs at ws3:\n{}",
+            c.run_ok("ws1", &["migrate", "--list"])
+        )
+    });
+    keeps_writing(c, "prog does not go on at ws3");
+    c.sh_ok("ws1", &format!("kill {pid}"));
+    assert_eq!(finish_shell(c, child), "status=143");
+    assert!(progs_on(c, "ws3").is_empty(), "prog survives at ws3");
+}

@@ -258,15 +258,18 @@ impl MigdService for Conn {
         Ok(())
     }
 
-    async fn runs(self, _: Context, id: String) -> MigResult<bool> {
-        let runs = self
+    async fn runs(self, _: Context, id: String, image: String) -> MigResult<bool> {
+        // Committed: it runs here, or ran and has since ended or moved on (the
+        // process is past that move either way).
+        let here = self
             .d
             .foreign
             .lock()
             .unwrap()
             .get(&id)
-            .is_some_and(|f| f.committed && !f.departing);
-        tracing::info!(id = %id, runs, "asked whether the committed copy runs here");
+            .is_some_and(|f| f.committed && f.image == image);
+        let runs = here || self.d.committed_gone.lock().unwrap().contains(&image);
+        tracing::info!(id = %id, image = %image, runs, "asked whether the committed copy runs here");
         Ok(runs)
     }
 
@@ -314,6 +317,15 @@ pub async fn move_on(
             id: id.to_string(),
         });
     };
+    if super::settle::pending(d, id) {
+        return Err(MigError::Refused {
+            node: me,
+            why: format!(
+                "pid {} is held here until its last move (decided before this migd restarted) is settled; nothing was changed",
+                entry.host_pid
+            ),
+        });
+    }
     let span = tracing::info_span!("migration", id = %id, pid = entry.pid, from = %me, to = %dest);
     async {
         let uid = super::owner(entry.host_pid).unwrap_or(0);
@@ -327,15 +339,28 @@ pub async fn move_on(
             images,
             ..
         } = prepare(d, entry.host_pid, offer, dest, HoldAt::Keeper, tx).await?;
+        common::fault::point("mover-after-commit");
         // Commit: the copy here ends without a report home.
         if let Some(f) = d.foreign.lock().unwrap().get_mut(id) {
             f.departing = true;
+        }
+        let home = dest == entry.home;
+        if !home {
+            super::settle::tell_moved(d, &entry.home, id, dest, running.host_pid).await;
         }
         let bytes = bytes + super::source::wait_flushed(d, &images, late_bytes, tx).await;
         if let Holder::Keeper(k) = holder {
             k.end("commit-kill").await;
         }
-        d.foreign.lock().unwrap().remove(id);
+        super::settle::forget(d, id);
+        if home {
+            // Restored into the shadow at once; the home removes it too, unless
+            // its migd died before it could.
+            let _ = std::fs::remove_dir_all(&images);
+        }
+        if let Some(f) = d.foreign.lock().unwrap().remove(id) {
+            d.committed_gone.lock().unwrap().insert(f.image);
+        }
         tracing::info!(host_pid = running.host_pid, bytes, freeze_ms, "moved on");
         Ok(MigrateOutcome {
             id: id.to_string(),
@@ -499,7 +524,7 @@ async fn released(pid: i32) {
 
 /// Removes a move's image directory from the store (if still there; "" names none:
 /// a foreign process taken back after a restart, whose image name was not kept).
-fn remove_image(d: &Daemon, image: &str) {
+pub(super) fn remove_image(d: &Daemon, image: &str) {
     if image.is_empty() {
         return;
     }
@@ -558,6 +583,9 @@ async fn watch(d: Arc<Daemon>, id: String, mut lines: LineSource, child: Option<
     let _ = std::fs::remove_file(records.join(format!("{id}.image")));
     let _ = std::fs::remove_file(records.join(format!("{id}.sock")));
     let rec = d.foreign.lock().unwrap().remove(&id);
+    if let Some(r) = rec.as_ref().filter(|r| r.committed) {
+        d.committed_gone.lock().unwrap().insert(r.image.clone());
+    }
     let departing = rec.as_ref().map(|r| r.departing).unwrap_or(true);
     match (status, rec) {
         (_, Some(r)) if r.departing => {
@@ -579,6 +607,8 @@ pub async fn adopt_foreign(d: &Arc<Daemon>) {
     let Ok(rd) = std::fs::read_dir(&dir) else {
         return;
     };
+    // Moves onward a previous migd decided, settled once the copies are back.
+    let decisions = super::settle::unsettled(d);
     for e in rd.flatten() {
         let path = e.path();
         if path.extension().is_none_or(|x| x != "json") {
@@ -597,11 +627,14 @@ pub async fn adopt_foreign(d: &Arc<Daemon>) {
                     tracing::info!(host_pid = entry.host_pid, "taken back after a restart")
                 });
                 let id = entry.id.clone();
+                // A move onward decided but not settled: its end here is not
+                // reported home unless the move is settled as not committed.
+                let departing = super::settle::pending(d, &id);
                 d.foreign.lock().unwrap().insert(
                     id.clone(),
                     ForeignRec {
                         entry,
-                        departing: false,
+                        departing,
                         restorer: None,
                         lazy: false,
                         image: std::fs::read_to_string(path.with_extension("image"))
@@ -627,6 +660,7 @@ pub async fn adopt_foreign(d: &Arc<Daemon>) {
             }
         }
     }
+    super::settle::after_restart(d, decisions);
 }
 
 async fn report_exit(d: &Daemon, home: &str, id: &str, status: i32) {

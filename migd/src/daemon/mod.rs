@@ -10,16 +10,21 @@
 //! - [`helpers`]: the single-threaded helper processes that hold a frozen process
 //!   (the keeper; at home it keeps the shadow) and restore one (the restorer), run as
 //!   `migrate internal-keep` / `migrate internal-restore`; [`keeper`] starts one.
+//! - [`settle`]: a commit whose answer may be lost, settled by asking the
+//!   destination; the decision of a move onward, kept for a restarted migd.
 //!
 //! At home the original is held by home-proxy (`common::migproto::ProxyService`),
-//! which keeps the shadows; migd keeps only the foreign processes running here, in
-//! memory (a restarted migd forgets them).
+//! which keeps the shadows; migd keeps the foreign processes running here (a record
+//! each in `<state_dir>/foreign/`, taken back by a restarted migd), and the decision
+//! of a move onward until it is settled. Migrations in flight to this node (offers,
+//! copies not committed yet) are in memory only.
 
 pub mod client;
 pub mod helpers;
 pub mod host;
 pub mod keeper;
 pub mod local;
+pub mod settle;
 pub mod source;
 pub mod sys;
 
@@ -81,6 +86,10 @@ pub struct Daemon {
     /// Migrations coming home whose image was restored into the shadow, until their
     /// commit or abort.
     pub homing: Mutex<std::collections::HashMap<String, String>>,
+    /// The images of moves committed here whose copy has since ended or moved on:
+    /// `runs` still answers true for them (a source settling late must not thaw
+    /// its original). In memory, one short string per move.
+    pub committed_gone: Mutex<std::collections::HashSet<String>>,
 }
 
 impl Daemon {
@@ -243,6 +252,7 @@ pub async fn serve(
         foreign: Mutex::new(HashMap::new()),
         offers: Mutex::new(HashMap::new()),
         homing: Mutex::new(Default::default()),
+        committed_gone: Mutex::new(Default::default()),
     });
     tracing::info!(%addr, socket = %sock_path.display(), node = %d.config.node, "migd listening");
     host::adopt_foreign(&d).await;
