@@ -13,6 +13,9 @@
 //!   original is not the shadow yet.
 //! - `mover-after-commit` (migd, host of a process moving on): the destination
 //!   answered `committed`, the old copy here is still held by our keeper.
+//! - `home-before-commit-home`, `home-after-commit-home` (migd, home of a process
+//!   coming home): `committed` came, before / after home-proxy was told
+//!   `commit_home`; not answered yet.
 
 /// Dies here if `FERRY_FAULT` names this point.
 pub fn point(name: &str) {

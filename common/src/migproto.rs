@@ -177,6 +177,12 @@ pub trait MigdService {
     /// commit was taken (the original must never run again) or not (the copy was
     /// killed with this migd or never let run; the original thaws).
     async fn runs(id: String, image: String) -> MigResult<bool>;
+    /// Going home: whether the process of migration `id` runs here at home again
+    /// (its homecoming committed: home-proxy holds no shadow of it any more). Asked
+    /// by its host when `committed` went unanswered. A homecoming not committed is
+    /// given up by this question (the process is made a shadow again if it was
+    /// restored into it), so that a `false` stays true.
+    async fn runs_at_home(id: String) -> MigResult<bool>;
     /// Deliver `sig` to the migrated process running here.
     async fn signal(id: String, sig: i32) -> MigResult<()>;
     /// Move the process running here on to `dest` (asked by its home).

@@ -193,15 +193,19 @@ impl MigdService for Conn {
     }
 
     async fn committed(self, _: Context, id: String) -> MigResult<()> {
+        let gate = self.d.home_gate.lock().await;
         let homing = self.d.homing.lock().unwrap().remove(&id);
         if let Some(image) = homing {
             let span = tracing::info_span!("going_home", id = %id);
             let p = self.d.proxy(&self.me()).await?;
+            common::fault::point("home-before-commit-home");
             flat(&self.me(), p.commit_home(long_ctx(), id.clone()).await)?;
+            common::fault::point("home-after-commit-home");
             span.in_scope(|| tracing::info!("committed: the process runs at home again"));
             remove_image(&self.d, &image);
             return Ok(());
         }
+        drop(gate);
         let (restorer, lazy, image, host_pid) = {
             let mut foreign = self.d.foreign.lock().unwrap();
             let rec = foreign.get_mut(&id).ok_or_else(|| self.unknown(&id))?;
@@ -271,6 +275,11 @@ impl MigdService for Conn {
         let runs = here || self.d.committed_gone.lock().unwrap().contains(&image);
         tracing::info!(id = %id, image = %image, runs, "asked whether the committed copy runs here");
         Ok(runs)
+    }
+
+    async fn runs_at_home(self, _: Context, id: String) -> MigResult<bool> {
+        let span = tracing::info_span!("going_home", id = %id);
+        runs_at_home(&self.d, &id).instrument(span).await
     }
 
     async fn signal(self, _: Context, id: String, sig: i32) -> MigResult<()> {
@@ -661,6 +670,35 @@ pub async fn adopt_foreign(d: &Arc<Daemon>) {
         }
     }
     super::settle::after_restart(d, decisions);
+}
+
+/// Going home: whether the process of migration `id` runs here again, for a host
+/// whose `committed` went unanswered. home-proxy forgets the shadow at
+/// `commit_home`, so a shadow still held means the homecoming was not committed:
+/// it is given up now (a process restored into the shadow is made a shadow again,
+/// never having run), so that the host may thaw its copy. No shadow: it runs here
+/// (or ran, and ended). Errors (home-proxy unreachable) leave the question open.
+async fn runs_at_home(d: &Daemon, id: &str) -> MigResult<bool> {
+    let me = d.config.node.clone();
+    let p = d.proxy(&me).await?;
+    let _gate = d.home_gate.lock().await;
+    let restored = d.homing.lock().unwrap().remove(id);
+    let shadow = restored.is_some()
+        || p.shadows(long_ctx())
+            .await
+            .map_err(|e| MigError::Failed {
+                node: me.clone(),
+                why: format!("asking home-proxy for its shadows: {e}"),
+            })?
+            .iter()
+            .any(|s| s.id == id);
+    if shadow {
+        tracing::warn!("asked whether it runs here: not committed; the homecoming is given up");
+        flat(&me, p.abort_home(long_ctx(), id.to_string()).await)?;
+    } else {
+        tracing::info!("asked whether it runs here: no shadow is left, it does");
+    }
+    Ok(!shadow)
 }
 
 async fn report_exit(d: &Daemon, home: &str, id: &str, status: i32) {

@@ -90,6 +90,10 @@ pub struct Daemon {
     /// `runs` still answers true for them (a source settling late must not thaw
     /// its original). In memory, one short string per move.
     pub committed_gone: Mutex<std::collections::HashSet<String>>,
+    /// Held by a homecoming's commit (across `commit_home`) and by `runs_at_home`
+    /// (across its look and its `abort_home`), so that neither acts on what the
+    /// other is changing.
+    pub home_gate: tokio::sync::Mutex<()>,
 }
 
 impl Daemon {
@@ -253,6 +257,7 @@ pub async fn serve(
         offers: Mutex::new(HashMap::new()),
         homing: Mutex::new(Default::default()),
         committed_gone: Mutex::new(Default::default()),
+        home_gate: tokio::sync::Mutex::new(()),
     });
     tracing::info!(%addr, socket = %sock_path.display(), node = %d.config.node, "migd listening");
     host::adopt_foreign(&d).await;

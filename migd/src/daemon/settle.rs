@@ -76,11 +76,13 @@ pub fn forget(d: &Daemon, id: &str) {
 }
 
 /// Asks `dest` whether the copy of migration `id` (this move's `image`) runs there
-/// until it answers, every 500 ms; says every 10 s that the process stays frozen meanwhile
+/// — going home (`dest` is `home`), whether it runs at home again — until it
+/// answers, every 500 ms; says every 10 s that the process stays frozen meanwhile
 /// (`why`: what left the commit unsettled).
 pub async fn copy_runs(
     d: &Daemon,
     dest: &str,
+    home: &str,
     id: &str,
     image: &str,
     why: &str,
@@ -90,6 +92,7 @@ pub async fn copy_runs(
     let mut said = Duration::ZERO;
     loop {
         let answer = match d.peer(dest).await {
+            Ok(p) if dest == home => flat(dest, p.runs_at_home(long_ctx(), id.to_string()).await),
             Ok(p) => flat(
                 dest,
                 p.runs(long_ctx(), id.to_string(), image.to_string()).await,
@@ -186,6 +189,7 @@ async fn settle(d: Arc<Daemon>, dec: Decision) {
     let runs = copy_runs(
         &d,
         &dec.dest,
+        &dec.home,
         &dec.id,
         &dec.image,
         "this migd restarted during the commit of a move",

@@ -415,8 +415,8 @@ pub async fn prepare(
 
 /// `committed` failed without an answer we can trust (the destination's migd may
 /// have died after passing the commit on, or before): the copy there may run, so
-/// the original must not thaw on a guess. Asks the destination whether the copy
-/// runs until it answers (`settle::copy_runs`): Ok if it
+/// the original must not thaw on a guess. Asks the destination (going home: the
+/// home) whether the copy runs until it answers (`settle::copy_runs`): Ok if it
 /// runs (the commit goes on), the original error if it does not (the original
 /// thaws). Waits as long as it takes, the original frozen meanwhile: two copies
 /// running would be worse.
@@ -434,7 +434,7 @@ async fn settle_commit(
     tracing::warn!(error = %e, "the commit went unanswered; asking whether the copy runs");
     let dest = &entry.host;
     let why = format!("{dest} did not answer the commit ({e})");
-    if settle::copy_runs(d, dest, &entry.id, image, &why, tx).await {
+    if settle::copy_runs(d, dest, &entry.home, &entry.id, image, &why, tx).await {
         Ok(())
     } else {
         Err(e)
