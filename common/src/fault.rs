@@ -11,6 +11,8 @@
 //!   is not answered yet.
 //! - `proxy-before-commit` (home-proxy): the source decided (`decided` taken), the
 //!   original is not the shadow yet.
+//! - `source-after-offer` (migd, source): the destination accepted the offer
+//!   (its restorer started), nothing was held or restored yet.
 //! - `mover-after-commit` (migd, host of a process moving on): the destination
 //!   answered `committed`, the old copy here is still held by our keeper.
 //! - `home-before-commit-home`, `home-after-commit-home` (migd, home of a process

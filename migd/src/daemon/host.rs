@@ -23,6 +23,8 @@ pub struct Offered {
     /// source writes the image); `Err` says why it could not be started. `None`
     /// going home (home-proxy restores into the shadow).
     pub restorer: Option<Result<Restorer, String>>,
+    /// When it was accepted (it is dropped past `migd.offer_bound_secs` from then).
+    pub since: std::time::Instant,
 }
 
 /// A restorer helper started for an offer (see `helpers::restorer_main`): it builds
@@ -164,12 +166,14 @@ impl MigdService for Conn {
         // while the source writes the image.
         let restorer = (offer.home != self.me()).then(|| Restorer::start(&self.d, &offer));
         tracing::info!("offer accepted");
-        let old = self
-            .d
-            .offers
-            .lock()
-            .unwrap()
-            .insert(offer.id.clone(), Offered { offer, restorer });
+        let old = self.d.offers.lock().unwrap().insert(
+            offer.id.clone(),
+            Offered {
+                offer,
+                restorer,
+                since: std::time::Instant::now(),
+            },
+        );
         if let Some(Ok(r)) = old.and_then(|o| o.restorer) {
             r.dismiss();
         }
@@ -177,7 +181,10 @@ impl MigdService for Conn {
     }
 
     async fn restore(self, _: Context, id: String) -> MigResult<Running> {
-        let Some(Offered { offer, restorer }) = self.d.offers.lock().unwrap().remove(&id) else {
+        let Some(Offered {
+            offer, restorer, ..
+        }) = self.d.offers.lock().unwrap().remove(&id)
+        else {
             return Err(self.unknown(&id));
         };
         if offer.home == self.me() {
@@ -195,7 +202,7 @@ impl MigdService for Conn {
     async fn committed(self, _: Context, id: String) -> MigResult<()> {
         let gate = self.d.home_gate.lock().await;
         let homing = self.d.homing.lock().unwrap().remove(&id);
-        if let Some(image) = homing {
+        if let Some(super::Homing { image, .. }) = homing {
             let span = tracing::info_span!("going_home", id = %id);
             let p = self.d.proxy(&self.me()).await?;
             common::fault::point("home-before-commit-home");
@@ -209,6 +216,10 @@ impl MigdService for Conn {
         let (restorer, lazy, image, host_pid) = {
             let mut foreign = self.d.foreign.lock().unwrap();
             let rec = foreign.get_mut(&id).ok_or_else(|| self.unknown(&id))?;
+            if rec.departing && !rec.committed {
+                // Aborted, or dropped past the bound: the copy never ran and is gone.
+                return Err(self.unknown(&id));
+            }
             (
                 rec.restorer.take(),
                 rec.lazy,
@@ -398,7 +409,13 @@ async fn restore_home(d: Arc<Daemon>, offer: MigrationOffer) -> MigResult<Runnin
         restore_ms = running.restore_ms,
         "restored into the shadow"
     );
-    d.homing.lock().unwrap().insert(offer.id, offer.image);
+    d.homing.lock().unwrap().insert(
+        offer.id,
+        super::Homing {
+            image: offer.image,
+            since: std::time::Instant::now(),
+        },
+    );
     Ok(running)
 }
 
@@ -495,6 +512,7 @@ async fn restore(
             lazy: offer.mode.lazy(),
             image: offer.image.clone(),
             committed: false,
+            restored_at: std::time::Instant::now(),
         },
     );
     tokio::spawn(watch(d.clone(), id, lines, Some(child)).in_current_span());
@@ -649,6 +667,7 @@ pub async fn adopt_foreign(d: &Arc<Daemon>) {
                         image: std::fs::read_to_string(path.with_extension("image"))
                             .unwrap_or_default(),
                         committed: true,
+                        restored_at: std::time::Instant::now(),
                     },
                 );
                 let d = d.clone();
@@ -699,6 +718,85 @@ async fn runs_at_home(d: &Daemon, id: &str) -> MigResult<bool> {
         tracing::info!("asked whether it runs here: no shadow is left, it does");
     }
     Ok(!shadow)
+}
+
+/// Drops migrations in flight to this node that their source left waiting past
+/// `migd.offer_bound_secs` (the source's migd died, or never came back): accepted
+/// offers (their restorer ends, nothing was restored), copies restored but not
+/// committed (killed: they never ran), processes restored into their shadow but
+/// not committed (shadows again). A committed copy is never touched. Runs for the
+/// daemon's life, checking every second.
+pub async fn drop_stale(d: Arc<Daemon>) {
+    let bound = std::time::Duration::from_secs(d.config.migd.offer_bound_secs);
+    let why = format!(
+        "its source said nothing more within migd.offer_bound_secs ({} s)",
+        bound.as_secs()
+    );
+    loop {
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        let offers: Vec<Offered> = {
+            let mut offers = d.offers.lock().unwrap();
+            let stale: Vec<String> = offers
+                .iter()
+                .filter(|(_, o)| o.since.elapsed() > bound)
+                .map(|(id, _)| id.clone())
+                .collect();
+            stale.iter().filter_map(|id| offers.remove(id)).collect()
+        };
+        for o in offers {
+            tracing::warn!(id = %o.offer.id, from = %o.offer.source, %why, "offer dropped: nothing was restored");
+            if let Some(Ok(r)) = o.restorer {
+                r.dismiss();
+            }
+        }
+        let copies: Vec<(String, i32)> = d
+            .foreign
+            .lock()
+            .unwrap()
+            .iter_mut()
+            .filter(|(_, f)| {
+                f.restorer.is_some() && !f.departing && f.restored_at.elapsed() > bound
+            })
+            .map(|(id, f)| {
+                // The restorer's input closes: it kills the copy, held before its
+                // first instruction (`committed` now finds it departing).
+                f.departing = true;
+                f.restorer = None;
+                (id.clone(), f.entry.host_pid)
+            })
+            .collect();
+        for (id, pid) in copies {
+            tracing::warn!(id = %id, pid, %why, "restored copy dropped before its commit: killed, it never ran");
+            let _ = crate::sys::kill(pid, libc::SIGKILL);
+        }
+        let homing: Vec<(String, String)> = {
+            let mut homing = d.homing.lock().unwrap();
+            let stale: Vec<String> = homing
+                .iter()
+                .filter(|(_, h)| h.since.elapsed() > bound)
+                .map(|(id, _)| id.clone())
+                .collect();
+            stale
+                .into_iter()
+                .filter_map(|id| homing.remove(&id).map(|h| (id, h.image)))
+                .collect()
+        };
+        for (id, image) in homing {
+            tracing::warn!(id = %id, %why, "homecoming dropped before its commit: the process is a shadow again");
+            match d.proxy(&d.config.node).await {
+                Ok(p) => {
+                    if let Err(e) = flat(&d.config.node, p.abort_home(long_ctx(), id.clone()).await)
+                    {
+                        tracing::error!(id = %id, error = %e, "home-proxy did not take the abort of the homecoming");
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(id = %id, error = %e, "home-proxy did not take the abort of the homecoming")
+                }
+            }
+            remove_image(&d, &image);
+        }
+    }
 }
 
 async fn report_exit(d: &Daemon, home: &str, id: &str, status: i32) {

@@ -17,7 +17,8 @@
 //! which keeps the shadows; migd keeps the foreign processes running here (a record
 //! each in `<state_dir>/foreign/`, taken back by a restarted migd), and the decision
 //! of a move onward until it is settled. Migrations in flight to this node (offers,
-//! copies not committed yet) are in memory only.
+//! copies not committed yet) are in memory only, and dropped past
+//! `migd.offer_bound_secs` ([`host::drop_stale`]).
 
 pub mod client;
 pub mod helpers;
@@ -37,7 +38,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tarpc::server::Channel;
 
 /// Why the daemon could not start.
@@ -72,6 +73,17 @@ pub struct ForeignRec {
     pub lazy: bool,
     /// Its move's image directory (under the store's `migrations/`).
     pub image: String,
+    /// When it was restored here (until its commit it is dropped past
+    /// `migd.offer_bound_secs` from then).
+    pub restored_at: Instant,
+}
+
+/// A process restored into its shadow here (going home), until its commit or abort.
+pub struct Homing {
+    /// Its move's image directory.
+    pub image: String,
+    /// When it was restored into the shadow.
+    pub since: Instant,
 }
 
 /// Everything the daemon's tasks share.
@@ -85,7 +97,7 @@ pub struct Daemon {
     pub offers: Mutex<HashMap<String, host::Offered>>,
     /// Migrations coming home whose image was restored into the shadow, until their
     /// commit or abort.
-    pub homing: Mutex<std::collections::HashMap<String, String>>,
+    pub homing: Mutex<HashMap<String, Homing>>,
     /// The images of moves committed here whose copy has since ended or moved on:
     /// `runs` still answers true for them (a source settling late must not thaw
     /// its original). In memory, one short string per move.
@@ -255,12 +267,13 @@ pub async fn serve(
         next: AtomicU64::new(1),
         foreign: Mutex::new(HashMap::new()),
         offers: Mutex::new(HashMap::new()),
-        homing: Mutex::new(Default::default()),
+        homing: Mutex::new(HashMap::new()),
         committed_gone: Mutex::new(Default::default()),
         home_gate: tokio::sync::Mutex::new(()),
     });
     tracing::info!(%addr, socket = %sock_path.display(), node = %d.config.node, "migd listening");
     host::adopt_foreign(&d).await;
+    tokio::spawn(host::drop_stale(d.clone()));
     let conn_d = d.clone();
     let remote = common::transport::serve_authenticated(
         listener,

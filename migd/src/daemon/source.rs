@@ -237,6 +237,7 @@ pub async fn prepare(
         let _ = std::fs::remove_dir_all(&images);
     }
     offered?;
+    common::fault::point("source-after-offer");
     let plan = HoldPlan {
         precopy: mode.precopies().then_some(PrecopyPlan {
             max_rounds: d.config.migd.precopy_max_rounds,
