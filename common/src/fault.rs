@@ -18,6 +18,8 @@
 //! - `home-before-commit-home`, `home-after-commit-home` (migd, home of a process
 //!   coming home): `committed` came, before / after home-proxy was told
 //!   `commit_home`; not answered yet.
+//! - `home-after-restore-into` (migd, home of a process coming home): home-proxy
+//!   restored the process into its shadow, `restore` is not answered yet.
 
 /// Dies here if `FERRY_FAULT` names this point.
 pub fn point(name: &str) {

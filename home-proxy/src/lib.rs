@@ -54,6 +54,9 @@ struct Shadow {
     keeper: mpsc::UnboundedSender<String>,
     /// Going home: where the keeper's answer to `restore` goes.
     reply: Option<oneshot::Sender<String>>,
+    /// On its way home: from `restore_into` until its commit or abort (or a
+    /// failed restore); only then does `abort_home` reach the keeper.
+    homing: bool,
 }
 
 /// Everything the connections share.
@@ -107,6 +110,8 @@ impl Proxy {
                             entry,
                             keeper: keeper.to.clone(),
                             reply: None,
+                            // A keeper whose peer went away gave any homecoming up.
+                            homing: false,
                         },
                     );
                     tokio::spawn(watch(self.clone(), id, keeper).instrument(span));
@@ -276,6 +281,7 @@ impl ProxyService for Conn {
                 entry,
                 keeper: keeper.to.clone(),
                 reply: None,
+                homing: false,
             },
         );
         tokio::spawn(watch(self.p.clone(), id, keeper).instrument(span));
@@ -355,6 +361,7 @@ impl ProxyService for Conn {
                 });
             }
             rec.reply = Some(tx);
+            rec.homing = true;
             let _ = rec.keeper.send(format!("restore {images}"));
             rec.entry.pid
         };
@@ -395,13 +402,31 @@ impl ProxyService for Conn {
             .strip_prefix("restore-failed ")
             .unwrap_or(&line)
             .to_string();
+        if let Some(rec) = self.p.shadows.lock().unwrap().get_mut(&id) {
+            rec.homing = false;
+        }
         span.in_scope(|| tracing::warn!(%why, "restore into the shadow failed"));
         Err(failed(why))
     }
 
     async fn commit_home(self, _: Context, id: String) -> MigResult<()> {
-        let rec = self.p.shadows.lock().unwrap().remove(&id);
-        let rec = rec.ok_or_else(|| self.unknown(&id))?;
+        let rec = {
+            let mut s = self.p.shadows.lock().unwrap();
+            let rec = s.get(&id).ok_or_else(|| self.unknown(&id))?;
+            if !rec.homing {
+                // Not restored into, or given up meanwhile: a home-proxy restarted
+                // since `restore_into` (its keeper, left alone, made the process a
+                // shadow again). Committing would end a shadow that is no process.
+                return Err(MigError::Failed {
+                    node: self.p.config.node.clone(),
+                    why: format!(
+                        "pid {} is not on its way home (its homecoming was given up); it is still a shadow",
+                        rec.entry.pid
+                    ),
+                });
+            }
+            s.remove(&id).expect("looked up above")
+        };
         tracing::info!(id = %id, pid = rec.entry.pid, "home again: the shadow is the process now");
         rec.keeper
             .send("commit-home".into())
@@ -414,8 +439,13 @@ impl ProxyService for Conn {
     }
 
     async fn abort_home(self, _: Context, id: String) -> MigResult<()> {
-        let s = self.p.shadows.lock().unwrap();
-        let rec = s.get(&id).ok_or_else(|| self.unknown(&id))?;
+        let mut s = self.p.shadows.lock().unwrap();
+        let rec = s.get_mut(&id).ok_or_else(|| self.unknown(&id))?;
+        if !rec.homing {
+            tracing::debug!(id = %id, "abort_home: not on its way home; nothing to give up");
+            return Ok(());
+        }
+        rec.homing = false;
         tracing::warn!(id = %id, pid = rec.entry.pid, "going home given up; back to a shadow");
         let _ = rec.keeper.send("abort-home".into());
         Ok(())

@@ -378,10 +378,10 @@ fn a_failed_homecoming_leaves_the_process_at_its_host_and_the_shadow_working() {
 }
 
 /// homer moved ws1 -> ws2, then sent home from ws2 (`migrate PID home` at ws2) while
-/// ws1's migd dies at the crash point `point` of its `committed`, and is restarted.
-/// Returns the cluster, the shell at ws1, homer's pid at home, whether `migrate`
-/// succeeded and what it said.
-fn home_migd_dies_taking_the_commit(point: &str) -> (Setup, Child, i32, bool, String) {
+/// ws1's migd dies at the crash point `point` (in its `restore` or `committed`), and
+/// is restarted. Returns the cluster, the shell at ws1, homer's pid at home, whether
+/// `migrate` succeeded and what it said.
+fn home_migd_dies_at(point: &str) -> (Setup, Child, i32, bool, String) {
     let mut s = setup();
     s.c.restart_daemon_with_env("ws1", "migd", &[("FERRY_FAULT", point)]);
     let (child, pid) = start_homer(&s, 300, 7, 3, "/");
@@ -427,7 +427,7 @@ fn home_migd_dies_taking_the_commit(point: &str) -> (Setup, Child, i32, bool, St
 #[test]
 fn home_migd_dying_after_passing_the_commit_home_leaves_the_process_at_home_only() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let (s, child, pid, ok, said) = home_migd_dies_taking_the_commit("home-after-commit-home");
+    let (s, child, pid, ok, said) = home_migd_dies_at("home-after-commit-home");
     let c = &s.c;
     assert!(
         ok,
@@ -468,7 +468,26 @@ fn home_migd_dying_after_passing_the_commit_home_leaves_the_process_at_home_only
 #[test]
 fn home_migd_dying_before_passing_the_commit_home_leaves_the_process_at_its_host() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let (s, child, pid, ok, said) = home_migd_dies_taking_the_commit("home-before-commit-home");
+    let (s, child, pid, ok, said) = home_migd_dies_at("home-before-commit-home");
+    left_at_ws2_with_a_working_shadow(&s, child, pid, ok, &said);
+}
+
+/// Home's migd dies after home-proxy restored the process into its shadow, before
+/// it answered `restore` (`FERRY_FAULT=home-after-restore-into`): ws2 aborts and
+/// thaws its copy, and the restarted migd gives up the homecoming the dead one left
+/// (home-proxy makes the process a shadow again): one copy, at ws2, the shadow
+/// forwarding signals and passing the exit status.
+#[test]
+fn home_migd_dying_inside_the_restore_leaves_the_process_at_its_host() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let (s, child, pid, ok, said) = home_migd_dies_at("home-after-restore-into");
+    left_at_ws2_with_a_working_shadow(&s, child, pid, ok, &said);
+}
+
+/// After a homecoming that failed at a crash point: `migrate` said so and that the
+/// process runs on at ws2, it does (one copy), the shadow at ws1 is frozen and
+/// forwards a SIGUSR1, the shell sees homer's status from ws2, nothing is left.
+fn left_at_ws2_with_a_working_shadow(s: &Setup, child: Child, pid: i32, ok: bool, said: &str) {
     let c = &s.c;
     assert!(!ok, "going home should fail:\n{said}");
     assert!(

@@ -404,6 +404,7 @@ async fn restore_home(d: Arc<Daemon>, offer: MigrationOffer) -> MigResult<Runnin
         &me,
         p.restore_into(long_ctx(), offer.id.clone(), images).await,
     )?;
+    common::fault::point("home-after-restore-into");
     tracing::info!(
         pid = running.host_pid,
         restore_ms = running.restore_ms,
@@ -689,6 +690,33 @@ pub async fn adopt_foreign(d: &Arc<Daemon>) {
         }
     }
     super::settle::after_restart(d, decisions);
+}
+
+/// Gives up the homecomings a previous migd of this node left in flight: a process
+/// restored into its shadow (or being restored) waits for a commit that only that
+/// migd knew of. Its host's `restore` went unanswered, so it thawed its copy; a
+/// host whose `committed` went unanswered asks `runs_at_home`, which gives it up
+/// too. A committed homecoming has no shadow left, so nothing committed is
+/// touched; home-proxy passes `abort_home` only to shadows on their way home. If
+/// home-proxy cannot be asked, its keepers gave their homecomings up themselves
+/// when it went away.
+pub async fn give_up_homecomings(d: &Daemon) {
+    let me = d.config.node.clone();
+    let Ok(p) = d.proxy(&me).await else {
+        return;
+    };
+    let shadows = match p.shadows(long_ctx()).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "asking home-proxy for its shadows after a restart");
+            return;
+        }
+    };
+    for s in shadows {
+        if let Err(e) = flat(&me, p.abort_home(long_ctx(), s.id.clone()).await) {
+            tracing::warn!(id = %s.id, error = %e, "giving up a homecoming left by a previous migd");
+        }
+    }
 }
 
 /// Going home: whether the process of migration `id` runs here again, for a host

@@ -273,6 +273,7 @@ pub async fn serve(
     });
     tracing::info!(%addr, socket = %sock_path.display(), node = %d.config.node, "migd listening");
     host::adopt_foreign(&d).await;
+    host::give_up_homecomings(&d).await;
     tokio::spawn(host::drop_stale(d.clone()));
     let conn_d = d.clone();
     let remote = common::transport::serve_authenticated(
