@@ -161,6 +161,13 @@ pub struct MigdConfig {
     /// Off by default: a destination's view of late.ready was seen to stop
     /// following the file in about one run in three of the fault tests.
     pub lazy_late_pages: bool,
+    /// How long a destination keeps a migration in flight waiting for its source's
+    /// next word, in seconds: an accepted offer (its restorer started, the home
+    /// view built) until `restore`, a restored copy (held before its first
+    /// instruction) until `committed`, a process restored into its shadow until
+    /// the commit. Past it the destination drops it (the copy never ran) and says
+    /// so in its log. Must exceed the longest pre-copy and dump of a process.
+    pub offer_bound_secs: u64,
 }
 
 impl Default for MigdConfig {
@@ -174,6 +181,7 @@ impl Default for MigdConfig {
             lazy_store_bound_secs: 60,
             lazy_prefetch_mib_per_sec: 0,
             lazy_late_pages: true,
+            offer_bound_secs: 600,
         }
     }
 }

@@ -170,11 +170,19 @@ pub trait MigdService {
     async fn committed(id: String) -> MigResult<()>;
     /// The source gave up before commit: kill the restored copy if there is one.
     async fn abort(id: String) -> MigResult<()>;
-    /// Whether the committed copy of migration `id` runs here: asked by a source
-    /// whose `committed` went unanswered (this migd died meanwhile), to learn whether
-    /// the commit was taken (the copy runs, the original must not) or not (the copy
-    /// was killed with this migd, the original thaws).
-    async fn runs(id: String) -> MigResult<bool>;
+    /// Whether the copy of migration `id` restored here from the move whose image
+    /// directory is `image` was committed (it runs, or ran and has since ended or
+    /// moved on): asked by a source whose `committed` went unanswered (this migd
+    /// died meanwhile, or the source's own migd restarted), to learn whether the
+    /// commit was taken (the original must never run again) or not (the copy was
+    /// killed with this migd or never let run; the original thaws).
+    async fn runs(id: String, image: String) -> MigResult<bool>;
+    /// Going home: whether the process of migration `id` runs here at home again
+    /// (its homecoming committed: home-proxy holds no shadow of it any more). Asked
+    /// by its host when `committed` went unanswered. A homecoming not committed is
+    /// given up by this question (the process is made a shadow again if it was
+    /// restored into it), so that a `false` stays true.
+    async fn runs_at_home(id: String) -> MigResult<bool>;
     /// Deliver `sig` to the migrated process running here.
     async fn signal(id: String, sig: i32) -> MigResult<()>;
     /// Move the process running here on to `dest` (asked by its home).

@@ -54,6 +54,9 @@ struct Shadow {
     keeper: mpsc::UnboundedSender<String>,
     /// Going home: where the keeper's answer to `restore` goes.
     reply: Option<oneshot::Sender<String>>,
+    /// On its way home: from `restore_into` until its commit or abort (or a
+    /// failed restore); only then does `abort_home` reach the keeper.
+    homing: bool,
 }
 
 /// Everything the connections share.
@@ -107,6 +110,8 @@ impl Proxy {
                             entry,
                             keeper: keeper.to.clone(),
                             reply: None,
+                            // A keeper whose peer went away gave any homecoming up.
+                            homing: false,
                         },
                     );
                     tokio::spawn(watch(self.clone(), id, keeper).instrument(span));
@@ -219,6 +224,7 @@ impl ProxyService for Conn {
             Path::new(&images),
             false,
             Some(&sock),
+            None,
             plan,
         )
         .await
@@ -237,6 +243,7 @@ impl ProxyService for Conn {
     }
 
     async fn decided(self, _: Context, id: String, entry: ProcessEntry) -> MigResult<()> {
+        // Out of the map while it answers (the lock is not held across the wait).
         // The keeper's word that the image is faithful comes first (see
         // `Keeper::checked`); the source aborts if it does not.
         let mut keeper = self
@@ -246,12 +253,12 @@ impl ProxyService for Conn {
             .unwrap()
             .remove(&id)
             .ok_or_else(|| self.unknown(&id))?;
-        let checked = keeper.checked().await;
-        if checked.is_ok() {
-            keeper.send("decided");
-        }
+        let took = match keeper.checked().await {
+            Ok(()) => keeper.decided().await,
+            Err(e) => Err(e),
+        };
         self.p.held.lock().unwrap().insert(id.clone(), keeper);
-        checked.map_err(|why| MigError::Failed {
+        took.map_err(|why| MigError::Failed {
             node: self.p.config.node.clone(),
             why,
         })?;
@@ -279,6 +286,7 @@ impl ProxyService for Conn {
                 entry,
                 keeper: keeper.to.clone(),
                 reply: None,
+                homing: false,
             },
         );
         tokio::spawn(watch(self.p.clone(), id, keeper).instrument(span));
@@ -358,6 +366,7 @@ impl ProxyService for Conn {
                 });
             }
             rec.reply = Some(tx);
+            rec.homing = true;
             let _ = rec.keeper.send(format!("restore {images}"));
             rec.entry.pid
         };
@@ -398,13 +407,31 @@ impl ProxyService for Conn {
             .strip_prefix("restore-failed ")
             .unwrap_or(&line)
             .to_string();
+        if let Some(rec) = self.p.shadows.lock().unwrap().get_mut(&id) {
+            rec.homing = false;
+        }
         span.in_scope(|| tracing::warn!(%why, "restore into the shadow failed"));
         Err(failed(why))
     }
 
     async fn commit_home(self, _: Context, id: String) -> MigResult<()> {
-        let rec = self.p.shadows.lock().unwrap().remove(&id);
-        let rec = rec.ok_or_else(|| self.unknown(&id))?;
+        let rec = {
+            let mut s = self.p.shadows.lock().unwrap();
+            let rec = s.get(&id).ok_or_else(|| self.unknown(&id))?;
+            if !rec.homing {
+                // Not restored into, or given up meanwhile: a home-proxy restarted
+                // since `restore_into` (its keeper, left alone, made the process a
+                // shadow again). Committing would end a shadow that is no process.
+                return Err(MigError::Failed {
+                    node: self.p.config.node.clone(),
+                    why: format!(
+                        "pid {} is not on its way home (its homecoming was given up); it is still a shadow",
+                        rec.entry.pid
+                    ),
+                });
+            }
+            s.remove(&id).expect("looked up above")
+        };
         tracing::info!(id = %id, pid = rec.entry.pid, "home again: the shadow is the process now");
         rec.keeper
             .send("commit-home".into())
@@ -417,8 +444,13 @@ impl ProxyService for Conn {
     }
 
     async fn abort_home(self, _: Context, id: String) -> MigResult<()> {
-        let s = self.p.shadows.lock().unwrap();
-        let rec = s.get(&id).ok_or_else(|| self.unknown(&id))?;
+        let mut s = self.p.shadows.lock().unwrap();
+        let rec = s.get_mut(&id).ok_or_else(|| self.unknown(&id))?;
+        if !rec.homing {
+            tracing::debug!(id = %id, "abort_home: not on its way home; nothing to give up");
+            return Ok(());
+        }
+        rec.homing = false;
         tracing::warn!(id = %id, pid = rec.entry.pid, "going home given up; back to a shadow");
         let _ = rec.keeper.send("abort-home".into());
         Ok(())

@@ -197,7 +197,18 @@ pub fn cluster_with_program(
     src: &str,
     flags: &[&str],
 ) -> ClusterWithProgram {
-    let c = Cluster::start(nodes);
+    cluster_with_program_configured(nodes, name, src, flags, |_| {})
+}
+
+/// [`cluster_with_program`] with every node's config changed by `configure` first.
+pub fn cluster_with_program_configured(
+    nodes: usize,
+    name: &str,
+    src: &str,
+    flags: &[&str],
+    configure: impl Fn(&mut common::config::NodeConfig) + 'static,
+) -> ClusterWithProgram {
+    let c = Cluster::with(nodes).configure(configure).start();
     c.require(&["fs-server", "fuse-client", "migd", "home-proxy"]);
     let prog = c.dir().join(name);
     compile_c(src, &prog, flags);

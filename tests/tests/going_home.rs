@@ -376,3 +376,155 @@ fn a_failed_homecoming_leaves_the_process_at_its_host_and_the_shadow_working() {
     );
     nothing_left(c);
 }
+
+/// homer moved ws1 -> ws2, then sent home from ws2 (`migrate PID home` at ws2) while
+/// ws1's migd dies at the crash point `point` (in its `restore` or `committed`), and
+/// is restarted. Returns the cluster, the shell at ws1, homer's pid at home, whether
+/// `migrate` succeeded and what it said.
+fn home_migd_dies_at(point: &str) -> (Setup, Child, i32, bool, String) {
+    let mut s = setup();
+    s.c.restart_daemon_with_env("ws1", "migd", &[("FERRY_FAULT", point)]);
+    let (child, pid) = start_homer(&s, 300, 7, 3, "/");
+    migrate_at(&s.c, "ws1", pid, "ws2");
+    let there = pids_of(&s.c, "ws2", "homer");
+    assert_eq!(there.len(), 1, "homer should run at ws2");
+    let dying = s.c.daemon_pid("ws1", "migd").expect("migd at ws1");
+    let m =
+        s.c.command(
+            "ws2",
+            &[
+                "migrate",
+                "--mode",
+                "stop-copy",
+                &there[0].to_string(),
+                "home",
+            ],
+        )
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("cluster exec runs");
+    wait_for(|| (!ferry_tests::up::alive(dying)).then_some(()))
+        .expect("ws1's migd did not die at the fault point");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    s.c.restart_daemon("ws1", "migd");
+    let out = m.wait_with_output().expect("migrate ends");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("ws2$ migrate {} home: {said}", there[0]);
+    (s, child, pid, out.status.success(), said)
+}
+
+/// Home's migd dies after passing `commit_home` to home-proxy, before answering
+/// `committed` (`FERRY_FAULT=home-after-commit-home`): the process runs at home
+/// again, so ws2 must not thaw its copy on a guess. It keeps it frozen and asks
+/// home (`runs_at_home`) until the restarted migd answers (no shadow is left:
+/// it runs there), then kills its copy: one copy, at home, with its pid and parent.
+#[test]
+fn home_migd_dying_after_passing_the_commit_home_leaves_the_process_at_home_only() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let (s, child, pid, ok, said) = home_migd_dies_at("home-after-commit-home");
+    let c = &s.c;
+    assert!(
+        ok,
+        "migrate at ws2 should succeed once home answers:\n{said}"
+    );
+    assert!(
+        said.contains(&format!("runs on ws1 (pid {pid} there)")),
+        "migrate said: {said}"
+    );
+    assert!(
+        pids_of(c, "ws2", "homer").is_empty(),
+        "a copy of homer still exists at ws2 while it runs at home"
+    );
+    let st = state_on(c, "ws1", pid);
+    assert!(
+        st.contains("sleeping") || st.contains("running"),
+        "pid {pid} should run at ws1 again: {st:?}"
+    );
+    assert_eq!(
+        status_num(c, "ws1", pid, "TracerPid"),
+        0,
+        "pid {pid} is still traced at home"
+    );
+    assert_eq!(
+        finish_shell(c, child),
+        "status=7",
+        "the shell should see homer's own exit status"
+    );
+    nothing_left(c);
+}
+
+/// Home's migd dies before passing `commit_home` to home-proxy
+/// (`FERRY_FAULT=home-before-commit-home`): the process was reshaped at home but
+/// never let run. ws2 asks home until the restarted migd answers; it gives the
+/// homecoming up (home-proxy makes it a shadow again) and says it does not run
+/// there, so ws2 thaws its copy: one copy, at ws2, the shadow forwarding signals and
+/// passing the exit status as before.
+#[test]
+fn home_migd_dying_before_passing_the_commit_home_leaves_the_process_at_its_host() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let (s, child, pid, ok, said) = home_migd_dies_at("home-before-commit-home");
+    left_at_ws2_with_a_working_shadow(&s, child, pid, ok, &said);
+}
+
+/// Home's migd dies after home-proxy restored the process into its shadow, before
+/// it answered `restore` (`FERRY_FAULT=home-after-restore-into`): ws2 aborts and
+/// thaws its copy, and the restarted migd gives up the homecoming the dead one left
+/// (home-proxy makes the process a shadow again): one copy, at ws2, the shadow
+/// forwarding signals and passing the exit status.
+#[test]
+fn home_migd_dying_inside_the_restore_leaves_the_process_at_its_host() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let (s, child, pid, ok, said) = home_migd_dies_at("home-after-restore-into");
+    left_at_ws2_with_a_working_shadow(&s, child, pid, ok, &said);
+}
+
+/// After a homecoming that failed at a crash point: `migrate` said so and that the
+/// process runs on at ws2, it does (one copy), the shadow at ws1 is frozen and
+/// forwards a SIGUSR1, the shell sees homer's status from ws2, nothing is left.
+fn left_at_ws2_with_a_working_shadow(s: &Setup, child: Child, pid: i32, ok: bool, said: &str) {
+    let c = &s.c;
+    assert!(!ok, "going home should fail:\n{said}");
+    assert!(
+        said.contains("runs on at ws2"),
+        "migrate should say the process runs on at ws2:\n{said}"
+    );
+    let remote = pids_of(c, "ws2", "homer");
+    assert_eq!(remote.len(), 1, "homer should run on at ws2");
+    let before = c.sh_ok("ws1", "wc -l < /tmp/out");
+    wait_for(|| (c.sh_ok("ws1", "wc -l < /tmp/out") != before).then_some(()))
+        .expect("homer stopped writing after the failed homecoming");
+    wait_for(|| {
+        state_on(c, "ws1", pid)
+            .contains("tracing stop")
+            .then_some(())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "pid {pid} at ws1 should be the frozen shadow: {}",
+            state_on(c, "ws1", pid)
+        )
+    });
+    c.sh_ok("ws1", &format!("kill -USR1 {pid}"));
+    wait_for(|| {
+        c.sh_ok("ws1", "cat /tmp/out")
+            .contains("usr1")
+            .then_some(())
+    })
+    .expect("a SIGUSR1 sent to the shadow did not reach homer at ws2");
+    assert_eq!(
+        finish_shell(c, child),
+        "status=7",
+        "the shell should see homer's exit status from ws2"
+    );
+    assert!(
+        pids_of(c, "ws2", "homer").is_empty(),
+        "homer should have ended at ws2"
+    );
+    nothing_left(c);
+}

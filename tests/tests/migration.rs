@@ -691,3 +691,113 @@ fn home_proxy_dying_at_the_commit_leaves_one_copy_and_the_shadow_is_taken_back()
     assert_eq!(finish_shell(c, child), "status=143");
     assert!(progs_on(c, "ws2").is_empty(), "prog survives at ws2");
 }
+
+/// A process moving on from ws2 to ws3 (asked at home): ws2's migd dies after ws3
+/// answered `committed`, before ws2's keeper killed the old copy
+/// (`FERRY_FAULT=mover-after-commit`). The keeper was told `decided`, so the end of
+/// its input keeps the old copy frozen instead of thawing it; the restarted migd
+/// finds the decision it recorded, asks ws3 whether its copy runs, kills the old
+/// copy and tells home-proxy at ws1 where the process is now: one copy, at ws3,
+/// and a signal at home still reaches it.
+#[test]
+fn a_host_dying_after_a_move_on_committed_leaves_one_copy_and_home_learns_the_new_host() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let mut s = setup();
+    s.c.restart_daemon_with_env("ws2", "migd", &[("FERRY_FAULT", "mover-after-commit")]);
+    let (child, pid) = start_at_ws1(&s, "/tmp/out", 100_000, 0, 3);
+    migrate(&s.c, pid, "ws2");
+    let dying = s.c.daemon_pid("ws2", "migd").expect("migd at ws2");
+    let o = s.c.exec("ws1", &["migrate", &pid.to_string(), "ws3"]);
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    wait_for(|| (!ferry_tests::up::alive(dying)).then_some(()))
+        .unwrap_or_else(|| panic!("ws2's migd did not die at the fault point\n{said}"));
+    s.c.restart_daemon("ws2", "migd");
+    let c = &s.c;
+    wait_for(|| progs_on(c, "ws2").is_empty().then_some(())).unwrap_or_else(|| {
+        panic!(
+            "the old copy at ws2 is still there ({}) while one runs at ws3 ({:?})\n{said}\n{}",
+            progs_on(c, "ws2")
+                .iter()
+                .map(|p| state_on(c, "ws2", *p))
+                .collect::<Vec<_>>()
+                .join(", "),
+            progs_on(c, "ws3"),
+            c.logs("ws2", 20)
+        )
+    });
+    assert_eq!(
+        progs_on(c, "ws3").len(),
+        1,
+        "prog should run at ws3\n{said}"
+    );
+    wait_for(|| {
+        c.run_ok("ws1", &["migrate", "--list"])
+            .contains("ws3")
+            .then_some(())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "home-proxy at ws1 was not told that prog runs at ws3:\n{}",
+            c.run_ok("ws1", &["migrate", "--list"])
+        )
+    });
+    keeps_writing(c, "prog does not go on at ws3");
+    c.sh_ok("ws1", &format!("kill {pid}"));
+    assert_eq!(finish_shell(c, child), "status=143");
+    assert!(progs_on(c, "ws3").is_empty(), "prog survives at ws3");
+}
+
+/// The source's migd dies right after ws2 accepted its offer
+/// (`FERRY_FAULT=source-after-offer`): ws2 started a restorer for it (the home view
+/// built, waiting for `restore`) that nobody will ever tell anything. Past
+/// `migd.offer_bound_secs` (5 s here) ws2 drops the offer and says so in its log;
+/// the process ran on untouched at ws1, and moves to ws2 once ws1's migd is back.
+#[test]
+fn an_offer_whose_source_died_is_dropped_after_the_bound() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let mut s =
+        ferry_tests::work::cluster_with_program_configured(3, "prog", PROG, &["-O1"], |cfg| {
+            cfg.migd.offer_bound_secs = 5
+        });
+    s.c.restart_daemon_with_env("ws1", "migd", &[("FERRY_FAULT", "source-after-offer")]);
+    let (child, pid) = start_at_ws1(&s, "/tmp/out", 100_000, 0, 3);
+    let o = s.c.exec("ws1", &["migrate", &pid.to_string(), "ws2"]);
+    assert!(
+        !o.status.success(),
+        "migrate should fail: its migd died at the fault point"
+    );
+    let c = &s.c;
+    // (The bracket keeps pgrep from matching the shell that runs it.)
+    let restorers = || c.sh_ok("ws2", "pgrep -f 'migrate internal-restor[e]' || true");
+    assert!(
+        !restorers().trim().is_empty(),
+        "ws2 started no restorer for the offer"
+    );
+    wait_for(|| restorers().trim().is_empty().then_some(())).unwrap_or_else(|| {
+        panic!(
+            "ws2 still keeps the restorer of an offer whose source died\n{}",
+            c.logs("ws2", 10)
+        )
+    });
+    let log = c.log_tail("ws2", "migd", 50);
+    assert!(
+        log.contains("offer dropped"),
+        "ws2's migd should say it dropped the offer:\n{log}"
+    );
+    let st = state_on(c, "ws1", pid);
+    assert!(
+        st.contains("sleeping") || st.contains("running"),
+        "pid {pid} should run on at ws1: {st:?}"
+    );
+    keeps_writing(c, "prog stopped writing at ws1");
+    s.c.restart_daemon("ws1", "migd");
+    let c = &s.c;
+    let said = migrate(c, pid, "ws2");
+    assert!(said.contains("runs on ws2"), "migrate said: {said}");
+    c.sh_ok("ws1", &format!("kill {pid}"));
+    assert_eq!(finish_shell(c, child), "status=143");
+}

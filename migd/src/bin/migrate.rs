@@ -60,6 +60,10 @@ enum Internal {
         /// Where to wait for a new peer after commit if ours goes away.
         #[arg(long)]
         socket: Option<PathBuf>,
+        /// Where to wait, once told `decided`, for a new peer that settles the
+        /// commit if ours goes away (the process then stays frozen meanwhile).
+        #[arg(long)]
+        settle_socket: Option<PathBuf>,
         /// Pre-copy: at most this many rounds while the process runs.
         #[arg(long)]
         precopy_rounds: Option<u32>,
@@ -117,6 +121,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             images,
             enter,
             socket,
+            settle_socket,
             precopy_rounds,
             precopy_below,
             late_bound,
@@ -125,6 +130,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             &images,
             enter,
             socket.as_deref(),
+            settle_socket.as_deref(),
             precopy_rounds.map(|max_rounds| PrecopyOptions {
                 max_rounds,
                 stop_below_bytes: precopy_below,

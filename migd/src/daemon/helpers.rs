@@ -4,12 +4,16 @@
 //! and speaks one line at a time on stdin/stdout with the daemon that started it; once
 //! that daemon is gone, with the next peer on the helper's own unix socket.
 //!
-//! keeper (source side), lines out: `dumped <bytes> <ms>` | `error <why>`, later
-//! `signal <n>` (a signal sent to the shadow) | `gone <status>` (the shadow was killed
-//! at home); lines in: `decided` (optional, first), then `commit-shadow` |
-//! `commit-kill` | `abort` | `exit <status>`. End of input before commit thaws the
-//! process where it was, unless `decided` came: then it means that commit (a copy
-//! may run elsewhere; the original must never run too). Going home, a shadow's
+//! keeper (source side), lines out: `dumped <bytes> <ms>` | `error <why>`, then
+//! `checked` (the flags taken before the freeze still hold) | `error <why>` (thawed),
+//! `decided` (it took the decision), later `signal <n>` (a signal sent to the shadow) | `gone
+//! <status>` (the shadow was killed at home); lines in: `decided` (optional, first),
+//! then `commit-shadow` | `commit-kill` | `abort` | `exit <status>`. End of input
+//! before commit thaws the process where it was, unless `decided` came (a copy may
+//! run elsewhere; the original must never run too): then it means the shadow
+//! (home-proxy's keepers), or, with a settle socket (migd's keepers), that the
+//! process stays frozen until a new peer on that socket says `commit-kill` or
+//! `abort` (a restarted migd that asked the destination). Going home, a shadow's
 //! keeper takes `restore <images dir>` (out: `running <pid> <ms>` | `restore-failed
 //! <why>`), then `commit-home` (the process runs, the keeper exits) or `abort-home`
 //! (a shadow again; also if its peer goes away before the commit).
@@ -70,6 +74,20 @@ impl Link {
         Link {
             rx,
             out: Some(Box::new(std::io::stdout())),
+            listener: None,
+            unlistened: None,
+            reads: true,
+            _quiet: None,
+        }
+    }
+
+    /// A link with no peer yet (stdin is someone else's): peers come through the
+    /// socket only.
+    fn unconnected() -> Link {
+        let (_, rx) = mpsc::channel();
+        Link {
+            rx,
+            out: None,
             listener: None,
             unlistened: None,
             reads: true,
@@ -199,15 +217,26 @@ fn stdin_lines() -> mpsc::Receiver<Option<String>> {
 /// `round <n> <bytes> <ms>` each) before the freeze writes the rest. With `late`
 /// (the store bound), pages served on demand are written after the freeze, while
 /// the copy already runs; the original is killed or made the shadow only once they
-/// are all in (see `engine::late`).
+/// are all in (see `engine::late`). With `settle_socket` (migd's keepers), the end
+/// of input after `decided` keeps the process frozen until a new peer there settles
+/// the commit.
 pub fn keeper_main(
     pid: i32,
     images: &Path,
     enter: bool,
     socket: Option<&Path>,
+    settle_socket: Option<&Path>,
     precopy: Option<PrecopyOptions>,
     late: Option<Duration>,
 ) -> i32 {
+    // Bound now, while the path is the host's (`enter` changes the root), but
+    // listened on only once `decided` came: before that, the end of our input
+    // thaws the process and nobody may take it over.
+    let mut settle = settle_socket.map(|p| {
+        let mut link = Link::unconnected();
+        link.bind_for_later(p);
+        link
+    });
     let images = if enter {
         match sys::enter_root_of(pid, images) {
             Ok(p) => p,
@@ -249,16 +278,24 @@ pub fn keeper_main(
     }
     say("checked");
     // `decided`: the source is about to send the destination its commit, so a copy
-    // may run from now on: the end of our input (home-proxy died) then means the
-    // commit (the shadow), never a thaw.
+    // may run from now on: the end of our input then never means a thaw. For
+    // home-proxy (it died) it means the commit (the shadow); for migd it means
+    // "hold and wait": a restarted migd asks the destination and settles it.
     let mut decided = false;
     let first = loop {
         match rx.recv().ok().flatten() {
             Some(l) if l.trim() == "decided" => {
                 tracing::info!("decided: the original never thaws on its own now");
                 decided = true;
+                if let Some(link) = settle.as_mut() {
+                    link.open_for_peers();
+                }
+                say("decided");
             }
-            None if decided => break Some("commit-shadow".to_string()),
+            None if decided => match settle.as_mut() {
+                Some(link) => break Some(settled_by_new_peer(link, pid)),
+                None => break Some("commit-shadow".to_string()),
+            },
             l => break l,
         }
     };
@@ -272,6 +309,34 @@ pub fn keeper_main(
         _ => {
             held.thaw();
             0
+        }
+    }
+}
+
+/// After `decided`, our peer (migd) went away: the commit may or may not have
+/// reached the destination, so the process stays frozen (neither thawed nor
+/// killed) until a new peer on the settle socket — the restarted migd, which asks
+/// the destination — says `commit-kill` or `abort`. Waits as long as it takes.
+fn settled_by_new_peer(link: &mut Link, pid: i32) -> String {
+    if link.listener.is_none() {
+        tracing::error!(
+            pid,
+            "the settle socket is not open: the process stays frozen for good (it may run elsewhere)"
+        );
+    }
+    tracing::warn!(
+        pid,
+        "migd went away after `decided`: held frozen until a restarted migd settles the commit"
+    );
+    loop {
+        if let Heard::Line(l) = link.hear(Duration::from_millis(100)) {
+            match l.trim() {
+                "commit-kill" | "abort" => {
+                    tracing::info!(pid, line = %l.trim(), "settled by a new peer");
+                    return l.trim().to_string();
+                }
+                other => tracing::warn!(pid, line = other, "ignored while waiting to be settled"),
+            }
         }
     }
 }

@@ -23,6 +23,8 @@ pub struct Offered {
     /// source writes the image); `Err` says why it could not be started. `None`
     /// going home (home-proxy restores into the shadow).
     pub restorer: Option<Result<Restorer, String>>,
+    /// When it was accepted (it is dropped past `migd.offer_bound_secs` from then).
+    pub since: std::time::Instant,
 }
 
 /// A restorer helper started for an offer (see `helpers::restorer_main`): it builds
@@ -164,12 +166,14 @@ impl MigdService for Conn {
         // while the source writes the image.
         let restorer = (offer.home != self.me()).then(|| Restorer::start(&self.d, &offer));
         tracing::info!("offer accepted");
-        let old = self
-            .d
-            .offers
-            .lock()
-            .unwrap()
-            .insert(offer.id.clone(), Offered { offer, restorer });
+        let old = self.d.offers.lock().unwrap().insert(
+            offer.id.clone(),
+            Offered {
+                offer,
+                restorer,
+                since: std::time::Instant::now(),
+            },
+        );
         if let Some(Ok(r)) = old.and_then(|o| o.restorer) {
             r.dismiss();
         }
@@ -177,7 +181,10 @@ impl MigdService for Conn {
     }
 
     async fn restore(self, _: Context, id: String) -> MigResult<Running> {
-        let Some(Offered { offer, restorer }) = self.d.offers.lock().unwrap().remove(&id) else {
+        let Some(Offered {
+            offer, restorer, ..
+        }) = self.d.offers.lock().unwrap().remove(&id)
+        else {
             return Err(self.unknown(&id));
         };
         if offer.home == self.me() {
@@ -193,18 +200,26 @@ impl MigdService for Conn {
     }
 
     async fn committed(self, _: Context, id: String) -> MigResult<()> {
+        let gate = self.d.home_gate.lock().await;
         let homing = self.d.homing.lock().unwrap().remove(&id);
-        if let Some(image) = homing {
+        if let Some(super::Homing { image, .. }) = homing {
             let span = tracing::info_span!("going_home", id = %id);
             let p = self.d.proxy(&self.me()).await?;
+            common::fault::point("home-before-commit-home");
             flat(&self.me(), p.commit_home(long_ctx(), id.clone()).await)?;
+            common::fault::point("home-after-commit-home");
             span.in_scope(|| tracing::info!("committed: the process runs at home again"));
             remove_image(&self.d, &image);
             return Ok(());
         }
+        drop(gate);
         let (restorer, lazy, image, host_pid) = {
             let mut foreign = self.d.foreign.lock().unwrap();
             let rec = foreign.get_mut(&id).ok_or_else(|| self.unknown(&id))?;
+            if rec.departing && !rec.committed {
+                // Aborted, or dropped past the bound: the copy never ran and is gone.
+                return Err(self.unknown(&id));
+            }
             (
                 rec.restorer.take(),
                 rec.lazy,
@@ -258,16 +273,24 @@ impl MigdService for Conn {
         Ok(())
     }
 
-    async fn runs(self, _: Context, id: String) -> MigResult<bool> {
-        let runs = self
+    async fn runs(self, _: Context, id: String, image: String) -> MigResult<bool> {
+        // Committed: it runs here, or ran and has since ended or moved on (the
+        // process is past that move either way).
+        let here = self
             .d
             .foreign
             .lock()
             .unwrap()
             .get(&id)
-            .is_some_and(|f| f.committed && !f.departing);
-        tracing::info!(id = %id, runs, "asked whether the committed copy runs here");
+            .is_some_and(|f| f.committed && f.image == image);
+        let runs = here || self.d.committed_gone.lock().unwrap().contains(&image);
+        tracing::info!(id = %id, image = %image, runs, "asked whether the committed copy runs here");
         Ok(runs)
+    }
+
+    async fn runs_at_home(self, _: Context, id: String) -> MigResult<bool> {
+        let span = tracing::info_span!("going_home", id = %id);
+        runs_at_home(&self.d, &id).instrument(span).await
     }
 
     async fn signal(self, _: Context, id: String, sig: i32) -> MigResult<()> {
@@ -314,6 +337,15 @@ pub async fn move_on(
             id: id.to_string(),
         });
     };
+    if super::settle::pending(d, id) {
+        return Err(MigError::Refused {
+            node: me,
+            why: format!(
+                "pid {} is held here until its last move (decided before this migd restarted) is settled; nothing was changed",
+                entry.host_pid
+            ),
+        });
+    }
     let span = tracing::info_span!("migration", id = %id, pid = entry.pid, from = %me, to = %dest);
     async {
         let uid = super::owner(entry.host_pid).unwrap_or(0);
@@ -327,15 +359,28 @@ pub async fn move_on(
             images,
             ..
         } = prepare(d, entry.host_pid, offer, dest, HoldAt::Keeper, tx).await?;
+        common::fault::point("mover-after-commit");
         // Commit: the copy here ends without a report home.
         if let Some(f) = d.foreign.lock().unwrap().get_mut(id) {
             f.departing = true;
+        }
+        let home = dest == entry.home;
+        if !home {
+            super::settle::tell_moved(d, &entry.home, id, dest, running.host_pid).await;
         }
         let bytes = bytes + super::source::wait_flushed(d, &images, late_bytes, tx).await;
         if let Holder::Keeper(k) = holder {
             k.end("commit-kill").await;
         }
-        d.foreign.lock().unwrap().remove(id);
+        super::settle::forget(d, id);
+        if home {
+            // Restored into the shadow at once; the home removes it too, unless
+            // its migd died before it could.
+            let _ = std::fs::remove_dir_all(&images);
+        }
+        if let Some(f) = d.foreign.lock().unwrap().remove(id) {
+            d.committed_gone.lock().unwrap().insert(f.image);
+        }
         tracing::info!(host_pid = running.host_pid, bytes, freeze_ms, "moved on");
         Ok(MigrateOutcome {
             id: id.to_string(),
@@ -359,12 +404,19 @@ async fn restore_home(d: Arc<Daemon>, offer: MigrationOffer) -> MigResult<Runnin
         &me,
         p.restore_into(long_ctx(), offer.id.clone(), images).await,
     )?;
+    common::fault::point("home-after-restore-into");
     tracing::info!(
         pid = running.host_pid,
         restore_ms = running.restore_ms,
         "restored into the shadow"
     );
-    d.homing.lock().unwrap().insert(offer.id, offer.image);
+    d.homing.lock().unwrap().insert(
+        offer.id,
+        super::Homing {
+            image: offer.image,
+            since: std::time::Instant::now(),
+        },
+    );
     Ok(running)
 }
 
@@ -461,6 +513,7 @@ async fn restore(
             lazy: offer.mode.lazy(),
             image: offer.image.clone(),
             committed: false,
+            restored_at: std::time::Instant::now(),
         },
     );
     tokio::spawn(watch(d.clone(), id, lines, Some(child)).in_current_span());
@@ -499,7 +552,7 @@ async fn released(pid: i32) {
 
 /// Removes a move's image directory from the store (if still there; "" names none:
 /// a foreign process taken back after a restart, whose image name was not kept).
-fn remove_image(d: &Daemon, image: &str) {
+pub(super) fn remove_image(d: &Daemon, image: &str) {
     if image.is_empty() {
         return;
     }
@@ -558,6 +611,9 @@ async fn watch(d: Arc<Daemon>, id: String, mut lines: LineSource, child: Option<
     let _ = std::fs::remove_file(records.join(format!("{id}.image")));
     let _ = std::fs::remove_file(records.join(format!("{id}.sock")));
     let rec = d.foreign.lock().unwrap().remove(&id);
+    if let Some(r) = rec.as_ref().filter(|r| r.committed) {
+        d.committed_gone.lock().unwrap().insert(r.image.clone());
+    }
     let departing = rec.as_ref().map(|r| r.departing).unwrap_or(true);
     match (status, rec) {
         (_, Some(r)) if r.departing => {
@@ -579,6 +635,8 @@ pub async fn adopt_foreign(d: &Arc<Daemon>) {
     let Ok(rd) = std::fs::read_dir(&dir) else {
         return;
     };
+    // Moves onward a previous migd decided, settled once the copies are back.
+    let decisions = super::settle::unsettled(d);
     for e in rd.flatten() {
         let path = e.path();
         if path.extension().is_none_or(|x| x != "json") {
@@ -597,16 +655,20 @@ pub async fn adopt_foreign(d: &Arc<Daemon>) {
                     tracing::info!(host_pid = entry.host_pid, "taken back after a restart")
                 });
                 let id = entry.id.clone();
+                // A move onward decided but not settled: its end here is not
+                // reported home unless the move is settled as not committed.
+                let departing = super::settle::pending(d, &id);
                 d.foreign.lock().unwrap().insert(
                     id.clone(),
                     ForeignRec {
                         entry,
-                        departing: false,
+                        departing,
                         restorer: None,
                         lazy: false,
                         image: std::fs::read_to_string(path.with_extension("image"))
                             .unwrap_or_default(),
                         committed: true,
+                        restored_at: std::time::Instant::now(),
                     },
                 );
                 let d = d.clone();
@@ -625,6 +687,142 @@ pub async fn adopt_foreign(d: &Arc<Daemon>) {
                 let _ = std::fs::remove_file(&path);
                 let _ = std::fs::remove_file(&sock);
             }
+        }
+    }
+    super::settle::after_restart(d, decisions);
+}
+
+/// Gives up the homecomings a previous migd of this node left in flight: a process
+/// restored into its shadow (or being restored) waits for a commit that only that
+/// migd knew of. Its host's `restore` went unanswered, so it thawed its copy; a
+/// host whose `committed` went unanswered asks `runs_at_home`, which gives it up
+/// too. A committed homecoming has no shadow left, so nothing committed is
+/// touched; home-proxy passes `abort_home` only to shadows on their way home. If
+/// home-proxy cannot be asked, its keepers gave their homecomings up themselves
+/// when it went away.
+pub async fn give_up_homecomings(d: &Daemon) {
+    let me = d.config.node.clone();
+    let Ok(p) = d.proxy(&me).await else {
+        return;
+    };
+    let shadows = match p.shadows(long_ctx()).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "asking home-proxy for its shadows after a restart");
+            return;
+        }
+    };
+    for s in shadows {
+        if let Err(e) = flat(&me, p.abort_home(long_ctx(), s.id.clone()).await) {
+            tracing::warn!(id = %s.id, error = %e, "giving up a homecoming left by a previous migd");
+        }
+    }
+}
+
+/// Going home: whether the process of migration `id` runs here again, for a host
+/// whose `committed` went unanswered. home-proxy forgets the shadow at
+/// `commit_home`, so a shadow still held means the homecoming was not committed:
+/// it is given up now (a process restored into the shadow is made a shadow again,
+/// never having run), so that the host may thaw its copy. No shadow: it runs here
+/// (or ran, and ended). Errors (home-proxy unreachable) leave the question open.
+async fn runs_at_home(d: &Daemon, id: &str) -> MigResult<bool> {
+    let me = d.config.node.clone();
+    let p = d.proxy(&me).await?;
+    let _gate = d.home_gate.lock().await;
+    let restored = d.homing.lock().unwrap().remove(id);
+    let shadow = restored.is_some()
+        || p.shadows(long_ctx())
+            .await
+            .map_err(|e| MigError::Failed {
+                node: me.clone(),
+                why: format!("asking home-proxy for its shadows: {e}"),
+            })?
+            .iter()
+            .any(|s| s.id == id);
+    if shadow {
+        tracing::warn!("asked whether it runs here: not committed; the homecoming is given up");
+        flat(&me, p.abort_home(long_ctx(), id.to_string()).await)?;
+    } else {
+        tracing::info!("asked whether it runs here: no shadow is left, it does");
+    }
+    Ok(!shadow)
+}
+
+/// Drops migrations in flight to this node that their source left waiting past
+/// `migd.offer_bound_secs` (the source's migd died, or never came back): accepted
+/// offers (their restorer ends, nothing was restored), copies restored but not
+/// committed (killed: they never ran), processes restored into their shadow but
+/// not committed (shadows again). A committed copy is never touched. Runs for the
+/// daemon's life, checking every second.
+pub async fn drop_stale(d: Arc<Daemon>) {
+    let bound = std::time::Duration::from_secs(d.config.migd.offer_bound_secs);
+    let why = format!(
+        "its source said nothing more within migd.offer_bound_secs ({} s)",
+        bound.as_secs()
+    );
+    loop {
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        let offers: Vec<Offered> = {
+            let mut offers = d.offers.lock().unwrap();
+            let stale: Vec<String> = offers
+                .iter()
+                .filter(|(_, o)| o.since.elapsed() > bound)
+                .map(|(id, _)| id.clone())
+                .collect();
+            stale.iter().filter_map(|id| offers.remove(id)).collect()
+        };
+        for o in offers {
+            tracing::warn!(id = %o.offer.id, from = %o.offer.source, %why, "offer dropped: nothing was restored");
+            if let Some(Ok(r)) = o.restorer {
+                r.dismiss();
+            }
+        }
+        let copies: Vec<(String, i32)> = d
+            .foreign
+            .lock()
+            .unwrap()
+            .iter_mut()
+            .filter(|(_, f)| {
+                f.restorer.is_some() && !f.departing && f.restored_at.elapsed() > bound
+            })
+            .map(|(id, f)| {
+                // The restorer's input closes: it kills the copy, held before its
+                // first instruction (`committed` now finds it departing).
+                f.departing = true;
+                f.restorer = None;
+                (id.clone(), f.entry.host_pid)
+            })
+            .collect();
+        for (id, pid) in copies {
+            tracing::warn!(id = %id, pid, %why, "restored copy dropped before its commit: killed, it never ran");
+            let _ = crate::sys::kill(pid, libc::SIGKILL);
+        }
+        let homing: Vec<(String, String)> = {
+            let mut homing = d.homing.lock().unwrap();
+            let stale: Vec<String> = homing
+                .iter()
+                .filter(|(_, h)| h.since.elapsed() > bound)
+                .map(|(id, _)| id.clone())
+                .collect();
+            stale
+                .into_iter()
+                .filter_map(|id| homing.remove(&id).map(|h| (id, h.image)))
+                .collect()
+        };
+        for (id, image) in homing {
+            tracing::warn!(id = %id, %why, "homecoming dropped before its commit: the process is a shadow again");
+            match d.proxy(&d.config.node).await {
+                Ok(p) => {
+                    if let Err(e) = flat(&d.config.node, p.abort_home(long_ctx(), id.clone()).await)
+                    {
+                        tracing::error!(id = %id, error = %e, "home-proxy did not take the abort of the homecoming");
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(id = %id, error = %e, "home-proxy did not take the abort of the homecoming")
+                }
+            }
+            remove_image(&d, &image);
         }
     }
 }

@@ -70,13 +70,17 @@ impl Keeper {
     /// Starts `exe internal-keep` for `pid` and waits until the image is written (the
     /// process then stays frozen); with `precopy`, in rounds while it still runs.
     /// On error the process runs on untouched. `socket` is where it listens for a
-    /// new peer once we are gone (after commit).
+    /// new peer once we are gone (after commit); `settle_socket` where it listens,
+    /// once told `decided`, for a restarted peer that settles the commit (migd's
+    /// keepers: the end of input after `decided` then holds the process frozen
+    /// instead of making it the shadow).
     pub async fn start(
         exe: &Path,
         pid: i32,
         images: &Path,
         enter: bool,
         socket: Option<&Path>,
+        settle_socket: Option<&Path>,
         plan: HoldPlan,
     ) -> Result<(Keeper, Dumped), String> {
         let mut cmd = tokio::process::Command::new(exe);
@@ -99,6 +103,9 @@ impl Keeper {
         }
         if let Some(s) = socket {
             cmd.arg("--socket").arg(s);
+        }
+        if let Some(s) = settle_socket {
+            cmd.arg("--settle-socket").arg(s);
         }
         let mut child = cmd
             .stdin(Stdio::piped())
@@ -162,6 +169,22 @@ impl Keeper {
             Some("checked") => Ok(()),
             Some(l) => Err(l.strip_prefix("error ").unwrap_or(l).to_string()),
             None => Err("the keeper ended before it checked the image".into()),
+        }
+    }
+
+    /// Tells the keeper `decided` (a copy may run elsewhere from now on: the
+    /// original must never thaw on its own) and waits until it says it took it, so
+    /// that the decision is the keeper's before the commit goes out.
+    pub async fn decided(&mut self) -> Result<(), String> {
+        self.send("decided");
+        loop {
+            match self.lines.next_line().await {
+                Ok(Some(l)) if l.trim() == "decided" => return Ok(()),
+                Ok(Some(l)) => tracing::warn!(line = %l, "keeper, while waiting for `decided`"),
+                Ok(None) | Err(_) => {
+                    return Err("the keeper ended before it took the decision".into())
+                }
+            }
         }
     }
 

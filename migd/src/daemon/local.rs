@@ -179,26 +179,21 @@ async fn migrate(
                 bytes: 0,
             });
             let host = d.peer(&e.host).await.map_err(|e| e.to_string())?;
-            let out = flat(
+            // The host tells home-proxy where the process runs now (or, if its
+            // migd dies during the commit, the restarted one does once it settled).
+            flat(
                 &e.host,
                 host.move_to(long_ctx(), e.id.clone(), to.clone(), mode)
                     .await,
             )
-            .map_err(|e: MigError| e.to_string())?;
-            if homeward {
-                // home-proxy forgot the shadow at the commit: it is the process again.
-                return Ok(out);
-            }
-            let proxy = d.proxy(&me).await.map_err(|e| e.to_string())?;
-            if let Err(err) = flat(
-                &me,
-                proxy
-                    .moved(long_ctx(), e.id.clone(), out.host.clone(), out.host_pid)
-                    .await,
-            ) {
-                tracing::error!(error = %err, "telling home-proxy where the process went");
-            }
-            Ok(out)
+            .map_err(|err: MigError| match err {
+                MigError::Failed { ref why, .. } if why.starts_with("the call failed") => format!(
+                    "{err} (if {}'s migd died during the move, it settles the move when it \
+                     restarts: `migrate --list` shows where the process runs)",
+                    e.host
+                ),
+                err => err.to_string(),
+            })
         }
     }
 }

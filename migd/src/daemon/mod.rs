@@ -10,16 +10,22 @@
 //! - [`helpers`]: the single-threaded helper processes that hold a frozen process
 //!   (the keeper; at home it keeps the shadow) and restore one (the restorer), run as
 //!   `migrate internal-keep` / `migrate internal-restore`; [`keeper`] starts one.
+//! - [`settle`]: a commit whose answer may be lost, settled by asking the
+//!   destination; the decision of a move onward, kept for a restarted migd.
 //!
 //! At home the original is held by home-proxy (`common::migproto::ProxyService`),
-//! which keeps the shadows; migd keeps only the foreign processes running here, in
-//! memory (a restarted migd forgets them).
+//! which keeps the shadows; migd keeps the foreign processes running here (a record
+//! each in `<state_dir>/foreign/`, taken back by a restarted migd), and the decision
+//! of a move onward until it is settled. Migrations in flight to this node (offers,
+//! copies not committed yet) are in memory only, and dropped past
+//! `migd.offer_bound_secs` ([`host::drop_stale`]).
 
 pub mod client;
 pub mod helpers;
 pub mod host;
 pub mod keeper;
 pub mod local;
+pub mod settle;
 pub mod source;
 pub mod sys;
 
@@ -32,7 +38,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tarpc::server::Channel;
 
 /// Why the daemon could not start.
@@ -67,6 +73,17 @@ pub struct ForeignRec {
     pub lazy: bool,
     /// Its move's image directory (under the store's `migrations/`).
     pub image: String,
+    /// When it was restored here (until its commit it is dropped past
+    /// `migd.offer_bound_secs` from then).
+    pub restored_at: Instant,
+}
+
+/// A process restored into its shadow here (going home), until its commit or abort.
+pub struct Homing {
+    /// Its move's image directory.
+    pub image: String,
+    /// When it was restored into the shadow.
+    pub since: Instant,
 }
 
 /// Everything the daemon's tasks share.
@@ -80,7 +97,15 @@ pub struct Daemon {
     pub offers: Mutex<HashMap<String, host::Offered>>,
     /// Migrations coming home whose image was restored into the shadow, until their
     /// commit or abort.
-    pub homing: Mutex<std::collections::HashMap<String, String>>,
+    pub homing: Mutex<HashMap<String, Homing>>,
+    /// The images of moves committed here whose copy has since ended or moved on:
+    /// `runs` still answers true for them (a source settling late must not thaw
+    /// its original). In memory, one short string per move.
+    pub committed_gone: Mutex<std::collections::HashSet<String>>,
+    /// Held by a homecoming's commit (across `commit_home`) and by `runs_at_home`
+    /// (across its look and its `abort_home`), so that neither acts on what the
+    /// other is changing.
+    pub home_gate: tokio::sync::Mutex<()>,
 }
 
 impl Daemon {
@@ -242,10 +267,14 @@ pub async fn serve(
         next: AtomicU64::new(1),
         foreign: Mutex::new(HashMap::new()),
         offers: Mutex::new(HashMap::new()),
-        homing: Mutex::new(Default::default()),
+        homing: Mutex::new(HashMap::new()),
+        committed_gone: Mutex::new(Default::default()),
+        home_gate: tokio::sync::Mutex::new(()),
     });
     tracing::info!(%addr, socket = %sock_path.display(), node = %d.config.node, "migd listening");
     host::adopt_foreign(&d).await;
+    host::give_up_homecomings(&d).await;
+    tokio::spawn(host::drop_stale(d.clone()));
     let conn_d = d.clone();
     let remote = common::transport::serve_authenticated(
         listener,

@@ -4,6 +4,7 @@
 
 use super::keeper::{Dumped, Keeper};
 use super::local::Replies;
+use super::settle::{self, Decision};
 use super::{flat, long_ctx, now_secs, Daemon};
 use common::migproto::{
     HoldPlan, LocalReply, MigError, MigrateOutcome, MigrationOffer, Mode, PrecopyPlan,
@@ -31,17 +32,40 @@ pub enum HoldAt {
 
 impl Holder {
     /// The commit is about to be sent to the destination: from now on the
-    /// original must not thaw on its own (see `ProxyService::decided`). Not for our
-    /// own keeper: its input ends only when this migd dies, and then the commit may
-    /// never reach the destination (its copy would wait, held, for nobody), so it
-    /// still thaws at the end of its input (docs/migration.md "Not yet").
-    async fn decided(&mut self, entry: &ProcessEntry) -> Result<(), MigError> {
+    /// original must not thaw on its own (see `ProxyService::decided`). Our own
+    /// keeper (a process moving on) is told `decided` once the decision is recorded
+    /// where a restarted migd finds it: if this migd dies, the keeper holds the old
+    /// copy frozen until the restarted migd has asked the destination whether its
+    /// copy runs (`settle`).
+    async fn decided(
+        &mut self,
+        d: &Daemon,
+        entry: &ProcessEntry,
+        image: &str,
+    ) -> Result<(), MigError> {
         match self {
-            // The image must be known faithful first (home-proxy waits for it too).
-            Holder::Keeper(k) => k.checked().await.map_err(|why| MigError::Failed {
-                node: entry.home.clone(),
-                why,
-            }),
+            Holder::Keeper(k) => {
+                let dec = Decision {
+                    id: entry.id.clone(),
+                    home: entry.home.clone(),
+                    dest: entry.host.clone(),
+                    host_pid: entry.host_pid,
+                    image: image.to_string(),
+                };
+                let failed = |why: String| MigError::Failed {
+                    node: d.config.node.clone(),
+                    why,
+                };
+                // The image must be known faithful first (home-proxy waits for it too).
+                k.checked().await.map_err(failed)?;
+                settle::record(d, &dec).map_err(|e| {
+                    failed(format!(
+                        "cannot record the decision in {}: {e}",
+                        settle::record_path(d, &dec.id).display()
+                    ))
+                })?;
+                k.decided().await.map_err(failed)
+            }
             Holder::Proxy(p) => {
                 let me = entry.home.clone();
                 flat(
@@ -52,9 +76,12 @@ impl Holder {
         }
     }
 
-    async fn abort(self, id: &str) {
+    async fn abort(self, d: &Daemon, id: &str) {
         match self {
-            Holder::Keeper(k) => k.end("abort").await,
+            Holder::Keeper(k) => {
+                k.end("abort").await;
+                settle::forget(d, id);
+            }
             Holder::Proxy(p) => {
                 if let Err(e) = p.abort(long_ctx(), id.to_string()).await {
                     tracing::error!(error = %e, "home-proxy did not take the abort");
@@ -133,7 +160,7 @@ pub async fn wait_flushed(
     }
 }
 
-fn progress(tx: Option<&Replies>, phase: impl Into<String>, bytes: u64) {
+pub(super) fn progress(tx: Option<&Replies>, phase: impl Into<String>, bytes: u64) {
     if let Some(tx) = tx {
         let _ = tx.send(LocalReply::Progress {
             phase: phase.into(),
@@ -187,7 +214,8 @@ pub async fn prepare(
     };
     let id = offer.id.clone();
     let mode = offer.mode;
-    let images = d.image_dir(&offer.image);
+    let image = offer.image.clone();
+    let images = d.image_dir(&image);
     // The listing entry once it runs at `dest` (its host pid and time filled in
     // after the restore), for `Holder::decided` and the commit.
     let mut entry = ProcessEntry {
@@ -211,6 +239,7 @@ pub async fn prepare(
         let _ = std::fs::remove_dir_all(&images);
     }
     offered?;
+    common::fault::point("source-after-offer");
     let plan = HoldPlan {
         precopy: mode.precopies().then_some(PrecopyPlan {
             max_rounds: d.config.migd.precopy_max_rounds,
@@ -230,10 +259,18 @@ pub async fn prepare(
     );
     let hold = async {
         match at {
-            HoldAt::Keeper => Keeper::start(&d.helper_exe, local_pid, &images, true, None, plan)
-                .await
-                .map(|(k, dumped)| (Holder::Keeper(Box::new(k)), dumped))
-                .map_err(fail),
+            HoldAt::Keeper => Keeper::start(
+                &d.helper_exe,
+                local_pid,
+                &images,
+                true,
+                None,
+                Some(&settle::keeper_socket(d, &id)),
+                plan,
+            )
+            .await
+            .map(|(k, dumped)| (Holder::Keeper(Box::new(k)), dumped))
+            .map_err(fail),
             HoldAt::Proxy => match d.proxy(&me).await {
                 Ok(p) => flat(
                     &me,
@@ -276,6 +313,10 @@ pub async fn prepare(
         Err(e) => {
             let _ = peer.abort(long_ctx(), id.clone()).await;
             let _ = std::fs::remove_dir_all(&images);
+            if let HoldAt::Keeper = at {
+                // The keeper bound its settle socket before it failed.
+                settle::forget(d, &id);
+            }
             return Err(e);
         }
     };
@@ -313,12 +354,14 @@ pub async fn prepare(
             ph.mark("restore rpc");
             entry.host_pid = running.host_pid;
             entry.since = now_secs();
-            match holder.decided(&entry).await {
+            match holder.decided(d, &entry, &image).await {
                 Ok(()) => {
                     ph.mark("decided");
                     let r = match flat(dest, peer.committed(long_ctx(), id.clone()).await) {
                         Ok(()) => Ok(running),
-                        Err(e) => settle_commit(d, dest, &id, e, tx).await.map(|()| running),
+                        Err(e) => settle_commit(d, &entry, &image, e, tx)
+                            .await
+                            .map(|()| running),
                     };
                     ph.mark("committed rpc");
                     r
@@ -351,7 +394,7 @@ pub async fn prepare(
         Err(e) => {
             tracing::warn!(error = %e, "restore failed; thawing the original");
             let _ = peer.abort(long_ctx(), id.clone()).await;
-            holder.abort(&id).await;
+            holder.abort(d, &id).await;
             let _ = std::fs::remove_dir_all(&images);
             // The destination's own error names it already.
             let why = match e {
@@ -373,20 +416,17 @@ pub async fn prepare(
     }
 }
 
-/// How often a source whose `committed` went unanswered asks the destination again.
-const SETTLE_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
-
 /// `committed` failed without an answer we can trust (the destination's migd may
-/// have died after passing the commit to its restorer, or before): the copy there
-/// may run, so the original must not thaw on a guess. Asks the destination (its
-/// restarted migd takes back a committed copy, and only a committed one) whether
-/// the copy runs, until it answers: Ok if it runs (the commit goes on), the
-/// original error if it does not (the original thaws). Waits as long as it takes,
-/// with the original frozen meanwhile: two copies running would be worse.
+/// have died after passing the commit on, or before): the copy there may run, so
+/// the original must not thaw on a guess. Asks the destination (going home: the
+/// home) whether the copy runs until it answers (`settle::copy_runs`): Ok if it
+/// runs (the commit goes on), the original error if it does not (the original
+/// thaws). Waits as long as it takes, the original frozen meanwhile: two copies
+/// running would be worse.
 async fn settle_commit(
     d: &Arc<Daemon>,
-    dest: &str,
-    id: &str,
+    entry: &ProcessEntry,
+    image: &str,
     e: MigError,
     tx: Option<&Replies>,
 ) -> Result<(), MigError> {
@@ -395,35 +435,12 @@ async fn settle_commit(
         return Err(e);
     }
     tracing::warn!(error = %e, "the commit went unanswered; asking whether the copy runs");
-    let t0 = Instant::now();
-    let mut said = std::time::Duration::ZERO;
-    loop {
-        let answer = match d.peer(dest).await {
-            Ok(p) => flat(dest, p.runs(long_ctx(), id.to_string()).await),
-            Err(e) => Err(e),
-        };
-        match answer {
-            Ok(true) => {
-                tracing::info!("the destination's copy runs: committed");
-                return Ok(());
-            }
-            Ok(false) => {
-                tracing::warn!("the destination's copy does not run: not committed");
-                return Err(e);
-            }
-            Err(ask) => {
-                if t0.elapsed() >= said {
-                    said += std::time::Duration::from_secs(10);
-                    let why = format!(
-                        "{dest} did not answer the commit ({e}); the process stays frozen \
-                         here until {dest} says whether its copy runs ({ask})"
-                    );
-                    tracing::warn!(%why, "waiting for the destination");
-                    progress(tx, why, 0);
-                }
-                tokio::time::sleep(SETTLE_EVERY).await;
-            }
-        }
+    let dest = &entry.host;
+    let why = format!("{dest} did not answer the commit ({e})");
+    if settle::copy_runs(d, dest, &entry.home, &entry.id, image, &why, tx).await {
+        Ok(())
+    } else {
+        Err(e)
     }
 }
 
