@@ -164,8 +164,10 @@ pub trait MigdService {
     /// Would this node take the process? A refusal changes nothing anywhere.
     async fn offer(offer: MigrationOffer) -> MigResult<()>;
     /// Restore the offered process from `/.../store/migrations/<id>/` under its home's
-    /// tree; answers once it runs.
-    async fn restore(id: String) -> MigResult<Running>;
+    /// tree; answers once it runs. `manifest`: the image's manifest as the source
+    /// wrote it (checked like the file; `None`: read from the store), so that the
+    /// freeze does not wait for the store to give it back.
+    async fn restore(id: String, manifest: Option<Vec<u8>>) -> MigResult<Running>;
     /// The source committed: the restored copy is now the only one. Forget the image.
     async fn committed(id: String) -> MigResult<()>;
     /// The source gave up before commit: kill the restored copy if there is one.
@@ -241,6 +243,8 @@ pub struct HeldImage {
     pub rounds: u32,
     /// Bytes of page data written after the freeze, in the background (late.img).
     pub late_bytes: u64,
+    /// The manifest's bytes as written (passed on with `MigdService::restore`).
+    pub manifest: Option<Vec<u8>>,
 }
 
 /// The service home-proxy offers on `ports.proxy`: the home side of migrated

@@ -253,13 +253,21 @@ fn run_restore_with(
     inherit: &[(i32, String)],
     json: bool,
 ) -> anyhow::Result<i32> {
-    let (_, status) = restore_inheriting(&RestoreOptions { images, detach }, inherit, |r| {
-        if !detach {
-            // While we wait, signals meant for the process go to it.
-            crate::sys::forward_signals_to(r.outer_pid);
-        }
-        say_restored(r, json);
-    })?;
+    let (_, status) = restore_inheriting(
+        &RestoreOptions {
+            images,
+            detach,
+            manifest: None,
+        },
+        inherit,
+        |r| {
+            if !detach {
+                // While we wait, signals meant for the process go to it.
+                crate::sys::forward_signals_to(r.outer_pid);
+            }
+            say_restored(r, json);
+        },
+    )?;
     exit_code(status)
 }
 
@@ -309,7 +317,15 @@ pub fn run_restore_lazy(
     json: bool,
     lazy: &LazyArgs,
 ) -> anyhow::Result<i32> {
-    let lr = restore_lazy(&RestoreOptions { images, detach }, &lazy.options(), inherit)?;
+    let lr = restore_lazy(
+        &RestoreOptions {
+            images,
+            detach,
+            manifest: None,
+        },
+        &lazy.options(),
+        inherit,
+    )?;
     let r = lr.report;
     let mut pager = lr.pager;
     if !detach {

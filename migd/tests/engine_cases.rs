@@ -226,6 +226,43 @@ fn truncated_manifest_and_pages_are_refused() {
     );
 }
 
+#[test]
+fn a_manifest_handed_over_is_checked_like_the_file_and_needs_no_file() {
+    use migd::engine::image;
+    let dir = tempdir();
+    let img = dump_ticker(dir.path());
+    let man = img.join("manifest.json");
+    let bytes = std::fs::read(&man).unwrap();
+    let from_file = image::read_manifest(&img).unwrap();
+    // What a destination is handed is used even when the store's copy is gone.
+    std::fs::remove_file(&man).unwrap();
+    let given = image::manifest_from(&img, Some(&bytes)).unwrap();
+    assert_eq!(given.pid, from_file.pid);
+    assert_eq!(given.areas.len(), from_file.areas.len());
+    assert!(
+        image::manifest_from(&img, None).is_err(),
+        "no file, nothing given: no manifest"
+    );
+    // A damaged handover is refused, naming the checksum or the length.
+    let mut bad = bytes.clone();
+    let last = bad.len() - 2;
+    bad[last] ^= 0x01;
+    let err = image::manifest_from(&img, Some(&bad))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("manifest"),
+        "damaged manifest not named: {err}"
+    );
+    let err = image::manifest_from(&img, Some(&bytes[..bytes.len() - 10]))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("truncated"),
+        "short manifest not reported: {err}"
+    );
+}
+
 const BIG_C: &str = r#"
 #include <stdio.h>
 #include <stdlib.h>

@@ -4,7 +4,8 @@
 //! and speaks one line at a time on stdin/stdout with the daemon that started it; once
 //! that daemon is gone, with the next peer on the helper's own unix socket.
 //!
-//! keeper (source side), lines out: `dumped <bytes> <ms>` | `error <why>`, then
+//! keeper (source side), lines out: `dumped <bytes> <ms> <late bytes> <manifest
+//! in hex>` | `error <why>`, then
 //! `checked` (the flags taken before the freeze still hold) | `error <why>` (thawed),
 //! `decided` (it took the decision), later `signal <n>` (a signal sent to the shadow) | `gone
 //! <status>` (the shadow was killed at home); lines in: `decided` (optional, first),
@@ -266,8 +267,11 @@ pub fn keeper_main(
         }
     };
     say(&format!(
-        "dumped {} {:.3} {}",
-        held.page_bytes, held.dump_ms, held.late_bytes
+        "dumped {} {:.3} {} {}",
+        held.page_bytes,
+        held.dump_ms,
+        held.late_bytes,
+        super::keeper::to_hex(&held.manifest)
     ));
     // While the destination restores: is the image faithful (flags read before
     // the freeze still true)? Nothing runs from it until we say so.
@@ -558,10 +562,27 @@ fn raw_line() -> Option<String> {
     }
 }
 
+/// Exactly `n` bytes from stdin (after a line that announced them); `None` if it
+/// ends first.
+fn raw_bytes(n: usize) -> Option<Vec<u8>> {
+    let mut buf = vec![0u8; n];
+    let mut got = 0;
+    while got < n {
+        match crate::sys::read_raw(0, &mut buf[got..]) {
+            r if r < 0
+                && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted => {}
+            r if r <= 0 => return None,
+            r => got += r as usize,
+        }
+    }
+    Some(buf)
+}
+
 /// `migrate internal-restore`: builds the home's file view in a new mount namespace
 /// (`/` from `/.../<home>/`, the host's /proc, /dev, /sys) at `stage` and enters it,
 /// says `ready`, and once told `restore` (the image at `images`, under `superroot`,
-/// is written) restores the image there; waits for the process and reports its end.
+/// is written; `restore <n>` is followed by the manifest's n bytes) restores the
+/// image there; waits for the process and reports its end.
 /// The view is built while the source still writes the image (pre-copy, or the
 /// freeze's dump), so that the freeze only waits for the process to be made.
 /// If migd goes away meanwhile, the end is told to the next peer on `socket`.
@@ -619,12 +640,26 @@ pub fn restorer_main(
     warm_files(warm);
     ph.mark("mapped files read");
     ph.log();
-    match raw_line().as_deref() {
-        Some("restore") => ph = crate::phases::Phases::new("restorer_go"),
+    // `restore` or `restore <n>` followed by the manifest's n bytes.
+    let manifest = match raw_line()
+        .as_deref()
+        .map(|l| l.split_once(' ').unwrap_or((l, "")))
+    {
+        Some(("restore", "")) => None,
+        Some(("restore", n)) => match n.parse().ok().and_then(raw_bytes) {
+            Some(m) => Some(m),
+            None => {
+                say(&format!(
+                    "error the manifest after `restore {n}` did not come whole"
+                ));
+                return 1;
+            }
+        },
         // Given up before the image was written (abort, or migd gone): nothing was
         // restored.
         _ => return 1,
-    }
+    };
+    ph = crate::phases::Phases::new("restorer_go");
     let images_fd = match early.map_or_else(|| std::fs::File::open(&image_path), Ok) {
         Ok(f) => f,
         Err(e) => {
@@ -642,6 +677,7 @@ pub fn restorer_main(
     let opts = RestoreOptions {
         images,
         detach: false,
+        manifest,
     };
     if let Some(lazy) = lazy {
         return restorer_lazy(&opts, &lazy, &mut link);

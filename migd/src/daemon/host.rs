@@ -180,7 +180,12 @@ impl MigdService for Conn {
         Ok(())
     }
 
-    async fn restore(self, _: Context, id: String) -> MigResult<Running> {
+    async fn restore(
+        self,
+        _: Context,
+        id: String,
+        manifest: Option<Vec<u8>>,
+    ) -> MigResult<Running> {
         let Some(Offered {
             offer, restorer, ..
         }) = self.d.offers.lock().unwrap().remove(&id)
@@ -188,13 +193,14 @@ impl MigdService for Conn {
             return Err(self.unknown(&id));
         };
         if offer.home == self.me() {
+            // home-proxy's keeper reads the manifest from the store.
             let span =
                 tracing::info_span!("going_home", id = %id, pid = offer.pid, from = %offer.source);
             return restore_home(self.d.clone(), offer).instrument(span).await;
         }
         let span = tracing::info_span!("restore", id = %id, pid = offer.pid, home = %offer.home, from = %offer.source);
         let restorer = restorer.unwrap_or_else(|| Err("no restorer was started".into()));
-        restore(self.d.clone(), offer, restorer)
+        restore(self.d.clone(), offer, restorer, manifest)
             .instrument(span)
             .await
     }
@@ -421,11 +427,13 @@ async fn restore_home(d: Arc<Daemon>, offer: MigrationOffer) -> MigResult<Runnin
 }
 
 /// Restores an offered process under its home's file view (built by `restorer`
-/// since the offer) and watches it.
+/// since the offer) and watches it; `manifest` (the source's copy of it) goes to
+/// the restorer with `restore`.
 async fn restore(
     d: Arc<Daemon>,
     offer: MigrationOffer,
     restorer: Result<Restorer, String>,
+    manifest: Option<Vec<u8>>,
 ) -> MigResult<Running> {
     let me = d.config.node.clone();
     let fail = |why: String| MigError::Failed {
@@ -464,7 +472,14 @@ async fn restore(
     ph.mark("restorer ready");
     let go = async {
         let w = restorer.as_mut().ok_or(std::io::ErrorKind::BrokenPipe)?;
-        w.write_all(b"restore\n").await?;
+        match &manifest {
+            Some(m) => {
+                w.write_all(format!("restore {}\n", m.len()).as_bytes())
+                    .await?;
+                w.write_all(m).await?;
+            }
+            None => w.write_all(b"restore\n").await?,
+        }
         w.flush().await
     };
     if let Err(e) = go.await {

@@ -54,8 +54,32 @@ pub async fn connect_lines(
     Ok((line_writer(w), line_source(r)))
 }
 
+/// `bytes` as lowercase hex: how the keeper's one-line protocol carries the
+/// manifest's bytes (`dumped ... <manifest>`).
+pub fn to_hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for &b in bytes {
+        s.push(DIGITS[usize::from(b >> 4)] as char);
+        s.push(DIGITS[usize::from(b & 15)] as char);
+    }
+    s
+}
+
+/// The bytes `s` spells in hex ([`to_hex`]); `None` if it is not hex.
+pub fn from_hex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    let digit = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+    s.as_bytes()
+        .chunks(2)
+        .map(|p| Some((digit(p[0])? << 4) | digit(p[1])?))
+        .collect()
+}
+
 /// What the dump wrote.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Dumped {
     pub bytes: u64,
     /// The freeze: from the process stopped to the image written.
@@ -64,6 +88,9 @@ pub struct Dumped {
     pub rounds: u32,
     /// Bytes left for after the freeze (written by the keeper in the background).
     pub late_bytes: u64,
+    /// The manifest's bytes as written, handed to the destination with `restore`
+    /// (`None`: it reads them from the store).
+    pub manifest: Option<Vec<u8>>,
 }
 
 impl Keeper {
@@ -138,6 +165,7 @@ impl Keeper {
                 let bytes = it.next().and_then(|v| v.parse().ok()).unwrap_or(0);
                 let dump_ms = it.next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
                 let late_bytes = it.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+                let manifest = it.next().and_then(from_hex);
                 Ok((
                     keeper,
                     Dumped {
@@ -145,6 +173,7 @@ impl Keeper {
                         dump_ms,
                         rounds,
                         late_bytes,
+                        manifest,
                     },
                 ))
             }
@@ -217,5 +246,21 @@ impl Keeper {
         if let Some(c) = self.child.as_mut() {
             let _ = c.wait().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{from_hex, to_hex};
+
+    #[test]
+    fn hex_carries_any_bytes_and_refuses_what_is_not_hex() {
+        let all: Vec<u8> = (0..=255).collect();
+        assert_eq!(from_hex(&to_hex(&all)).as_deref(), Some(&all[..]));
+        assert_eq!(to_hex(b"\x00\xff"), "00ff");
+        assert_eq!(from_hex(""), Some(Vec::new()));
+        assert_eq!(from_hex("abc"), None);
+        assert_eq!(from_hex("zz"), None);
+        assert_eq!(from_hex("+1"), None);
     }
 }

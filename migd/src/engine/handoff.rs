@@ -47,6 +47,8 @@ pub struct Held {
     pub dump_ms: f64,
     /// The process's command name.
     pub comm: String,
+    /// The manifest's bytes as written (see `image::manifest_from`).
+    pub manifest: Vec<u8>,
     /// Signal numbers pending at the freeze (they travel in the image).
     in_image: Vec<i32>,
 }
@@ -83,13 +85,14 @@ pub fn dump_frozen(pid: i32, images: &Path, late: Option<LateOptions>) -> Result
     let (manifest, deferral, check) =
         collect_deferring(pid, &frozen, images, late.is_some(), false, Some(&early))?;
     ph.mark("collect+late files");
-    image::write_manifest_with(images, &manifest, false)?;
+    let written = image::write_manifest_with(images, &manifest, false)?;
     ph.mark("manifest");
     ph.log();
     let after = after_dump(images, check, None);
     Ok(Held::new(
         frozen,
         &manifest,
+        written,
         t0.elapsed().as_secs_f64() * 1e3,
         deferral.zip(late),
         images,
@@ -184,6 +187,7 @@ pub fn dump_frozen_precopy(
     Ok(Held::new(
         f.frozen,
         &f.manifest,
+        f.written,
         f.report.ms,
         f.deferral.zip(late),
         images,
@@ -195,6 +199,7 @@ impl Held {
     fn new(
         frozen: Frozen,
         m: &image::Manifest,
+        written: Vec<u8>,
         dump_ms: f64,
         late: Option<(Deferral, LateOptions)>,
         images: &Path,
@@ -211,6 +216,7 @@ impl Held {
             dump_ms,
             in_image: pending_signals(m),
             comm: m.comm.clone(),
+            manifest: written,
             frozen,
         }
     }

@@ -177,6 +177,8 @@ fn to_runs(pieces: &[(u64, u64, u64)], page: u64) -> Vec<(u64, u64, u64)> {
 pub struct Finished {
     pub frozen: Frozen,
     pub manifest: Manifest,
+    /// The manifest's bytes as written (handed to the destination with `restore`).
+    pub written: Vec<u8>,
     /// The freeze's round (`ms`: from the freeze to the manifest written).
     pub report: RoundReport,
     /// The late pages, if any (see `engine::late`).
@@ -558,7 +560,7 @@ impl Tracker {
         manifest.stopped = was_stopped;
         crate::engine::late::seal(&mut manifest, deferral.as_ref());
         ph.mark("late files");
-        image::write_manifest_with(&self.images, &manifest, self.sync)?;
+        let written = image::write_manifest_with(&self.images, &manifest, self.sync)?;
         ph.mark("manifest");
         report.ms = t0.elapsed().as_secs_f64() * 1e3;
         self.finished = true;
@@ -581,6 +583,7 @@ impl Tracker {
         Ok(Finished {
             frozen,
             manifest,
+            written,
             report,
             deferral,
             uffd,

@@ -30,6 +30,9 @@ const SCRATCH_PATH_OFF: u64 = 32 * 1024;
 pub struct RestoreOptions {
     pub images: PathBuf,
     pub detach: bool,
+    /// The manifest's bytes if they were handed over (see
+    /// `image::manifest_from`); `None`: read from `images`.
+    pub manifest: Option<Vec<u8>>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -389,10 +392,11 @@ fn start(
     hold: bool,
 ) -> Result<Started, RestoreError> {
     let mut ph = crate::phases::Phases::new("restore");
+    let given = opts.manifest.as_deref();
     let m = if lazy.is_some() {
-        image::read_manifest(&opts.images)?
+        image::manifest_from(&opts.images, given)?
     } else {
-        image::read_image(&opts.images)?
+        image::read_image_given(&opts.images, given)?
     };
     let _span = tracing::info_span!("restore", pid = m.pid, lazy = lazy.is_some()).entered();
     ph.mark("manifest");
