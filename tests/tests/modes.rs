@@ -29,6 +29,8 @@ fn compile(c: &Cluster) -> String {
 /// Starts `busy /tmp/busy.out MIB` at ws1 under a shell and waits until it is ready.
 fn start_busy(c: &Cluster, mib: u64) -> Busy {
     let bin = compile(c);
+    // A previous program's "ready" must not pass for this one's.
+    c.sh_ok("ws1", "rm -f /tmp/busy.out");
     let child = spawn_shell(c, "ws1", &format!("{bin} /tmp/busy.out {mib}"));
     let pid = wait_for(|| {
         let o = c.sh("ws1", "grep -q ready /tmp/busy.out && pgrep -xn busy");
