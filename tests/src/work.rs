@@ -244,3 +244,38 @@ pub fn start_count_py(c: &Cluster, lines: u32) -> (String, Child, i32) {
     .expect("python3 did not start at ws1");
     (want, child, pid)
 }
+
+/// Runs `args` at `node` while `daemon` at `dying` (restarted before with a
+/// `FERRY_FAULT` crash point) dies inside it: waits until it has died, restarts it
+/// half a second later, waits for the command, and returns whether it succeeded
+/// and what it printed (stdout, then stderr).
+pub fn run_through_a_crash(
+    c: &mut Cluster,
+    node: &str,
+    args: &[&str],
+    dying: &str,
+    daemon: &str,
+) -> (bool, String) {
+    let pid = c
+        .daemon_pid(dying, daemon)
+        .unwrap_or_else(|| panic!("no {daemon} runs at {dying}"));
+    let cmd = c
+        .command(node, args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cluster exec runs");
+    wait_for(|| (!crate::up::alive(pid)).then_some(()))
+        .unwrap_or_else(|| panic!("{daemon} at {dying} did not die at the fault point"));
+    std::thread::sleep(Duration::from_millis(500));
+    c.restart_daemon(dying, daemon);
+    let out = cmd.wait_with_output().expect("the command ends");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("{node}$ {}: {said}", args.join(" "));
+    (out.status.success(), said)
+}

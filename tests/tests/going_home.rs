@@ -356,25 +356,7 @@ fn a_failed_homecoming_leaves_the_process_at_its_host_and_the_shadow_working() {
         "the shadow should still be listed at ws1:\n{list}"
     );
 
-    // The shadow still forwards signals...
-    c.sh_ok("ws1", &format!("kill -USR1 {pid}"));
-    wait_for(|| {
-        c.sh_ok("ws1", "cat /tmp/out")
-            .contains("usr1")
-            .then_some(())
-    })
-    .expect("a SIGUSR1 sent to the shadow did not reach homer at ws2");
-    // ...and passes the exit status to the shell.
-    assert_eq!(
-        finish_shell(c, child),
-        "status=7",
-        "the shell should see homer's exit status from ws2"
-    );
-    assert!(
-        pids_of(c, "ws2", "homer").is_empty(),
-        "homer should have ended at ws2"
-    );
-    nothing_left(c);
+    the_shadow_forwards_signals_and_the_status(c, child, pid);
 }
 
 /// homer moved ws1 -> ws2, then sent home from ws2 (`migrate PID home` at ws2) while
@@ -388,35 +370,15 @@ fn home_migd_dies_at(point: &str) -> (Setup, Child, i32, bool, String) {
     migrate_at(&s.c, "ws1", pid, "ws2");
     let there = pids_of(&s.c, "ws2", "homer");
     assert_eq!(there.len(), 1, "homer should run at ws2");
-    let dying = s.c.daemon_pid("ws1", "migd").expect("migd at ws1");
-    let m =
-        s.c.command(
-            "ws2",
-            &[
-                "migrate",
-                "--mode",
-                "stop-copy",
-                &there[0].to_string(),
-                "home",
-            ],
-        )
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("cluster exec runs");
-    wait_for(|| (!ferry_tests::up::alive(dying)).then_some(()))
-        .expect("ws1's migd did not die at the fault point");
-    std::thread::sleep(std::time::Duration::from_millis(500));
-    s.c.restart_daemon("ws1", "migd");
-    let out = m.wait_with_output().expect("migrate ends");
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    let host_pid = there[0].to_string();
+    let (ok, said) = ferry_tests::work::run_through_a_crash(
+        &mut s.c,
+        "ws2",
+        &["migrate", "--mode", "stop-copy", &host_pid, "home"],
+        "ws1",
+        "migd",
     );
-    eprintln!("ws2$ migrate {} home: {said}", there[0]);
-    (s, child, pid, out.status.success(), said)
+    (s, child, pid, ok, said)
 }
 
 /// Home's migd dies after passing `commit_home` to home-proxy, before answering
@@ -510,6 +472,12 @@ fn left_at_ws2_with_a_working_shadow(s: &Setup, child: Child, pid: i32, ok: bool
             state_on(c, "ws1", pid)
         )
     });
+    the_shadow_forwards_signals_and_the_status(c, child, pid);
+}
+
+/// homer runs at ws2 with its shadow `pid` at ws1: a SIGUSR1 sent to the shadow
+/// reaches it, the shell at ws1 sees its exit status (7) from ws2, nothing is left.
+fn the_shadow_forwards_signals_and_the_status(c: &Cluster, child: Child, pid: i32) {
     c.sh_ok("ws1", &format!("kill -USR1 {pid}"));
     wait_for(|| {
         c.sh_ok("ws1", "cat /tmp/out")

@@ -605,26 +605,15 @@ fn a_commit_whose_answer_is_lost_is_settled_by_asking_and_leaves_one_copy() {
     let mut s = setup();
     s.c.restart_daemon_with_env("ws2", "migd", &[("FERRY_FAULT", "after-commit")]);
     let (child, pid) = start_at_ws1(&s, "/tmp/out", 100_000, 0, 3);
-    let dying = s.c.daemon_pid("ws2", "migd").expect("migd at ws2");
-    let m =
-        s.c.command("ws1", &["migrate", &pid.to_string(), "ws2"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("cluster exec runs");
-    wait_for(|| (!ferry_tests::up::alive(dying)).then_some(()))
-        .expect("ws2's migd did not die at the fault point");
-    std::thread::sleep(std::time::Duration::from_millis(500));
-    s.c.restart_daemon("ws2", "migd");
-    let out = m.wait_with_output().expect("migrate ends");
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    let (ok, said) = ferry_tests::work::run_through_a_crash(
+        &mut s.c,
+        "ws1",
+        &["migrate", &pid.to_string(), "ws2"],
+        "ws2",
+        "migd",
     );
     let c = &s.c;
-    assert!(out.status.success(), "migrate failed:\n{said}");
+    assert!(ok, "migrate failed:\n{said}");
     assert_eq!(
         progs_on(c, "ws2").len(),
         1,
