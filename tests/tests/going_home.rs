@@ -185,16 +185,7 @@ fn there_and_back(asked_at: &str) {
         pids_of(c, "ws3", "homer").is_empty() && pids_of(c, "ws2", "homer").is_empty(),
         "a copy of homer still runs away from home"
     );
-    let st = state_on(c, "ws1", pid);
-    assert!(
-        st.contains("sleeping") || st.contains("running"),
-        "pid {pid} should run at ws1 again, not be a frozen shadow: {st:?}"
-    );
-    assert_eq!(
-        status_num(c, "ws1", pid, "TracerPid"),
-        0,
-        "pid {pid} is still traced at home"
-    );
+    runs_at_home_again(c, pid);
     assert_eq!(
         status_num(c, "ws1", pid, "PPid"),
         ppid,
@@ -403,16 +394,7 @@ fn home_migd_dying_after_passing_the_commit_home_leaves_the_process_at_home_only
         pids_of(c, "ws2", "homer").is_empty(),
         "a copy of homer still exists at ws2 while it runs at home"
     );
-    let st = state_on(c, "ws1", pid);
-    assert!(
-        st.contains("sleeping") || st.contains("running"),
-        "pid {pid} should run at ws1 again: {st:?}"
-    );
-    assert_eq!(
-        status_num(c, "ws1", pid, "TracerPid"),
-        0,
-        "pid {pid} is still traced at home"
-    );
+    runs_at_home_again(c, pid);
     assert_eq!(
         finish_shell(c, child),
         "status=7",
@@ -495,4 +477,18 @@ fn the_shadow_forwards_signals_and_the_status(c: &Cluster, child: Child, pid: i3
         "homer should have ended at ws2"
     );
     nothing_left(c);
+}
+
+/// `pid` runs at ws1 again, itself: not a frozen shadow, and traced by nobody.
+fn runs_at_home_again(c: &Cluster, pid: i32) {
+    let st = state_on(c, "ws1", pid);
+    assert!(
+        st.contains("sleeping") || st.contains("running"),
+        "pid {pid} should run at ws1 again, not be a frozen shadow: {st:?}"
+    );
+    assert_eq!(
+        status_num(c, "ws1", pid, "TracerPid"),
+        0,
+        "pid {pid} is still traced at home"
+    );
 }
