@@ -279,3 +279,19 @@ pub fn run_through_a_crash(
     eprintln!("{node}$ {}: {said}", args.join(" "));
     (out.status.success(), said)
 }
+
+/// Waits until `pid` at `node` is a frozen shadow (ptrace-stopped: "tracing stop");
+/// panics with its state and `context` if it does not become one.
+pub fn wait_until_shadow(c: &Cluster, node: &str, pid: i32, context: &str) {
+    wait_for(|| {
+        state_on(c, node, pid)
+            .contains("tracing stop")
+            .then_some(())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "pid {pid} at {node} should be the frozen shadow: {:?}\n{context}",
+            state_on(c, node, pid)
+        )
+    });
+}

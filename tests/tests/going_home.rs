@@ -443,17 +443,7 @@ fn left_at_ws2_with_a_working_shadow(s: &Setup, child: Child, pid: i32, ok: bool
     let before = c.sh_ok("ws1", "wc -l < /tmp/out");
     wait_for(|| (c.sh_ok("ws1", "wc -l < /tmp/out") != before).then_some(()))
         .expect("homer stopped writing after the failed homecoming");
-    wait_for(|| {
-        state_on(c, "ws1", pid)
-            .contains("tracing stop")
-            .then_some(())
-    })
-    .unwrap_or_else(|| {
-        panic!(
-            "pid {pid} at ws1 should be the frozen shadow: {}",
-            state_on(c, "ws1", pid)
-        )
-    });
+    ferry_tests::work::wait_until_shadow(c, "ws1", pid, said);
     the_shadow_forwards_signals_and_the_status(c, child, pid);
 }
 

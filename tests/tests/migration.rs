@@ -659,17 +659,7 @@ fn home_proxy_dying_at_the_commit_leaves_one_copy_and_the_shadow_is_taken_back()
         1,
         "prog should run at ws2\n{said}"
     );
-    wait_for(|| {
-        state_on(c, "ws1", pid)
-            .contains("tracing stop")
-            .then_some(())
-    })
-    .unwrap_or_else(|| {
-        panic!(
-            "ws1 should hold the shadow only: {:?}\n{said}",
-            state_on(c, "ws1", pid)
-        )
-    });
+    ferry_tests::work::wait_until_shadow(c, "ws1", pid, &said);
     let listed = c.sh_ok("ws1", "migrate --list");
     assert!(
         listed.contains("ws2"),

@@ -777,16 +777,13 @@ pub async fn drop_stale(d: Arc<Daemon>) {
     );
     loop {
         tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-        let offers: Vec<Offered> = {
-            let mut offers = d.offers.lock().unwrap();
-            let stale: Vec<String> = offers
-                .iter()
-                .filter(|(_, o)| o.since.elapsed() > bound)
-                .map(|(id, _)| id.clone())
-                .collect();
-            stale.iter().filter_map(|id| offers.remove(id)).collect()
-        };
-        for o in offers {
+        let offers: Vec<(String, Offered)> = d
+            .offers
+            .lock()
+            .unwrap()
+            .extract_if(|_, o| o.since.elapsed() > bound)
+            .collect();
+        for (_, o) in offers {
             tracing::warn!(id = %o.offer.id, from = %o.offer.source, %why, "offer dropped: nothing was restored");
             if let Some(Ok(r)) = o.restorer {
                 r.dismiss();
@@ -812,19 +809,13 @@ pub async fn drop_stale(d: Arc<Daemon>) {
             tracing::warn!(id = %id, pid, %why, "restored copy dropped before its commit: killed, it never ran");
             let _ = crate::sys::kill(pid, libc::SIGKILL);
         }
-        let homing: Vec<(String, String)> = {
-            let mut homing = d.homing.lock().unwrap();
-            let stale: Vec<String> = homing
-                .iter()
-                .filter(|(_, h)| h.since.elapsed() > bound)
-                .map(|(id, _)| id.clone())
-                .collect();
-            stale
-                .into_iter()
-                .filter_map(|id| homing.remove(&id).map(|h| (id, h.image)))
-                .collect()
-        };
-        for (id, image) in homing {
+        let homing: Vec<(String, super::Homing)> = d
+            .homing
+            .lock()
+            .unwrap()
+            .extract_if(|_, h| h.since.elapsed() > bound)
+            .collect();
+        for (id, super::Homing { image, .. }) in homing {
             tracing::warn!(id = %id, %why, "homecoming dropped before its commit: the process is a shadow again");
             match d.proxy(&d.config.node).await {
                 Ok(p) => {
