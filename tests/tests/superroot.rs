@@ -954,11 +954,12 @@ ln /tmp/tree/a/f1 /tmp/tree/a/hard
 chmod 600 /tmp/tree/a/f2; chmod 755 /tmp/tree/a/f3; chown 1000:1000 /tmp/tree/a/f4
 T="tar --sort=name --mtime=@1000000000 --numeric-owner --format=gnu"
 $T -cf /tmp/a.tar -C /tmp/tree .
-mkdir /.../ws1/tmp/x
-tar -xpf /tmp/a.tar -C /.../ws1/tmp/x
-$T -cf /tmp/b.tar -C /.../ws1/tmp/x .
+X=$(mktemp -d /.../ws1/tmp/ferry-tar.XXXXXX)
+tar -xpf /tmp/a.tar -C $X
+$T -cf /tmp/b.tar -C $X .
 cmp /tmp/a.tar /tmp/b.tar
-diff -r --no-dereference /tmp/tree /.../ws1/tmp/x
+diff -r --no-dereference /tmp/tree $X
+rm -rf $X
 "#,
     );
 }
