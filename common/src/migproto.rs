@@ -167,7 +167,7 @@ pub trait MigdService {
     /// tree; answers once it runs. `manifest`: the image's manifest as the source
     /// wrote it (checked like the file; `None`: read from the store), so that the
     /// freeze does not wait for the store to give it back.
-    async fn restore(id: String, manifest: Option<Vec<u8>>) -> MigResult<Running>;
+    async fn restore(id: String, handover: Option<Handover>) -> MigResult<Running>;
     /// The source committed: the restored copy is now the only one. Forget the image.
     async fn committed(id: String) -> MigResult<()>;
     /// The source gave up before commit: kill the restored copy if there is one.
@@ -243,8 +243,20 @@ pub struct HeldImage {
     pub rounds: u32,
     /// Bytes of page data written after the freeze, in the background (late.img).
     pub late_bytes: u64,
-    /// The manifest's bytes as written (passed on with `MigdService::restore`).
-    pub manifest: Option<Vec<u8>>,
+    /// What the destination's restore needs of the image at once (passed on with
+    /// `MigdService::restore`).
+    pub handover: Option<Handover>,
+}
+
+/// What a source hands the destination with `MigdService::restore`, so that the
+/// restore need not read it back from the store in the freeze: the manifest's bytes
+/// as written and, for a lazy restore, the pages it fills before the process runs
+/// (migd's `image::EagerPages`, encoded). Each is checked as its file would be
+/// (length, CRC-32C); without them the restore reads the files.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Handover {
+    pub manifest: Vec<u8>,
+    pub eager: Option<Vec<u8>>,
 }
 
 /// The service home-proxy offers on `ports.proxy`: the home side of migrated

@@ -239,7 +239,7 @@ impl ProxyService for Conn {
             dump_ms: dumped.dump_ms,
             rounds: dumped.rounds,
             late_bytes: dumped.late_bytes,
-            manifest: dumped.manifest,
+            handover: dumped.handover,
         })
     }
 

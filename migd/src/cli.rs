@@ -84,6 +84,11 @@ pub enum Cmd {
         /// are served at once whatever the cap.
         #[arg(long, default_value_t = 0, requires = "lazy")]
         prefetch_mib_per_sec: u64,
+        /// With --lazy: the eager pages as a source hands them over with `restore`
+        /// (an encoded `image::EagerPages`); the runs it holds are not read from
+        /// pages.img.
+        #[arg(long, hide = true, requires = "lazy")]
+        eager: Option<PathBuf>,
     },
     /// Serve the missing pages of a lazily restored process again, after the
     /// `migd restore --lazy` serving it died: the userfaultfd is taken back from the
@@ -111,6 +116,8 @@ pub struct LazyArgs {
     pub no_prefetch: bool,
     pub readahead: u64,
     pub prefetch_mib_per_sec: u64,
+    /// See `--eager`.
+    pub eager: Option<PathBuf>,
 }
 
 impl LazyArgs {
@@ -258,6 +265,7 @@ fn run_restore_with(
             images,
             detach,
             manifest: None,
+            eager: None,
         },
         inherit,
         |r| {
@@ -322,6 +330,13 @@ pub fn run_restore_lazy(
             images,
             detach,
             manifest: None,
+            eager: match &lazy.eager {
+                Some(p) => Some(
+                    std::fs::read(p)
+                        .map_err(|e| anyhow::anyhow!("reading eager pages {}: {e}", p.display()))?,
+                ),
+                None => None,
+            },
         },
         &lazy.options(),
         inherit,

@@ -40,6 +40,7 @@ fn main() -> anyhow::Result<()> {
                 no_prefetch,
                 readahead,
                 prefetch_mib_per_sec,
+                eager,
             }),
             _,
         ) => {
@@ -50,6 +51,7 @@ fn main() -> anyhow::Result<()> {
                     no_prefetch,
                     readahead,
                     prefetch_mib_per_sec,
+                    eager,
                 };
                 migd::cli::run_restore_lazy(images, detach, &inherit_fd, json, &l)?
             } else {

@@ -938,7 +938,16 @@ fn late_pages_the_process_faults_on_are_written_first_and_every_page_arrives_int
     held.kill();
     let _ = p.child.wait();
     // The reference: the same program's last-MiB checksum, uninterrupted.
-    let mut q = run_prog(dir.path(), "ref", &argv);
+    assert_same_output(
+        "late pages",
+        &last_first_reference(dir.path(), &argv),
+        out.as_bytes(),
+    );
+}
+
+/// [`LAST_FIRST_C`] run uninterrupted (told to go on at each step); its output.
+fn last_first_reference(dir: &Path, argv: &[&str]) -> Vec<u8> {
+    let mut q = run_prog(dir, "ref", argv);
     wait_for(&q.out, "filled", Duration::from_secs(60), "reference run");
     usr1(q.child.id() as i32);
     wait_for(&q.out, "last ", Duration::from_secs(30), "reference run");
@@ -946,9 +955,106 @@ fn late_pages_the_process_faults_on_are_written_first_and_every_page_arrives_int
         .args(["-USR2", &q.child.id().to_string()])
         .status();
     assert!(q.child.wait().unwrap().success());
+    std::fs::read(&q.out).unwrap()
+}
+
+/// `migd restore --lazy` of `images` with `extra`, expected to refuse; its stderr.
+fn lazy_refused(images: &Path, extra: &[&str]) -> String {
+    let o = Command::new(migd())
+        .args(["restore", "--lazy", "--images"])
+        .arg(images)
+        .args(extra)
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        !o.status.success() && !out.contains("restored pid"),
+        "the restore should have been refused: {out}"
+    );
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn eager_pages_handed_over_stand_in_for_pages_img_and_damage_is_refused() {
+    use migd::engine::handoff::dump_frozen;
+    use migd::engine::image::{read_manifest, EagerPages};
+    use migd::engine::late::LateOptions;
+    let dir = tempdir();
+    let exe = compile_c(dir.path(), "lastfirst", LAST_FIRST_C, &["-O2"]);
+    let argv = [exe.to_str().unwrap(), "16"];
+    let expected = last_first_reference(dir.path(), &argv);
+    let images = dir.path().join("img");
+    let mut p = started(dir.path(), &argv);
+    let mut held = dump_frozen(
+        p.child.id() as i32,
+        &images,
+        Some(LateOptions::bound(Duration::from_secs(60))),
+    )
+    .expect("lazy dump with late pages");
+    let bytes = held
+        .eager
+        .clone()
+        .expect("a lazy dump hands its eager pages over");
+    let eager = EagerPages::from_bytes(&images, &bytes).expect("they decode");
+    // They are what pages.img holds there (pages.img of a dump with late pages
+    // holds only what the restore fills before the process runs).
+    let pages_path = images.join("pages.img");
+    let pages = std::fs::read(&pages_path).unwrap();
+    let m = read_manifest(&images).unwrap();
+    assert_eq!(pages.len() as u64, m.pages_len);
+    assert!(
+        eager.data.len() >= 64 << 10,
+        "at least the stack's window is handed over, not {} bytes",
+        eager.data.len()
+    );
+    for (off, b) in eager.iter() {
+        assert_eq!(
+            &pages[off as usize..off as usize + b.len()],
+            b,
+            "the handed-over range at {off} differs from pages.img"
+        );
+    }
+    // pages.img zeroed: a restore without the handover is refused (its chunks'
+    // CRCs), one with it does not read pages.img at all.
+    std::fs::write(&pages_path, vec![0u8; pages.len()]).unwrap();
+    let err = lazy_refused(&images, &[]);
+    assert!(
+        err.contains("checksum"),
+        "zeroed pages.img not refused: {err}"
+    );
+    let given = dir.path().join("eager.bin");
+    let mut damaged = bytes.clone();
+    let mid = damaged.len() / 2;
+    damaged[mid] ^= 0x40;
+    std::fs::write(&given, &damaged).unwrap();
+    let err = lazy_refused(&images, &["--eager", given.to_str().unwrap()]);
+    assert!(
+        err.contains("eager pages handed over"),
+        "damaged handover not named: {err}"
+    );
+    std::fs::write(&given, &bytes).unwrap();
+    let r = start_lazy(&images, &["--eager", given.to_str().unwrap()]);
+    usr1(r.outer_pid);
+    wait_for(
+        &p.out,
+        "last ",
+        Duration::from_secs(30),
+        "the restored program",
+    );
+    assert!(Command::new("kill")
+        .args(["-USR2", &r.outer_pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let (ok, rest, stderr) = r.finish();
+    assert!(ok, "migd restore --lazy --eager failed: {rest}{stderr}");
+    let _ = held.wait_flushed();
+    held.kill();
+    let _ = p.child.wait();
     assert_same_output(
-        "late pages",
-        &std::fs::read(&q.out).unwrap(),
-        out.as_bytes(),
+        "restored from handed-over eager pages",
+        &expected,
+        &std::fs::read(&p.out).unwrap(),
     );
 }

@@ -267,11 +267,15 @@ pub fn keeper_main(
         }
     };
     say(&format!(
-        "dumped {} {:.3} {} {}",
+        "dumped {} {:.3} {} {}{}",
         held.page_bytes,
         held.dump_ms,
         held.late_bytes,
-        super::keeper::to_hex(&held.manifest)
+        super::keeper::to_hex(&held.manifest),
+        held.eager
+            .as_ref()
+            .map(|e| format!(" {}", super::keeper::to_hex(e)))
+            .unwrap_or_default()
     ));
     // While the destination restores: is the image faithful (flags read before
     // the freeze still true)? Nothing runs from it until we say so.
@@ -581,7 +585,8 @@ fn raw_bytes(n: usize) -> Option<Vec<u8>> {
 /// `migrate internal-restore`: builds the home's file view in a new mount namespace
 /// (`/` from `/.../<home>/`, the host's /proc, /dev, /sys) at `stage` and enters it,
 /// says `ready`, and once told `restore` (the image at `images`, under `superroot`,
-/// is written; `restore <n>` is followed by the manifest's n bytes) restores the
+/// is written; `restore <n> [<e>]` is followed by the manifest's n bytes and the
+/// eager pages' e bytes, see `common::migproto::Handover`) restores the
 /// image there; waits for the process and reports its end.
 /// The view is built while the source still writes the image (pre-copy, or the
 /// freeze's dump), so that the freeze only waits for the process to be made.
@@ -640,21 +645,30 @@ pub fn restorer_main(
     warm_files(warm);
     ph.mark("mapped files read");
     ph.log();
-    // `restore` or `restore <n>` followed by the manifest's n bytes.
-    let manifest = match raw_line()
+    // `restore`, or `restore <n> [<e>]` followed by the manifest's n bytes and the
+    // eager pages' e bytes.
+    let (manifest, eager) = match raw_line()
         .as_deref()
         .map(|l| l.split_once(' ').unwrap_or((l, "")))
     {
-        Some(("restore", "")) => None,
-        Some(("restore", n)) => match n.parse().ok().and_then(raw_bytes) {
-            Some(m) => Some(m),
-            None => {
-                say(&format!(
-                    "error the manifest after `restore {n}` did not come whole"
-                ));
-                return 1;
+        Some(("restore", "")) => (None, None),
+        Some(("restore", lens)) => {
+            let mut it = lens.split(' ').map(|n| n.parse().ok());
+            let manifest = it.next().flatten().and_then(raw_bytes);
+            let eager = match it.next() {
+                None => Some(None),
+                Some(e) => e.and_then(raw_bytes).map(Some),
+            };
+            match (manifest, eager) {
+                (Some(m), Some(e)) => (Some(m), e),
+                _ => {
+                    say(&format!(
+                        "error the manifest or eager pages after `restore {lens}` did not come whole"
+                    ));
+                    return 1;
+                }
             }
-        },
+        }
         // Given up before the image was written (abort, or migd gone): nothing was
         // restored.
         _ => return 1,
@@ -678,6 +692,7 @@ pub fn restorer_main(
         images,
         detach: false,
         manifest,
+        eager,
     };
     if let Some(lazy) = lazy {
         return restorer_lazy(&opts, &lazy, &mut link);

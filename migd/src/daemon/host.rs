@@ -7,7 +7,8 @@ use super::keeper::{connect_lines, line_source, LineSource};
 use super::source::{offer_for, prepare, HoldAt, Holder, Ready};
 use super::{flat, long_ctx, now_secs, Daemon, ForeignRec};
 use common::migproto::{
-    MigError, MigResult, MigdService, MigrateOutcome, MigrationOffer, Mode, ProcessEntry, Running,
+    Handover, MigError, MigResult, MigdService, MigrateOutcome, MigrationOffer, Mode, ProcessEntry,
+    Running,
 };
 use std::process::Stdio;
 use std::sync::Arc;
@@ -184,7 +185,7 @@ impl MigdService for Conn {
         self,
         _: Context,
         id: String,
-        manifest: Option<Vec<u8>>,
+        handover: Option<Handover>,
     ) -> MigResult<Running> {
         let Some(Offered {
             offer, restorer, ..
@@ -193,14 +194,14 @@ impl MigdService for Conn {
             return Err(self.unknown(&id));
         };
         if offer.home == self.me() {
-            // home-proxy's keeper reads the manifest from the store.
+            // home-proxy's keeper reads the image from the store.
             let span =
                 tracing::info_span!("going_home", id = %id, pid = offer.pid, from = %offer.source);
             return restore_home(self.d.clone(), offer).instrument(span).await;
         }
         let span = tracing::info_span!("restore", id = %id, pid = offer.pid, home = %offer.home, from = %offer.source);
         let restorer = restorer.unwrap_or_else(|| Err("no restorer was started".into()));
-        restore(self.d.clone(), offer, restorer, manifest)
+        restore(self.d.clone(), offer, restorer, handover)
             .instrument(span)
             .await
     }
@@ -427,13 +428,13 @@ async fn restore_home(d: Arc<Daemon>, offer: MigrationOffer) -> MigResult<Runnin
 }
 
 /// Restores an offered process under its home's file view (built by `restorer`
-/// since the offer) and watches it; `manifest` (the source's copy of it) goes to
-/// the restorer with `restore`.
+/// since the offer) and watches it; `handover` (the source's copy of the manifest
+/// and eager pages) goes to the restorer with `restore`.
 async fn restore(
     d: Arc<Daemon>,
     offer: MigrationOffer,
     restorer: Result<Restorer, String>,
-    manifest: Option<Vec<u8>>,
+    handover: Option<Handover>,
 ) -> MigResult<Running> {
     let me = d.config.node.clone();
     let fail = |why: String| MigError::Failed {
@@ -472,11 +473,16 @@ async fn restore(
     ph.mark("restorer ready");
     let go = async {
         let w = restorer.as_mut().ok_or(std::io::ErrorKind::BrokenPipe)?;
-        match &manifest {
-            Some(m) => {
-                w.write_all(format!("restore {}\n", m.len()).as_bytes())
-                    .await?;
-                w.write_all(m).await?;
+        match &handover {
+            Some(Handover { manifest, eager }) => {
+                let e = eager.as_deref().unwrap_or_default();
+                let line = match eager {
+                    Some(e) => format!("restore {} {}\n", manifest.len(), e.len()),
+                    None => format!("restore {}\n", manifest.len()),
+                };
+                w.write_all(line.as_bytes()).await?;
+                w.write_all(manifest).await?;
+                w.write_all(e).await?;
             }
             None => w.write_all(b"restore\n").await?,
         }

@@ -3,7 +3,7 @@
 //! told to thaw it, kill it, or keep it as the shadow. Used by migd (a foreign process
 //! moving on) and by home-proxy (a process leaving its home).
 
-use common::migproto::HoldPlan;
+use common::migproto::{Handover, HoldPlan};
 use std::path::Path;
 use std::process::Stdio;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, Lines};
@@ -55,7 +55,7 @@ pub async fn connect_lines(
 }
 
 /// `bytes` as lowercase hex: how the keeper's one-line protocol carries the
-/// manifest's bytes (`dumped ... <manifest>`).
+/// manifest's and the eager pages' bytes (`dumped ... <manifest> [<eager>]`).
 pub fn to_hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut s = String::with_capacity(bytes.len() * 2);
@@ -88,9 +88,9 @@ pub struct Dumped {
     pub rounds: u32,
     /// Bytes left for after the freeze (written by the keeper in the background).
     pub late_bytes: u64,
-    /// The manifest's bytes as written, handed to the destination with `restore`
-    /// (`None`: it reads them from the store).
-    pub manifest: Option<Vec<u8>>,
+    /// The manifest's bytes as written and a lazy dump's eager pages, handed to
+    /// the destination with `restore` (`None`: it reads the files in the store).
+    pub handover: Option<Handover>,
 }
 
 impl Keeper {
@@ -165,7 +165,10 @@ impl Keeper {
                 let bytes = it.next().and_then(|v| v.parse().ok()).unwrap_or(0);
                 let dump_ms = it.next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
                 let late_bytes = it.next().and_then(|v| v.parse().ok()).unwrap_or(0);
-                let manifest = it.next().and_then(from_hex);
+                let handover = it.next().and_then(from_hex).map(|manifest| Handover {
+                    manifest,
+                    eager: it.next().and_then(from_hex),
+                });
                 Ok((
                     keeper,
                     Dumped {
@@ -173,7 +176,7 @@ impl Keeper {
                         dump_ms,
                         rounds,
                         late_bytes,
-                        manifest,
+                        handover,
                     },
                 ))
             }

@@ -291,7 +291,7 @@ pub async fn prepare(
                             dump_ms: h.dump_ms,
                             rounds: h.rounds,
                             late_bytes: h.late_bytes,
-                            manifest: h.manifest,
+                            handover: h.handover,
                         },
                     )
                 }),
@@ -308,7 +308,7 @@ pub async fn prepare(
             dump_ms,
             rounds,
             late_bytes,
-            manifest,
+            handover,
         },
     ) = match held {
         Ok(h) => h,
@@ -351,7 +351,7 @@ pub async fn prepare(
     // Once home-proxy knows the decision (`decided`), the original never thaws on
     // its own: a dying home-proxy cannot leave two copies running.
     let mut ph = crate::phases::Phases::new("after_dump");
-    let restored = match flat(dest, peer.restore(long_ctx(), id.clone(), manifest).await) {
+    let restored = match flat(dest, peer.restore(long_ctx(), id.clone(), handover).await) {
         Ok(running) => {
             ph.mark("restore rpc");
             entry.host_pid = running.host_pid;

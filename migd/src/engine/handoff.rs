@@ -49,6 +49,9 @@ pub struct Held {
     pub comm: String,
     /// The manifest's bytes as written (see `image::manifest_from`).
     pub manifest: Vec<u8>,
+    /// A lazy dump's eager pages, encoded ([`image::EagerPages`]; `None` if the dump
+    /// is not lazy or a page could not be read: the restore then reads their chunks).
+    pub eager: Option<Vec<u8>>,
     /// Signal numbers pending at the freeze (they travel in the image).
     in_image: Vec<i32>,
 }
@@ -98,6 +101,36 @@ pub fn dump_frozen(pid: i32, images: &Path, late: Option<LateOptions>) -> Result
         images,
         after,
     ))
+}
+
+/// The pages a lazy restore of `m` fills before the process runs (see
+/// [`image::EagerPages`]), read from the frozen process: what its chunks of pages.img
+/// hold at those offsets. `None` (the restore reads the chunks) if one cannot be read.
+fn eager_pages(pid: i32, m: &image::Manifest) -> Option<image::EagerPages> {
+    let t0 = Instant::now();
+    let plan = crate::engine::restore::lazy::plan(m);
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).ok();
+    let mut out = image::EagerPages::default();
+    let mut buf = Vec::new();
+    for a in &plan.shaping.areas {
+        for &(addr, n, off) in &a.runs {
+            buf.resize((n * sys::page_size()) as usize, 0);
+            if off & image::LATE != 0
+                || !super::late::read_frozen(pid, mem.as_ref(), addr, &mut buf)
+            {
+                tracing::debug!(addr, n, "an eager page is not readable; not handed over");
+                return None;
+            }
+            out.push(off, &buf);
+        }
+    }
+    tracing::debug!(
+        ranges = out.ranges.len(),
+        bytes = out.data.len(),
+        ms = t0.elapsed().as_secs_f64() * 1e3,
+        "eager pages read for the handover"
+    );
+    Some(out)
 }
 
 /// The thread of [`after_dump`]; dropping it waits for it.
@@ -205,6 +238,7 @@ impl Held {
         images: &Path,
         after: After,
     ) -> Held {
+        let eager = late.is_some().then(|| eager_pages(frozen.pid, m)).flatten();
         let flusher = late
             .filter(|(d, _)| !d.is_empty())
             .map(|(d, o)| Flusher::start(frozen.pid, images, d.into_runs(), o));
@@ -217,6 +251,7 @@ impl Held {
             in_image: pending_signals(m),
             comm: m.comm.clone(),
             manifest: written,
+            eager: eager.map(|e| e.to_bytes()),
             frozen,
         }
     }

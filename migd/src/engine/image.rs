@@ -504,6 +504,101 @@ fn parse_manifest(path: PathBuf, data: &[u8]) -> Result<Manifest, ImageError> {
     Ok(m)
 }
 
+/// The pages a lazy restore fills before the process runs (the runs of its shaping
+/// manifest, see `restore::lazy::plan`), as the source read them from the frozen
+/// process: handed to the destination with `restore` beside the manifest, so that
+/// the freeze need not read their chunks of pages.img back from the store (a few
+/// MiB of round trips). The bytes are the same as pages.img's at those offsets: the
+/// process has not run since they were written.
+///
+/// Encoded as [`EAGER_MAGIC`], the range count and the CRC-32C of what follows
+/// (two u32), then each range's pages.img offset and length (two u64), then the
+/// ranges' bytes in that order; all little-endian.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct EagerPages {
+    /// (offset in pages.img, length), in the order of `data`.
+    pub ranges: Vec<(u64, u64)>,
+    /// The bytes of every range, one after the other.
+    pub data: Vec<u8>,
+}
+
+/// The first bytes of an encoded [`EagerPages`].
+pub const EAGER_MAGIC: &[u8; 8] = b"FERRYEP1";
+
+impl EagerPages {
+    /// Adds a range: `bytes` are pages.img's at `off`.
+    pub fn push(&mut self, off: u64, bytes: &[u8]) {
+        self.ranges.push((off, bytes.len() as u64));
+        self.data.extend_from_slice(bytes);
+    }
+
+    /// Every range with its bytes.
+    pub fn iter(&self) -> impl Iterator<Item = (u64, &[u8])> + '_ {
+        let mut at = 0usize;
+        self.ranges.iter().map(move |&(off, len)| {
+            let b = &self.data[at..at + len as usize];
+            at += len as usize;
+            (off, b)
+        })
+    }
+
+    /// The encoding described on the type.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut rest = Vec::with_capacity(self.ranges.len() * 16 + self.data.len());
+        for &(off, len) in &self.ranges {
+            rest.extend_from_slice(&off.to_le_bytes());
+            rest.extend_from_slice(&len.to_le_bytes());
+        }
+        rest.extend_from_slice(&self.data);
+        let mut out = Vec::with_capacity(16 + rest.len());
+        out.extend_from_slice(EAGER_MAGIC);
+        out.extend_from_slice(&(self.ranges.len() as u32).to_le_bytes());
+        out.extend_from_slice(&crc32c::crc32c(&rest).to_le_bytes());
+        out.extend_from_slice(&rest);
+        out
+    }
+
+    /// Decodes and checks (magic, lengths, CRC-32C) what [`EagerPages::to_bytes`]
+    /// made; `path` names the image in errors.
+    pub fn from_bytes(path: &Path, b: &[u8]) -> Result<EagerPages, ImageError> {
+        let bad = |what: &str| ImageError::Checksum {
+            path: path.to_path_buf(),
+            what: format!("the eager pages handed over ({what})"),
+        };
+        let (head, rest) = b.split_at_checked(16).ok_or_else(|| bad("too short"))?;
+        if &head[..8] != EAGER_MAGIC {
+            return Err(bad("bad magic"));
+        }
+        let n = u32::from_le_bytes(head[8..12].try_into().expect("4 bytes")) as usize;
+        let crc = u32::from_le_bytes(head[12..16].try_into().expect("4 bytes"));
+        if crc32c::crc32c(rest) != crc {
+            return Err(bad("CRC-32C differs"));
+        }
+        let (table, data) = rest
+            .split_at_checked(n.checked_mul(16).ok_or_else(|| bad("range count"))?)
+            .ok_or_else(|| bad("range table cut short"))?;
+        let ranges: Vec<(u64, u64)> = table
+            .chunks_exact(16)
+            .map(|r| {
+                (
+                    u64::from_le_bytes(r[..8].try_into().expect("8 bytes")),
+                    u64::from_le_bytes(r[8..].try_into().expect("8 bytes")),
+                )
+            })
+            .collect();
+        let total = ranges
+            .iter()
+            .try_fold(0u64, |t, &(_, len)| t.checked_add(len));
+        if total != Some(data.len() as u64) {
+            return Err(bad("lengths do not add up to its data"));
+        }
+        Ok(EagerPages {
+            ranges,
+            data: data.to_vec(),
+        })
+    }
+}
+
 fn check_pages(dir: &Path, m: &Manifest) -> Result<(), ImageError> {
     let path = dir.join(PAGES_FILE);
     let f = std::fs::File::open(&path).map_err(io_err(&path))?;
@@ -637,4 +732,45 @@ mod hex_bytes {
 /// The root directory of images that do not name one.
 fn slash() -> String {
     "/".to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::EagerPages;
+    use std::path::Path;
+
+    #[test]
+    fn eager_pages_come_back_as_they_went_and_any_damage_is_refused() {
+        let mut e = EagerPages::default();
+        e.push(0, &[1u8; 4096]);
+        e.push(3 << 20, &[7u8; 8192]);
+        let b = e.to_bytes();
+        let back = EagerPages::from_bytes(Path::new("img"), &b).expect("decodes");
+        assert_eq!(back, e);
+        let got: Vec<(u64, usize)> = back.iter().map(|(o, d)| (o, d.len())).collect();
+        assert_eq!(got, vec![(0, 4096), (3 << 20, 8192)]);
+        for (what, bad) in [
+            ("short", b[..b.len() - 1].to_vec()),
+            ("flipped", {
+                let mut x = b.clone();
+                x[40] ^= 1;
+                x
+            }),
+            ("magic", {
+                let mut x = b.clone();
+                x[0] = b'X';
+                x
+            }),
+            ("nothing", Vec::new()),
+        ] {
+            let err = EagerPages::from_bytes(Path::new("img"), &bad)
+                .expect_err(what)
+                .to_string();
+            assert!(err.contains("eager pages handed over"), "{what}: {err}");
+        }
+        // A range table claiming more than there is must not panic.
+        let mut huge = b.clone();
+        huge[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(EagerPages::from_bytes(Path::new("img"), &huge).is_err());
+    }
 }

@@ -416,12 +416,7 @@ impl Flush {
             let b = (r.off + r.len).min(hi);
             let slot = &mut buf[(a - lo) as usize..(b - lo) as usize];
             let addr = r.addr + (a - r.off);
-            let ok = matches!(sys::vm_read(self.pid, addr, slot), Ok(n) if n == slot.len())
-                || self
-                    .mem
-                    .as_ref()
-                    .is_some_and(|m| m.read_exact_at(slot, addr).is_ok());
-            if !ok {
+            if !read_frozen(self.pid, self.mem.as_ref(), addr, slot) {
                 return Err(format!(
                     "pid {}: cannot read {} bytes at {addr:#x} of the frozen process",
                     self.pid,
@@ -639,6 +634,14 @@ impl Flush {
 /// meanwhile: 4 chunks a write 7.2 s, 8 6.2 s, 16 5.3 s; the write path through
 /// "/..." is the bound, not the round trips.
 const BATCH: u64 = 8;
+
+/// Reads `slot.len()` bytes at `addr` of the frozen process `pid`:
+/// process_vm_readv, else `mem` (its /proc/PID/mem, which also reads what
+/// process_vm_readv refuses, e.g. PROT_NONE pages). Whether it read them all.
+pub(crate) fn read_frozen(pid: i32, mem: Option<&File>, addr: u64, slot: &mut [u8]) -> bool {
+    matches!(sys::vm_read(pid, addr, slot), Ok(n) if n == slot.len())
+        || mem.is_some_and(|m| m.read_exact_at(slot, addr).is_ok())
+}
 
 /// Makes the next read of `f` from `off` on see what the other node wrote: drops
 /// this node's cached pages from there (one cached while the file was shorter holds

@@ -33,6 +33,9 @@ pub struct RestoreOptions {
     /// The manifest's bytes if they were handed over (see
     /// `image::manifest_from`); `None`: read from `images`.
     pub manifest: Option<Vec<u8>>,
+    /// A lazy restore's eager pages if they were handed over (encoded
+    /// `image::EagerPages`): no chunk of pages.img is read for the runs they hold.
+    pub eager: Option<Vec<u8>>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -504,7 +507,13 @@ fn read_pages(
 ) -> Result<Pages, RestoreError> {
     Ok(match plan {
         // Only the chunks the eager part reads, read in full and checked.
-        Some(p) => Pages::Eager(lazy::read_eager_chunks(&opts.images, m, p)?),
+        Some(p) => {
+            let given = match &opts.eager {
+                Some(b) => Some(image::EagerPages::from_bytes(&opts.images, b)?),
+                None => None,
+            };
+            Pages::Eager(lazy::read_eager_chunks(&opts.images, m, p, given.as_ref())?)
+        }
         None => {
             let pages_path = opts.images.join(image::PAGES_FILE);
             let pages_file =

@@ -86,18 +86,40 @@ pub fn plan(m: &Manifest) -> Plan {
     }
 }
 
-/// Reads and checks (CRC-32C) every pages.img chunk the eager part of the restore
-/// reads (the lazy part checks each chunk when it reads it), each with one read(2):
-/// one request to the store, not one per page fault of a mapping of pages.img.
-/// Returns pages.img as the eager part sees it: those chunks at their offsets, in
-/// memory, zeros elsewhere (which it never reads: the chunks are those of the runs
-/// `plan.shaping` fills and of the fd contents, the only parts of pages.img the
-/// restore's shaping reads).
+/// Returns pages.img as the eager part of the restore sees it, in memory: the runs
+/// `plan.shaping` fills and the fd contents at their offsets, zeros elsewhere (which
+/// it never reads: those are the only parts of pages.img the restore's shaping
+/// reads). The runs `given` holds (the source's [`image::EagerPages`], handed over
+/// with `restore`) are taken from it; for the rest, every chunk holding them is read
+/// with one read(2) (one request to the store, not one per page fault of a mapping
+/// of pages.img) and checked (CRC-32C; the lazy part checks each chunk when it
+/// reads it).
 pub fn read_eager_chunks(
     images: &Path,
     m: &Manifest,
     plan: &Plan,
+    given: Option<&image::EagerPages>,
 ) -> Result<sys::AnonMap, RestoreError> {
+    let path = images.join(image::PAGES_FILE);
+    let mut pages = sys::AnonMap::new(m.pages_len as usize).map_err(|e| RestoreError::Other {
+        what: format!(
+            "mapping {} bytes for pages.img's eager chunks: {e}",
+            m.pages_len
+        ),
+    })?;
+    let beyond = |what: String| image::ImageError::Checksum {
+        path: path.clone(),
+        what: format!("{what} lies beyond pages.img's {} bytes", m.pages_len),
+    };
+    let mut handed = std::collections::HashMap::new();
+    for (off, b) in given.into_iter().flat_map(|e| e.iter()) {
+        let slot = pages
+            .bytes_mut()
+            .get_mut(off as usize..off as usize + b.len())
+            .ok_or_else(|| beyond(format!("an eager range handed over at {off}")))?;
+        slot.copy_from_slice(b);
+        handed.insert(off, b.len() as u64);
+    }
     let mut chunks = std::collections::BTreeSet::new();
     let mut add = |off: u64, len: u64| {
         if len > 0 {
@@ -108,7 +130,9 @@ pub fn read_eager_chunks(
     };
     for a in &plan.shaping.areas {
         for &(_, n, off) in &a.runs {
-            add(off, n * PAGE);
+            if handed.get(&off) != Some(&(n * PAGE)) {
+                add(off, n * PAGE);
+            }
         }
     }
     for f in &m.fds {
@@ -119,50 +143,43 @@ pub fn read_eager_chunks(
             _ => {}
         }
     }
-    let path = images.join(image::PAGES_FILE);
-    let f = std::fs::File::open(&path).map_err(|source| RestoreError::Io {
-        path: path.display().to_string(),
-        source,
-    })?;
-    let mut pages = sys::AnonMap::new(m.pages_len as usize).map_err(|e| RestoreError::Other {
-        what: format!(
-            "mapping {} bytes for pages.img's eager chunks: {e}",
-            m.pages_len
-        ),
-    })?;
     let n = chunks.len();
-    for c in chunks {
-        let lo = c * image::CHUNK;
-        let hi = (lo + image::CHUNK).min(m.pages_len);
-        let Some(b) = pages.bytes_mut().get_mut(lo as usize..hi as usize) else {
-            return Err(image::ImageError::Checksum {
-                path,
-                what: format!(
-                    "page chunk {c} lies beyond pages.img's {} bytes",
-                    m.pages_len
-                ),
-            }
-            .into());
-        };
-        std::os::unix::fs::FileExt::read_exact_at(&f, b, lo).map_err(|source| {
-            RestoreError::Io {
-                path: format!("{} (page chunk {c})", path.display()),
-                source,
-            }
+    if n > 0 {
+        let f = std::fs::File::open(&path).map_err(|source| RestoreError::Io {
+            path: path.display().to_string(),
+            source,
         })?;
-        let ok = m
-            .chunk_crcs
-            .get(c as usize)
-            .is_some_and(|&crc| crc32c::crc32c(b) == crc);
-        if !ok {
-            return Err(image::ImageError::Checksum {
-                path,
-                what: format!("page chunk {c} (bytes {lo}..)"),
+        for c in chunks {
+            let lo = c * image::CHUNK;
+            let hi = (lo + image::CHUNK).min(m.pages_len);
+            let b = pages
+                .bytes_mut()
+                .get_mut(lo as usize..hi as usize)
+                .ok_or_else(|| beyond(format!("page chunk {c}")))?;
+            std::os::unix::fs::FileExt::read_exact_at(&f, b, lo).map_err(|source| {
+                RestoreError::Io {
+                    path: format!("{} (page chunk {c})", path.display()),
+                    source,
+                }
+            })?;
+            let ok = m
+                .chunk_crcs
+                .get(c as usize)
+                .is_some_and(|&crc| crc32c::crc32c(b) == crc);
+            if !ok {
+                return Err(image::ImageError::Checksum {
+                    path,
+                    what: format!("page chunk {c} (bytes {lo}..)"),
+                }
+                .into());
             }
-            .into());
         }
     }
-    tracing::debug!(chunks = n, "eager chunks of pages.img read and checked");
+    tracing::debug!(
+        handed_over = handed.len(),
+        chunks = n,
+        "eager pages: ranges handed over, chunks of pages.img read and checked"
+    );
     Ok(pages)
 }
 
