@@ -289,7 +289,13 @@ pub trait ProxyService {
     /// Going home: restore the image at `images` (a path under the super-root) into
     /// the shadow of migration `id`; answers once the process is rebuilt (still
     /// stopped until [`ProxyService::commit_home`]). On failure it is a shadow still.
-    async fn restore_into(id: String, images: String) -> MigResult<Running>;
+    /// `manifest`: the manifest's bytes as the source handed them over (see
+    /// [`Handover`]; the file may not be written yet), else the file is read.
+    async fn restore_into(
+        id: String,
+        images: String,
+        manifest: Option<Vec<u8>>,
+    ) -> MigResult<Running>;
     /// Going home committed: the restored process runs; the shadow is no more.
     async fn commit_home(id: String) -> MigResult<()>;
     /// Going home given up after the restore: the process becomes a shadow again.

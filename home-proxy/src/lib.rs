@@ -345,7 +345,13 @@ impl ProxyService for Conn {
             .collect()
     }
 
-    async fn restore_into(self, _: Context, id: String, images: String) -> MigResult<Running> {
+    async fn restore_into(
+        self,
+        _: Context,
+        id: String,
+        images: String,
+        manifest: Option<Vec<u8>>,
+    ) -> MigResult<Running> {
         let me = self.p.config.node.clone();
         if self.peer != me {
             return Err(MigError::Refused {
@@ -368,7 +374,11 @@ impl ProxyService for Conn {
             }
             rec.reply = Some(tx);
             rec.homing = true;
-            let _ = rec.keeper.send(format!("restore {images}"));
+            // `restore <manifest hex, or -> <dir>`.
+            let hex = manifest
+                .as_deref()
+                .map_or("-".into(), migd::daemon::keeper::to_hex);
+            let _ = rec.keeper.send(format!("restore {hex} {images}"));
             rec.entry.pid
         };
         let span = tracing::info_span!("going_home", id = %id, pid);

@@ -178,7 +178,7 @@ pub fn run_dump_precopy(
 ) -> anyhow::Result<()> {
     use std::io::Write;
     let mut rounds = Vec::new();
-    let held = crate::engine::handoff::dump_frozen_precopy(pid, &images, opts, None, |r| {
+    let mut held = crate::engine::handoff::dump_frozen_precopy(pid, &images, opts, None, |r| {
         if !json {
             if r.frozen {
                 println!(
@@ -196,6 +196,12 @@ pub fn run_dump_precopy(
         rounds.push(r.clone());
     })?;
     let (page_bytes, frozen_ms) = (held.page_bytes, held.dump_ms);
+    // The manifest written and the flags the dump took before the freeze
+    // confirmed; else the image is not to be trusted: say so, the process runs on.
+    if let Err(e) = held.checked() {
+        held.thaw();
+        return Err(e.into());
+    }
     if leave_running {
         held.thaw();
     } else {

@@ -889,17 +889,19 @@ fn late_pages_the_process_faults_on_are_written_first_and_every_page_arrives_int
     let argv = [exe.to_str().unwrap(), "64"];
     let images = dir.path().join("img");
     let mut p = started(dir.path(), &argv);
-    // Frozen and held here; pages nobody waits for trickle out at 1 MiB/s (64 s for
-    // all), so that only wanted chunks can be in when the program reads its end.
+    // Frozen and held here; pages nobody asks for are held back (as while a
+    // migration's destination restores) until released below, so that only wanted
+    // chunks can be in when the program reads its end.
     let mut held = dump_frozen(
         p.child.id() as i32,
         &images,
         Some(LateOptions {
-            store_bound: Duration::from_secs(60),
-            background_rate: 1 << 20,
+            held: true,
+            ..LateOptions::bound(Duration::from_secs(60))
         }),
     )
     .expect("lazy dump with late pages");
+    held.checked().expect("the image is whole and faithful");
     assert!(
         held.late_bytes >= 63 << 20,
         "nearly all of the 64 MiB buffer is left for after the freeze, not {} bytes",
@@ -917,10 +919,27 @@ fn late_pages_the_process_faults_on_are_written_first_and_every_page_arrives_int
     );
     let ready = ready_chunks(&images);
     assert!(
-        ready < chunks / 2,
+        ready <= 4,
         "the program read its last MiB while the source had written only the chunks asked \
          for ({ready} of {chunks} listed in late.ready)"
     );
+    // Held back, nothing else is written while nobody asks; released, the rest is.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        ready_chunks(&images),
+        ready,
+        "chunks nobody asked for were written while the flush was held"
+    );
+    held.release_late();
+    let t0 = Instant::now();
+    while ready_chunks(&images) < chunks {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "released, the flush did not write the other chunks ({} of {chunks} listed)",
+            ready_chunks(&images)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert!(Command::new("kill")
         .args(["-USR2", &r.outer_pid.to_string()])
         .status()
@@ -992,6 +1011,7 @@ fn eager_pages_handed_over_stand_in_for_pages_img_and_damage_is_refused() {
         Some(LateOptions::bound(Duration::from_secs(60))),
     )
     .expect("lazy dump with late pages");
+    held.checked().expect("the image is whole and faithful");
     let bytes = held
         .eager
         .clone()

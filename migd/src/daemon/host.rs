@@ -197,7 +197,10 @@ impl MigdService for Conn {
             // home-proxy's keeper reads the image from the store.
             let span =
                 tracing::info_span!("going_home", id = %id, pid = offer.pid, from = %offer.source);
-            return restore_home(self.d.clone(), offer).instrument(span).await;
+            let manifest = handover.map(|h| h.manifest);
+            return restore_home(self.d.clone(), offer, manifest)
+                .instrument(span)
+                .await;
         }
         let span = tracing::info_span!("restore", id = %id, pid = offer.pid, home = %offer.home, from = %offer.source);
         let restorer = restorer.unwrap_or_else(|| Err("no restorer was started".into()));
@@ -403,13 +406,18 @@ pub async fn move_on(
 
 /// Going home: home-proxy restores the image into the shadow (still stopped until
 /// `committed`).
-async fn restore_home(d: Arc<Daemon>, offer: MigrationOffer) -> MigResult<Running> {
+async fn restore_home(
+    d: Arc<Daemon>,
+    offer: MigrationOffer,
+    manifest: Option<Vec<u8>>,
+) -> MigResult<Running> {
     let me = d.config.node.clone();
     let p = d.proxy(&me).await?;
     let images = d.image_dir(&offer.image).display().to_string();
     let running = flat(
         &me,
-        p.restore_into(long_ctx(), offer.id.clone(), images).await,
+        p.restore_into(long_ctx(), offer.id.clone(), images, manifest)
+            .await,
     )?;
     common::fault::point("home-after-restore-into");
     tracing::info!(

@@ -47,7 +47,8 @@ pub struct Held {
     pub dump_ms: f64,
     /// The process's command name.
     pub comm: String,
-    /// The manifest's bytes as written (see `image::manifest_from`).
+    /// The manifest's bytes (see `image::manifest_from`); its file is written off
+    /// the freeze's critical path (see [`Held::checked`]).
     pub manifest: Vec<u8>,
     /// A lazy dump's eager pages, encoded ([`image::EagerPages`]; `None` if the dump
     /// is not lazy or a page could not be read: the restore then reads their chunks).
@@ -88,10 +89,10 @@ pub fn dump_frozen(pid: i32, images: &Path, late: Option<LateOptions>) -> Result
     let (manifest, deferral, check) =
         collect_deferring(pid, &frozen, images, late.is_some(), false, Some(&early))?;
     ph.mark("collect+late files");
-    let written = image::write_manifest_with(images, &manifest, false)?;
+    let written = image::manifest_bytes(images, &manifest)?;
     ph.mark("manifest");
     ph.log();
-    let after = after_dump(images, check, None);
+    let after = after_dump(images, written.clone(), check, None);
     Ok(Held::new(
         frozen,
         &manifest,
@@ -158,20 +159,40 @@ impl Drop for After {
     }
 }
 
-/// Starts what the dump leaves for after the freeze's critical path: the VmFlags
-/// the dump took from before the freeze are checked (see `dump::EarlyLayout`), the
-/// image is synced (the freeze only closed its files: another node reads them all
-/// the same), and a pre-copy's tracking ends (`untrack` dropped, see
-/// `Tracker::freeze_and_finish`; after the check, which sees the tracking's flags).
-fn after_dump(images: &Path, check: Option<FlagsCheck>, untrack: Option<sys::uffd::Uffd>) -> After {
+/// Starts what the dump leaves for after the freeze's critical path: the manifest
+/// is written (its bytes travel to the destination with `restore`, so the freeze
+/// need not wait for the store: 2-3 ms), the VmFlags the dump took from before the
+/// freeze are checked (see `dump::EarlyLayout`), the image is synced (the freeze
+/// only closed pages.img: another node reads it all the same), and a pre-copy's
+/// tracking ends (`untrack` dropped, see `Tracker::freeze_and_finish`; after the
+/// check, which sees the tracking's flags). [`Held::checked`] answers once the
+/// manifest is written and the flags checked.
+fn after_dump(
+    images: &Path,
+    manifest: Vec<u8>,
+    check: Option<FlagsCheck>,
+    untrack: Option<sys::uffd::Uffd>,
+) -> After {
     let images = images.to_path_buf();
     let span = tracing::Span::current();
     let (tx, rx) = std::sync::mpsc::channel();
     let thread = std::thread::spawn(move || {
         let _span = span.entered();
         let mut ph = crate::phases::Phases::new("after_dump");
-        let _ = tx.send(check.map_or(Ok(()), FlagsCheck::run));
+        // The write (round trips to the store) beside the check (CPU).
+        let dir = images.clone();
+        let writer =
+            std::thread::spawn(move || image::write_manifest_bytes(&dir, &manifest, false));
+        let checked = check.map_or(Ok(()), FlagsCheck::run);
         ph.mark("flags checked");
+        let written = writer.join().unwrap_or_else(|_| {
+            Err(image::ImageError::Io {
+                path: images.join(image::MANIFEST_FILE),
+                source: std::io::Error::other("the manifest's writer panicked"),
+            })
+        });
+        ph.mark("manifest written");
+        let _ = tx.send(written.map_err(DumpError::from).and(checked));
         // The rest is waited for only once the migration is decided: it must not
         // take the CPU from the restore meanwhile (on one machine, or the
         // store's).
@@ -216,7 +237,7 @@ pub fn dump_frozen_precopy(
     track::run_rounds(&mut tracker, opts, &mut progress)?;
     let f = tracker.freeze_and_finish(late.is_some())?;
     progress(&f.report);
-    let after = after_dump(images, f.check, Some(f.uffd));
+    let after = after_dump(images, f.written.clone(), f.check, Some(f.uffd));
     Ok(Held::new(
         f.frozen,
         &f.manifest,
@@ -260,15 +281,18 @@ impl Held {
     /// copy elsewhere depends on this frozen original. `None` without late pages.
     /// The work left after the dump (see `after_dump`) is waited for too.
     pub fn wait_flushed(&mut self) -> Option<FlushEnd> {
+        self.release_late();
         let end = self.flusher.take().map(Flusher::wait);
         self.settle();
         end
     }
 
-    /// Whether the image is faithful to the frozen process: the dump took the
-    /// areas' flags from before the freeze (see `dump::EarlyLayout`), checked on a
-    /// thread of its own meanwhile; this waits for the answer. Nothing may run
-    /// from the image before it is Ok; on an error the original must thaw.
+    /// Whether the image is whole and faithful to the frozen process: its manifest
+    /// written (its bytes, [`Held::manifest`], may be handed over before), and the
+    /// areas' flags the dump took from before the freeze (see
+    /// `dump::EarlyLayout`) checked, both on a thread of their own meanwhile; this
+    /// waits for the answer. Nothing may read the manifest's file or run from the
+    /// image before it is Ok; on an error the original must thaw.
     pub fn checked(&mut self) -> Result<(), DumpError> {
         let pid = self.frozen.pid;
         if let Some(rx) = self.after.checked.take() {
@@ -294,6 +318,15 @@ impl Held {
     /// ending the held process waits for it first).
     pub fn settle(&mut self) {
         self.after.wait();
+    }
+
+    /// Lets a flush started with [`LateOptions::held`] write every late page, not
+    /// only those the destination asks for (the freeze is over: the copy runs);
+    /// [`Held::wait_flushed`], and so every end but a thaw, does so first.
+    pub fn release_late(&self) {
+        if let Some(f) = &self.flusher {
+            f.release();
+        }
     }
 
     /// The pid (as the caller sees it).

@@ -376,9 +376,15 @@ pub fn write_manifest(dir: &Path, m: &Manifest) -> Result<(), ImageError> {
 /// and body), which a source hands to the destination with `restore` so that the
 /// freeze need not wait for the store to give them back ([`manifest_from`]).
 pub fn write_manifest_with(dir: &Path, m: &Manifest, sync: bool) -> Result<Vec<u8>, ImageError> {
-    let path = dir.join(MANIFEST_FILE);
+    let bytes = manifest_bytes(dir, m)?;
+    write_manifest_bytes(dir, &bytes, sync)?;
+    Ok(bytes)
+}
+
+/// The bytes [`write_manifest`] writes for `m` in `dir` (header line and body).
+pub fn manifest_bytes(dir: &Path, m: &Manifest) -> Result<Vec<u8>, ImageError> {
     let body = serde_json::to_vec(m).map_err(|source| ImageError::Decode {
-        path: path.clone(),
+        path: dir.join(MANIFEST_FILE),
         source,
     })?;
     let header = format!(
@@ -389,13 +395,19 @@ pub fn write_manifest_with(dir: &Path, m: &Manifest, sync: bool) -> Result<Vec<u
     );
     let mut bytes = header.into_bytes();
     bytes.extend_from_slice(&body);
+    Ok(bytes)
+}
+
+/// Writes the manifest's bytes ([`manifest_bytes`]) into `dir`; without `sync` see
+/// [`write_manifest_with`].
+pub fn write_manifest_bytes(dir: &Path, bytes: &[u8], sync: bool) -> Result<(), ImageError> {
+    let path = dir.join(MANIFEST_FILE);
     let mut f = std::fs::File::create(&path).map_err(io_err(&path))?;
-    f.write_all(&bytes).map_err(io_err(&path))?;
+    f.write_all(bytes).map_err(io_err(&path))?;
     if sync {
         f.sync_all().map_err(io_err(&path))?;
     }
-    crate::sys::close_checked(f).map_err(io_err(&path))?;
-    Ok(bytes)
+    crate::sys::close_checked(f).map_err(io_err(&path))
 }
 
 /// Makes an image written without syncing ([`PageWriter::without_sync`],

@@ -167,6 +167,11 @@ pub struct LateOptions {
     /// Cap on chunks nobody waits for, in bytes per second (0: none); wanted chunks
     /// are never held back. For tests and measurements.
     pub background_rate: u64,
+    /// Write only the chunks the destination asks for until [`Flusher::release`]:
+    /// a migration's source holds the rest back while the destination restores
+    /// (the freeze), so that the writing does not take the CPU from the restore
+    /// (on one machine, or the store's).
+    pub held: bool,
 }
 
 impl LateOptions {
@@ -174,6 +179,7 @@ impl LateOptions {
         LateOptions {
             store_bound,
             background_rate: 0,
+            held: false,
         }
     }
 }
@@ -181,6 +187,8 @@ impl LateOptions {
 /// Writes a frozen process's late pages to late.img on a thread of its own.
 pub struct Flusher {
     stop: Arc<AtomicBool>,
+    /// Whether chunks nobody asked for may be written (see [`LateOptions::held`]).
+    background: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<FlushEnd>>,
 }
 
@@ -190,12 +198,14 @@ impl Flusher {
     pub fn start(pid: i32, images: &Path, runs: Vec<LateRun>, opts: LateOptions) -> Flusher {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
+        let background = Arc::new(AtomicBool::new(!opts.held));
+        let free = background.clone();
         let images = images.to_path_buf();
         let thread = std::thread::Builder::new()
             .name("late-flush".into())
             .spawn(move || {
                 let _span = tracing::info_span!("late_flush", pid).entered();
-                let end = Flush::new(pid, images, runs, opts, flag).run();
+                let end = Flush::new(pid, images, runs, opts, flag, free).run();
                 match &end {
                     FlushEnd::Done { bytes, ms } => {
                         tracing::info!(bytes, ms, "late pages written")
@@ -211,8 +221,14 @@ impl Flusher {
             .expect("spawning the late-flush thread");
         Flusher {
             stop,
+            background,
             thread: Some(thread),
         }
+    }
+
+    /// Lets the flush write the chunks nobody asked for (see [`LateOptions::held`]).
+    pub fn release(&self) {
+        self.background.store(true, Ordering::SeqCst);
     }
 
     /// Waits for the flush to end.
@@ -249,6 +265,7 @@ struct Flush {
     len: u64,
     opts: LateOptions,
     stop: Arc<AtomicBool>,
+    background: Arc<AtomicBool>,
     mem: Option<File>,
     want_off: u64,
     wants: VecDeque<u64>,
@@ -277,6 +294,7 @@ impl Flush {
         runs: Vec<LateRun>,
         opts: LateOptions,
         stop: Arc<AtomicBool>,
+        background: Arc<AtomicBool>,
     ) -> Flush {
         let len = runs.last().map_or(0, |r| r.off + r.len);
         Flush {
@@ -286,6 +304,7 @@ impl Flush {
             len,
             opts,
             stop,
+            background,
             mem: File::open(format!("/proc/{pid}/mem")).ok(),
             want_off: 0,
             wants: VecDeque::new(),
@@ -457,6 +476,9 @@ impl Flush {
         }
         if *next == chunks {
             return Pick::Finished;
+        }
+        if !self.background.load(Ordering::SeqCst) {
+            return Pick::Wait(Duration::from_millis(2));
         }
         if let Some(pause) = self.rate_pause(t0, background) {
             return Pick::Wait(pause);

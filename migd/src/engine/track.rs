@@ -177,9 +177,11 @@ fn to_runs(pieces: &[(u64, u64, u64)], page: u64) -> Vec<(u64, u64, u64)> {
 pub struct Finished {
     pub frozen: Frozen,
     pub manifest: Manifest,
-    /// The manifest's bytes as written (handed to the destination with `restore`).
+    /// The manifest's bytes, not written yet: the caller writes them
+    /// (`image::write_manifest_bytes`; the holder does so off the freeze's critical
+    /// path) and hands them to the destination with `restore`.
     pub written: Vec<u8>,
-    /// The freeze's round (`ms`: from the freeze to the manifest written).
+    /// The freeze's round (`ms`: from the freeze to the manifest made).
     pub report: RoundReport,
     /// The late pages, if any (see `engine::late`).
     pub deferral: Option<Deferral>,
@@ -211,8 +213,6 @@ pub struct Tracker {
     /// In a lazy dump with late pages, the eager windows (see `image::eager_windows`)
     /// whose pages the freeze writes again (see `final_tracked`).
     fresh: Option<Vec<(u64, u64)>>,
-    /// Sync pages.img and the manifest in the freeze (else see [`Tracker::defer_sync`]).
-    sync: bool,
     /// The copy buffer, kept from round to round: a fresh 8 MiB `vec![0; n]` per
     /// call comes from the heap once glibc raised its mmap threshold, and is zeroed
     /// in full each time (~1 ms a call, one call per tracked area in the freeze).
@@ -323,16 +323,14 @@ impl Tracker {
             finished: false,
             final_ms: FinalMs::default(),
             fresh: None,
-            sync: true,
             copy_buf: Vec::new(),
         })
     }
 
-    /// The freeze closes pages.img and the manifest without syncing them (close(2)
-    /// still says whether they reached the store's server); the caller syncs them
-    /// after the freeze (`image::sync_image`).
+    /// The freeze closes pages.img without syncing it (close(2) still says whether
+    /// it reached the store's server); the caller syncs the image after the freeze
+    /// (`image::sync_image`).
     pub fn defer_sync(&mut self) {
-        self.sync = false;
         if let Some(pw) = self.pw.as_mut() {
             pw.without_sync();
         }
@@ -508,9 +506,10 @@ impl Tracker {
 
     /// Freezes the process and completes the image: the pages written since the last
     /// round, areas that lost their tracking in full, then everything else as
-    /// `dump::collect` does; writes the manifest. Returns the frozen process, the
-    /// manifest, the freeze's report (`ms`: from the freeze to the manifest
-    /// written), the flags check and the userfaultfd: dropping it ends the tracking (the kernel
+    /// `dump::collect` does; makes the manifest (not written: see
+    /// [`Finished::written`]). Returns the frozen process, the manifest, the
+    /// freeze's report (`ms`: from the freeze to the manifest made), the flags
+    /// check and the userfaultfd: dropping it ends the tracking (the kernel
     /// unregisters every area and clears their write-protect bits, a walk of all the
     /// tracked memory, ~15 ms for 1 GiB), which the caller does off the freeze's
     /// critical path but before the process thaws. On error the process thaws and
@@ -560,7 +559,7 @@ impl Tracker {
         manifest.stopped = was_stopped;
         crate::engine::late::seal(&mut manifest, deferral.as_ref());
         ph.mark("late files");
-        let written = image::write_manifest_with(&self.images, &manifest, self.sync)?;
+        let written = image::manifest_bytes(&self.images, &manifest)?;
         ph.mark("manifest");
         report.ms = t0.elapsed().as_secs_f64() * 1e3;
         self.finished = true;

@@ -223,9 +223,14 @@ fn areas_of(pid: i32) -> Vec<(u64, u64)> {
         .collect()
 }
 
-/// Restores the image at `images` into `shadow`. On success the process is shaped and
-/// still stopped; on failure the shadow is a shadow still (see [`IntoFailure`]).
-pub fn restore_into(mut shadow: Shadow, images: &Path) -> Result<Restored, Box<IntoFailure>> {
+/// Restores the image at `images` into `shadow` (`manifest`: its bytes as handed
+/// over, see `image::manifest_from`). On success the process is shaped and still
+/// stopped; on failure the shadow is a shadow still (see [`IntoFailure`]).
+pub fn restore_into(
+    mut shadow: Shadow,
+    images: &Path,
+    manifest: Option<&[u8]>,
+) -> Result<Restored, Box<IntoFailure>> {
     let pid = shadow.pid();
     let _span = tracing::info_span!("restore_into", pid).entered();
     let untouched = |shadow: Shadow, error: RestoreError| {
@@ -236,7 +241,7 @@ pub fn restore_into(mut shadow: Shadow, images: &Path) -> Result<Restored, Box<I
         })
     };
     // Phase 1: checks; the shadow is not touched.
-    let m = match image::read_image(images) {
+    let m = match image::read_image_given(images, manifest) {
         Ok(m) => m,
         Err(e) => return Err(untouched(shadow, e.into())),
     };
