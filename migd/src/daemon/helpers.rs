@@ -278,7 +278,9 @@ pub fn keeper_main(
         held.page_bytes,
         held.dump_ms,
         held.late_bytes,
-        super::keeper::to_hex(&held.manifest),
+        held.manifest
+            .as_deref()
+            .map_or("-".into(), super::keeper::to_hex),
         held.eager
             .as_ref()
             .map(|e| format!(" {}", super::keeper::to_hex(e)))
@@ -308,7 +310,12 @@ pub fn keeper_main(
                 say("decided");
             }
             None if decided => match settle.as_mut() {
-                Some(link) => break Some(settled_by_new_peer(link, pid)),
+                Some(link) => {
+                    // The copy may run already: its pages come at full speed while
+                    // we wait to learn whether it does.
+                    held.release_late();
+                    break Some(settled_by_new_peer(link, pid));
+                }
                 None => break Some("commit-shadow".to_string()),
             },
             l => break l,

@@ -47,9 +47,10 @@ pub struct Held {
     pub dump_ms: f64,
     /// The process's command name.
     pub comm: String,
-    /// The manifest's bytes (see `image::manifest_from`); its file is written off
-    /// the freeze's critical path (see [`Held::checked`]).
-    pub manifest: Vec<u8>,
+    /// The manifest's bytes to hand over (see `image::manifest_from`); its file is
+    /// then written off the freeze's critical path (see [`Held::checked`]). `None`
+    /// if they are more than [`HANDOVER_MAX`]: the file was written in the freeze.
+    pub manifest: Option<Vec<u8>>,
     /// A lazy dump's eager pages, encoded ([`image::EagerPages`]; `None` if the dump
     /// is not lazy or a page could not be read: the restore then reads their chunks).
     pub eager: Option<Vec<u8>>,
@@ -89,7 +90,7 @@ pub fn dump_frozen(pid: i32, images: &Path, late: Option<LateOptions>) -> Result
     let (manifest, deferral, check) =
         collect_deferring(pid, &frozen, images, late.is_some(), false, Some(&early))?;
     ph.mark("collect+late files");
-    let written = image::manifest_bytes(images, &manifest)?;
+    let written = hand_over(images, image::manifest_bytes(images, &manifest)?)?;
     ph.mark("manifest");
     ph.log();
     let after = after_dump(images, written.clone(), check, None);
@@ -104,12 +105,41 @@ pub fn dump_frozen(pid: i32, images: &Path, late: Option<LateOptions>) -> Result
     ))
 }
 
+/// At most this many bytes of manifest and eager pages travel with `restore` (the
+/// RPC's frames are capped, 8 MiB by default: `transport::DEFAULT_MAX_FRAME`); a
+/// larger manifest is written in the freeze and read from the store, larger eager
+/// pages are read from pages.img.
+pub const HANDOVER_MAX: usize = 4 << 20;
+
+/// The manifest's bytes to hand over, or `None` after writing its file now if they
+/// are more than [`HANDOVER_MAX`] (the destination then reads the file).
+fn hand_over(images: &Path, manifest: Vec<u8>) -> Result<Option<Vec<u8>>, DumpError> {
+    if manifest.len() <= HANDOVER_MAX {
+        return Ok(Some(manifest));
+    }
+    tracing::debug!(
+        bytes = manifest.len(),
+        "the manifest is too large to hand over; written in the freeze"
+    );
+    image::write_manifest_bytes(images, &manifest, false)?;
+    Ok(None)
+}
+
 /// The pages a lazy restore of `m` fills before the process runs (see
 /// [`image::EagerPages`]), read from the frozen process: what its chunks of pages.img
-/// hold at those offsets. `None` (the restore reads the chunks) if one cannot be read.
-fn eager_pages(pid: i32, m: &image::Manifest) -> Option<image::EagerPages> {
+/// hold at those offsets. `None` (the restore reads the chunks) if one cannot be read
+/// or their encoding would be more than `budget` bytes.
+fn eager_pages(pid: i32, m: &image::Manifest, budget: usize) -> Option<image::EagerPages> {
     let t0 = Instant::now();
     let plan = crate::engine::restore::lazy::plan(m);
+    let runs = plan.shaping.areas.iter().flat_map(|a| &a.runs);
+    let (count, bytes) = runs.fold((0u64, 0u64), |(c, b), &(_, n, _)| {
+        (c + 1, b + n * sys::page_size())
+    });
+    if 16 + 16 * count + bytes > budget as u64 {
+        tracing::debug!(bytes, "the eager pages are too many to hand over");
+        return None;
+    }
     let mem = std::fs::File::open(format!("/proc/{pid}/mem")).ok();
     let mut out = image::EagerPages::default();
     let mut buf = Vec::new();
@@ -169,7 +199,7 @@ impl Drop for After {
 /// manifest is written and the flags checked.
 fn after_dump(
     images: &Path,
-    manifest: Vec<u8>,
+    manifest: Option<Vec<u8>>,
     check: Option<FlagsCheck>,
     untrack: Option<sys::uffd::Uffd>,
 ) -> After {
@@ -181,8 +211,10 @@ fn after_dump(
         let mut ph = crate::phases::Phases::new("after_dump");
         // The write (round trips to the store) beside the check (CPU).
         let dir = images.clone();
-        let writer =
-            std::thread::spawn(move || image::write_manifest_bytes(&dir, &manifest, false));
+        let writer = std::thread::spawn(move || match manifest {
+            Some(m) => image::write_manifest_bytes(&dir, &m, false),
+            None => Ok(()),
+        });
         let checked = check.map_or(Ok(()), FlagsCheck::run);
         ph.mark("flags checked");
         let written = writer.join().unwrap_or_else(|_| {
@@ -236,12 +268,13 @@ pub fn dump_frozen_precopy(
     tracker.defer_sync();
     track::run_rounds(&mut tracker, opts, &mut progress)?;
     let f = tracker.freeze_and_finish(late.is_some())?;
+    let written = hand_over(images, f.written)?;
     progress(&f.report);
-    let after = after_dump(images, f.written.clone(), f.check, Some(f.uffd));
+    let after = after_dump(images, written.clone(), f.check, Some(f.uffd));
     Ok(Held::new(
         f.frozen,
         &f.manifest,
-        f.written,
+        written,
         f.report.ms,
         f.deferral.zip(late),
         images,
@@ -253,13 +286,16 @@ impl Held {
     fn new(
         frozen: Frozen,
         m: &image::Manifest,
-        written: Vec<u8>,
+        written: Option<Vec<u8>>,
         dump_ms: f64,
         late: Option<(Deferral, LateOptions)>,
         images: &Path,
         after: After,
     ) -> Held {
-        let eager = late.is_some().then(|| eager_pages(frozen.pid, m)).flatten();
+        let eager = match (&written, &late) {
+            (Some(w), Some(_)) => eager_pages(frozen.pid, m, HANDOVER_MAX - w.len()),
+            _ => None,
+        };
         let flusher = late
             .filter(|(d, _)| !d.is_empty())
             .map(|(d, o)| Flusher::start(frozen.pid, images, d.into_runs(), o));
@@ -721,5 +757,29 @@ impl Shadow {
     /// caller's to detach first).
     pub fn let_go(self) {
         self.held.thaw();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{hand_over, HANDOVER_MAX};
+    use crate::engine::image::MANIFEST_FILE;
+
+    #[test]
+    fn a_manifest_too_large_to_hand_over_is_written_at_once_and_a_small_one_later() {
+        let dir = tempfile::tempdir().unwrap();
+        let small = vec![b's'; 1000];
+        assert_eq!(hand_over(dir.path(), small.clone()).unwrap(), Some(small));
+        assert!(
+            !dir.path().join(MANIFEST_FILE).exists(),
+            "a manifest handed over is written later, off the freeze"
+        );
+        let large = vec![b'l'; HANDOVER_MAX + 1];
+        assert_eq!(hand_over(dir.path(), large.clone()).unwrap(), None);
+        assert_eq!(
+            std::fs::read(dir.path().join(MANIFEST_FILE)).unwrap(),
+            large,
+            "one too large for the RPC is in the store before the restore reads it"
+        );
     }
 }
