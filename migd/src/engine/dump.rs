@@ -960,6 +960,18 @@ const PM_FILE: u64 = 1 << 61;
 /// memory.
 pub(crate) const WINDOW: u64 = 1 << 18;
 
+/// Address ranges `[start, end)`, sorted and disjoint.
+pub type Spans = Vec<(u64, u64)>;
+
+/// Appends `[s, e)` to `out` (sorted, disjoint), joined to the last range if they
+/// touch.
+fn push_joined(out: &mut Vec<(u64, u64)>, s: u64, e: u64) {
+    match out.last_mut() {
+        Some(last) if last.1 == s => last.1 = e,
+        _ => out.push((s, e)),
+    }
+}
+
 /// Page categories for PAGEMAP_SCAN: populated (present or swapped) and not a file
 /// page, i.e. the pages the dump saves of a private area (the same test as on
 /// `/proc/PID/pagemap`'s PM_PRESENT, PM_SWAP and PM_FILE bits).
@@ -1002,12 +1014,29 @@ impl MemSource {
         inverted: u64,
         anyof: u64,
     ) -> Result<Vec<(u64, u64)>, Errno> {
-        let mut out: Vec<(u64, u64)> = Vec::new();
+        let mut out = Vec::new();
+        self.walk(start, end, flags, [required, inverted, anyof, 0], |r| {
+            push_joined(&mut out, r.start, r.end)
+        })?;
+        Ok(out)
+    }
+
+    /// PAGEMAP_SCAN over `[start, end)` in as many calls as it takes; `each` sees
+    /// every region found, with the categories `[required, inverted, anyof, also]`
+    /// chose and reported (see `sys::uffd::pagemap_scan_reporting`).
+    fn walk(
+        &self,
+        start: u64,
+        end: u64,
+        flags: u64,
+        [required, inverted, anyof, also]: [u64; 4],
+        mut each: impl FnMut(&kabi::PageRegion),
+    ) -> Result<(), Errno> {
         let mut v = Vec::new();
         let mut at = start;
         while at < end {
             v.clear();
-            let walked = sys::uffd::pagemap_scan(
+            let walked = sys::uffd::pagemap_scan_reporting(
                 self.pagemap.as_raw_fd(),
                 at,
                 end,
@@ -1015,21 +1044,37 @@ impl MemSource {
                 required,
                 inverted,
                 anyof,
+                also,
                 0,
                 &mut v,
             )?;
-            for r in &v {
-                match out.last_mut() {
-                    Some(last) if last.1 == r.start => last.1 = r.end,
-                    _ => out.push((r.start, r.end)),
-                }
-            }
+            v.iter().for_each(&mut each);
             if walked <= at {
                 return Err(Errno::EIO);
             }
             at = walked;
         }
-        Ok(out)
+        Ok(())
+    }
+
+    /// For an area a pre-copy tracks (private anonymous or private file memory,
+    /// registered for asynchronous write-protect): the ranges the dump saves (as
+    /// [`saved_runs`](Self::saved_runs) chooses them) and, of those, the ones
+    /// written since the last round, in one walk of its page tables.
+    pub fn saved_and_written(&self, a: &MapArea, kind: &AreaKind) -> Result<(Spans, Spans), Errno> {
+        let not = match kind {
+            AreaKind::Anon => 0,
+            _ => SAVED_NOT,
+        };
+        let (mut saved, mut written) = (Vec::new(), Vec::new());
+        let cats = [0, not, SAVED_ANYOF, kabi::PAGE_IS_WRITTEN];
+        self.walk(a.start, a.end, kabi::PM_SCAN_CHECK_WPASYNC, cats, |r| {
+            push_joined(&mut saved, r.start, r.end);
+            if r.categories & kabi::PAGE_IS_WRITTEN != 0 {
+                push_joined(&mut written, r.start, r.end);
+            }
+        })?;
+        Ok((saved, written))
     }
 
     /// The address ranges `[start, end)` of `a` the dump saves, in order: for private

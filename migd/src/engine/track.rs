@@ -207,7 +207,8 @@ pub struct Tracker {
     map: OffsetMap,
     rounds: u32,
     finished: bool,
-    /// Milliseconds of the final freeze's memory step: dirty scans, pagemap reads,
+    /// Milliseconds of the final freeze's memory step: the scans (which pages to
+    /// save, which were written: one PAGEMAP_SCAN per area), the range arithmetic,
     /// page copies (logged with the freeze's phases).
     final_ms: FinalMs,
     /// In a lazy dump with late pages, the eager windows (see `image::eager_windows`)
@@ -221,8 +222,10 @@ pub struct Tracker {
 
 #[derive(Debug, Default, Clone, Copy)]
 struct FinalMs {
-    dirty_scan: f64,
-    pagemap: f64,
+    /// The scans of the tracked areas (`MemSource::saved_and_written`).
+    scan: f64,
+    /// What to save, from the scans and the copies already written.
+    ranges: f64,
     copy: f64,
 }
 
@@ -572,8 +575,8 @@ impl Tracker {
         let f = self.final_ms;
         tracing::debug!(
             freeze_op_ms,
-            dirty_scan_ms = f.dirty_scan,
-            pagemap_ms = f.pagemap,
+            scan_ms = f.scan,
+            ranges_ms = f.ranges,
             copy_ms = f.copy,
             bytes = report.bytes,
             "phases: {}",
@@ -666,15 +669,9 @@ impl Tracker {
         let pid = self.pid;
         let page = sys::page_size();
         let t = Instant::now();
-        let dirty = match self.src.scan(
-            a.start,
-            a.end,
-            kabi::PM_SCAN_CHECK_WPASYNC,
-            kabi::PAGE_IS_WRITTEN,
-            0,
-            0,
-        ) {
-            Ok(d) => d,
+        // The pages to save and those written since the last round: one walk.
+        let (wanted, dirty) = match self.src.saved_and_written(a, kind) {
+            Ok(w) => w,
             Err(e) => {
                 tracing::warn!(
                     "{:#x}-{:#x} {}: final PAGEMAP_SCAN: {e}; saving it in full",
@@ -685,9 +682,8 @@ impl Tracker {
                 return Ok(None);
             }
         };
-        self.final_ms.dirty_scan += ms_since(t);
+        self.final_ms.scan += ms_since(t);
         let t = Instant::now();
-        let wanted = self.src.saved_runs(a, kind)?;
         let copies = joined(
             self.map
                 .pieces(a.start, a.end)
@@ -701,7 +697,7 @@ impl Tracker {
         };
         let to_save = union(&subtract(&wanted, &copies), &intersect(&wanted, &again));
         report.reused_pages += (total(&wanted) - total(&to_save)) / page;
-        self.final_ms.pagemap += ms_since(t);
+        self.final_ms.ranges += ms_since(t);
         let to_save = match defer {
             None => to_save,
             Some(d) => {

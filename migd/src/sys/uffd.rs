@@ -306,6 +306,26 @@ pub fn pagemap_scan(
     max_pages: u64,
     out: &mut Vec<kabi::PageRegion>,
 ) -> Result<u64, Errno> {
+    pagemap_scan_reporting(
+        pagemap, start, end, flags, required, inverted, anyof, 0, max_pages, out,
+    )
+}
+
+/// [`pagemap_scan`], with the categories `also` reported in each region too (they do
+/// not choose pages; regions split where they differ).
+#[allow(clippy::too_many_arguments)]
+pub fn pagemap_scan_reporting(
+    pagemap: RawFd,
+    start: u64,
+    end: u64,
+    flags: u64,
+    required: u64,
+    inverted: u64,
+    anyof: u64,
+    also: u64,
+    max_pages: u64,
+    out: &mut Vec<kabi::PageRegion>,
+) -> Result<u64, Errno> {
     if out.capacity() - out.len() < 64 {
         out.reserve(1024);
     }
@@ -325,7 +345,7 @@ pub fn pagemap_scan(
         category_inverted: inverted,
         category_mask: required | inverted,
         category_anyof_mask: anyof,
-        return_mask: required | anyof | inverted,
+        return_mask: required | anyof | inverted | also,
     };
     // SAFETY: `arg` is a live pm_scan_arg; `vec` points at `room` writable
     // page_region slots of `out`'s spare capacity.
