@@ -1023,7 +1023,7 @@ impl MemSource {
 
     /// PAGEMAP_SCAN over `[start, end)` in as many calls as it takes; `each` sees
     /// every region found, with the categories `[required, inverted, anyof, also]`
-    /// chose and reported (see `sys::uffd::pagemap_scan_reporting`).
+    /// chose and reported (see `sys::uffd::pagemap_scan`).
     fn walk(
         &self,
         start: u64,
@@ -1036,7 +1036,7 @@ impl MemSource {
         let mut at = start;
         while at < end {
             v.clear();
-            let walked = sys::uffd::pagemap_scan_reporting(
+            let walked = sys::uffd::pagemap_scan(
                 self.pagemap.as_raw_fd(),
                 at,
                 end,
@@ -1122,10 +1122,7 @@ impl MemSource {
             for (s, e) in true_runs(&self.saveable(a, kind, w0, wn)?) {
                 let rs = a.start + (w0 + s as u64) * page;
                 let re = a.start + (w0 + e as u64) * page;
-                match runs.last_mut() {
-                    Some(last) if last.1 == rs => last.1 = re,
-                    _ => runs.push((rs, re)),
-                }
+                push_joined(&mut runs, rs, re);
             }
             w0 += wn;
         }

@@ -210,17 +210,18 @@ fn after_dump(
         let _span = span.entered();
         let mut ph = crate::phases::Phases::new("after_dump");
         // The write (round trips to the store) beside the check (CPU).
-        let dir = images.clone();
-        let writer = std::thread::spawn(move || match manifest {
-            Some(m) => image::write_manifest_bytes(&dir, &m, false),
-            None => Ok(()),
+        let writer = manifest.map(|m| {
+            let dir = images.clone();
+            std::thread::spawn(move || image::write_manifest_bytes(&dir, &m, false))
         });
         let checked = check.map_or(Ok(()), FlagsCheck::run);
         ph.mark("flags checked");
-        let written = writer.join().unwrap_or_else(|_| {
-            Err(image::ImageError::Io {
-                path: images.join(image::MANIFEST_FILE),
-                source: std::io::Error::other("the manifest's writer panicked"),
+        let written = writer.map_or(Ok(()), |w| {
+            w.join().unwrap_or_else(|_| {
+                Err(image::ImageError::Io {
+                    path: images.join(image::MANIFEST_FILE),
+                    source: std::io::Error::other("the manifest's writer panicked"),
+                })
             })
         });
         ph.mark("manifest written");

@@ -367,21 +367,12 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ImageError + '_ {
 
 /// Writes the manifest with its header line `FERRY-IMAGE v1 len=N crc32c=X`.
 pub fn write_manifest(dir: &Path, m: &Manifest) -> Result<(), ImageError> {
-    write_manifest_with(dir, m, true).map(drop)
+    write_manifest_bytes(dir, &manifest_bytes(dir, m)?, true)
 }
 
-/// [`write_manifest`]; without `sync` it is only closed (close(2) answers whether it
-/// reached the store's server, so that another node can read it), and
-/// [`sync_image`] makes the image durable later. Returns the bytes written (header
-/// and body), which a source hands to the destination with `restore` so that the
-/// freeze need not wait for the store to give them back ([`manifest_from`]).
-pub fn write_manifest_with(dir: &Path, m: &Manifest, sync: bool) -> Result<Vec<u8>, ImageError> {
-    let bytes = manifest_bytes(dir, m)?;
-    write_manifest_bytes(dir, &bytes, sync)?;
-    Ok(bytes)
-}
-
-/// The bytes [`write_manifest`] writes for `m` in `dir` (header line and body).
+/// The bytes [`write_manifest`] writes for `m` in `dir` (header line and body): a
+/// source hands them to the destination with `restore` so that the freeze need not
+/// wait for the store to give them back ([`manifest_from`]).
 pub fn manifest_bytes(dir: &Path, m: &Manifest) -> Result<Vec<u8>, ImageError> {
     let body = serde_json::to_vec(m).map_err(|source| ImageError::Decode {
         path: dir.join(MANIFEST_FILE),
@@ -398,8 +389,9 @@ pub fn manifest_bytes(dir: &Path, m: &Manifest) -> Result<Vec<u8>, ImageError> {
     Ok(bytes)
 }
 
-/// Writes the manifest's bytes ([`manifest_bytes`]) into `dir`; without `sync` see
-/// [`write_manifest_with`].
+/// Writes the manifest's bytes ([`manifest_bytes`]) into `dir`; without `sync` it is
+/// only closed (close(2) answers whether it reached the store's server, so that
+/// another node can read it), and [`sync_image`] makes the image durable later.
 pub fn write_manifest_bytes(dir: &Path, bytes: &[u8], sync: bool) -> Result<(), ImageError> {
     let path = dir.join(MANIFEST_FILE);
     let mut f = std::fs::File::create(&path).map_err(io_err(&path))?;
@@ -411,7 +403,7 @@ pub fn write_manifest_bytes(dir: &Path, bytes: &[u8], sync: bool) -> Result<(), 
 }
 
 /// Makes an image written without syncing ([`PageWriter::without_sync`],
-/// [`write_manifest_with`]) durable: pages.img and the manifest are synced.
+/// [`write_manifest_bytes`]) durable: pages.img and the manifest are synced.
 pub fn sync_image(dir: &Path) -> Result<(), ImageError> {
     for name in [PAGES_FILE, MANIFEST_FILE] {
         let path = dir.join(name);

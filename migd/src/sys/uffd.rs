@@ -292,29 +292,12 @@ pub fn recv_with_fds(
 /// matching regions to `out` and returns where the walk stopped (`end` when it went
 /// through; earlier when `out`'s spare room or `max_pages` ran out: call again from
 /// there). A page matches when all `required` categories are set (after inverting
-/// `inverted`) and, if `anyof` is non-zero, at least one of `anyof`. With
-/// `PM_SCAN_WP_MATCHING` the matching pages are write-protected in the same walk.
+/// `inverted`) and, if `anyof` is non-zero, at least one of `anyof`; the categories
+/// `also` do not choose pages but are reported in each region's `categories` too
+/// (regions split where they differ). With `PM_SCAN_WP_MATCHING` the matching pages
+/// are write-protected in the same walk.
 #[allow(clippy::too_many_arguments)]
 pub fn pagemap_scan(
-    pagemap: RawFd,
-    start: u64,
-    end: u64,
-    flags: u64,
-    required: u64,
-    inverted: u64,
-    anyof: u64,
-    max_pages: u64,
-    out: &mut Vec<kabi::PageRegion>,
-) -> Result<u64, Errno> {
-    pagemap_scan_reporting(
-        pagemap, start, end, flags, required, inverted, anyof, 0, max_pages, out,
-    )
-}
-
-/// [`pagemap_scan`], with the categories `also` reported in each region too (they do
-/// not choose pages; regions split where they differ).
-#[allow(clippy::too_many_arguments)]
-pub fn pagemap_scan_reporting(
     pagemap: RawFd,
     start: u64,
     end: u64,
@@ -390,6 +373,7 @@ mod tests {
                 base + n * ps,
                 kabi::PM_SCAN_WP_MATCHING | kabi::PM_SCAN_CHECK_WPASYNC,
                 kabi::PAGE_IS_WRITTEN,
+                0,
                 0,
                 0,
                 0,

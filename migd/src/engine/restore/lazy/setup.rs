@@ -306,6 +306,7 @@ pub(super) fn present(
             0,
             kabi::PAGE_IS_PRESENT | kabi::PAGE_IS_SWAPPED,
             0,
+            0,
             &mut regions,
         )?;
         out.extend(regions.iter().map(|r| (r.start, r.end)));
