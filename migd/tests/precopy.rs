@@ -412,6 +412,9 @@ fn a_refused_process_gets_nothing_injected() {
     let _ = child.wait();
 }
 
+/// Two python3 threads hashing for about 5 s here (the dump starts 0.7 s in and
+/// must end before the program does, also on a loaded machine: with 1.7 s of
+/// work, a slow round 2 once met the program's exit).
 const PY_THREADS: &str = r#"
 import threading, hashlib
 lock = threading.Lock()
@@ -425,7 +428,7 @@ def work(name, n):
             with lock:
                 results[(name, i)] = h.hexdigest()[:16]
                 data[(i // 20000) % 32][i % 1000] = i % 251
-ts = [threading.Thread(target=work, args=(nm, 4000000)) for nm in ("a", "b")]
+ts = [threading.Thread(target=work, args=(nm, 12000000)) for nm in ("a", "b")]
 for t in ts: t.start()
 for t in ts: t.join()
 for k in sorted(results): print(k[0], k[1], results[k])
