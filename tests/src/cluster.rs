@@ -269,7 +269,19 @@ impl Cluster {
                 std::thread::sleep(Duration::from_millis(10));
             }
             if alive(pid) {
-                panic!("{daemon} (pid {pid}) on {node} survives {signal}");
+                // Where it hangs, for whoever reads the failure.
+                let proc = |f: &str| {
+                    std::fs::read_to_string(format!("/proc/{pid}/{f}")).unwrap_or_default()
+                };
+                let state = proc("status")
+                    .lines()
+                    .find(|l| l.starts_with("State:"))
+                    .unwrap_or("State: ?")
+                    .to_string();
+                panic!(
+                    "{daemon} (pid {pid}) on {node} survives {signal}: {state}, wchan {}",
+                    proc("wchan")
+                );
             }
         }
     }
