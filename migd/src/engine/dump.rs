@@ -1,6 +1,7 @@
 //! `migd dump`: freeze a process, extract its state into an image directory, then
 //! kill it or let it run on.
 
+use super::areawatch::AreaWatch;
 use super::fdinfo::{classify_link, parse_fdinfo, LinkKind};
 use super::freeze::{FreezeError, Frozen, Stopped};
 use super::image::{
@@ -150,9 +151,9 @@ pub fn prepare(pid: i32, images: &Path) -> Result<EarlyLayout, DumpError> {
 /// [`precheck_areas`]); returns the layout it read.
 pub fn precheck(pid: i32) -> Result<EarlyLayout, DumpError> {
     precheck_process(pid)?;
-    let smaps = read_smaps(pid)?;
-    precheck_areas(pid, &smaps)?;
-    Ok(EarlyLayout(smaps))
+    let early = EarlyLayout::read(pid)?;
+    precheck_areas(pid, &early.areas)?;
+    Ok(early)
 }
 
 /// The refusals of [`precheck`] that do not need the address space (children,
@@ -639,14 +640,36 @@ pub fn collect_deferring(
 /// resident), so the freeze reads only /proc/PID/maps and takes each area's flags
 /// from here when its line there is the same. A flag can change without the line
 /// changing (madvise or mlock of a whole area, or an area unmapped and mapped again
-/// alike, which loses a pre-copy's write tracking), so the dump's choice is checked
-/// against smaps read again once the freeze's critical path is over ([`FlagsCheck`]),
-/// and the migration fails if they differ.
-pub struct EarlyLayout(Vec<MapArea>);
+/// alike, which loses a pre-copy's write tracking): an [`AreaWatch`] started just
+/// before the read counts the system calls that could do it, and if it saw any (or
+/// could not start), the dump's choice is checked against smaps read again once the
+/// freeze's critical path is over ([`FlagsCheck`]), and the migration fails if they
+/// differ.
+pub struct EarlyLayout {
+    areas: Vec<MapArea>,
+    /// Counting since just before `areas` were read; `None` if it could not start.
+    watch: Option<AreaWatch>,
+}
 
 impl EarlyLayout {
     pub fn read(pid: i32) -> Result<EarlyLayout, DumpError> {
-        read_smaps(pid).map(EarlyLayout)
+        let watch = AreaWatch::start(pid)
+            .map_err(|e| tracing::debug!(pid, "memory-area calls not watched: {e}"))
+            .ok();
+        Ok(EarlyLayout {
+            areas: read_smaps(pid)?,
+            watch,
+        })
+    }
+
+    /// With the process frozen, before anything runs in it: `Ok` if the flags read
+    /// then are sure to hold now; otherwise why not.
+    fn quiet(&self, frozen: &Frozen) -> Result<(), String> {
+        let tids: Vec<i32> = frozen.threads.iter().map(|t| t.tid).collect();
+        match &self.watch {
+            Some(w) => w.quiet(&tids),
+            None => Err("the memory-area calls were not watched".into()),
+        }
     }
 }
 
@@ -659,32 +682,52 @@ fn read_smaps(pid: i32) -> Result<Vec<MapArea>, DumpError> {
 
 /// The areas a dump went by, with VmFlags taken from an [`EarlyLayout`], to be
 /// compared with smaps read while the process is still frozen, before anything runs
-/// from the image ([`FlagsCheck::run`]). The read (a page-table walk: ~40 ms at
-/// 4 GiB) starts on a thread of its own as soon as the layout is settled, beside
-/// the rest of the dump, so that the freeze's commit does not wait for all of it.
+/// from the image ([`FlagsCheck::run`]), unless the layout's [`AreaWatch`] saw no
+/// call that could change them. The read (a page-table walk: ~40 ms at 4 GiB)
+/// starts on a thread of its own as soon as the layout is settled, beside the rest
+/// of the dump, so that the freeze's commit does not wait for all of it.
 #[derive(Debug)]
 pub struct FlagsCheck {
     pid: i32,
     used: Vec<MapArea>,
-    now: std::thread::JoinHandle<Result<Vec<MapArea>, DumpError>>,
+    /// The read of smaps, `None` when the watch proved the flags unchanged.
+    now: Option<std::thread::JoinHandle<Result<Vec<MapArea>, DumpError>>>,
 }
 
 impl FlagsCheck {
-    /// Starts reading smaps: the process must be frozen, the dump's injected reads
-    /// over (they map and unmap a scratch area), and a pre-copy's tracking still on
-    /// (ending it clears the `uw` flags); all stay so until [`FlagsCheck::run`].
-    fn start(pid: i32, used: Vec<MapArea>) -> FlagsCheck {
-        let span = tracing::Span::current();
-        let now = std::thread::spawn(move || {
-            let _span = span.entered();
-            read_smaps(pid)
-        });
+    /// Starts reading smaps unless `quiet` (the watch's answer) is `Ok`: the process
+    /// must be frozen, the dump's injected reads over (they map and unmap a scratch
+    /// area), and a pre-copy's tracking still on (ending it clears the `uw` flags);
+    /// all stay so until [`FlagsCheck::run`].
+    fn start(pid: i32, used: Vec<MapArea>, quiet: Result<(), String>) -> FlagsCheck {
+        let now = match quiet {
+            Ok(()) => {
+                tracing::debug!("flags check: no call could change them since the early read");
+                None
+            }
+            Err(why) => {
+                tracing::debug!("flags check: reading smaps again ({why})");
+                let span = tracing::Span::current();
+                Some(std::thread::spawn(move || {
+                    let _span = span.entered();
+                    read_smaps(pid)
+                }))
+            }
+        };
         FlagsCheck { pid, used, now }
+    }
+
+    /// True if the check reads smaps again (the watch could not prove the flags).
+    pub fn reads_smaps(&self) -> bool {
+        self.now.is_some()
     }
 
     /// Waits for the read and compares: an error names the first difference.
     pub fn run(self) -> Result<(), DumpError> {
-        let now = self.now.join().unwrap_or_else(|_| {
+        let Some(now) = self.now else {
+            return Ok(());
+        };
+        let now = now.join().unwrap_or_else(|_| {
             Err(DumpError::Other {
                 pid: self.pid,
                 what: "the read of its smaps for the flags check panicked".into(),
@@ -721,6 +764,9 @@ pub(crate) fn collect_into(
     memory: &mut MemoryStep,
 ) -> Result<(Manifest, Option<FlagsCheck>), DumpError> {
     let mut ph = crate::phases::Phases::new("collect");
+    // Whether the early flags still hold, asked before the injected reads (which
+    // make such calls themselves).
+    let quiet = early.map(|e| e.quiet(frozen));
     let status = read_proc(format!("/proc/{pid}/status"))?;
     // Where to plant the gadget: /proc/PID/maps is enough (smaps costs a page-table
     // walk of the whole address space).
@@ -774,7 +820,7 @@ pub(crate) fn collect_into(
                     what: e.to_string(),
                 }
             })?;
-            let with = super::maps::flags_from(&layout, &e.0);
+            let with = super::maps::flags_from(&layout, &e.areas);
             if with.is_none() {
                 tracing::debug!("the layout changed since the early read; reading smaps");
             }
@@ -783,7 +829,10 @@ pub(crate) fn collect_into(
         None => None,
     };
     let (smaps, check) = match from_early {
-        Some(used) => (used.clone(), Some(FlagsCheck::start(pid, used))),
+        Some(used) => {
+            let quiet = quiet.unwrap_or_else(|| Err("no early layout".into()));
+            (used.clone(), Some(FlagsCheck::start(pid, used, quiet)))
+        }
         None => (read_smaps(pid)?, None),
     };
     ph.mark("layout");
@@ -1551,11 +1600,20 @@ mod tests {
             assert_eq!(line.trim(), "ok");
         }
 
-        /// Reads the early layout, lets `change` happen, then freezes and collects:
-        /// the flags check (None if the dump read smaps itself).
-        fn dump_after(&mut self, change: Option<&str>) -> Option<Result<(), DumpError>> {
+        /// Reads the early layout (watched unless `unwatched`), lets `change`
+        /// happen, then freezes and collects: whether the flags check read smaps
+        /// again, and its answer (None if the dump read smaps itself).
+        fn dump_after(
+            &mut self,
+            change: Option<&str>,
+            unwatched: bool,
+        ) -> Option<(bool, Result<(), DumpError>)> {
             let pid = self.child.id() as i32;
-            let early = EarlyLayout::read(pid).unwrap();
+            let mut early = EarlyLayout::read(pid).unwrap();
+            assert!(early.watch.is_some(), "syscall tracepoints on this machine");
+            if unwatched {
+                early.watch = None;
+            }
             if let Some(c) = change {
                 self.tell(c);
             }
@@ -1563,7 +1621,7 @@ mod tests {
             let frozen = Frozen::freeze(pid).unwrap();
             let (_, _, check) =
                 collect_deferring(pid, &frozen, dir.path(), false, false, Some(&early)).unwrap();
-            let answer = check.map(FlagsCheck::run);
+            let answer = check.map(|c| (c.reads_smaps(), c.run()));
             drop(frozen);
             answer
         }
@@ -1576,10 +1634,12 @@ mod tests {
         }
     }
 
-    /// The flags the freeze takes from before it are checked: a whole area
-    /// madvised in between (its line in /proc/PID/maps unchanged) fails the check,
-    /// naming the area and the flag; nothing changed passes; a layout that changed
-    /// makes the dump read smaps itself (nothing left to check).
+    /// The flags the freeze takes from before it are checked: nothing changed
+    /// passes, with no second smaps read when the watch saw no call that could
+    /// change them (and with one when there is no watch); a whole area madvised in
+    /// between (its line in /proc/PID/maps unchanged) is seen by the watch and fails
+    /// the check, naming the area and the flag; a layout that changed makes the dump
+    /// read smaps itself (nothing left to check).
     #[test]
     fn flags_taken_from_before_the_freeze_are_checked() {
         let mut p = Changer::start();
@@ -1588,15 +1648,16 @@ mod tests {
         for _ in 0..3 {
             p.tell("nothing");
         }
-        assert!(matches!(p.dump_after(None), Some(Ok(()))));
-        match p.dump_after(Some("dontfork")) {
-            Some(Err(e)) => {
+        assert!(matches!(p.dump_after(None, false), Some((false, Ok(())))));
+        assert!(matches!(p.dump_after(None, true), Some((true, Ok(())))));
+        match p.dump_after(Some("dontfork"), false) {
+            Some((true, Err(e))) => {
                 let e = e.to_string();
                 assert!(e.contains("dc") && e.contains("try again"), "{e}");
             }
             other => panic!("a flag changed unseen: {other:?}"),
         }
-        assert!(p.dump_after(Some("map")).is_none());
+        assert!(p.dump_after(Some("map"), false).is_none());
         // The process ran on unharmed after each dump.
         p.tell("nothing");
     }

@@ -2,6 +2,7 @@
 //! fds ([`fdinfo`]), run syscalls inside the target ([`inject`]), write and read images
 //! ([`image`]); [`dump`] and [`restore`] put them together.
 
+pub mod areawatch;
 pub mod dump;
 pub mod fdinfo;
 pub mod freeze;

@@ -259,3 +259,38 @@ pub struct PageRegion {
     pub end: u64,
     pub categories: u64,
 }
+
+/// `struct perf_event_attr` as first published (`PERF_ATTR_SIZE_VER0`, 64 bytes) —
+/// include/uapi/linux/perf_event.h. The kernel takes a shorter `size` and reads the
+/// later fields as zero.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct PerfEventAttrV0 {
+    pub type_: u32,
+    pub size: u32,
+    pub config: u64,
+    pub sample_period: u64,
+    pub sample_type: u64,
+    pub read_format: u64,
+    /// The bit fields (`disabled` is bit 0, `inherit` bit 1, ...).
+    pub flags: u64,
+    pub wakeup_events: u32,
+    pub bp_type: u32,
+    pub config1: u64,
+}
+/// `PERF_ATTR_SIZE_VER0` — include/uapi/linux/perf_event.h.
+pub const PERF_ATTR_SIZE_VER0: u32 = 64;
+/// `PERF_TYPE_TRACEPOINT` — include/uapi/linux/perf_event.h (`config` is then the
+/// tracepoint's id from tracefs `events/<system>/<event>/id`).
+pub const PERF_TYPE_TRACEPOINT: u32 = 2;
+/// `perf_event_attr.disabled`, bit 0 of the bit fields — include/uapi/linux/perf_event.h.
+pub const PERF_ATTR_DISABLED: u64 = 1;
+/// `PERF_FLAG_FD_CLOEXEC` — include/uapi/linux/perf_event.h.
+pub const PERF_FLAG_FD_CLOEXEC: libc::c_ulong = 8;
+/// `PERF_EVENT_IOC_ENABLE` = `_IO('$', 0)` — include/uapi/linux/perf_event.h.
+pub const PERF_EVENT_IOC_ENABLE: libc::c_ulong = 0x2400;
+/// `PERF_EVENT_IOC_SET_FILTER` = `_IOW('$', 6, char *)` — include/uapi/linux/perf_event.h.
+pub const PERF_EVENT_IOC_SET_FILTER: libc::c_ulong = 0x4008_2406;
+/// `map_shadow_stack` is syscall 453 on x86-64 (arch/x86/entry/syscalls/syscall_64.tbl);
+/// the `libc` crate does not name it.
+pub const SYS_MAP_SHADOW_STACK: libc::c_long = 453;

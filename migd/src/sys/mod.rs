@@ -2,6 +2,7 @@
 //! the crate lives here, each with the reason it holds.
 
 pub mod kabi;
+pub mod perf;
 pub mod uffd;
 
 use nix::errno::Errno;

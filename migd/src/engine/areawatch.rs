@@ -1,0 +1,349 @@
+//! Proof that a process's memory areas kept their flags over a window, without
+//! reading smaps again.
+//!
+//! A dump takes the areas' VmFlags (MADV_DONTFORK, MADV_WIPEONFORK, mlock, ...) from
+//! an smaps read made while the process still ran (`dump::EarlyLayout`): reading
+//! smaps walks every page table, 40–60 ms at 4 GiB, too long for the freeze. A flag
+//! can change without the area's line in /proc/PID/maps changing, so what the early
+//! read said must still hold when the process is frozen. [`AreaWatch`] proves it
+//! cheaply: from just before the early read until the freeze it counts, on every
+//! thread, the entries to and returns from each system call that can change an
+//! area's flags or make, move or remove areas, or make threads or children that
+//! could ([`CALLS`]). None counted and no thread it did not watch: the early flags
+//! are the flags now. Otherwise the dump reads smaps again (`dump::FlagsCheck`).
+//!
+//! Counting entries and returns both covers every call that overlaps the window:
+//! one begun before the watch started is counted when it returns, which it does
+//! before the thread stops for the freeze (ptrace stops come after the syscall-exit
+//! tracepoint). No other process can change these flags: `process_madvise` takes
+//! only advice that leaves them (COLD, PAGEOUT, WILLNEED, COLLAPSE).
+//!
+//! The counters are perf events on the `raw_syscalls:sys_enter`/`sys_exit`
+//! tracepoints, filtered by syscall number in the kernel (`sys::perf`). While one is
+//! open the kernel takes the traced path for every system call on the machine
+//! (measured here: 77 → 131 ns for getppid); the window lasts tens of milliseconds.
+
+use crate::sys;
+use std::ffi::CString;
+use std::os::fd::OwnedFd;
+use std::path::Path;
+use std::sync::OnceLock;
+
+/// The system calls counted (x86-64 numbers): those that change an area's flags
+/// (madvise, mlock and friends, mseal, prctl's PR_SET_MEMORY_MERGE, userfaultfd
+/// registration), make, move or remove areas (a twin of an area made again at the
+/// same place has the same maps line but maybe other flags), run memory calls out of
+/// sight (io_uring), replace the address space (exec), or make threads and children
+/// (which share the address space or could, unwatched).
+pub const CALLS: &[(libc::c_long, &str)] = &[
+    (libc::SYS_mmap, "mmap"),
+    (libc::SYS_mprotect, "mprotect"),
+    (libc::SYS_munmap, "munmap"),
+    (libc::SYS_brk, "brk"),
+    (libc::SYS_mremap, "mremap"),
+    (libc::SYS_madvise, "madvise"),
+    (libc::SYS_shmat, "shmat"),
+    (libc::SYS_shmdt, "shmdt"),
+    (libc::SYS_clone, "clone"),
+    (libc::SYS_fork, "fork"),
+    (libc::SYS_vfork, "vfork"),
+    (libc::SYS_execve, "execve"),
+    (libc::SYS_mlock, "mlock"),
+    (libc::SYS_munlock, "munlock"),
+    (libc::SYS_mlockall, "mlockall"),
+    (libc::SYS_munlockall, "munlockall"),
+    (libc::SYS_prctl, "prctl"),
+    (libc::SYS_arch_prctl, "arch_prctl"),
+    (libc::SYS_remap_file_pages, "remap_file_pages"),
+    (libc::SYS_mbind, "mbind"),
+    (libc::SYS_execveat, "execveat"),
+    (libc::SYS_userfaultfd, "userfaultfd"),
+    (libc::SYS_mlock2, "mlock2"),
+    (libc::SYS_pkey_mprotect, "pkey_mprotect"),
+    (libc::SYS_io_uring_setup, "io_uring_setup"),
+    (libc::SYS_io_uring_enter, "io_uring_enter"),
+    (libc::SYS_io_uring_register, "io_uring_register"),
+    (libc::SYS_clone3, "clone3"),
+    (libc::SYS_process_madvise, "process_madvise"),
+    (libc::SYS_set_mempolicy_home_node, "set_mempolicy_home_node"),
+    (sys::kabi::SYS_MAP_SHADOW_STACK, "map_shadow_stack"),
+    (libc::SYS_mseal, "mseal"),
+];
+
+/// Counters of [`CALLS`] on each thread of a process, from [`AreaWatch::start`].
+pub struct AreaWatch {
+    pid: i32,
+    /// Each thread watched with its counters of entries and of returns.
+    threads: Vec<(i32, OwnedFd, OwnedFd)>,
+}
+
+impl std::fmt::Debug for AreaWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AreaWatch")
+            .field("pid", &self.pid)
+            .field("threads", &self.threads.len())
+            .finish()
+    }
+}
+
+impl AreaWatch {
+    /// Starts counting on every thread of `pid`. An error (no tracefs, no perf
+    /// events, a thread gone meanwhile) says why; the caller then reads smaps again
+    /// at the freeze, as without a watch.
+    pub fn start(pid: i32) -> Result<AreaWatch, String> {
+        let (enter, exit) = raw_syscall_tracepoints()?;
+        let filter = filter();
+        let tids = list_tids(pid)?;
+        let mut threads = Vec::with_capacity(tids.len());
+        for tid in tids {
+            let open = |id| {
+                sys::perf::tracepoint_counter(tid, id, filter)
+                    .map_err(|e| format!("perf_event_open on thread {tid}: {e}"))
+            };
+            threads.push((tid, open(enter)?, open(exit)?));
+        }
+        Ok(AreaWatch { pid, threads })
+    }
+
+    /// With the process frozen, before the dump runs anything in it: `Ok` if none of
+    /// [`CALLS`] was entered or returned from since [`AreaWatch::start`] and every
+    /// thread of `tids` (the frozen threads) was watched; otherwise what was seen.
+    pub fn quiet(&self, tids: &[i32]) -> Result<(), String> {
+        if let Some(t) = tids
+            .iter()
+            .find(|t| !self.threads.iter().any(|w| w.0 == **t))
+        {
+            return Err(format!("thread {t} was not watched (new?)"));
+        }
+        for (tid, enter, exit) in &self.threads {
+            let count = |fd| {
+                sys::perf::read_counter(fd)
+                    .map_err(|e| format!("reading the counter of thread {tid}: {e}"))
+            };
+            let n = count(enter)? + count(exit)?;
+            if n > 0 {
+                return Err(format!(
+                    "thread {tid} entered or left {n} system calls that can change memory areas"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for AreaWatch {
+    /// Closing the last counter of a tracepoint unregisters it, 35–45 ms here
+    /// (RCU grace periods): done on a thread of its own, off the freeze.
+    fn drop(&mut self) {
+        let threads = std::mem::take(&mut self.threads);
+        if !threads.is_empty() {
+            let _ = std::thread::Builder::new()
+                .name("areawatch-close".into())
+                .spawn(move || drop(threads));
+        }
+    }
+}
+
+/// The ftrace filter selecting [`CALLS`] by number.
+fn filter() -> &'static CString {
+    static FILTER: OnceLock<CString> = OnceLock::new();
+    FILTER.get_or_init(|| {
+        let f = CALLS
+            .iter()
+            .map(|(nr, _)| format!("id == {nr}"))
+            .collect::<Vec<_>>()
+            .join(" || ");
+        CString::new(f).expect("no NUL in a filter of numbers")
+    })
+}
+
+fn list_tids(pid: i32) -> Result<Vec<i32>, String> {
+    let dir = format!("/proc/{pid}/task");
+    let rd = std::fs::read_dir(&dir).map_err(|e| format!("{dir}: {e}"))?;
+    let mut tids = Vec::new();
+    for e in rd {
+        let e = e.map_err(|e| format!("{dir}: {e}"))?;
+        if let Some(t) = e.file_name().to_str().and_then(|s| s.parse().ok()) {
+            tids.push(t);
+        }
+    }
+    Ok(tids)
+}
+
+/// The ids of the `raw_syscalls:sys_enter` and `sys_exit` tracepoints (fixed for
+/// the boot: looked up once per process).
+fn raw_syscall_tracepoints() -> Result<(u64, u64), String> {
+    static IDS: OnceLock<Result<(u64, u64), String>> = OnceLock::new();
+    IDS.get_or_init(|| {
+        let ids = find_raw_syscall_tracepoints();
+        match &ids {
+            Ok((enter, exit)) => tracing::debug!(enter, exit, "syscall tracepoints"),
+            Err(e) => tracing::info!(
+                "no syscall tracepoints ({e}): each freeze reads smaps again to check \
+                 the memory areas' flags"
+            ),
+        }
+        ids
+    })
+    .clone()
+}
+
+fn find_raw_syscall_tracepoints() -> Result<(u64, u64), String> {
+    for root in ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"] {
+        if let Ok(ids) = read_ids(Path::new(root)) {
+            return Ok(ids);
+        }
+    }
+    // tracefs is not mounted (no systemd here): mount it on a directory of our own
+    // just long enough to read the two ids.
+    let dir = std::env::temp_dir().join(format!("ferry-tracefs-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| format!("a directory to mount tracefs on, {}: {e}", dir.display()))?;
+    use nix::mount::{mount, umount2, MntFlags, MsFlags};
+    let ids = mount(
+        Some("tracefs"),
+        &dir,
+        Some("tracefs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .map_err(|e| format!("mounting tracefs on {}: {e}", dir.display()))
+    .and_then(|()| {
+        let ids = read_ids(&dir);
+        if let Err(e) = umount2(&dir, MntFlags::MNT_DETACH) {
+            tracing::warn!("unmounting tracefs from {}: {e}", dir.display());
+        }
+        ids
+    });
+    let _ = std::fs::remove_dir(&dir);
+    ids
+}
+
+fn read_ids(root: &Path) -> Result<(u64, u64), String> {
+    let id = |event: &str| {
+        let p = root.join("events/raw_syscalls").join(event).join("id");
+        std::fs::read_to_string(&p)
+            .map_err(|e| format!("{}: {e}", p.display()))?
+            .trim()
+            .parse::<u64>()
+            .map_err(|e| format!("{}: {e}", p.display()))
+    };
+    Ok((id("sys_enter")?, id("sys_exit")?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::freeze::Frozen;
+    use std::io::{BufRead, Write};
+
+    /// A python3 that on each line of input does what it says and answers `ok`.
+    struct Doer {
+        child: std::process::Child,
+        out: std::io::BufReader<std::process::ChildStdout>,
+    }
+
+    impl Doer {
+        fn start() -> Doer {
+            let prog = "import mmap,sys,os,threading,ctypes\n\
+                        m=mmap.mmap(-1,1<<20,flags=mmap.MAP_PRIVATE)\n\
+                        libc=ctypes.CDLL(None,use_errno=True)\n\
+                        print('ready',flush=True)\n\
+                        for l in sys.stdin:\n\
+                        \x20l=l.strip()\n\
+                        \x20if l=='getpid':\n\
+                        \x20\x20for _ in range(1000): os.getpid()\n\
+                        \x20if l=='madvise': m.madvise(mmap.MADV_DONTFORK)\n\
+                        \x20if l=='mlock':\n\
+                        \x20\x20a=ctypes.c_void_p.from_buffer(m)\n\
+                        \x20\x20libc.mlock(ctypes.addressof(a),4096)\n\
+                        \x20\x20del a\n\
+                        \x20if l=='thread':\n\
+                        \x20\x20t=threading.Thread(target=lambda:None); t.start(); t.join()\n\
+                        \x20print('ok',flush=True)\n";
+            let mut child = std::process::Command::new("python3")
+                .args(["-c", prog])
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .expect("python3");
+            let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+            let mut line = String::new();
+            out.read_line(&mut line).unwrap();
+            assert_eq!(line.trim(), "ready");
+            let mut d = Doer { child, out };
+            // The interpreter's first lines settle its own allocations.
+            for _ in 0..3 {
+                d.tell("getpid");
+            }
+            d
+        }
+
+        fn tell(&mut self, what: &str) {
+            writeln!(self.child.stdin.as_mut().unwrap(), "{what}").unwrap();
+            let mut line = String::new();
+            self.out.read_line(&mut line).unwrap();
+            assert_eq!(line.trim(), "ok", "after {what}");
+        }
+
+        /// Watches while `what` is done, then freezes: the watch's answer.
+        fn watched(&mut self, what: &str) -> Result<(), String> {
+            let pid = self.child.id() as i32;
+            let watch = AreaWatch::start(pid).expect("syscall tracepoints on this machine");
+            self.tell(what);
+            let frozen = Frozen::freeze(pid).unwrap();
+            let tids: Vec<i32> = frozen.threads.iter().map(|t| t.tid).collect();
+            let answer = watch.quiet(&tids);
+            drop(frozen);
+            answer
+        }
+    }
+
+    impl Drop for Doer {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    /// Other system calls (reads, writes, getpid) leave the watch quiet; a
+    /// madvise, an mlock or a thread made in the window are each seen, and the
+    /// process runs on unharmed after each freeze.
+    #[test]
+    fn the_watch_sees_calls_that_can_change_memory_areas_and_only_those() {
+        let mut p = Doer::start();
+        assert_eq!(p.watched("getpid"), Ok(()));
+        for what in ["madvise", "mlock", "thread"] {
+            let e = p.watched(what).expect_err(what);
+            assert!(e.contains("system calls that can change"), "{what}: {e}");
+        }
+        assert_eq!(p.watched("getpid"), Ok(()));
+    }
+
+    /// A thread the watch did not start on is never taken as quiet.
+    #[test]
+    fn a_thread_not_watched_is_not_quiet() {
+        let mut p = Doer::start();
+        let pid = p.child.id() as i32;
+        let watch = AreaWatch::start(pid).unwrap();
+        p.tell("getpid");
+        let mut tids: Vec<i32> = watch.threads.iter().map(|t| t.0).collect();
+        assert_eq!(watch.quiet(&tids), Ok(()));
+        tids.push(i32::MAX);
+        let e = watch.quiet(&tids).unwrap_err();
+        assert!(e.contains("not watched"), "{e}");
+    }
+
+    /// Every call is in the filter, and the filter is what the kernel takes.
+    #[test]
+    fn the_filter_names_every_call() {
+        let f = filter().to_str().unwrap();
+        for (nr, name) in CALLS {
+            assert!(f.contains(&format!("id == {nr}")), "{name}");
+        }
+        let mut nrs: Vec<_> = CALLS.iter().map(|c| c.0).collect();
+        nrs.sort();
+        nrs.dedup();
+        assert_eq!(nrs.len(), CALLS.len(), "a call listed twice");
+    }
+}
