@@ -255,7 +255,10 @@ pub struct HeldImage {
 /// (length, CRC-32C); without them the restore reads the files.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Handover {
+    // As bytes, not a sequence of u8 (one copy instead of a call per byte).
+    #[serde(with = "serde_bytes")]
     pub manifest: Vec<u8>,
+    #[serde(with = "serde_bytes")]
     pub eager: Option<Vec<u8>>,
 }
 
