@@ -80,20 +80,21 @@ pub fn rebuild(ctx: &Ctx, m: &Manifest, pages: &[u8]) -> Result<(), RestoreError
         }
         from = k + 1;
     }
-    // 3. Unmap everything inherited except the gadget and the vDSO block.
+    // 3. Unmap everything inherited except the gadget and the vDSO block: one
+    // munmap per span of areas between two kept ones (the gaps inside a span are
+    // unmapped already, which munmap allows), not one per area.
     let own = smaps_of(ctx.pid)?;
-    for a in &own {
-        if a.name == "[vsyscall]"
+    let kept = |a: &MapArea| {
+        a.name == "[vsyscall]"
             || vdso_kind(&a.name).is_some()
             || (a.start >= ctx.gadget && a.end <= ctx.gadget + ctx.gadget_len)
-        {
-            continue;
-        }
+    };
+    for (start, end) in spans_between(&own, kept) {
         ctx.ok(
             t,
             libc::SYS_munmap,
-            &[a.start, a.len()],
-            &format!("munmap({:#x})", a.start),
+            &[start, end - start],
+            &format!("munmap({start:#x}-{end:#x})"),
         )?;
     }
     ph.mark("unmap");
@@ -180,6 +181,24 @@ pub fn rebuild(ctx: &Ctx, m: &Manifest, pages: &[u8]) -> Result<(), RestoreError
     ph.mark("mm");
     ph.log();
     Ok(())
+}
+
+/// The address ranges covering the areas of `own` (in address order) that are not
+/// `kept`, each as wide as it can be without taking in a kept area.
+fn spans_between(own: &[MapArea], kept: impl Fn(&MapArea) -> bool) -> Vec<(u64, u64)> {
+    let mut spans: Vec<(u64, u64)> = Vec::new();
+    let mut open = false;
+    for a in own {
+        if kept(a) {
+            open = false;
+        } else if open {
+            spans.last_mut().expect("an open span").1 = a.end;
+        } else {
+            spans.push((a.start, a.end));
+            open = true;
+        }
+    }
+    spans
 }
 
 fn is_vdso(a: &Area) -> bool {
@@ -529,4 +548,44 @@ pub fn finish_memfds(ctx: &Ctx, m: &Manifest) -> Result<(), RestoreError> {
         ctx.ok(t, libc::SYS_close, &[*fd as u64], "close(memfd)")?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn area(start: u64, end: u64, name: &str) -> MapArea {
+        MapArea {
+            start,
+            end,
+            prot: libc::PROT_READ,
+            shared: false,
+            offset: 0,
+            dev: "00:00".into(),
+            inode: 0,
+            name: name.into(),
+            vmflags: Vec::new(),
+        }
+    }
+
+    /// Spans run across gaps and stop at every kept area; nothing kept is in one.
+    #[test]
+    fn spans_between_kept_areas_cover_the_rest_and_no_kept_area() {
+        let own = [
+            area(0x1000, 0x2000, "a"),
+            area(0x5000, 0x6000, "b"),
+            area(0x6000, 0x8000, "[vdso]"),
+            area(0x9000, 0xa000, "c"),
+            area(0xa000, 0xb000, "d"),
+            area(0xc000, 0xd000, "[vvar]"),
+            area(0xf000, 0x10000, "e"),
+            area(0xffff_ffff_ff60_0000, 0xffff_ffff_ff60_1000, "[vsyscall]"),
+        ];
+        let kept = |a: &MapArea| a.name.starts_with("[v");
+        assert_eq!(
+            spans_between(&own, kept),
+            vec![(0x1000, 0x6000), (0x9000, 0xb000), (0xf000, 0x10000)]
+        );
+        assert_eq!(spans_between(&own[2..3], kept), vec![]);
+    }
 }
