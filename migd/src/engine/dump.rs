@@ -8,7 +8,7 @@ use super::image::{
     self, Area, AreaKind, Creds, FdImage, FdKind, Manifest, PageWriter, PosixTimer, Rseq,
     SigAction, ThreadImage,
 };
-use super::inject::{InjectError, Injector, GADGET};
+use super::inject::{InjectError, Injector, BATCH, GADGET};
 use super::late::Deferral;
 use super::maps::{parse_smaps, MapArea};
 use super::{procfs, regs};
@@ -383,7 +383,7 @@ pub(crate) fn with_gadget<T>(
     pid: i32,
     frozen: &Frozen,
     smaps: &[MapArea],
-    f: impl FnOnce(&Injector) -> Result<T, DumpError>,
+    f: impl FnOnce(&Injector, Option<u64>) -> Result<T, DumpError>,
 ) -> Result<T, DumpError> {
     let leader = &frozen.threads[0];
     let lr = leader.regs()?;
@@ -404,40 +404,121 @@ pub(crate) fn with_gadget<T>(
             what: "no executable area to run injected syscalls from".into(),
         })?;
     let gaddr = area.start;
-    let orig = sys::ptrace_peekdata(leader.tid, gaddr).map_err(|e| DumpError::Memory {
+    // The gadget in the first word and, where the area is long enough (it always is
+    // in program text), the batch code in the next eight.
+    let mut code = GADGET.to_vec();
+    code.resize(8, 0);
+    let batch = (area.end >= gaddr + 8 + BATCH.len() as u64).then_some(gaddr + 8);
+    if batch.is_some() {
+        code.extend_from_slice(&BATCH);
+    }
+    let mem_err = |addr, e| DumpError::Memory {
         pid,
-        addr: gaddr,
+        addr,
         len: 8,
         errno: e,
-    })?;
-    let mut word = orig.to_ne_bytes();
-    word[..3].copy_from_slice(&GADGET);
+    };
+    let orig: Vec<u64> = (0..code.len() as u64 / 8)
+        .map(|i| sys::ptrace_peekdata(leader.tid, gaddr + 8 * i).map_err(|e| mem_err(gaddr, e)))
+        .collect::<Result<_, _>>()?;
+    let mut first = orig[0].to_ne_bytes();
+    first[..GADGET.len()].copy_from_slice(&GADGET);
+    code[..8].copy_from_slice(&first);
     let saved: Vec<(sys::Regs, u64)> = frozen
         .threads
         .iter()
         .map(|t| Ok((t.regs()?, t.sigmask()?)))
         .collect::<Result<_, FreezeError>>()?;
-    sys::ptrace_pokedata(leader.tid, gaddr, u64::from_ne_bytes(word)).map_err(|e| {
-        DumpError::Memory {
-            pid,
-            addr: gaddr,
-            len: 8,
-            errno: e,
+    let put_back = || {
+        for (i, w) in orig.iter().enumerate() {
+            let _ = sys::ptrace_pokedata(leader.tid, gaddr + 8 * i as u64, *w);
         }
-    })?;
+    };
+    for (i, w) in code.chunks_exact(8).enumerate() {
+        let at = gaddr + 8 * i as u64;
+        let word = u64::from_ne_bytes(w.try_into().expect("8 bytes"));
+        if let Err(e) = sys::ptrace_pokedata(leader.tid, at, word) {
+            put_back();
+            return Err(mem_err(at, e));
+        }
+    }
     let result = (|| -> Result<T, DumpError> {
         for t in &frozen.threads {
             t.set_sigmask(!0)?;
         }
-        f(&Injector { gadget: gaddr })
+        f(&Injector { gadget: gaddr }, batch)
     })();
     // Put everything back whatever happened.
-    let _ = sys::ptrace_pokedata(leader.tid, gaddr, orig);
+    put_back();
     for (t, (r, m)) in frozen.threads.iter().zip(&saved) {
         let _ = t.set_regs(r);
         let _ = t.set_sigmask(*m);
     }
     result
+}
+
+/// The `struct sigaction`s (32 bytes each) of `sigs`, read in the stopped `leader`
+/// through the 8 KiB `scratch`: in one stop with the batch code at `batch`, else one
+/// stop per signal.
+fn read_sigactions(
+    pid: i32,
+    inj: &Injector,
+    leader: &Stopped,
+    batch: Option<u64>,
+    scratch: u64,
+    sigs: &[i32],
+) -> Result<Vec<u8>, DumpError> {
+    let rd = |at: u64, len: usize| -> Result<Vec<u8>, DumpError> {
+        let mut b = vec![0u8; len];
+        match sys::vm_read(pid, at, &mut b) {
+            Ok(n) if n == len => Ok(b),
+            r => Err(DumpError::Memory {
+                pid,
+                addr: at,
+                len,
+                errno: r.err().unwrap_or(Errno::EIO),
+            }),
+        }
+    };
+    // The table (64 bytes a call) in the first page, the answers in the second.
+    let answers = scratch + 4096;
+    let Some(code) = batch.filter(|_| sigs.len() * 64 <= 4096 && sigs.len() * 32 <= 4096) else {
+        let mut out = Vec::with_capacity(sigs.len() * 32);
+        for &sig in sigs {
+            inj.ok(
+                leader,
+                libc::SYS_rt_sigaction,
+                &[sig as u64, 0, scratch, 8],
+                || format!("rt_sigaction({sig})"),
+            )?;
+            out.extend(rd(scratch, 32)?);
+        }
+        return Ok(out);
+    };
+    let calls: Vec<(i64, [u64; 6])> = sigs
+        .iter()
+        .enumerate()
+        .map(|(i, &sig)| {
+            let at = answers + 32 * i as u64;
+            (libc::SYS_rt_sigaction, [sig as u64, 0, at, 8, 0, 0])
+        })
+        .collect();
+    let rets = inj.batch(leader, pid, code, scratch, &calls)?;
+    if let Some((i, &r)) = rets.iter().enumerate().find(|(_, &r)| r < 0) {
+        return Err(InjectError::Failed {
+            tid: leader.tid,
+            what: format!("rt_sigaction({})", sigs[i]),
+            errno: Errno::from_raw(-r as i32),
+        }
+        .into());
+    }
+    if rets.len() != calls.len() {
+        return Err(DumpError::Other {
+            pid,
+            what: format!("a batch of {} rt_sigaction ran {}", calls.len(), rets.len()),
+        });
+    }
+    rd(answers, sigs.len() * 32)
 }
 
 /// State only the process can tell: read by running syscalls inside it.
@@ -448,7 +529,7 @@ fn inject_reads(
     vtids: &[i32],
 ) -> Result<Injected, DumpError> {
     let leader = &frozen.threads[0];
-    with_gadget(pid, frozen, smaps, |inj| {
+    with_gadget(pid, frozen, smaps, |inj, batch| {
         let prot = (libc::PROT_READ | libc::PROT_WRITE) as u64;
         let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64;
         let scratch = inj.ok(
@@ -468,19 +549,13 @@ fn inject_reads(
             Ok(b)
         };
         let mut sigactions = Vec::new();
-        for sig in 1..=64i32 {
-            if sig == libc::SIGKILL || sig == libc::SIGSTOP {
-                continue;
-            }
-            inj.ok(
-                leader,
-                libc::SYS_rt_sigaction,
-                &[sig as u64, 0, scratch, 8],
-                || format!("rt_sigaction({sig})"),
-            )?;
-            let b = rd(32)?;
+        let sigs: Vec<i32> = (1..=64)
+            .filter(|&s| s != libc::SIGKILL && s != libc::SIGSTOP)
+            .collect();
+        let acts = read_sigactions(pid, inj, leader, batch, scratch, &sigs)?;
+        for (&sig, b) in sigs.iter().zip(acts.chunks_exact(32)) {
             let (handler, flags, restorer, mask) =
-                (u64_at(&b, 0), u64_at(&b, 8), u64_at(&b, 16), u64_at(&b, 24));
+                (u64_at(b, 0), u64_at(b, 8), u64_at(b, 16), u64_at(b, 24));
             if handler != 0 || flags != 0 || mask != 0 {
                 sigactions.push(SigAction {
                     sig,
@@ -1660,5 +1735,89 @@ mod tests {
         assert!(p.dump_after(Some("map"), false).is_none());
         // The process ran on unharmed after each dump.
         p.tell("nothing");
+    }
+}
+
+#[cfg(test)]
+mod batch_tests {
+    use super::*;
+    use std::io::BufRead;
+
+    fn all_sigs() -> Vec<i32> {
+        (1..=64)
+            .filter(|&s| s != libc::SIGKILL && s != libc::SIGSTOP)
+            .collect()
+    }
+
+    /// A batch runs its calls in order in one stop and stops after the first that
+    /// fails; the signal actions read in one batch are those read one call at a
+    /// time; the process runs on unharmed (its text put back).
+    #[test]
+    fn a_batch_runs_calls_in_order_and_stops_at_the_first_failure() {
+        // A handler for SIGUSR1 and SIGTERM ignored, so that some actions are set.
+        let mut child = std::process::Command::new("python3")
+            .args([
+                "-c",
+                "import signal,sys\n\
+                 signal.signal(signal.SIGUSR1, lambda *a: None)\n\
+                 signal.signal(signal.SIGTERM, signal.SIG_IGN)\n\
+                 print('ready',flush=True)\n\
+                 sys.stdin.readline()\n\
+                 print('alive',flush=True)\n",
+            ])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3");
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "ready");
+        let pid = child.id() as i32;
+        let smaps = read_smaps(pid).unwrap();
+        let frozen = Frozen::freeze(pid).unwrap();
+        let leader = &frozen.threads[0];
+        let (rets, one, batched) = with_gadget(pid, &frozen, &smaps, |inj, batch| {
+            let code = batch.expect("room for the batch code in program text");
+            let prot = (libc::PROT_READ | libc::PROT_WRITE) as u64;
+            let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64;
+            let scratch = inj.ok(
+                leader,
+                libc::SYS_mmap,
+                &[0, 8192, prot, flags, u64::MAX, 0],
+                || "mmap".into(),
+            )? as u64;
+            let calls = [
+                (libc::SYS_getpid, [0; 6]),
+                (libc::SYS_getppid, [0; 6]),
+                (libc::SYS_close, [9999, 0, 0, 0, 0, 0]),
+                (libc::SYS_getpid, [0; 6]),
+            ];
+            let rets = inj.batch(leader, pid, code, scratch, &calls)?;
+            let sigs = all_sigs();
+            let one = read_sigactions(pid, inj, leader, None, scratch, &sigs)?;
+            let batched = read_sigactions(pid, inj, leader, batch, scratch, &sigs)?;
+            inj.ok(leader, libc::SYS_munmap, &[scratch, 8192], || {
+                "munmap".into()
+            })?;
+            Ok((rets, one, batched))
+        })
+        .unwrap();
+        drop(frozen);
+        let ppid = std::process::id() as i64;
+        assert_eq!(rets, vec![pid as i64, ppid, -(libc::EBADF as i64)]);
+        assert_eq!(one, batched);
+        let handler = |sig: i32| {
+            let i = all_sigs().iter().position(|&s| s == sig).unwrap();
+            u64_at(&one, 32 * i)
+        };
+        assert!(handler(libc::SIGUSR1) > 1, "SIGUSR1 has a handler");
+        assert_eq!(handler(libc::SIGTERM), 1, "SIGTERM ignored (SIG_IGN)");
+        use std::io::Write;
+        writeln!(child.stdin.as_mut().unwrap()).unwrap();
+        line.clear();
+        out.read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "alive");
+        child.wait().unwrap();
     }
 }

@@ -7,6 +7,37 @@ use crate::sys;
 /// The gadget's bytes: `syscall` (0f 05) then `int3` (cc).
 pub const GADGET: [u8; 3] = [0x0f, 0x05, 0xcc];
 
+/// Code that runs a table of system calls in one stop ([`Injector::batch`]):
+/// `r12` points at the first of `r13` 64-byte entries `{nr, a0..a5, ret}`; each
+/// call's rax goes to its `ret`; it stops after the first that fails (rax in
+/// -4095..-1) and ends at `int3`. Assembled from (`as`, Intel syntax):
+///
+/// ```text
+///  0: 4d 85 ed             test   r13, r13
+///  3: 74 3a                je     3f
+///  5: 49 8b 04 24          mov    rax, [r12]
+///  9: 49 8b 7c 24 08       mov    rdi, [r12+0x8]
+///  e: 49 8b 74 24 10       mov    rsi, [r12+0x10]
+/// 13: 49 8b 54 24 18       mov    rdx, [r12+0x18]
+/// 18: 4d 8b 54 24 20       mov    r10, [r12+0x20]
+/// 1d: 4d 8b 44 24 28       mov    r8,  [r12+0x28]
+/// 22: 4d 8b 4c 24 30       mov    r9,  [r12+0x30]
+/// 27: 0f 05                syscall
+/// 29: 49 89 44 24 38       mov    [r12+0x38], rax
+/// 2e: 48 3d 01 f0 ff ff    cmp    rax, -4095
+/// 34: 73 09                jae    3f
+/// 36: 49 83 c4 40          add    r12, 0x40
+/// 3a: 49 ff cd             dec    r13
+/// 3d: 75 c6                jne    5
+/// 3f: cc                   int3
+/// ```
+pub const BATCH: [u8; 64] = [
+    0x4d, 0x85, 0xed, 0x74, 0x3a, 0x49, 0x8b, 0x04, 0x24, 0x49, 0x8b, 0x7c, 0x24, 0x08, 0x49, 0x8b,
+    0x74, 0x24, 0x10, 0x49, 0x8b, 0x54, 0x24, 0x18, 0x4d, 0x8b, 0x54, 0x24, 0x20, 0x4d, 0x8b, 0x44,
+    0x24, 0x28, 0x4d, 0x8b, 0x4c, 0x24, 0x30, 0x0f, 0x05, 0x49, 0x89, 0x44, 0x24, 0x38, 0x48, 0x3d,
+    0x01, 0xf0, 0xff, 0xff, 0x73, 0x09, 0x49, 0x83, 0xc4, 0x40, 0x49, 0xff, 0xcd, 0x75, 0xc6, 0xcc,
+];
+
 #[derive(Debug, thiserror::Error)]
 pub enum InjectError {
     #[error("injecting syscall {nr} into tid {tid}: {source}")]
@@ -54,6 +85,86 @@ impl Injector {
         r.r8 = a(4);
         r.r9 = a(5);
         t.set_regs(&r).map_err(perr)?;
+        let new_tid = run_to_trap(t, nr)?;
+        let out = t.regs().map_err(perr)?;
+        Ok(Outcome {
+            ret: out.rax as i64,
+            new_tid,
+        })
+    }
+
+    /// Runs `calls` in `t` in one stop, not one each: the [`BATCH`] code, planted by
+    /// the caller at `code` in executable memory of the process, goes through a table
+    /// the caller lends at `table` (writable memory of the process, 64 bytes a call).
+    /// Returns the calls' results in order, up to the first that failed (an errno
+    /// as a negative number), the calls after it not run. `t`'s registers are
+    /// clobbered (callers restore them).
+    pub fn batch(
+        &self,
+        t: &Stopped,
+        pid: i32,
+        code: u64,
+        table: u64,
+        calls: &[(i64, [u64; 6])],
+    ) -> Result<Vec<i64>, InjectError> {
+        let tid = t.tid;
+        let nr = calls.first().map_or(-1, |c| c.0);
+        let perr = |source| InjectError::Ptrace { tid, nr, source };
+        let memerr = |what: &str, errno| InjectError::Failed {
+            tid,
+            what: format!("{what} the table of a batch of {} calls", calls.len()),
+            errno,
+        };
+        // Not run yet: a result no call gives.
+        const NOT_RUN: i64 = i64::MIN;
+        let mut bytes = Vec::with_capacity(calls.len() * 64);
+        for (nr, args) in calls {
+            bytes.extend_from_slice(&nr.to_ne_bytes());
+            for a in args {
+                bytes.extend_from_slice(&a.to_ne_bytes());
+            }
+            bytes.extend_from_slice(&NOT_RUN.to_ne_bytes());
+        }
+        write_all(pid, table, &bytes).map_err(|e| memerr("writing", e))?;
+        let mut r = t.regs().map_err(perr)?;
+        r.rip = code;
+        r.orig_rax = u64::MAX;
+        r.eflags &= !((1 << 8) | (1 << 10)); // TF, DF
+        r.r12 = table;
+        r.r13 = calls.len() as u64;
+        t.set_regs(&r).map_err(perr)?;
+        run_to_trap(t, nr)?;
+        let mut back = vec![0u8; bytes.len()];
+        match sys::vm_read(pid, table, &mut back) {
+            Ok(n) if n == back.len() => {}
+            Ok(_) => return Err(memerr("reading back", nix::errno::Errno::EIO)),
+            Err(e) => return Err(memerr("reading back", e)),
+        }
+        Ok(back
+            .chunks_exact(64)
+            .map(|e| i64::from_ne_bytes(e[56..64].try_into().expect("8 bytes")))
+            .take_while(|&ret| ret != NOT_RUN)
+            .collect())
+    }
+}
+
+fn write_all(pid: i32, addr: u64, bytes: &[u8]) -> Result<(), nix::errno::Errno> {
+    let mut done = 0;
+    while done < bytes.len() {
+        match sys::vm_write(pid, addr + done as u64, &bytes[done..])? {
+            0 => return Err(nix::errno::Errno::EIO),
+            n => done += n,
+        }
+    }
+    Ok(())
+}
+
+/// Lets `t` run from where its registers point until the gadget's `int3`; returns
+/// the thread a `clone` among the calls made, if any.
+fn run_to_trap(t: &Stopped, nr: i64) -> Result<Option<i32>, InjectError> {
+    let tid = t.tid;
+    let perr = |source| InjectError::Ptrace { tid, nr, source };
+    {
         let mut new_tid = None;
         let mut sig = 0;
         loop {
@@ -79,13 +190,11 @@ impl Injector {
                 StopKind::Signal(s) => return Err(InjectError::Unexpected { tid, nr, sig: s }),
             }
         }
-        let out = t.regs().map_err(perr)?;
-        Ok(Outcome {
-            ret: out.rax as i64,
-            new_tid,
-        })
+        Ok(new_tid)
     }
+}
 
+impl Injector {
     /// Like [`call`](Self::call) but turns a negative result into an error naming `what`.
     pub fn ok(
         &self,

@@ -822,7 +822,7 @@ impl Drop for Tracker {
 /// Creates a userfaultfd inside the frozen process, takes it with pidfd_getfd and
 /// closes the target's descriptor again.
 fn inject_userfaultfd(pid: i32, frozen: &Frozen, smaps: &[MapArea]) -> Result<Uffd, DumpError> {
-    with_gadget(pid, frozen, smaps, |inj| {
+    with_gadget(pid, frozen, smaps, |inj, _| {
         let leader = &frozen.threads[0];
         let flags = (libc::O_CLOEXEC | libc::O_NONBLOCK) as u64;
         let what = || "userfaultfd(O_CLOEXEC|O_NONBLOCK)".to_string();
