@@ -235,75 +235,40 @@ fn read_ids(root: &Path) -> Result<(u64, u64), String> {
 mod tests {
     use super::*;
     use crate::engine::freeze::Frozen;
-    use std::io::{BufRead, Write};
+    use crate::engine::testproc::Py;
 
-    /// A python3 that on each line of input does what it says and answers `ok`.
-    struct Doer {
-        child: std::process::Child,
-        out: std::io::BufReader<std::process::ChildStdout>,
+    /// A python3 that does what each line says: `getpid` a thousand times,
+    /// `madvise` (DONTFORK) or `mlock` a page of an area, or start and join a
+    /// `thread`.
+    fn doer() -> Py {
+        let mut p = Py::start(
+            "import mmap,os,threading,ctypes\n\
+             m=mmap.mmap(-1,1<<20,flags=mmap.MAP_PRIVATE)\n\
+             libc=ctypes.CDLL(None,use_errno=True)",
+            " if l=='getpid':\n\
+             \x20\x20for _ in range(1000): os.getpid()\n\
+             \x20if l=='madvise': m.madvise(mmap.MADV_DONTFORK)\n\
+             \x20if l=='mlock':\n\
+             \x20\x20a=ctypes.c_void_p.from_buffer(m)\n\
+             \x20\x20libc.mlock(ctypes.addressof(a),4096)\n\
+             \x20\x20del a\n\
+             \x20if l=='thread':\n\
+             \x20\x20t=threading.Thread(target=lambda:None); t.start(); t.join()",
+        );
+        // The interpreter's first lines settle its own allocations.
+        for _ in 0..3 {
+            p.tell("getpid");
+        }
+        p
     }
 
-    impl Doer {
-        fn start() -> Doer {
-            let prog = "import mmap,sys,os,threading,ctypes\n\
-                        m=mmap.mmap(-1,1<<20,flags=mmap.MAP_PRIVATE)\n\
-                        libc=ctypes.CDLL(None,use_errno=True)\n\
-                        print('ready',flush=True)\n\
-                        for l in sys.stdin:\n\
-                        \x20l=l.strip()\n\
-                        \x20if l=='getpid':\n\
-                        \x20\x20for _ in range(1000): os.getpid()\n\
-                        \x20if l=='madvise': m.madvise(mmap.MADV_DONTFORK)\n\
-                        \x20if l=='mlock':\n\
-                        \x20\x20a=ctypes.c_void_p.from_buffer(m)\n\
-                        \x20\x20libc.mlock(ctypes.addressof(a),4096)\n\
-                        \x20\x20del a\n\
-                        \x20if l=='thread':\n\
-                        \x20\x20t=threading.Thread(target=lambda:None); t.start(); t.join()\n\
-                        \x20print('ok',flush=True)\n";
-            let mut child = std::process::Command::new("python3")
-                .args(["-c", prog])
-                .stdin(std::process::Stdio::piped())
-                .stdout(std::process::Stdio::piped())
-                .spawn()
-                .expect("python3");
-            let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
-            let mut line = String::new();
-            out.read_line(&mut line).unwrap();
-            assert_eq!(line.trim(), "ready");
-            let mut d = Doer { child, out };
-            // The interpreter's first lines settle its own allocations.
-            for _ in 0..3 {
-                d.tell("getpid");
-            }
-            d
-        }
-
-        fn tell(&mut self, what: &str) {
-            writeln!(self.child.stdin.as_mut().unwrap(), "{what}").unwrap();
-            let mut line = String::new();
-            self.out.read_line(&mut line).unwrap();
-            assert_eq!(line.trim(), "ok", "after {what}");
-        }
-
-        /// Watches while `what` is done, then freezes: the watch's answer.
-        fn watched(&mut self, what: &str) -> Result<(), String> {
-            let pid = self.child.id() as i32;
-            let watch = AreaWatch::start(pid).expect("syscall tracepoints on this machine");
-            self.tell(what);
-            let frozen = Frozen::freeze(pid).unwrap();
-            let tids: Vec<i32> = frozen.threads.iter().map(|t| t.tid).collect();
-            let answer = watch.quiet(&tids);
-            drop(frozen);
-            answer
-        }
-    }
-
-    impl Drop for Doer {
-        fn drop(&mut self) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+    /// Watches while `what` is done, then freezes: the watch's answer.
+    fn watched(p: &mut Py, what: &str) -> Result<(), String> {
+        let watch = AreaWatch::start(p.pid()).expect("syscall tracepoints on this machine");
+        p.tell(what);
+        let frozen = Frozen::freeze(p.pid()).unwrap();
+        let tids: Vec<i32> = frozen.threads.iter().map(|t| t.tid).collect();
+        watch.quiet(&tids)
     }
 
     /// Other system calls (reads, writes, getpid) leave the watch quiet; a
@@ -311,21 +276,20 @@ mod tests {
     /// process runs on unharmed after each freeze.
     #[test]
     fn the_watch_sees_calls_that_can_change_memory_areas_and_only_those() {
-        let mut p = Doer::start();
-        assert_eq!(p.watched("getpid"), Ok(()));
+        let mut p = doer();
+        assert_eq!(watched(&mut p, "getpid"), Ok(()));
         for what in ["madvise", "mlock", "thread"] {
-            let e = p.watched(what).expect_err(what);
+            let e = watched(&mut p, what).expect_err(what);
             assert!(e.contains("system calls that can change"), "{what}: {e}");
         }
-        assert_eq!(p.watched("getpid"), Ok(()));
+        assert_eq!(watched(&mut p, "getpid"), Ok(()));
     }
 
     /// A thread the watch did not start on is never taken as quiet.
     #[test]
     fn a_thread_not_watched_is_not_quiet() {
-        let mut p = Doer::start();
-        let pid = p.child.id() as i32;
-        let watch = AreaWatch::start(pid).unwrap();
+        let mut p = doer();
+        let watch = AreaWatch::start(p.pid()).unwrap();
         p.tell("getpid");
         let mut tids: Vec<i32> = watch.threads.iter().map(|t| t.0).collect();
         assert_eq!(watch.quiet(&tids), Ok(()));

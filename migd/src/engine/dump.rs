@@ -1583,7 +1583,7 @@ fn caps_of(status: &str) -> Option<crate::engine::image::Caps> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::BufRead;
+    use crate::engine::testproc::Py;
 
     /// The pages PAGEMAP_SCAN picks are exactly those `/proc/PID/pagemap` picks, in
     /// every area of a stopped python3 whose private anonymous memory holds written
@@ -1591,23 +1591,14 @@ mod tests {
     /// libraries' file pages and copied-on-write data.
     #[test]
     fn pagemap_scan_and_pagemap_choose_the_same_pages_to_save() {
-        let prog = "import mmap,signal\n\
-                    m=mmap.mmap(-1,64<<20,flags=mmap.MAP_PRIVATE)\n\
-                    for i in range(0,64<<20,3*4096): m[i]=1\n\
-                    x=sum(m[i] for i in range(4096,64<<20,5*4096))\n\
-                    print('ready',flush=True)\n\
-                    signal.pause()\n";
-        let mut child = std::process::Command::new("python3")
-            .args(["-c", prog])
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .expect("python3");
-        let mut line = String::new();
-        std::io::BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert_eq!(line.trim(), "ready");
-        let pid = child.id() as i32;
+        let p = Py::start(
+            "import mmap\n\
+             m=mmap.mmap(-1,64<<20,flags=mmap.MAP_PRIVATE)\n\
+             for i in range(0,64<<20,3*4096): m[i]=1\n\
+             x=sum(m[i] for i in range(4096,64<<20,5*4096))",
+            " pass",
+        );
+        let pid = p.pid();
         crate::sys::kill(pid, libc::SIGSTOP).unwrap();
         let src = MemSource::open(pid).unwrap();
         let smaps = parse_smaps(&read_proc(format!("/proc/{pid}/smaps")).unwrap()).unwrap();
@@ -1627,8 +1618,7 @@ mod tests {
             compared += 1;
             pages += by_scan.iter().map(|(s, e)| (e - s) / 4096).sum::<u64>();
         }
-        let _ = child.kill();
-        let _ = child.wait();
+        drop(p);
         assert!(compared > 5, "only {compared} areas");
         // 64 MiB / 3 pages written, 1/5 read (zero page, saved as present), at least.
         assert!(pages > (64 << 20) / 4096 / 3, "{pages} pages");
@@ -1636,77 +1626,40 @@ mod tests {
 
     /// A python3 that maps an area, then on each line of input changes its memory
     /// as told (`dontfork`: madvise the whole area, which leaves /proc/PID/maps as
-    /// it was; `map`: a new area) and says `ok`.
-    struct Changer {
-        child: std::process::Child,
-        out: std::io::BufReader<std::process::ChildStdout>,
+    /// it was; `map`: a new area; `nothing`).
+    fn changer() -> Py {
+        Py::start(
+            "import mmap\n\
+             m=mmap.mmap(-1,1<<20,flags=mmap.MAP_SHARED)\n\
+             m[0]=1\n\
+             keep=[]",
+            " if l=='dontfork': m.madvise(mmap.MADV_DONTFORK)\n\
+             \x20if l=='map': keep.append(mmap.mmap(-1,3<<20,flags=mmap.MAP_PRIVATE))",
+        )
     }
 
-    impl Changer {
-        fn start() -> Changer {
-            let prog = "import mmap,sys\n\
-                        m=mmap.mmap(-1,1<<20,flags=mmap.MAP_SHARED)\n\
-                        m[0]=1\n\
-                        keep=[]\n\
-                        print('ready',flush=True)\n\
-                        for l in sys.stdin:\n\
-                        \x20if l.strip()=='dontfork': m.madvise(mmap.MADV_DONTFORK)\n\
-                        \x20if l.strip()=='map': keep.append(mmap.mmap(-1,3<<20,flags=mmap.MAP_PRIVATE))\n\
-                        \x20print('ok',flush=True)\n";
-            let mut child = std::process::Command::new("python3")
-                .args(["-c", prog])
-                .stdin(std::process::Stdio::piped())
-                .stdout(std::process::Stdio::piped())
-                .spawn()
-                .expect("python3");
-            let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
-            let mut line = String::new();
-            out.read_line(&mut line).unwrap();
-            assert_eq!(line.trim(), "ready");
-            Changer { child, out }
+    /// Reads the early layout (watched unless `unwatched`), lets `change` happen,
+    /// then freezes and collects: whether the flags check read smaps again, and its
+    /// answer (None if the dump read smaps itself).
+    fn dump_after(
+        p: &mut Py,
+        change: Option<&str>,
+        unwatched: bool,
+    ) -> Option<(bool, Result<(), DumpError>)> {
+        let pid = p.pid();
+        let mut early = EarlyLayout::read(pid).unwrap();
+        assert!(early.watch.is_some(), "syscall tracepoints on this machine");
+        if unwatched {
+            early.watch = None;
         }
-
-        fn tell(&mut self, what: &str) {
-            use std::io::Write;
-            let stdin = self.child.stdin.as_mut().unwrap();
-            writeln!(stdin, "{what}").unwrap();
-            let mut line = String::new();
-            self.out.read_line(&mut line).unwrap();
-            assert_eq!(line.trim(), "ok");
+        if let Some(c) = change {
+            p.tell(c);
         }
-
-        /// Reads the early layout (watched unless `unwatched`), lets `change`
-        /// happen, then freezes and collects: whether the flags check read smaps
-        /// again, and its answer (None if the dump read smaps itself).
-        fn dump_after(
-            &mut self,
-            change: Option<&str>,
-            unwatched: bool,
-        ) -> Option<(bool, Result<(), DumpError>)> {
-            let pid = self.child.id() as i32;
-            let mut early = EarlyLayout::read(pid).unwrap();
-            assert!(early.watch.is_some(), "syscall tracepoints on this machine");
-            if unwatched {
-                early.watch = None;
-            }
-            if let Some(c) = change {
-                self.tell(c);
-            }
-            let dir = tempfile::tempdir().unwrap();
-            let frozen = Frozen::freeze(pid).unwrap();
-            let (_, _, check) =
-                collect_deferring(pid, &frozen, dir.path(), false, false, Some(&early)).unwrap();
-            let answer = check.map(|c| (c.reads_smaps(), c.run()));
-            drop(frozen);
-            answer
-        }
-    }
-
-    impl Drop for Changer {
-        fn drop(&mut self) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        let dir = tempfile::tempdir().unwrap();
+        let frozen = Frozen::freeze(pid).unwrap();
+        let (_, _, check) =
+            collect_deferring(pid, &frozen, dir.path(), false, false, Some(&early)).unwrap();
+        check.map(|c| (c.reads_smaps(), c.run()))
     }
 
     /// The flags the freeze takes from before it are checked: nothing changed
@@ -1717,22 +1670,28 @@ mod tests {
     /// read smaps itself (nothing left to check).
     #[test]
     fn flags_taken_from_before_the_freeze_are_checked() {
-        let mut p = Changer::start();
+        let mut p = changer();
         // The interpreter's own allocations settle first (a heap that grows while
         // it answers would change the layout).
         for _ in 0..3 {
             p.tell("nothing");
         }
-        assert!(matches!(p.dump_after(None, false), Some((false, Ok(())))));
-        assert!(matches!(p.dump_after(None, true), Some((true, Ok(())))));
-        match p.dump_after(Some("dontfork"), false) {
+        assert!(matches!(
+            dump_after(&mut p, None, false),
+            Some((false, Ok(())))
+        ));
+        assert!(matches!(
+            dump_after(&mut p, None, true),
+            Some((true, Ok(())))
+        ));
+        match dump_after(&mut p, Some("dontfork"), false) {
             Some((true, Err(e))) => {
                 let e = e.to_string();
                 assert!(e.contains("dc") && e.contains("try again"), "{e}");
             }
             other => panic!("a flag changed unseen: {other:?}"),
         }
-        assert!(p.dump_after(Some("map"), false).is_none());
+        assert!(dump_after(&mut p, Some("map"), false).is_none());
         // The process ran on unharmed after each dump.
         p.tell("nothing");
     }
@@ -1741,7 +1700,7 @@ mod tests {
 #[cfg(test)]
 mod batch_tests {
     use super::*;
-    use std::io::BufRead;
+    use crate::engine::testproc::Py;
 
     fn all_sigs() -> Vec<i32> {
         (1..=64)
@@ -1755,25 +1714,13 @@ mod batch_tests {
     #[test]
     fn a_batch_runs_calls_in_order_and_stops_at_the_first_failure() {
         // A handler for SIGUSR1 and SIGTERM ignored, so that some actions are set.
-        let mut child = std::process::Command::new("python3")
-            .args([
-                "-c",
-                "import signal,sys\n\
-                 signal.signal(signal.SIGUSR1, lambda *a: None)\n\
-                 signal.signal(signal.SIGTERM, signal.SIG_IGN)\n\
-                 print('ready',flush=True)\n\
-                 sys.stdin.readline()\n\
-                 print('alive',flush=True)\n",
-            ])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .expect("python3");
-        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        out.read_line(&mut line).unwrap();
-        assert_eq!(line.trim(), "ready");
-        let pid = child.id() as i32;
+        let mut p = Py::start(
+            "import signal\n\
+             signal.signal(signal.SIGUSR1, lambda *a: None)\n\
+             signal.signal(signal.SIGTERM, signal.SIG_IGN)",
+            " pass",
+        );
+        let pid = p.pid();
         let smaps = read_smaps(pid).unwrap();
         let frozen = Frozen::freeze(pid).unwrap();
         let leader = &frozen.threads[0];
@@ -1813,11 +1760,6 @@ mod batch_tests {
         };
         assert!(handler(libc::SIGUSR1) > 1, "SIGUSR1 has a handler");
         assert_eq!(handler(libc::SIGTERM), 1, "SIGTERM ignored (SIG_IGN)");
-        use std::io::Write;
-        writeln!(child.stdin.as_mut().unwrap()).unwrap();
-        line.clear();
-        out.read_line(&mut line).unwrap();
-        assert_eq!(line.trim(), "alive");
-        child.wait().unwrap();
+        p.tell("still there?");
     }
 }

@@ -14,4 +14,6 @@ pub mod maps;
 pub mod procfs;
 pub mod regs;
 pub mod restore;
+#[cfg(test)]
+pub(crate) mod testproc;
 pub mod track;
