@@ -457,6 +457,20 @@ pub(crate) fn with_gadget<T>(
     result
 }
 
+/// Maps 8 KiB of anonymous read-write memory in the stopped `leader`'s process, for
+/// injected calls to write their answers into (the caller unmaps it).
+fn map_scratch(inj: &Injector, leader: &Stopped) -> Result<u64, DumpError> {
+    let prot = (libc::PROT_READ | libc::PROT_WRITE) as u64;
+    let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64;
+    let addr = inj.ok(
+        leader,
+        libc::SYS_mmap,
+        &[0, 8192, prot, flags, u64::MAX, 0],
+        || "mmap(scratch)".into(),
+    )?;
+    Ok(addr as u64)
+}
+
 /// The `struct sigaction`s (32 bytes each) of `sigs`, read in the stopped `leader`
 /// through the 8 KiB `scratch`: in one stop with the batch code at `batch`, else one
 /// stop per signal.
@@ -530,14 +544,7 @@ fn inject_reads(
 ) -> Result<Injected, DumpError> {
     let leader = &frozen.threads[0];
     with_gadget(pid, frozen, smaps, |inj, batch| {
-        let prot = (libc::PROT_READ | libc::PROT_WRITE) as u64;
-        let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64;
-        let scratch = inj.ok(
-            leader,
-            libc::SYS_mmap,
-            &[0, 8192, prot, flags, u64::MAX, 0],
-            || "mmap(scratch)".into(),
-        )? as u64;
+        let scratch = map_scratch(inj, leader)?;
         let rd = |len: usize| -> Result<Vec<u8>, DumpError> {
             let mut b = vec![0u8; len];
             sys::vm_read(pid, scratch, &mut b).map_err(|e| DumpError::Memory {
@@ -1726,14 +1733,7 @@ mod batch_tests {
         let leader = &frozen.threads[0];
         let (rets, one, batched) = with_gadget(pid, &frozen, &smaps, |inj, batch| {
             let code = batch.expect("room for the batch code in program text");
-            let prot = (libc::PROT_READ | libc::PROT_WRITE) as u64;
-            let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64;
-            let scratch = inj.ok(
-                leader,
-                libc::SYS_mmap,
-                &[0, 8192, prot, flags, u64::MAX, 0],
-                || "mmap".into(),
-            )? as u64;
+            let scratch = map_scratch(inj, leader)?;
             let calls = [
                 (libc::SYS_getpid, [0; 6]),
                 (libc::SYS_getppid, [0; 6]),
