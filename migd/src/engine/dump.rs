@@ -131,29 +131,44 @@ fn refuse(pid: i32, what: impl Into<String>) -> DumpError {
     }
 }
 
-/// Refuses, before anything is frozen, a process the engine cannot restore faithfully
-/// (used by [`dump`] and by `engine::handoff`).
-/// What every dump does first: the process exists, passes [`precheck`] (nothing is
-/// touched if it does not), and `images` exists. Returns the layout the check read.
-pub fn prepare(pid: i32, images: &Path) -> Result<EarlyLayout, DumpError> {
+/// What a dump that keeps the process frozen does first: the process exists, passes
+/// [`precheck`] (nothing is touched if it does not), and `images` exists.
+pub fn prepare(pid: i32, images: &Path) -> Result<(), DumpError> {
+    prepare_then(pid, images, |pid| precheck_areas(pid, &read_smaps(pid)?))
+}
+
+/// [`prepare`] whose check of the areas reads the [`EarlyLayout`] (watched from
+/// now on), for a freeze that follows at once.
+pub fn prepare_early(pid: i32, images: &Path) -> Result<EarlyLayout, DumpError> {
+    prepare_then(pid, images, |pid| {
+        let early = EarlyLayout::read(pid)?;
+        precheck_areas(pid, &early.areas)?;
+        Ok(early)
+    })
+}
+
+fn prepare_then<T>(
+    pid: i32,
+    images: &Path,
+    areas: impl FnOnce(i32) -> Result<T, DumpError>,
+) -> Result<T, DumpError> {
     if !Path::new(&format!("/proc/{pid}")).exists() {
         return Err(FreezeError::NoProcess { pid }.into());
     }
-    let early = precheck(pid)?;
+    precheck_process(pid)?;
+    let checked = areas(pid)?;
     std::fs::create_dir_all(images).map_err(|source| DumpError::Proc {
         path: images.display().to_string(),
         source,
     })?;
-    Ok(early)
+    Ok(checked)
 }
 
 /// Refuses a process the engine cannot move (see [`precheck_process`] and
-/// [`precheck_areas`]); returns the layout it read.
-pub fn precheck(pid: i32) -> Result<EarlyLayout, DumpError> {
+/// [`precheck_areas`]).
+pub fn precheck(pid: i32) -> Result<(), DumpError> {
     precheck_process(pid)?;
-    let early = EarlyLayout::read(pid)?;
-    precheck_areas(pid, &early.areas)?;
-    Ok(early)
+    precheck_areas(pid, &read_smaps(pid)?)
 }
 
 /// The refusals of [`precheck`] that do not need the address space (children,

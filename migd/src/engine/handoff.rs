@@ -77,7 +77,7 @@ fn pending_signals(m: &image::Manifest) -> Vec<i32> {
 /// after the freeze by a [`Flusher`] (see `engine::late`), which starts at once.
 pub fn dump_frozen(pid: i32, images: &Path, late: Option<LateOptions>) -> Result<Held, DumpError> {
     let _span = tracing::info_span!("dump_frozen", pid).entered();
-    let early = super::dump::prepare(pid, images)?;
+    let early = super::dump::prepare_early(pid, images)?;
     if late.is_some() {
         super::late::create_files(images)?;
     }
