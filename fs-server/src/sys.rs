@@ -375,16 +375,31 @@ pub fn utimens_fd(fd: BorrowedFd<'_>, atime: UTime, mtime: UTime) -> io::Result<
     Ok(())
 }
 
-pub fn pread(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-    // SAFETY: `buf` is writable for its length.
-    cvt_size(unsafe {
+/// pread(2) into `buf`'s spare capacity (no zeroing first: a 1 MiB read's memset
+/// was 3% of the CPU of a large read through `/...`); the bytes read are appended.
+pub fn pread_append(
+    fd: BorrowedFd<'_>,
+    buf: &mut Vec<u8>,
+    max: usize,
+    offset: u64,
+) -> io::Result<usize> {
+    buf.reserve(max);
+    let spare = buf.spare_capacity_mut();
+    let want = max.min(spare.len());
+    // SAFETY: `spare` is writable for at least `want` bytes; the kernel writes at
+    // most `want` bytes there.
+    let n = cvt_size(unsafe {
         libc::pread(
             fd.as_raw_fd(),
-            buf.as_mut_ptr() as *mut libc::c_void,
-            buf.len(),
+            spare.as_mut_ptr() as *mut libc::c_void,
+            want,
             offset as libc::off_t,
         )
-    })
+    })?;
+    // SAFETY: the kernel initialised the first `n` (<= want) bytes of the spare
+    // capacity.
+    unsafe { buf.set_len(buf.len() + n) };
+    Ok(n)
 }
 
 pub fn pwrite(fd: BorrowedFd<'_>, buf: &[u8], offset: u64) -> io::Result<usize> {

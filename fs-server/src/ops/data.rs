@@ -223,17 +223,17 @@ pub fn temp_fd(
 
 /// Reads up to `size` bytes at `offset`.
 pub fn read(o: &OpenEntry, offset: u64, size: u32) -> FsResult<Vec<u8>> {
-    let mut buf = vec![0u8; size as usize];
-    let mut done = 0;
-    while done < buf.len() {
-        match sys::pread(o.fd.as_fd(), &mut buf[done..], offset + done as u64) {
+    let size = size as usize;
+    let mut buf = Vec::with_capacity(size);
+    while buf.len() < size {
+        let done = buf.len();
+        match sys::pread_append(o.fd.as_fd(), &mut buf, size - done, offset + done as u64) {
             Ok(0) => break,
-            Ok(n) => done += n,
+            Ok(_) => {}
             Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
             Err(e) => return Err(fs_err(e, format!("read {size} bytes at {offset}"))),
         }
     }
-    buf.truncate(done);
     Ok(buf)
 }
 
