@@ -280,7 +280,13 @@ mod tests {
         assert_eq!(watched(&mut p, "getpid"), Ok(()));
         for what in ["madvise", "mlock", "thread"] {
             let e = watched(&mut p, what).expect_err(what);
-            assert!(e.contains("system calls that can change"), "{what}: {e}");
+            // A thread joined in python may still be leaving the kernel when the
+            // freeze comes: then it is seen as a thread not watched, as it should.
+            let unwatched = what == "thread" && e.contains("not watched");
+            assert!(
+                e.contains("system calls that can change") || unwatched,
+                "{what}: {e}"
+            );
         }
         assert_eq!(watched(&mut p, "getpid"), Ok(()));
     }
