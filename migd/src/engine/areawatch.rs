@@ -93,7 +93,7 @@ impl AreaWatch {
     pub fn start(pid: i32) -> Result<AreaWatch, String> {
         let (enter, exit) = raw_syscall_tracepoints()?;
         let filter = filter();
-        let tids = list_tids(pid)?;
+        let tids = super::freeze::list_tids(pid).map_err(|e| e.to_string())?;
         let mut threads = Vec::with_capacity(tids.len());
         for tid in tids {
             let open = |id| {
@@ -155,19 +155,6 @@ fn filter() -> &'static CString {
             .join(" || ");
         CString::new(f).expect("no NUL in a filter of numbers")
     })
-}
-
-fn list_tids(pid: i32) -> Result<Vec<i32>, String> {
-    let dir = format!("/proc/{pid}/task");
-    let rd = std::fs::read_dir(&dir).map_err(|e| format!("{dir}: {e}"))?;
-    let mut tids = Vec::new();
-    for e in rd {
-        let e = e.map_err(|e| format!("{dir}: {e}"))?;
-        if let Some(t) = e.file_name().to_str().and_then(|s| s.parse().ok()) {
-            tids.push(t);
-        }
-    }
-    Ok(tids)
 }
 
 /// The ids of the `raw_syscalls:sys_enter` and `sys_exit` tracepoints (fixed for

@@ -434,7 +434,10 @@ pub(crate) fn with_gadget<T>(
         errno: e,
     };
     let orig: Vec<u64> = (0..code.len() as u64 / 8)
-        .map(|i| sys::ptrace_peekdata(leader.tid, gaddr + 8 * i).map_err(|e| mem_err(gaddr, e)))
+        .map(|i| {
+            let at = gaddr + 8 * i;
+            sys::ptrace_peekdata(leader.tid, at).map_err(|e| mem_err(at, e))
+        })
         .collect::<Result<_, _>>()?;
     let mut first = orig[0].to_ne_bytes();
     first[..GADGET.len()].copy_from_slice(&GADGET);
@@ -486,6 +489,18 @@ fn map_scratch(inj: &Injector, leader: &Stopped) -> Result<u64, DumpError> {
     Ok(addr as u64)
 }
 
+/// `len` bytes at `addr` of process `pid`, all of them.
+fn read_mem(pid: i32, addr: u64, len: usize) -> Result<Vec<u8>, DumpError> {
+    let mut b = vec![0u8; len];
+    sys::vm_read_exact(pid, addr, &mut b).map_err(|errno| DumpError::Memory {
+        pid,
+        addr,
+        len,
+        errno,
+    })?;
+    Ok(b)
+}
+
 /// The `struct sigaction`s (32 bytes each) of `sigs`, read in the stopped `leader`
 /// through the 8 KiB `scratch`: in one stop with the batch code at `batch`, else one
 /// stop per signal.
@@ -497,18 +512,7 @@ fn read_sigactions(
     scratch: u64,
     sigs: &[i32],
 ) -> Result<Vec<u8>, DumpError> {
-    let rd = |at: u64, len: usize| -> Result<Vec<u8>, DumpError> {
-        let mut b = vec![0u8; len];
-        match sys::vm_read(pid, at, &mut b) {
-            Ok(n) if n == len => Ok(b),
-            r => Err(DumpError::Memory {
-                pid,
-                addr: at,
-                len,
-                errno: r.err().unwrap_or(Errno::EIO),
-            }),
-        }
-    };
+    let rd = |at, len| read_mem(pid, at, len);
     // The table (64 bytes a call) in the first page, the answers in the second.
     let answers = scratch + 4096;
     let Some(code) = batch.filter(|_| sigs.len() * 64 <= 4096 && sigs.len() * 32 <= 4096) else {
@@ -560,16 +564,7 @@ fn inject_reads(
     let leader = &frozen.threads[0];
     with_gadget(pid, frozen, smaps, |inj, batch| {
         let scratch = map_scratch(inj, leader)?;
-        let rd = |len: usize| -> Result<Vec<u8>, DumpError> {
-            let mut b = vec![0u8; len];
-            sys::vm_read(pid, scratch, &mut b).map_err(|e| DumpError::Memory {
-                pid,
-                addr: scratch,
-                len,
-                errno: e,
-            })?;
-            Ok(b)
-        };
+        let rd = |len| read_mem(pid, scratch, len);
         let mut sigactions = Vec::new();
         let sigs: Vec<i32> = (1..=64)
             .filter(|&s| s != libc::SIGKILL && s != libc::SIGSTOP)
@@ -863,7 +858,7 @@ pub(crate) fn collect_into(
     let mut ph = crate::phases::Phases::new("collect");
     // Whether the early flags still hold, asked before the injected reads (which
     // make such calls themselves).
-    let quiet = early.map(|e| e.quiet(frozen));
+    let quiet = early.map_or_else(|| Err("no early layout".into()), |e| e.quiet(frozen));
     let status = read_proc(format!("/proc/{pid}/status"))?;
     // Where to plant the gadget: /proc/PID/maps is enough (smaps costs a page-table
     // walk of the whole address space).
@@ -926,10 +921,7 @@ pub(crate) fn collect_into(
         None => None,
     };
     let (smaps, check) = match from_early {
-        Some(used) => {
-            let quiet = quiet.unwrap_or_else(|| Err("no early layout".into()));
-            (used.clone(), Some(FlagsCheck::start(pid, used, quiet)))
-        }
+        Some(used) => (used.clone(), Some(FlagsCheck::start(pid, used, quiet))),
         None => (read_smaps(pid)?, None),
     };
     ph.mark("layout");
@@ -1319,7 +1311,7 @@ impl MemSource {
             let n = ((len - done) as usize).min(self.buf.len());
             let at = addr + done;
             let chunk = &mut self.buf[..n];
-            let ok = matches!(sys::vm_read(pid, at, chunk), Ok(got) if got == n);
+            let ok = sys::vm_read_exact(pid, at, chunk).is_ok();
             if !ok {
                 // Unreadable protections (PROT_NONE etc.): /proc/PID/mem reads with force.
                 self.mem

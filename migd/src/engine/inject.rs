@@ -135,16 +135,31 @@ impl Injector {
         t.set_regs(&r).map_err(perr)?;
         run_to_trap(t, nr)?;
         let mut back = vec![0u8; bytes.len()];
-        match sys::vm_read(pid, table, &mut back) {
-            Ok(n) if n == back.len() => {}
-            Ok(_) => return Err(memerr("reading back", nix::errno::Errno::EIO)),
-            Err(e) => return Err(memerr("reading back", e)),
-        }
+        sys::vm_read_exact(pid, table, &mut back).map_err(|e| memerr("reading back", e))?;
         Ok(back
             .chunks_exact(64)
             .map(|e| i64::from_ne_bytes(e[56..64].try_into().expect("8 bytes")))
             .take_while(|&ret| ret != NOT_RUN)
             .collect())
+    }
+
+    /// Like [`call`](Self::call) but turns a negative result into an error naming `what`.
+    pub fn ok(
+        &self,
+        t: &Stopped,
+        nr: i64,
+        args: &[u64],
+        what: impl FnOnce() -> String,
+    ) -> Result<i64, InjectError> {
+        let o = self.call(t, nr, args)?;
+        if (-4095..0).contains(&o.ret) {
+            return Err(InjectError::Failed {
+                tid: t.tid,
+                what: what(),
+                errno: nix::errno::Errno::from_raw(-o.ret as i32),
+            });
+        }
+        Ok(o.ret)
     }
 }
 
@@ -164,53 +179,27 @@ fn write_all(pid: i32, addr: u64, bytes: &[u8]) -> Result<(), nix::errno::Errno>
 fn run_to_trap(t: &Stopped, nr: i64) -> Result<Option<i32>, InjectError> {
     let tid = t.tid;
     let perr = |source| InjectError::Ptrace { tid, nr, source };
-    {
-        let mut new_tid = None;
-        let mut sig = 0;
-        loop {
-            match t.cont_and_wait(sig, false).map_err(perr)? {
-                StopKind::Signal(libc::SIGTRAP) => break,
-                StopKind::PtraceEvent(ev) => {
-                    if ev == libc::PTRACE_EVENT_CLONE {
-                        new_tid = Some(sys::ptrace_geteventmsg(tid).map_err(|errno| {
-                            InjectError::Ptrace {
-                                tid,
-                                nr,
-                                source: FreezeError::Ptrace {
-                                    tid,
-                                    op: "PTRACE_GETEVENTMSG",
-                                    errno,
-                                },
-                            }
-                        })? as i32);
-                    }
-                    sig = 0;
+    let mut new_tid = None;
+    let mut sig = 0;
+    loop {
+        match t.cont_and_wait(sig, false).map_err(perr)? {
+            StopKind::Signal(libc::SIGTRAP) => break,
+            StopKind::PtraceEvent(ev) => {
+                if ev == libc::PTRACE_EVENT_CLONE {
+                    let child = sys::ptrace_geteventmsg(tid).map_err(|errno| {
+                        perr(FreezeError::Ptrace {
+                            tid,
+                            op: "PTRACE_GETEVENTMSG",
+                            errno,
+                        })
+                    })?;
+                    new_tid = Some(child as i32);
                 }
-                StopKind::Event | StopKind::Syscall => sig = 0,
-                StopKind::Signal(s) => return Err(InjectError::Unexpected { tid, nr, sig: s }),
+                sig = 0;
             }
+            StopKind::Event | StopKind::Syscall => sig = 0,
+            StopKind::Signal(s) => return Err(InjectError::Unexpected { tid, nr, sig: s }),
         }
-        Ok(new_tid)
     }
-}
-
-impl Injector {
-    /// Like [`call`](Self::call) but turns a negative result into an error naming `what`.
-    pub fn ok(
-        &self,
-        t: &Stopped,
-        nr: i64,
-        args: &[u64],
-        what: impl FnOnce() -> String,
-    ) -> Result<i64, InjectError> {
-        let o = self.call(t, nr, args)?;
-        if (-4095..0).contains(&o.ret) {
-            return Err(InjectError::Failed {
-                tid: t.tid,
-                what: what(),
-                errno: nix::errno::Errno::from_raw(-o.ret as i32),
-            });
-        }
-        Ok(o.ret)
-    }
+    Ok(new_tid)
 }

@@ -661,7 +661,7 @@ const BATCH: u64 = 8;
 /// process_vm_readv, else `mem` (its /proc/PID/mem, which also reads what
 /// process_vm_readv refuses, e.g. PROT_NONE pages). Whether it read them all.
 pub(crate) fn read_frozen(pid: i32, mem: Option<&File>, addr: u64, slot: &mut [u8]) -> bool {
-    matches!(sys::vm_read(pid, addr, slot), Ok(n) if n == slot.len())
+    sys::vm_read_exact(pid, addr, slot).is_ok()
         || mem.is_some_and(|m| m.read_exact_at(slot, addr).is_ok())
 }
 

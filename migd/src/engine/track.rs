@@ -475,7 +475,7 @@ impl Tracker {
                 for (k, &(a, n)) in batch.iter().enumerate() {
                     let slot = &mut buf[at as usize..(at + n) as usize];
                     ok[k] = at + n <= got
-                        || matches!(sys::vm_read(pid, a, slot), Ok(r) if r as u64 == n)
+                        || sys::vm_read_exact(pid, a, slot).is_ok()
                         || self.src.read_forced(a, slot).is_ok();
                     if !ok[k] && strict {
                         return Err(DumpError::Memory {

@@ -219,6 +219,14 @@ pub fn vm_read(pid: i32, addr: u64, buf: &mut [u8]) -> Result<usize, Errno> {
     check(r as libc::c_long).map(|n| n as usize)
 }
 
+/// [`vm_read`] of all of `buf`: a short read is `EIO`.
+pub fn vm_read_exact(pid: i32, addr: u64, buf: &mut [u8]) -> Result<(), Errno> {
+    match vm_read(pid, addr, buf)? {
+        n if n == buf.len() => Ok(()),
+        _ => Err(Errno::EIO),
+    }
+}
+
 /// Asks the file system for `fd`'s attributes afresh (statx with
 /// AT_STATX_FORCE_SYNC): a FUSE file's size cached by the kernel may be behind what
 /// another node wrote; returns the size now.
