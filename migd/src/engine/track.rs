@@ -670,8 +670,11 @@ impl Tracker {
         let page = sys::page_size();
         let t = Instant::now();
         // The pages to save and those written since the last round: one walk.
+        // Joined: a walk whose output filled up may report the pages after where
+        // it stopped again in its next call (seen as runs listed twice in the
+        // manifest once an area had more regions than one call takes).
         let (wanted, dirty) = match self.src.saved_and_written(a, kind) {
-            Ok(w) => w,
+            Ok((w, d)) => (sorted_joined(w), sorted_joined(d)),
             Err(e) => {
                 tracing::warn!(
                     "{:#x}-{:#x} {}: final PAGEMAP_SCAN: {e}; saving it in full",
@@ -739,6 +742,12 @@ impl Tracker {
 }
 
 // Address ranges `[start, end)`: sorted, disjoint, adjacent ones joined.
+
+/// `ranges` in any order, sorted, overlapping and adjacent ones joined.
+fn sorted_joined(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    ranges.sort_unstable();
+    joined(ranges)
+}
 
 /// `ranges` (sorted by start) with overlapping and adjacent ones joined.
 fn joined(ranges: impl IntoIterator<Item = (u64, u64)>) -> Vec<(u64, u64)> {
