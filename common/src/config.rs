@@ -156,10 +156,13 @@ pub struct MigdConfig {
     /// Lazy: cap on background prefetch from the store, in MiB/s (0: none). Faults
     /// are always served at once.
     pub lazy_prefetch_mib_per_sec: u64,
+    /// Destination of a pre-copy with lazy fault-in: read the rounds' pages from
+    /// the store while the source writes the next ones, at most this many MiB
+    /// (and no more than a quarter of the node's available memory); 0: off.
+    pub precopy_warm_mib: u64,
     /// Lazy modes: start the destination right after the freeze and write the pages
     /// it serves on demand afterwards (late.img, see docs/lazy.md "Late pages").
-    /// Off by default: a destination's view of late.ready was seen to stop
-    /// following the file in about one run in three of the fault tests.
+    /// On by default.
     pub lazy_late_pages: bool,
     /// How long a destination keeps a migration in flight waiting for its source's
     /// next word, in seconds: an accepted offer (its restorer started, the home
@@ -180,6 +183,7 @@ impl Default for MigdConfig {
             precopy_stop_below_bytes: 8 << 20,
             lazy_store_bound_secs: 60,
             lazy_prefetch_mib_per_sec: 0,
+            precopy_warm_mib: 4096,
             lazy_late_pages: true,
             offer_bound_secs: 600,
         }

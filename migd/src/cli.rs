@@ -89,6 +89,11 @@ pub enum Cmd {
         /// pages.img.
         #[arg(long, hide = true, requires = "lazy")]
         eager: Option<PathBuf>,
+        /// With --lazy: read pages.img's whole chunks in its first N MiB into memory
+        /// before the restore, as a migration's destination does during pre-copy
+        /// (docs/lazy.md "Warm pages"); the pager takes them from there.
+        #[arg(long, default_value_t = 0, hide = true, requires = "lazy")]
+        warm_mib: u64,
     },
     /// Serve the missing pages of a lazily restored process again, after the
     /// `migd restore --lazy` serving it died: the userfaultfd is taken back from the
@@ -118,6 +123,8 @@ pub struct LazyArgs {
     pub prefetch_mib_per_sec: u64,
     /// See `--eager`.
     pub eager: Option<PathBuf>,
+    /// See `--warm-mib`.
+    pub warm_mib: u64,
 }
 
 impl LazyArgs {
@@ -272,6 +279,7 @@ fn run_restore_with(
             detach,
             manifest: None,
             eager: None,
+            warm: Default::default(),
         },
         inherit,
         |r| {
@@ -309,13 +317,14 @@ fn say_all_in(p: &Progress, total: u64, secs: f64, json: bool) {
         println!("{}", serde_json::to_string(p).unwrap_or_default());
     } else {
         println!(
-            "all pages in: {total} bytes in {:.1} ms ({:.0} MB/s); {} bytes by {} faults, {} bytes prefetched, {} zero pages",
+            "all pages in: {total} bytes in {:.1} ms ({:.0} MB/s); {} bytes by {} faults, {} bytes prefetched, {} zero pages, {} bytes read before the restore",
             secs * 1e3,
             total as f64 / secs.max(1e-9) / 1e6,
             p.faulted_bytes,
             p.faults,
             p.prefetched_bytes,
-            p.zero_pages
+            p.zero_pages,
+            p.warm_bytes
         );
     }
     let _ = std::io::stdout().flush();
@@ -333,7 +342,7 @@ pub fn run_restore_lazy(
 ) -> anyhow::Result<i32> {
     let lr = restore_lazy(
         &RestoreOptions {
-            images,
+            images: images.clone(),
             detach,
             manifest: None,
             eager: match &lazy.eager {
@@ -342,6 +351,13 @@ pub fn run_restore_lazy(
                         .map_err(|e| anyhow::anyhow!("reading eager pages {}: {e}", p.display()))?,
                 ),
                 None => None,
+            },
+            warm: match lazy.warm_mib {
+                0 => Default::default(),
+                n => crate::engine::restore::warm::Handed::new(
+                    crate::engine::restore::warm::read_now(&images, n << 20)
+                        .map_err(|e| anyhow::anyhow!("reading pages.img ahead: {e}"))?,
+                ),
             },
         },
         &lazy.options(),

@@ -41,6 +41,7 @@ fn main() -> anyhow::Result<()> {
                 readahead,
                 prefetch_mib_per_sec,
                 eager,
+                warm_mib,
             }),
             _,
         ) => {
@@ -52,6 +53,7 @@ fn main() -> anyhow::Result<()> {
                     readahead,
                     prefetch_mib_per_sec,
                     eager,
+                    warm_mib,
                 };
                 migd::cli::run_restore_lazy(images, detach, &inherit_fd, json, &l)?
             } else {

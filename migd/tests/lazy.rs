@@ -286,6 +286,11 @@ fn one_gib_process_restored_lazily_sees_every_page_and_ends_as_uninterrupted() {
     let filled = std::fs::read(&p.out).unwrap();
     for (what, extra) in [
         ("with prefetch", &[][..]),
+        // As after a pre-copy whose rounds the destination read meanwhile.
+        (
+            "with prefetch, pages.img read before",
+            &["--warm-mib", "1024"][..],
+        ),
         ("faults only, 1 MiB read-ahead", &["--no-prefetch"][..]),
         (
             "faults only, 64 KiB read-ahead",
@@ -296,6 +301,21 @@ fn one_gib_process_restored_lazily_sees_every_page_and_ends_as_uninterrupted() {
         std::fs::write(&p.err, b"").unwrap();
         let (all_in, verify) = lazy_round(&images, &p.out, &p.err, &reference, extra);
         println!("lazy restore of 1 GiB, {what}: {all_in} | program: {verify}");
+        // The pages read before came from memory, checked, not from pages.img.
+        let before: u64 = all_in
+            .rsplit(", ")
+            .next()
+            .and_then(|t| t.strip_suffix(" bytes read before the restore"))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no 'read before' figure in {all_in:?}"));
+        if extra.contains(&"--warm-mib") {
+            assert!(
+                before > 1000 << 20,
+                "{what}: only {before} bytes from memory"
+            );
+        } else {
+            assert_eq!(before, 0, "{what}");
+        }
     }
 }
 

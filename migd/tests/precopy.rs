@@ -213,6 +213,42 @@ fn precopy_dump_of_a_process_rewriting_256mib_restores_byte_exact() {
         "the runs point at {saved} bytes of a {} byte pages.img",
         m.pages_len
     );
+    // pages.ready (what a destination may read during pre-copy): lengths growing,
+    // every round but the last announced (the destination must not read in the
+    // freeze), and no range it calls replaced holds a page the image uses.
+    let ready = std::fs::read(images.join(migd::engine::image::PAGES_READY_FILE))
+        .expect("pages.ready written by the rounds");
+    let mut at = 0;
+    let mut lens = Vec::new();
+    let mut replaced = Vec::new();
+    while let Some(rec) = migd::engine::image::parse_pages_ready(&ready[at..]) {
+        lens.push(rec.len);
+        replaced.extend(rec.replaced);
+        at += rec.size;
+    }
+    assert_eq!(at, ready.len(), "pages.ready holds whole records only");
+    assert!(
+        lens.windows(2).all(|w| w[0] <= w[1]),
+        "lengths shrink: {lens:?}"
+    );
+    let all_but_last: u64 = rounds[..rounds.len() - 1].iter().map(|r| r.2).sum();
+    let all_rounds = all_but_last + rounds[rounds.len() - 1].2;
+    let last = lens.last().copied().unwrap_or(0);
+    assert!(
+        all_but_last <= last && last < all_rounds,
+        "the last record ({last}) should lie in the last round ({all_but_last}..{all_rounds}), \
+         not at its end: {lens:?}"
+    );
+    assert!(
+        !replaced.is_empty(),
+        "the rounds rewrote pages, yet no copy is called replaced"
+    );
+    for &(_, n, off) in m.areas.iter().flat_map(|a| &a.runs) {
+        let (lo, hi) = (off, off + n * 4096);
+        if let Some(r) = replaced.iter().find(|r| r.0 < hi && lo < r.1) {
+            panic!("pages.ready calls {r:?} replaced, but a run uses {lo}..{hi}");
+        }
+    }
 
     restore_and_wait(&images, "rewriter");
     let got = std::fs::read(&out).unwrap();

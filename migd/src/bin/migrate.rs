@@ -93,6 +93,10 @@ enum Internal {
         /// the image is written.
         #[arg(long)]
         warm: Vec<PathBuf>,
+        /// Lazy, after pre-copy: read at most this many MiB of the rounds' pages
+        /// while the source writes the next (0: none).
+        #[arg(long, default_value_t = 0)]
+        warm_pages_mib: u64,
         /// Run the process at once; its pages fault in from the image.
         #[arg(long)]
         lazy: bool,
@@ -145,6 +149,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             stage,
             socket,
             warm,
+            warm_pages_mib,
             lazy,
             store_bound,
             prefetch_mib_per_sec,
@@ -154,7 +159,10 @@ fn run(args: Args) -> anyhow::Result<()> {
             &superroot,
             &stage,
             socket.as_deref(),
-            &warm,
+            &migd::daemon::helpers::Warming {
+                files: warm,
+                pages: warm_pages_mib << 20,
+            },
             lazy.then(|| LazyOptions {
                 store_bound: std::time::Duration::from_secs(store_bound),
                 prefetch_rate: prefetch_mib_per_sec << 20,

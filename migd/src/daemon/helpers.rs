@@ -34,6 +34,7 @@ use crate::engine::handoff::{dump_frozen, dump_frozen_precopy, Held, Shadow};
 use crate::engine::late::LateOptions;
 use crate::engine::restore::into::restore_into;
 use crate::engine::restore::lazy::LazyOptions;
+use crate::engine::restore::warm::{self, PageWarmer};
 use crate::engine::restore::{restore_lazy_paused, restore_paused, RestoreError, RestoreOptions};
 use crate::engine::track::PrecopyOptions;
 use std::io::{BufRead, Write};
@@ -649,6 +650,14 @@ fn raw_bytes(n: usize) -> Option<Vec<u8>> {
     Some(buf)
 }
 
+/// What a restorer reads while the source writes the image.
+pub struct Warming {
+    /// Files the process maps (home paths), read into the page cache.
+    pub files: Vec<PathBuf>,
+    /// Lazy, after pre-copy: bytes of the rounds' pages read at most (0: none).
+    pub pages: u64,
+}
+
 /// `migrate internal-restore`: builds the home's file view in a new mount namespace
 /// (`/` from `/.../<home>/`, the host's /proc, /dev, /sys) at `stage` and enters it,
 /// says `ready`, and once told `restore` (the image at `images`, under `superroot`,
@@ -664,7 +673,7 @@ pub fn restorer_main(
     superroot: &Path,
     stage: &Path,
     socket: Option<&Path>,
-    warm: &[PathBuf],
+    warm: &Warming,
     lazy: Option<LazyOptions>,
 ) -> i32 {
     let mut ph = crate::phases::Phases::new("restorer");
@@ -709,10 +718,18 @@ pub fn restorer_main(
     if !say("ready") {
         return 1;
     }
-    warm_files(warm);
+    warm_files(&warm.files);
     ph.mark("mapped files read");
     ph.log();
-    let fresh = KeepFresh::start(warm.to_vec());
+    let fresh = KeepFresh::start(warm.files.clone());
+    // A lazy restore after pre-copy: pages.img's finished rounds are read now,
+    // while the source writes the next ones (`engine::restore::warm`).
+    let warmer = (warm.pages > 0 && lazy.is_some())
+        .then(|| PageWarmer::start(image_path.clone(), warm::cap(warm.pages)))
+        .and_then(|w| {
+            w.map_err(|e| tracing::warn!("pages are not read during pre-copy: {e}"))
+                .ok()
+        });
     // `restore`, or `restore <n> [<e>]` followed by the manifest's n bytes and the
     // eager pages' e bytes.
     let (manifest, eager) = match raw_line()
@@ -744,6 +761,12 @@ pub fn restorer_main(
     // Ended before the restore forks (its clone3 bypasses libc's fork handlers).
     drop(fresh);
     ph = crate::phases::Phases::new("restorer_go");
+    let warm = warmer
+        .and_then(PageWarmer::finish)
+        .filter(|w| !w.is_empty())
+        .map(warm::Handed::new)
+        .unwrap_or_default();
+    ph.mark("page warmer stopped");
     let images_fd = match early.map_or_else(|| std::fs::File::open(&image_path), Ok) {
         Ok(f) => f,
         Err(e) => {
@@ -763,6 +786,7 @@ pub fn restorer_main(
         detach: false,
         manifest,
         eager,
+        warm,
     };
     if let Some(lazy) = lazy {
         return restorer_lazy(&opts, &lazy, &mut link);

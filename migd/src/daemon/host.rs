@@ -60,6 +60,12 @@ impl Restorer {
             .arg("--socket")
             .arg(&socket)
             .args(offer.files.iter().flat_map(|f| ["--warm", f.as_str()]))
+            .arg("--warm-pages-mib")
+            .arg(if offer.mode.precopies() {
+                d.config.migd.precopy_warm_mib.to_string()
+            } else {
+                "0".to_string()
+            })
             .args(if offer.mode.lazy() {
                 vec![
                     "--lazy".to_string(),

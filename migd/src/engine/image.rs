@@ -21,6 +21,16 @@ pub const LATE_READY_FILE: &str = "late.ready";
 pub const LATE_WANT_FILE: &str = "late.want";
 /// The want record saying "every page is in: stop flushing".
 pub const LATE_DONE: u32 = u32::MAX;
+/// Pre-copy's progress records, one per round once its pages reached the store's
+/// disk: pages.img's length then (u64), the number of ranges (u64), and that many
+/// `(start, end)` byte ranges of pages.img (u64 each) whose page copies this round
+/// replaced; little-endian. pages.img is only appended to, so the bytes below a
+/// listed length never change. The destination reads them while later rounds run
+/// (`engine::restore::warm`), skipping what was replaced.
+pub const PAGES_READY_FILE: &str = "pages.ready";
+/// Replaced ranges one pages.ready record lists at most (the largest are kept: the
+/// list only saves the destination reads).
+pub const PAGES_READY_MAX_RANGES: usize = 1 << 16;
 /// A run offset with this bit set lies in late.img (the bit cleared), not pages.img.
 pub const LATE: u64 = 1 << 62;
 const MAGIC: &str = "FERRY-IMAGE";
@@ -636,6 +646,79 @@ fn check_pages(dir: &Path, m: &Manifest) -> Result<(), ImageError> {
         }
     }
     Ok(())
+}
+
+/// Appends a record to pages.ready (see [`PAGES_READY_FILE`]): the first `len`
+/// bytes of pages.img are written and synced; the copies in `replaced` (byte
+/// ranges of pages.img) were replaced since the last record. The file is opened for
+/// the record and closed again (close(2) says whether it reached the store's
+/// server), like late.ready's records; the record is one write.
+pub fn note_pages_ready(dir: &Path, len: u64, replaced: &[(u64, u64)]) -> Result<(), ImageError> {
+    let mut ranges: Vec<(u64, u64)> = replaced.iter().copied().filter(|r| r.0 < r.1).collect();
+    ranges.sort_unstable();
+    let mut joined: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+    for (lo, hi) in ranges {
+        match joined.last_mut() {
+            Some(last) if lo <= last.1 => last.1 = last.1.max(hi),
+            _ => joined.push((lo, hi)),
+        }
+    }
+    if joined.len() > PAGES_READY_MAX_RANGES {
+        joined.sort_unstable_by_key(|r| std::cmp::Reverse(r.1 - r.0));
+        joined.truncate(PAGES_READY_MAX_RANGES);
+        joined.sort_unstable();
+    }
+    let mut rec = Vec::with_capacity(16 + 16 * joined.len());
+    rec.extend_from_slice(&len.to_le_bytes());
+    rec.extend_from_slice(&(joined.len() as u64).to_le_bytes());
+    for (lo, hi) in joined {
+        rec.extend_from_slice(&lo.to_le_bytes());
+        rec.extend_from_slice(&hi.to_le_bytes());
+    }
+    let path = dir.join(PAGES_READY_FILE);
+    std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(&path)
+        .and_then(|mut f| {
+            f.write_all(&rec)?;
+            crate::sys::close_checked(f)
+        })
+        .map_err(io_err(&path))
+}
+
+/// One record of pages.ready (see [`PAGES_READY_FILE`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PagesReady {
+    /// pages.img's first `len` bytes are on the store.
+    pub len: u64,
+    /// Byte ranges of pages.img whose copies were replaced since the last record.
+    pub replaced: Vec<(u64, u64)>,
+    /// The record's own size in pages.ready.
+    pub size: usize,
+}
+
+/// The first whole record of pages.ready in `buf`; `None` if `buf` does not hold
+/// one whole (yet), or it makes no sense.
+pub fn parse_pages_ready(buf: &[u8]) -> Option<PagesReady> {
+    let word = |i: usize| -> Option<u64> {
+        Some(u64::from_le_bytes(
+            buf.get(i * 8..i * 8 + 8)?.try_into().ok()?,
+        ))
+    };
+    let (len, n) = (word(0)?, word(1)?);
+    if n > PAGES_READY_MAX_RANGES as u64 {
+        return None;
+    }
+    let n = n as usize;
+    let ranges = (0..n)
+        .map(|k| Some((word(2 + 2 * k)?, word(3 + 2 * k)?)))
+        .collect::<Option<Vec<_>>>()?;
+    Some(PagesReady {
+        len,
+        replaced: ranges,
+        size: 16 + 16 * n,
+    })
 }
 
 /// Appends page data to pages.img, computing chunk checksums as it goes.

@@ -218,7 +218,17 @@ pub struct Tracker {
     /// call comes from the heap once glibc raised its mmap threshold, and is zeroed
     /// in full each time (~1 ms a call, one call per tracked area in the freeze).
     copy_buf: Vec<u8>,
+    /// Byte ranges of pages.img whose copies were replaced since the last
+    /// pages.ready record.
+    replaced: Vec<(u64, u64)>,
+    /// pages.img's length in the last pages.ready record.
+    noted: u64,
+    /// pages.img's length synced at the end of the last round, not said yet.
+    synced: Option<u64>,
 }
+
+/// pages.img bytes written within a round between two pages.ready records.
+const READY_EVERY: u64 = 64 << 20;
 
 #[derive(Debug, Default, Clone, Copy)]
 struct FinalMs {
@@ -327,6 +337,9 @@ impl Tracker {
             final_ms: FinalMs::default(),
             fresh: None,
             copy_buf: Vec::new(),
+            replaced: Vec::new(),
+            noted: 0,
+            synced: None,
         })
     }
 
@@ -348,6 +361,12 @@ impl Tracker {
     /// the tracked areas, later ones the pages written since the previous round.
     pub fn round(&mut self) -> Result<RoundReport, DumpError> {
         let t0 = Instant::now();
+        // The last round's pages, synced at its end, are announced now that
+        // another round follows: the last round's never are, so that the
+        // destination does not read them in the freeze that follows it.
+        if let Some(len) = self.synced.take() {
+            self.note_ready(len);
+        }
         self.rounds += 1;
         let pid = self.pid;
         let required = if self.rounds == 1 {
@@ -404,6 +423,9 @@ impl Tracker {
                 path: path.display().to_string(),
                 source,
             })?;
+        // The destination may read what is below this while the next rounds run
+        // (said when the next round starts).
+        self.synced = Some(self.pw.as_ref().map_or(0, image::PageWriter::offset));
         Ok(RoundReport {
             round: self.rounds,
             frozen: false,
@@ -412,6 +434,41 @@ impl Tracker {
             ms: t0.elapsed().as_secs_f64() * 1e3,
             ..RoundReport::default()
         })
+    }
+
+    /// Appends a pages.ready record: pages.img's first `len` bytes are on the
+    /// store's server (a failure only means the destination reads them later).
+    fn note_ready(&mut self, len: u64) {
+        let replaced = std::mem::take(&mut self.replaced);
+        if let Err(e) = image::note_pages_ready(&self.images, len, &replaced) {
+            tracing::debug!(error = %e, "pages.ready not written: the destination reads these pages later");
+        }
+        self.noted = len;
+    }
+
+    /// Within a round, every [`READY_EVERY`] bytes: pushes what pages.img holds to
+    /// the store's server (a flush of the writer's buffer, then an open and close
+    /// of the file: close(2) drains this node's write-behind) and says so in
+    /// pages.ready, so that the destination reads a long round's pages while it
+    /// goes on. Not synced to the disk: the round's end does that.
+    fn note_ready_within(&mut self, pw: &mut PageWriter) {
+        let len = pw.offset();
+        if len - self.noted < READY_EVERY {
+            return;
+        }
+        let path = self.images.join(image::PAGES_FILE);
+        let pushed = pw.flush().map_err(|e| e.to_string()).and_then(|()| {
+            std::fs::File::open(&path)
+                .and_then(sys::close_checked)
+                .map_err(|e| e.to_string())
+        });
+        match pushed {
+            Ok(()) => self.note_ready(len),
+            Err(e) => {
+                tracing::debug!(error = %e, "pages.img not pushed within the round");
+                self.noted = len;
+            }
+        }
     }
 
     /// Copies `regions` to pages.img in gathered reads of up to 8 MiB (one
@@ -489,6 +546,14 @@ impl Tracker {
                 }
                 let mut at = 0u64;
                 for (k, &(a, n)) in batch.iter().enumerate() {
+                    // Older copies of these pages are replaced (or, unreadable
+                    // now, forgotten): pages.ready tells the destination.
+                    self.replaced.extend(
+                        self.map
+                            .pieces(a, a + n)
+                            .into_iter()
+                            .map(|(s, e, o)| (o, o + (e - s))),
+                    );
                     if ok[k] {
                         let off = pw.write(&buf[at as usize..(at + n) as usize])?;
                         self.map.insert(a, a + n, off);
@@ -498,6 +563,11 @@ impl Tracker {
                         self.map.remove(a, a + n);
                     }
                     at += n;
+                }
+                // (Not after the round's last batch: the round's end is said
+                // when the next round starts, see `round`.)
+                if !strict && j < pieces.len() {
+                    self.note_ready_within(pw);
                 }
                 i = j;
             }

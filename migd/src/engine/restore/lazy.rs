@@ -91,6 +91,9 @@ pub struct Progress {
     pub faulted_bytes: u64,
     /// Bytes filled from the image by the prefetch.
     pub prefetched_bytes: u64,
+    /// Of the bytes faulted in and prefetched, those taken from pages read before
+    /// the restore (see `restore::warm`) rather than from the store.
+    pub warm_bytes: u64,
     /// Pages answered with zeros (no data in the image, or dropped by the process).
     pub zero_pages: u64,
     /// Image bytes not filled yet, over every address space served.
@@ -202,10 +205,16 @@ enum Served {
 }
 
 impl Pager {
-    fn new(images: &Path, m: &Manifest, opts: LazyOptions, victim: Option<i32>) -> Pager {
+    fn new(
+        images: &Path,
+        m: &Manifest,
+        opts: LazyOptions,
+        victim: Option<i32>,
+        warm: Option<super::warm::WarmPages>,
+    ) -> Pager {
         Pager {
             spaces: Vec::new(),
-            source: Source::new(m, images),
+            source: Source::new(m, images, warm),
             prefetch_hold: None,
             opts,
             victim,
@@ -312,7 +321,7 @@ impl Pager {
             }
         }
         let pidfd = sys::pidfd_open(stub_pid).map_err(|e| err("pidfd_open(stub)", e))?;
-        let mut pager = Pager::new(images, &m, opts.clone(), Some(stub_pid));
+        let mut pager = Pager::new(images, &m, opts.clone(), Some(stub_pid), None);
         for (id, (layout, fd)) in spaces {
             let uffd = Uffd::from_fd(
                 sys::pidfd_getfd(pidfd.as_raw_fd(), fd)
@@ -422,6 +431,7 @@ impl Pager {
         {
             self.prefetch_one();
         }
+        self.progress.warm_bytes = self.source.warm_served;
         self.finish_spaces();
         self.refresh();
         if let Some((for_, cause)) = self.retry.stalled(Instant::now()) {
@@ -465,6 +475,7 @@ impl Pager {
                 faults = p.faults,
                 faulted_bytes = p.faulted_bytes,
                 prefetched_bytes = p.prefetched_bytes,
+                warm_bytes = p.warm_bytes,
                 "every page is in"
             );
         }

@@ -10,6 +10,7 @@ pub mod into;
 pub mod lazy;
 pub mod memory;
 pub mod spawn;
+pub mod warm;
 
 use super::freeze::{FreezeError, StopKind, Stopped};
 use super::image::{self, AreaKind, Caps, Manifest};
@@ -36,6 +37,9 @@ pub struct RestoreOptions {
     /// A lazy restore's eager pages if they were handed over (encoded
     /// `image::EagerPages`): no chunk of pages.img is read for the runs they hold.
     pub eager: Option<Vec<u8>>,
+    /// pages.img's first bytes if they were read while pre-copy ran (see [`warm`]):
+    /// a lazy restore's pager takes the chunks it holds from there.
+    pub warm: warm::Handed,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -450,7 +454,8 @@ fn start(
         if let (Some(uffd), Some(plan), Some(lo)) = (uffd, plan, lazy) {
             lazy_bytes = Some(plan.lazy_bytes());
             let l = link.take().expect("the stub link");
-            let p = lazy::arm(&ctx, uffd, plan, &opts.images, &m, l, lo)?;
+            let warm = opts.warm.take();
+            let p = lazy::arm(&ctx, uffd, plan, &opts.images, &m, l, lo, warm)?;
             pager = Some(p);
         }
         Ok(threads)

@@ -212,7 +212,9 @@ pub fn create_uffd(ctx: &Ctx) -> Result<Uffd, RestoreError> {
 }
 
 /// Registers the lazy areas, fills the lazy pages the restore touched, and hands a
-/// second reference to the stub. The process is shaped and still stopped.
+/// second reference to the stub. The process is shaped and still stopped. `warm`:
+/// chunks of pages.img read before (see `restore::warm`), served from memory.
+#[allow(clippy::too_many_arguments)] // each is a different part of the restore's state
 pub fn arm(
     ctx: &Ctx,
     uffd: Uffd,
@@ -221,6 +223,7 @@ pub fn arm(
     m: &Manifest,
     mut link: StubLink,
     opts: &LazyOptions,
+    warm: Option<crate::engine::restore::warm::WarmPages>,
 ) -> Result<Pager, RestoreError> {
     let other = |what: String| RestoreError::Other { what };
     let mut registered = Ranges::default();
@@ -230,7 +233,7 @@ pub fn arm(
         registered.insert(s, e, 0);
     }
     let mut missing = plan.missing;
-    let mut pager = Pager::new(images, m, opts.clone(), Some(link.pid));
+    let mut pager = Pager::new(images, m, opts.clone(), Some(link.pid), warm);
     // Pages present now were touched during the restore (or are eager): they will
     // never fault, so any not filled eagerly gets its image data now (late pages:
     // once the source has written them).

@@ -9,6 +9,7 @@
 
 use crate::engine::image::{self, LATE};
 use crate::engine::late::LateReader;
+use crate::engine::restore::warm::WarmPages;
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
@@ -26,16 +27,6 @@ const AHEAD_CHUNKS: u64 = 8;
 
 /// Threads reading ahead (the store's client serves requests in parallel).
 const AHEAD_THREADS: usize = 4;
-
-/// Whether `path` is on a FUSE file system (`/...`), whose reads the read-ahead
-/// makes with O_DIRECT: each chunk is read once, so the page cache only costs (a
-/// copy and the cache's upkeep: 1.7 CPU-seconds per GiB read through `/...` here
-/// instead of 2.2, in the same time with four readers). Local files (the engine's
-/// tests) are read through the page cache: O_DIRECT on them wants aligned buffers.
-fn on_fuse(path: &std::path::Path) -> bool {
-    nix::sys::statfs::statfs(path)
-        .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::FUSE_SUPER_MAGIC)
-}
 
 /// Reads chunks of pages.img on a thread of its own, each checked against its CRC,
 /// while the pager copies the ones before into the process: the store's latency
@@ -57,7 +48,8 @@ impl ReadAhead {
         let asked = std::sync::Arc::new(std::sync::Mutex::new(asked));
         let crcs = std::sync::Arc::new(crcs);
         let (give, got) = mpsc::channel();
-        let direct = on_fuse(&path);
+        // O_DIRECT on `/...`: see `sys::on_fuse`.
+        let direct = crate::sys::on_fuse(&path);
         for _ in 0..AHEAD_THREADS {
             let (asked, give, crcs, path) =
                 (asked.clone(), give.clone(), crcs.clone(), path.clone());
@@ -145,6 +137,20 @@ impl ReadAhead {
     }
 }
 
+/// Applies `f(counter, bytes)` to the counter of each chunk `[off, off + len)`
+/// touches, with the bytes it holds of it.
+fn add_per_chunk(counts: &mut [u64], off: u64, len: u64, f: impl Fn(&mut u64, u64)) {
+    let mut at = off;
+    while at < off + len {
+        let c = at / image::CHUNK;
+        let end = ((c + 1) * image::CHUNK).min(off + len);
+        if let Some(n) = counts.get_mut(c as usize) {
+            f(n, end - at);
+        }
+        at = end;
+    }
+}
+
 /// Why pages could not be read.
 #[derive(Debug)]
 pub(super) struct SourceError {
@@ -196,17 +202,66 @@ pub(super) struct Source {
     ahead: Option<ReadAhead>,
     /// The last chunk of pages.img read.
     last_main: Option<u64>,
+    /// Chunks of pages.img read while pre-copy ran (see `restore::warm`).
+    warm: Option<WarmPages>,
+    /// Per chunk of pages.img: the bytes of runs in it not taken from `warm` yet.
+    /// A warm chunk is freed once none are left (its pages are the next ones the
+    /// kernel gives the process: touching memory never used before is what costs
+    /// most in a copy on this VM).
+    warm_need: Vec<u64>,
+    /// Warm chunks to free at the next read (the last read's slice may point
+    /// into them until then).
+    warm_spent: Vec<u64>,
+    /// Per chunk of pages.img: whether its warm copy matched its CRC (checked at
+    /// its first use; a chunk that does not match is read from the store).
+    warm_checked: Vec<Option<bool>>,
+    /// Bytes served from `warm`.
+    pub(super) warm_served: u64,
 }
 
 impl Source {
-    pub(super) fn new(m: &image::Manifest, images: &std::path::Path) -> Source {
+    pub(super) fn new(
+        m: &image::Manifest,
+        images: &std::path::Path,
+        warm: Option<WarmPages>,
+    ) -> Source {
+        Source::of(
+            images,
+            (m.pages_len, m.chunk_crcs.clone(), m.late_len),
+            m.areas.iter().flat_map(|a| a.runs.iter().copied()),
+            warm,
+        )
+    }
+
+    /// A source for an image of `(pages_len, chunk_crcs, late_len)` whose runs
+    /// `(address, pages, offset)` are `runs`.
+    fn of(
+        images: &std::path::Path,
+        (pages_len, chunk_crcs, late_len): (u64, Vec<u32>, u64),
+        runs: impl Iterator<Item = (u64, u64, u64)>,
+        warm: Option<WarmPages>,
+    ) -> Source {
+        let mut warm_need = vec![0u64; chunk_crcs.len()];
+        if warm.is_some() {
+            for (_, pages, off) in runs {
+                if off & LATE == 0 {
+                    add_per_chunk(
+                        &mut warm_need,
+                        off,
+                        pages * crate::sys::page_size(),
+                        |n, k| *n += k,
+                    );
+                }
+            }
+        }
         Source {
-            main: PageFile::new(images.join(image::PAGES_FILE), m.pages_len),
-            main_crcs: m.chunk_crcs.clone(),
-            late: (m.late_len > 0).then(|| {
+            main: PageFile::new(images.join(image::PAGES_FILE), pages_len),
+            warm_checked: vec![None; chunk_crcs.len()],
+            main_crcs: chunk_crcs,
+            late: (late_len > 0).then(|| {
                 (
-                    PageFile::new(images.join(image::LATE_FILE), m.late_len),
-                    LateReader::new(images, m.late_len),
+                    PageFile::new(images.join(image::LATE_FILE), late_len),
+                    LateReader::new(images, late_len),
                 )
             }),
             cache: Vec::new(),
@@ -215,7 +270,36 @@ impl Source {
             last_poll: None,
             ahead: None,
             last_main: None,
+            warm,
+            warm_need,
+            warm_spent: Vec::new(),
+            warm_served: 0,
         }
+    }
+
+    /// Whether chunk `i` of pages.img may be taken from the warm pages (checked
+    /// against its CRC the first time).
+    fn warm_ok(&mut self, i: u64) -> bool {
+        let Some(w) = self.warm.as_ref() else {
+            return false;
+        };
+        let Some(slot) = self.warm_checked.get_mut(i as usize) else {
+            return false;
+        };
+        *slot.get_or_insert_with(|| {
+            let Some(bytes) = w.chunk(i).filter(|_| (i + 1) * image::CHUNK <= self.main.len)
+            else {
+                return false;
+            };
+            let ok = self.main_crcs.get(i as usize) == Some(&crc32c::crc32c(bytes));
+            if !ok {
+                tracing::debug!(
+                    chunk = i,
+                    "the chunk read during pre-copy does not match its checksum; reading it from the store"
+                );
+            }
+            ok
+        })
     }
 
     /// After chunk `i` of pages.img was taken: if reads go in order, the next
@@ -233,7 +317,14 @@ impl Source {
             .ahead
             .get_or_insert_with(|| ReadAhead::start(path, len, crcs.clone()));
         let cache = &self.cache;
-        ahead.ask_after(i, chunks, |c| cache.iter().any(|(k, _)| *k == c));
+        // Chunks read during pre-copy are not read again (unless found bad).
+        let (warm, checked) = (self.warm.as_ref(), &self.warm_checked);
+        let warm_has = |c: u64| {
+            warm.is_some_and(|w| w.has(c)) && checked.get(c as usize) != Some(&Some(false))
+        };
+        ahead.ask_after(i, chunks, |c| {
+            warm_has(c) || cache.iter().any(|(k, _)| *k == c)
+        });
     }
 
     /// The expected CRC of chunk `key`, waiting (a while) for a late one.
@@ -386,6 +477,21 @@ impl Source {
             )));
         }
         let (c0, c1) = (off / image::CHUNK, (off + len - 1) / image::CHUNK);
+        if let Some(w) = self.warm.as_mut() {
+            for c in self.warm_spent.drain(..) {
+                w.drop_chunk(c);
+            }
+        }
+        if space == 0 && (c0..=c1).all(|c| self.warm_ok(c)) {
+            self.warm_served += len;
+            let spent = &mut self.warm_spent;
+            add_per_chunk(&mut self.warm_need, off, len, |n, k| {
+                *n = n.saturating_sub(k);
+            });
+            spent.extend((c0..=c1).filter(|&c| self.warm_need.get(c as usize) == Some(&0)));
+            let warm = self.warm.as_ref().expect("warm_ok saw it");
+            return Ok(warm.slice(off, len).expect("whole chunks were read"));
+        }
         if c0 == c1 {
             let p = self.chunk(space | c0)?;
             let lo = (off - c0 * image::CHUNK) as usize;
@@ -465,5 +571,59 @@ impl Source {
         if let Some((_, reader)) = self.late.as_mut() {
             reader.done();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::restore::warm;
+
+    #[test]
+    fn warm_chunks_are_served_checked_and_freed_once_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = image::CHUNK;
+        let data: Vec<u8> = (0..4 * c).map(|i| (i * 13 % 253) as u8).collect();
+        let crcs: Vec<u32> = data.chunks(c as usize).map(crc32c::crc32c).collect();
+        let pages = dir.path().join(image::PAGES_FILE);
+        // What was read during pre-copy holds a bad chunk 1; the store is right.
+        let mut bad = data.clone();
+        bad[(c + 100) as usize] ^= 0xff;
+        std::fs::write(&pages, &bad).unwrap();
+        let w = warm::read_now(dir.path(), 4 * c).unwrap();
+        std::fs::write(&pages, &data).unwrap();
+        let per_chunk = c / 4096;
+        let runs = [
+            (0x10000000, per_chunk, 0),
+            (0x20000000, 2 * per_chunk, c),
+            (0x30000000, per_chunk, 3 * c),
+        ];
+        let mut src = Source::of(dir.path(), (4 * c, crcs, 0), runs.into_iter(), Some(w));
+        let chunk = |i: u64| &data[(i * c) as usize..((i + 1) * c) as usize];
+
+        assert_eq!(src.read(0, c).unwrap(), chunk(0));
+        assert_eq!(src.warm_served, c, "chunk 0 comes from memory");
+        // Chunk 1's copy does not match its CRC: the span is read from the store.
+        assert_eq!(
+            src.read(c, 2 * c).unwrap(),
+            &data[c as usize..(3 * c) as usize]
+        );
+        assert_eq!(
+            src.warm_served, c,
+            "a chunk that does not match is not served"
+        );
+        let warm = src.warm.as_ref().unwrap();
+        assert!(
+            !warm.has(0),
+            "chunk 0 was used in full: its memory is given back"
+        );
+        // With the store gone, what is warm still comes, from memory.
+        std::fs::remove_file(&pages).unwrap();
+        assert_eq!(
+            src.read(3 * c + 4096, 8192).unwrap(),
+            &chunk(3)[4096..12288]
+        );
+        assert_eq!(src.warm_served, c + 8192);
+        assert!(src.warm.as_ref().unwrap().has(3), "chunk 3 is still needed");
     }
 }
