@@ -364,6 +364,18 @@ fn settled_by_new_peer(link: &mut Link, pid: i32) -> String {
     }
 }
 
+/// The original was killed at home (SIGKILL): says `gone <status>` (home-proxy
+/// then kills the process where it runs), once a peer listens.
+fn say_gone(link: &mut Link, status: i32) {
+    while !link.say(&format!("gone {status}")) {
+        if let Heard::Alone = link.hear(Duration::from_millis(50)) {
+            if link.listener.is_none() {
+                break;
+            }
+        }
+    }
+}
+
 fn shadow_loop(
     held: Held,
     rx: mpsc::Receiver<Option<String>>,
@@ -378,6 +390,18 @@ fn shadow_loop(
     let mut shadow: Shadow = match held.into_shadow() {
         Ok(s) => s,
         Err(e) => {
+            // Killed at home while its last pages were still being written (before
+            // it could be made the shadow): the process goes too, as when the
+            // shadow is killed (seen: `kill -9` right after `migrate` returned).
+            let t0 = std::time::Instant::now();
+            while t0.elapsed() < Duration::from_secs(1) {
+                if let Some(status) = sys::exited(pid) {
+                    tracing::info!(pid, "the original was killed before it became the shadow");
+                    say_gone(&mut link, status);
+                    return 0;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
             link.say(&format!("error {}", one_line(e)));
             // Never let the original run on: a copy runs elsewhere.
             let _ = crate::sys::kill(pid, libc::SIGKILL);
@@ -423,14 +447,7 @@ fn shadow_loop(
             }
         }
         if let Some(status) = sys::exited(pid) {
-            // Killed at home (SIGKILL). Said once a peer listens.
-            while !link.say(&format!("gone {status}")) {
-                if let Heard::Alone = link.hear(Duration::from_millis(50)) {
-                    if link.listener.is_none() {
-                        break;
-                    }
-                }
-            }
+            say_gone(&mut link, status);
             break 0;
         }
         // Signals are taken only while someone can forward them; else they wait
