@@ -242,7 +242,8 @@ impl Source {
         warm: Option<WarmPages>,
     ) -> Source {
         let mut warm_need = vec![0u64; chunk_crcs.len()];
-        if warm.is_some() {
+        let mut warm = warm;
+        if let Some(w) = warm.as_mut() {
             for (_, pages, off) in runs {
                 if off & LATE == 0 {
                     add_per_chunk(
@@ -252,6 +253,11 @@ impl Source {
                         |n, k| *n += k,
                     );
                 }
+            }
+            // Chunks no run needs (copies replaced in the last rounds): their
+            // memory serves the first copies.
+            for (c, _) in warm_need.iter().enumerate().filter(|(_, &n)| n == 0) {
+                w.drop_chunk(c as u64);
             }
         }
         Source {
@@ -583,14 +589,15 @@ mod tests {
     fn warm_chunks_are_served_checked_and_freed_once_used() {
         let dir = tempfile::tempdir().unwrap();
         let c = image::CHUNK;
-        let data: Vec<u8> = (0..4 * c).map(|i| (i * 13 % 253) as u8).collect();
+        let data: Vec<u8> = (0..5 * c).map(|i| (i * 13 % 253) as u8).collect();
         let crcs: Vec<u32> = data.chunks(c as usize).map(crc32c::crc32c).collect();
         let pages = dir.path().join(image::PAGES_FILE);
         // What was read during pre-copy holds a bad chunk 1; the store is right.
         let mut bad = data.clone();
         bad[(c + 100) as usize] ^= 0xff;
         std::fs::write(&pages, &bad).unwrap();
-        let w = warm::read_now(dir.path(), 4 * c).unwrap();
+        let w = warm::read_now(dir.path(), 5 * c).unwrap();
+        assert!(w.has(4));
         std::fs::write(&pages, &data).unwrap();
         let per_chunk = c / 4096;
         let runs = [
@@ -598,7 +605,11 @@ mod tests {
             (0x20000000, 2 * per_chunk, c),
             (0x30000000, per_chunk, 3 * c),
         ];
-        let mut src = Source::of(dir.path(), (4 * c, crcs, 0), runs.into_iter(), Some(w));
+        let mut src = Source::of(dir.path(), (5 * c, crcs, 0), runs.into_iter(), Some(w));
+        assert!(
+            !src.warm.as_ref().unwrap().has(4),
+            "chunk 4, which no run needs, is given back at once"
+        );
         let chunk = |i: u64| &data[(i * c) as usize..((i + 1) * c) as usize];
 
         assert_eq!(src.read(0, c).unwrap(), chunk(0));
