@@ -1101,6 +1101,28 @@ pub(crate) const WINDOW: u64 = 1 << 18;
 /// Address ranges `[start, end)`, sorted and disjoint.
 pub type Spans = Vec<(u64, u64)>;
 
+/// `ranges` (sorted by start) with overlapping and adjacent ones joined.
+pub(crate) fn joined(ranges: impl IntoIterator<Item = (u64, u64)>) -> Spans {
+    let mut out: Spans = Vec::new();
+    for (s, e) in ranges {
+        if s >= e {
+            continue;
+        }
+        match out.last_mut() {
+            Some(last) if s <= last.1 => last.1 = last.1.max(e),
+            _ => out.push((s, e)),
+        }
+    }
+    out
+}
+
+/// `ranges` in any order, as [`Spans`]: sorted, overlapping and adjacent ones
+/// joined.
+pub(crate) fn sorted_joined(mut ranges: Vec<(u64, u64)>) -> Spans {
+    ranges.sort_unstable();
+    joined(ranges)
+}
+
 /// Appends `[s, e)` to `out` (sorted, disjoint), joined to the last range if they
 /// touch.
 fn push_joined(out: &mut Vec<(u64, u64)>, s: u64, e: u64) {
@@ -1156,12 +1178,18 @@ impl MemSource {
         self.walk(start, end, flags, [required, inverted, anyof, 0], |r| {
             push_joined(&mut out, r.start, r.end)
         })?;
-        Ok(out)
+        // Joined again: see `walk` on pages reported twice.
+        Ok(sorted_joined(out))
     }
 
     /// PAGEMAP_SCAN over `[start, end)` in as many calls as it takes; `each` sees
     /// every region found, with the categories `[required, inverted, anyof, also]`
-    /// chose and reported (see `sys::uffd::pagemap_scan`).
+    /// chose and reported (see `sys::uffd::pagemap_scan`). A call whose output
+    /// filled up may stop (walk_end) before the end of regions it reported, and
+    /// the next call reports those pages again: callers keep the union (sorted and
+    /// joined, [`sorted_joined`]); seen as runs listed twice in a pre-copy's
+    /// manifest once an area had more regions than one call takes. (Cutting the
+    /// second report off at the first's end lost written pages instead.)
     fn walk(
         &self,
         start: u64,
@@ -1212,7 +1240,8 @@ impl MemSource {
                 push_joined(&mut written, r.start, r.end);
             }
         })?;
-        Ok((saved, written))
+        // Joined again: see `walk` on pages reported twice.
+        Ok((sorted_joined(saved), sorted_joined(written)))
     }
 
     /// The address ranges `[start, end)` of `a` the dump saves, in order: for private

@@ -21,10 +21,11 @@ pub const LATE_READY_FILE: &str = "late.ready";
 pub const LATE_WANT_FILE: &str = "late.want";
 /// The want record saying "every page is in: stop flushing".
 pub const LATE_DONE: u32 = u32::MAX;
-/// Pre-copy's progress records, one per round once its pages reached the store's
-/// disk: pages.img's length then (u64), the number of ranges (u64), and that many
-/// `(start, end)` byte ranges of pages.img (u64 each) whose page copies this round
-/// replaced; little-endian. pages.img is only appended to, so the bytes below a
+/// Pre-copy's progress records, written while the rounds go on (every 64 MiB of a
+/// round, and each round's end once the next round starts): pages.img's length
+/// then (u64: the bytes below it are on the store's server), the number of ranges
+/// (u64), and that many `(start, end)` byte ranges of pages.img (u64 each) whose
+/// page copies were replaced since the record before; little-endian. pages.img is only appended to, so the bytes below a
 /// listed length never change. The destination reads them while later rounds run
 /// (`engine::restore::warm`), skipping what was replaced.
 pub const PAGES_READY_FILE: &str = "pages.ready";
@@ -649,20 +650,15 @@ fn check_pages(dir: &Path, m: &Manifest) -> Result<(), ImageError> {
 }
 
 /// Appends a record to pages.ready (see [`PAGES_READY_FILE`]): the first `len`
-/// bytes of pages.img are written and synced; the copies in `replaced` (byte
-/// ranges of pages.img) were replaced since the last record. The file is opened for
-/// the record and closed again (close(2) says whether it reached the store's
-/// server), like late.ready's records; the record is one write.
-pub fn note_pages_ready(dir: &Path, len: u64, replaced: &[(u64, u64)]) -> Result<(), ImageError> {
-    let mut ranges: Vec<(u64, u64)> = replaced.iter().copied().filter(|r| r.0 < r.1).collect();
-    ranges.sort_unstable();
-    let mut joined: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
-    for (lo, hi) in ranges {
-        match joined.last_mut() {
-            Some(last) if lo <= last.1 => last.1 = last.1.max(hi),
-            _ => joined.push((lo, hi)),
-        }
-    }
+/// bytes of pages.img are on the store's server; the copies in `replaced` (byte
+/// ranges of pages.img, sorted and disjoint) were replaced since the last record.
+/// The file is opened for the record and closed again (close(2) says whether it
+/// reached the store's server), like late.ready's records; the record is one write.
+pub fn note_pages_ready(
+    dir: &Path,
+    len: u64,
+    mut joined: Vec<(u64, u64)>,
+) -> Result<(), ImageError> {
     if joined.len() > PAGES_READY_MAX_RANGES {
         joined.sort_unstable_by_key(|r| std::cmp::Reverse(r.1 - r.0));
         joined.truncate(PAGES_READY_MAX_RANGES);

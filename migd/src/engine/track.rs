@@ -19,8 +19,9 @@
 //! miss them the same way.
 
 use super::dump::{
-    area_kind, area_record, collect_into, precheck_areas, precheck_process, read_proc, with_gadget,
-    DumpError, EarlyLayout, FlagsCheck, MemSource, SAVED_ANYOF, SAVED_NOT,
+    area_kind, area_record, collect_into, joined, precheck_areas, precheck_process, read_proc,
+    sorted_joined, with_gadget, DumpError, EarlyLayout, FlagsCheck, MemSource, SAVED_ANYOF,
+    SAVED_NOT,
 };
 use super::freeze::Frozen;
 use super::image::{self, Area, AreaKind, Manifest, PageWriter};
@@ -439,8 +440,8 @@ impl Tracker {
     /// Appends a pages.ready record: pages.img's first `len` bytes are on the
     /// store's server (a failure only means the destination reads them later).
     fn note_ready(&mut self, len: u64) {
-        let replaced = std::mem::take(&mut self.replaced);
-        if let Err(e) = image::note_pages_ready(&self.images, len, &replaced) {
+        let replaced = sorted_joined(std::mem::take(&mut self.replaced));
+        if let Err(e) = image::note_pages_ready(&self.images, len, replaced) {
             tracing::debug!(error = %e, "pages.ready not written: the destination reads these pages later");
         }
         self.noted = len;
@@ -740,11 +741,8 @@ impl Tracker {
         let page = sys::page_size();
         let t = Instant::now();
         // The pages to save and those written since the last round: one walk.
-        // Joined: a walk whose output filled up may report the pages after where
-        // it stopped again in its next call (seen as runs listed twice in the
-        // manifest once an area had more regions than one call takes).
         let (wanted, dirty) = match self.src.saved_and_written(a, kind) {
-            Ok((w, d)) => (sorted_joined(w), sorted_joined(d)),
+            Ok(w) => w,
             Err(e) => {
                 tracing::warn!(
                     "{:#x}-{:#x} {}: final PAGEMAP_SCAN: {e}; saving it in full",
@@ -813,31 +811,8 @@ impl Tracker {
 
 // Address ranges `[start, end)`: sorted, disjoint, adjacent ones joined.
 
-/// `ranges` in any order, sorted, overlapping and adjacent ones joined.
-fn sorted_joined(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
-    ranges.sort_unstable();
-    joined(ranges)
-}
-
-/// `ranges` (sorted by start) with overlapping and adjacent ones joined.
-fn joined(ranges: impl IntoIterator<Item = (u64, u64)>) -> Vec<(u64, u64)> {
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    for (s, e) in ranges {
-        if s >= e {
-            continue;
-        }
-        match out.last_mut() {
-            Some(last) if s <= last.1 => last.1 = last.1.max(e),
-            _ => out.push((s, e)),
-        }
-    }
-    out
-}
-
 fn union(a: &[(u64, u64)], b: &[(u64, u64)]) -> Vec<(u64, u64)> {
-    let mut all = [a, b].concat();
-    all.sort_unstable();
-    joined(all)
+    sorted_joined([a, b].concat())
 }
 
 fn intersect(a: &[(u64, u64)], b: &[(u64, u64)]) -> Vec<(u64, u64)> {

@@ -630,6 +630,15 @@ pub fn on_fuse(path: &Path) -> bool {
         .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::FUSE_SUPER_MAGIC)
 }
 
+/// Opens `path` for reading, with O_DIRECT when `direct` (see [`on_fuse`]).
+pub fn open_read(path: &Path, direct: bool) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(if direct { libc::O_DIRECT } else { 0 })
+        .open(path)
+}
+
 /// Returns this machine's page size.
 pub fn page_size() -> u64 {
     4096

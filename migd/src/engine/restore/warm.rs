@@ -3,11 +3,13 @@
 //! writes the next ones, so that after the freeze the pager copies most pages from
 //! memory instead of waiting for the store (docs/lazy.md, "Warm pages").
 //!
-//! The source appends pages.img's length to pages.ready after each round's pages
-//! reached the store's disk (`image::note_pages_ready`); pages.img is only appended
-//! to, so the bytes below a record never change. [`PageWarmer`] follows those
-//! records on a thread of its own and reads each new part once; [`PageWarmer::finish`]
-//! stops it (at most one 1 MiB read later) and gives the [`WarmPages`] read so far.
+//! The source appends records to pages.ready while the rounds go on
+//! (`image::note_pages_ready`): how much of pages.img is on the store's server, and
+//! which older copies were replaced; pages.img is only appended to, so the bytes
+//! below a record never change. [`PageWarmer`] follows those records on a thread of
+//! its own and reads each whole chunk once, skipping the replaced ones;
+//! [`PageWarmer::finish`] stops it (at most one 1 MiB read later) and gives the
+//! [`WarmPages`] read so far.
 //! Nothing here is trusted: the pager checks each chunk it takes from them against
 //! the manifest's CRC-32C and reads a chunk that does not match from the store.
 
@@ -15,7 +17,8 @@ use crate::engine::image::{self, CHUNK};
 use crate::engine::late::fresh_view;
 use crate::sys;
 use std::fs::File;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::io::{Read, Seek};
+use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
@@ -70,8 +73,7 @@ impl WarmPages {
 
     /// Chunk `i`, if it was read.
     pub fn chunk(&self, i: u64) -> Option<&[u8]> {
-        self.has(i)
-            .then(|| &self.map.bytes()[(i * CHUNK) as usize..((i + 1) * CHUNK) as usize])
+        self.slice(i * CHUNK, CHUNK)
     }
 
     /// `len` bytes at `off`, if every chunk they touch was read.
@@ -260,11 +262,16 @@ impl Warmer {
         }
     }
 
+    /// Reads what pages.ready lists until told to stop (`stopped` disconnected).
     fn run(&mut self, stopped: &mpsc::Receiver<()>) {
-        let stop = || matches!(stopped.try_recv(), Err(mpsc::TryRecvError::Disconnected));
+        // Waits `wait` (none: only looks); whether to stop.
+        let told = |wait: Duration| match stopped.recv_timeout(wait) {
+            Err(mpsc::RecvTimeoutError::Disconnected) => true,
+            Ok(()) | Err(mpsc::RecvTimeoutError::Timeout) => false,
+        };
         loop {
             let Some(c) = self.next_chunk() else {
-                if let Err(mpsc::RecvTimeoutError::Disconnected) = stopped.recv_timeout(POLL) {
+                if told(POLL) {
                     return;
                 }
                 if let Err(e) = self.poll() {
@@ -272,7 +279,7 @@ impl Warmer {
                 }
                 continue;
             };
-            if stop() {
+            if told(Duration::ZERO) {
                 return;
             }
             if let Err(e) = self.read_chunk(c) {
@@ -280,7 +287,7 @@ impl Warmer {
                 // pager reads whatever is missing from the store itself.
                 tracing::debug!("reading pages.img during pre-copy: {e}");
                 self.pages = None;
-                if let Err(mpsc::RecvTimeoutError::Disconnected) = stopped.recv_timeout(POLL) {
+                if told(POLL) {
                     return;
                 }
             }
@@ -305,19 +312,12 @@ impl Warmer {
     /// not whole yet is read again at the next poll).
     fn poll(&mut self) -> Result<(), String> {
         let p = self.dir.join(image::PAGES_READY_FILE);
-        let f = File::open(&p).map_err(|e| format!("open {}: {e}", p.display()))?;
+        let mut f = File::open(&p).map_err(|e| format!("open {}: {e}", p.display()))?;
         fresh_view(&f, self.ready_off);
         let mut buf = Vec::new();
-        let mut piece = vec![0u8; 64 << 10];
-        loop {
-            let n = f
-                .read_at(&mut piece, self.ready_off + buf.len() as u64)
-                .map_err(|e| format!("read {}: {e}", p.display()))?;
-            buf.extend_from_slice(&piece[..n]);
-            if n < piece.len() {
-                break;
-            }
-        }
+        f.seek(std::io::SeekFrom::Start(self.ready_off))
+            .and_then(|_| f.read_to_end(&mut buf))
+            .map_err(|e| format!("read {}: {e}", p.display()))?;
         let mut at = 0;
         while let Some(rec) = image::parse_pages_ready(&buf[at..]) {
             self.listed = self.listed.max(rec.len);
@@ -342,14 +342,7 @@ impl Warmer {
     fn read_chunk(&mut self, c: u64) -> Result<(), String> {
         let path = self.dir.join(image::PAGES_FILE);
         if self.pages.is_none() {
-            let f = std::fs::OpenOptions::new()
-                .read(true)
-                .custom_flags(if sys::on_fuse(&path) {
-                    libc::O_DIRECT
-                } else {
-                    0
-                })
-                .open(&path)
+            let f = sys::open_read(&path, sys::on_fuse(&path))
                 .map_err(|e| format!("open {}: {e}", path.display()))?;
             // A new record may lie beyond the size this node knows.
             fresh_view(&f, c * CHUNK);
@@ -358,18 +351,12 @@ impl Warmer {
         let f = self.pages.as_ref().unwrap();
         let (lo, hi) = (c * CHUNK, (c + 1) * CHUNK);
         let buf = &mut self.warm.map.bytes_mut()[lo as usize..hi as usize];
-        let mut got = 0;
-        while got < buf.len() {
-            match f.read_at(&mut buf[got..], lo + got as u64) {
-                Ok(0) if got == 0 => {
-                    // This node's size of it may be old: ask again, then retry.
-                    fresh_view(f, lo);
-                    return Err(format!("{} ends before chunk {c}", path.display()));
-                }
-                Ok(0) => return Err(format!("{} ends inside chunk {c}", path.display())),
-                Ok(n) => got += n,
-                Err(e) => return Err(format!("read {} at {lo}: {e}", path.display())),
+        if let Err(e) = f.read_exact_at(buf, lo) {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                // This node's size of it may be old: ask again before the retry.
+                fresh_view(f, lo);
             }
+            return Err(format!("read chunk {c} of {}: {e}", path.display()));
         }
         self.warm.have[c as usize] = true;
         self.warm.bytes += CHUNK;
@@ -422,13 +409,13 @@ mod tests {
         let w = PageWarmer::start(dir.path().to_path_buf(), 64 * CHUNK).unwrap();
         // Round 1: two chunks written, one and a half listed.
         std::fs::write(&pages, &d[..(2 * CHUNK) as usize]).unwrap();
-        image::note_pages_ready(dir.path(), CHUNK + CHUNK / 2, &[]).unwrap();
+        image::note_pages_ready(dir.path(), CHUNK + CHUNK / 2, Vec::new()).unwrap();
         wait_for(|| w.bytes() == CHUNK);
         std::thread::sleep(Duration::from_millis(100));
         assert_eq!(w.bytes(), CHUNK, "read beyond what pages.ready lists");
         // Round 2 appends the rest: chunks 1 and 2 are whole now, 3 is not.
         std::fs::write(&pages, &d).unwrap();
-        image::note_pages_ready(dir.path(), d.len() as u64, &[]).unwrap();
+        image::note_pages_ready(dir.path(), d.len() as u64, Vec::new()).unwrap();
         wait_for(|| w.bytes() == 3 * CHUNK);
         let warm = w.finish().expect("the warmer ran");
         for i in 0..3 {
@@ -452,7 +439,7 @@ mod tests {
         image::note_pages_ready(
             dir.path(),
             4 * CHUNK,
-            &[(CHUNK - 4096, 2 * CHUNK), (2 * CHUNK, 2 * CHUNK + 8192)],
+            vec![(CHUNK - 4096, 2 * CHUNK), (2 * CHUNK, 2 * CHUNK + 8192)],
         )
         .unwrap();
         let w = PageWarmer::start(dir.path().to_path_buf(), 64 * CHUNK).unwrap();
@@ -469,7 +456,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let d = data(2 * CHUNK);
         std::fs::write(dir.path().join(image::PAGES_FILE), &d).unwrap();
-        image::note_pages_ready(dir.path(), 2 * CHUNK, &[]).unwrap();
+        image::note_pages_ready(dir.path(), 2 * CHUNK, Vec::new()).unwrap();
         let w = PageWarmer::start(dir.path().to_path_buf(), CHUNK + 4096).unwrap();
         wait_for(|| w.bytes() == CHUNK);
         std::thread::sleep(Duration::from_millis(100));

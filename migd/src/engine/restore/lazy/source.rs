@@ -64,12 +64,7 @@ impl ReadAhead {
                     let lo = i * image::CHUNK;
                     let mut buf = vec![0u8; (len - lo).min(image::CHUNK) as usize];
                     if file.is_none() {
-                        use std::os::unix::fs::OpenOptionsExt;
-                        file = std::fs::OpenOptions::new()
-                            .read(true)
-                            .custom_flags(if direct { libc::O_DIRECT } else { 0 })
-                            .open(&path)
-                            .ok();
+                        file = crate::sys::open_read(&path, direct).ok();
                     }
                     let ok = match file.as_ref().map(|f| f.read_exact_at(&mut buf, lo)) {
                         None => Err("cannot open it".to_string()),
@@ -293,8 +288,7 @@ impl Source {
             return false;
         };
         *slot.get_or_insert_with(|| {
-            let Some(bytes) = w.chunk(i).filter(|_| (i + 1) * image::CHUNK <= self.main.len)
-            else {
+            let Some(bytes) = w.chunk(i) else {
                 return false;
             };
             let ok = self.main_crcs.get(i as usize) == Some(&crc32c::crc32c(bytes));
@@ -490,11 +484,12 @@ impl Source {
         }
         if space == 0 && (c0..=c1).all(|c| self.warm_ok(c)) {
             self.warm_served += len;
-            let spent = &mut self.warm_spent;
             add_per_chunk(&mut self.warm_need, off, len, |n, k| {
                 *n = n.saturating_sub(k);
             });
-            spent.extend((c0..=c1).filter(|&c| self.warm_need.get(c as usize) == Some(&0)));
+            let need = &self.warm_need;
+            self.warm_spent
+                .extend((c0..=c1).filter(|&c| need.get(c as usize) == Some(&0)));
             let warm = self.warm.as_ref().expect("warm_ok saw it");
             return Ok(warm.slice(off, len).expect("whole chunks were read"));
         }
