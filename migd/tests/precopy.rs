@@ -255,6 +255,50 @@ fn precopy_dump_of_a_process_rewriting_256mib_restores_byte_exact() {
     assert_same_output("256 MiB rewriter, pre-copy dump", &reference, &got);
 }
 
+#[test]
+fn a_round_not_worth_writing_leaves_its_pages_to_the_freeze() {
+    let _g = serial();
+    let dir = tempdir();
+    let exe = compile_c(dir.path(), "rewriter", REWRITER_C, &[]);
+    let argv = [exe.to_str().unwrap(), "2000", "16"];
+    let ref_out = dir.path().join("ref.out");
+    assert!(spawn(dir.path(), &argv, &ref_out).wait().unwrap().success());
+    let reference = std::fs::read(&ref_out).unwrap();
+
+    let out = dir.path().join("mig.out");
+    let mut child = spawn(dir.path(), &argv, &out);
+    let pid = child.id() as i32;
+    wait_line(&out, "ready");
+    std::thread::sleep(Duration::from_millis(200));
+    let images = dir.path().join("img");
+    // No shrink is enough: round 2's scan (pages written during round 1) is never
+    // written, and its pages, write-protected again by that scan, must reach the
+    // image at the freeze all the same (else the restore finds round 1's copies).
+    let opts = PrecopyOptions {
+        max_rounds: 5,
+        stop_below_bytes: 0,
+        min_shrink: 0.0,
+    };
+    let mut reports: Vec<RoundReport> = Vec::new();
+    let mut held = dump_frozen_precopy(pid, &images, &opts, None, |r| reports.push(r.clone()))
+        .expect("pre-copy dump");
+    held.settle();
+    held.kill();
+    let _ = child.wait();
+    assert_eq!(reports.len(), 2, "round 1, then the freeze: {reports:?}");
+    assert!(reports[1].frozen);
+    assert!(
+        reports[1].pages > 0,
+        "the freeze wrote nothing, yet the process wrote pages all through round 1: {reports:?}"
+    );
+    restore_and_wait(&images, "rewriter");
+    assert_same_output(
+        "rewriter, round 2 left to the freeze",
+        &reference,
+        &std::fs::read(&out).unwrap(),
+    );
+}
+
 /// Fills two areas; on SIGUSR1 frees the first half of A (MADV_DONTNEED) and reads a
 /// quarter back, rewrites another quarter, and replaces B by a fresh mapping at the
 /// same address with one page written; then runs on a while and checks what it sees.
@@ -384,8 +428,10 @@ fn dropping_a_tracker_leaves_the_process_running_as_it_was() {
     wait_line(&out, "ready");
     let images = dir.path().join("img");
     let mut t = Tracker::start(pid, &images).expect("start tracking");
-    let r1 = t.round().expect("round 1");
-    let r2 = t.round().expect("round 2");
+    let s1 = t.scan_round().expect("round 1's scan");
+    let r1 = t.write_round(s1).expect("round 1");
+    let s2 = t.scan_round().expect("round 2's scan");
+    let r2 = t.write_round(s2).expect("round 2");
     assert!(r2.bytes < r1.bytes, "round 2 ({r2:?}) vs round 1 ({r1:?})");
     let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
     assert!(

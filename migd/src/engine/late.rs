@@ -509,11 +509,24 @@ impl Flush {
     }
 
     fn run(mut self) -> FlushEnd {
+        let mut written = 0u64;
+        match self.flush(&mut written) {
+            // Counted here: the step that found the flush not needed does not know
+            // what was written before it.
+            FlushEnd::NotNeeded { why, .. } => FlushEnd::NotNeeded {
+                bytes: written,
+                why,
+            },
+            end => end,
+        }
+    }
+
+    /// The flush: `written` counts the bytes written to late.img.
+    fn flush(&mut self, written: &mut u64) -> FlushEnd {
         let t0 = Instant::now();
         let chunks = self.len.div_ceil(CHUNK);
         let mut done = vec![false; chunks as usize];
         let mut next = 0u64;
-        let mut written = 0u64;
         let mut background = 0u64;
         let mut buf = Vec::with_capacity((BATCH * CHUNK) as usize);
         let mut one = Vec::with_capacity(CHUNK as usize);
@@ -530,13 +543,7 @@ impl Flush {
             let wants = self.read_wants(chunks);
             t_wants += t.elapsed();
             if let Step::End(end) = wants {
-                return match end {
-                    FlushEnd::NotNeeded { why, .. } => FlushEnd::NotNeeded {
-                        bytes: written,
-                        why,
-                    },
-                    e => e,
-                };
+                return end;
             }
             let (c0, n, wanted) = match self.pick(&done, &mut next, t0, background) {
                 Pick::Chunks { first, n, wanted } => (first, n, wanted),
@@ -582,14 +589,7 @@ impl Flush {
             let t1 = Instant::now();
             t_gather += t1 - t;
             if let Err(end) = self.put(c0, n, &buf) {
-                return match end {
-                    // Counted here: `put` does not know what was written before.
-                    FlushEnd::NotNeeded { why, .. } => FlushEnd::NotNeeded {
-                        bytes: written,
-                        why,
-                    },
-                    e => e,
-                };
+                return end;
             }
             t_put += t1.elapsed();
             for c in c0..c0 + n {
@@ -598,7 +598,7 @@ impl Flush {
             if !wanted {
                 background += buf.len() as u64;
             }
-            written += buf.len() as u64;
+            *written += buf.len() as u64;
         }
         ph.mark("written");
         for name in [image::LATE_FILE, image::LATE_READY_FILE] {
@@ -611,12 +611,12 @@ impl Flush {
             wants_ms = t_wants.as_secs_f64() * 1e3,
             gather_ms = t_gather.as_secs_f64() * 1e3,
             put_ms = t_put.as_secs_f64() * 1e3,
-            bytes = written,
+            bytes = *written,
             "phases: {}",
             ph.summary()
         );
         FlushEnd::Done {
-            bytes: written,
+            bytes: *written,
             ms: t0.elapsed().as_secs_f64() * 1e3,
         }
     }

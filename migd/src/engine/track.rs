@@ -44,8 +44,9 @@ pub struct PrecopyOptions {
     /// Freeze once a round (after the first) wrote at most this many bytes: the pages
     /// written during so short a round are few as well.
     pub stop_below_bytes: u64,
-    /// Freeze once a round wrote more than this fraction of the previous round's
-    /// bytes: the dirty set no longer shrinks, more rounds would not help.
+    /// Freeze once a round's scan finds more than this fraction of the previous
+    /// round's bytes written again: the dirty set no longer shrinks, more rounds
+    /// would not help. That round is not written (the freeze saves its pages).
     pub min_shrink: f64,
 }
 
@@ -226,6 +227,19 @@ pub struct Tracker {
     noted: u64,
     /// pages.img's length synced at the end of the last round, not said yet.
     synced: Option<u64>,
+    /// Pages a round's scan found and no round wrote (see
+    /// [`Tracker::keep_for_freeze`]): sorted, joined.
+    unsaved: Option<Vec<(u64, u64)>>,
+}
+
+/// What a round's scan found to write (see [`Tracker::scan_round`]).
+pub struct Scanned {
+    /// The round it is (1 for the first).
+    pub round: u32,
+    /// Bytes to write: the total of `regions`.
+    pub bytes: u64,
+    regions: Vec<(u64, u64)>,
+    t0: Instant,
 }
 
 /// pages.img bytes written within a round between two pages.ready records.
@@ -341,6 +355,7 @@ impl Tracker {
             replaced: Vec::new(),
             noted: 0,
             synced: None,
+            unsaved: None,
         })
     }
 
@@ -358,24 +373,17 @@ impl Tracker {
         self.pid
     }
 
-    /// One round while the process runs: the first writes every populated page of
-    /// the tracked areas, later ones the pages written since the previous round.
-    pub fn round(&mut self) -> Result<RoundReport, DumpError> {
+    /// The scan of one round while the process runs: the first finds every
+    /// populated page of the tracked areas, later ones the pages written since the
+    /// previous scan (and write-protects them again). Hand the result to
+    /// [`write_round`](Self::write_round), or to [`keep_for_freeze`](Self::keep_for_freeze)
+    /// if the round is not worth writing: either way its pages are not lost.
+    pub fn scan_round(&mut self) -> Result<Scanned, DumpError> {
         let t0 = Instant::now();
-        // The last round's pages, synced at its end, are announced now that
-        // another round follows: the last round's never are, so that the
-        // destination does not read them in the freeze that follows it.
-        if let Some(len) = self.synced.take() {
-            self.note_ready(len);
-        }
-        self.rounds += 1;
+        let round = self.rounds + 1;
         let pid = self.pid;
-        let required = if self.rounds == 1 {
-            0
-        } else {
-            kabi::PAGE_IS_WRITTEN
-        };
-        let mut regions = Vec::new();
+        let required = if round == 1 { 0 } else { kabi::PAGE_IS_WRITTEN };
+        let mut regions = self.unsaved.take().unwrap_or_default();
         for &(start, end) in &self.ranges {
             // No PM_SCAN_CHECK_WPASYNC: areas mapped over a tracked one since the
             // start are not tracked and are skipped silently (saved at the freeze).
@@ -392,17 +400,48 @@ impl Tracker {
                 .map_err(|e| match e {
                     Errno::ESRCH => other(
                         pid,
-                        format!("the process exited during pre-copy round {}", self.rounds),
+                        format!("the process exited during pre-copy round {round}"),
                     ),
                     e => other(
                         pid,
-                        format!(
-                            "PAGEMAP_SCAN of {start:#x}-{end:#x} (round {}): {e}",
-                            self.rounds
-                        ),
+                        format!("PAGEMAP_SCAN of {start:#x}-{end:#x} (round {round}): {e}"),
                     ),
                 })?;
             regions.extend(found);
+        }
+        let regions = sorted_joined(regions);
+        Ok(Scanned {
+            round,
+            bytes: total(&regions),
+            regions,
+            t0,
+        })
+    }
+
+    /// Pages a scan found and no round writes: the freeze saves them (the scan
+    /// write-protected them again, so the freeze's own scan does not see them as
+    /// written).
+    pub fn keep_for_freeze(&mut self, s: Scanned) {
+        self.unsaved = Some(s.regions);
+    }
+
+    /// Writes what [`scan_round`](Self::scan_round) found: one round while the
+    /// process runs.
+    pub fn write_round(&mut self, s: Scanned) -> Result<RoundReport, DumpError> {
+        let Scanned {
+            round, regions, t0, ..
+        } = s;
+        self.rounds = round;
+        let pid = self.pid;
+        // The last round's pages, synced at its end, are announced now that
+        // another round follows (the last round's never are, so that the
+        // destination does not read them in the freeze that follows it), with the
+        // copies this round replaces: the destination need not read those.
+        if let Some(len) = self.synced.take() {
+            for &(s, e) in &regions {
+                self.note_replaced(s, e);
+            }
+            self.note_ready(len);
         }
         let mut pw = self
             .pw
@@ -428,13 +467,21 @@ impl Tracker {
         // (said when the next round starts).
         self.synced = Some(self.pw.as_ref().map_or(0, image::PageWriter::offset));
         Ok(RoundReport {
-            round: self.rounds,
+            round,
             frozen: false,
             pages: bytes / sys::page_size(),
             bytes,
             ms: t0.elapsed().as_secs_f64() * 1e3,
             ..RoundReport::default()
         })
+    }
+
+    /// The saved copies of `[start, end)` are being replaced: the next pages.ready
+    /// record lists their byte ranges.
+    fn note_replaced(&mut self, start: u64, end: u64) {
+        let copies = self.map.pieces(start, end);
+        self.replaced
+            .extend(copies.into_iter().map(|(s, e, o)| (o, o + (e - s))));
     }
 
     /// Appends a pages.ready record: pages.img's first `len` bytes are on the
@@ -549,12 +596,7 @@ impl Tracker {
                 for (k, &(a, n)) in batch.iter().enumerate() {
                     // Older copies of these pages are replaced (or, unreadable
                     // now, forgotten): pages.ready tells the destination.
-                    self.replaced.extend(
-                        self.map
-                            .pieces(a, a + n)
-                            .into_iter()
-                            .map(|(s, e, o)| (o, o + (e - s))),
-                    );
+                    self.note_replaced(a, a + n);
                     if ok[k] {
                         let off = pw.write(&buf[at as usize..(at + n) as usize])?;
                         self.map.insert(a, a + n, off);
@@ -755,6 +797,11 @@ impl Tracker {
         };
         self.final_ms.scan += ms_since(t);
         let t = Instant::now();
+        // Pages a round found written and did not save count as written.
+        let dirty = match &self.unsaved {
+            Some(kept) => union(&dirty, &intersect(kept, &[(a.start, a.end)])),
+            None => dirty,
+        };
         let copies = joined(
             self.map
                 .pieces(a.start, a.end)
@@ -908,6 +955,10 @@ fn inject_userfaultfd(pid: i32, frozen: &Frozen, smaps: &[MapArea]) -> Result<Uf
 }
 
 /// Runs rounds on `t` until `opts` says to freeze, reporting each to `progress`.
+/// Each round's size is known from its scan, before its pages are written: a round
+/// that would not shrink the dirty set enough is not written at all (its pages are
+/// left to the freeze), so a process writing faster than the store takes its pages
+/// costs one round, not two.
 pub fn run_rounds(
     t: &mut Tracker,
     opts: &PrecopyOptions,
@@ -915,7 +966,24 @@ pub fn run_rounds(
 ) -> Result<(), DumpError> {
     let mut prev: Option<u64> = None;
     loop {
-        let r = t.round()?;
+        let scanned = t.scan_round()?;
+        if let Some(p) = prev {
+            if scanned.bytes > opts.stop_below_bytes
+                && scanned.bytes as f64 > p as f64 * opts.min_shrink
+            {
+                tracing::info!(
+                    round = scanned.round,
+                    bytes = scanned.bytes,
+                    previous = p,
+                    "pre-copy stops: the pages written since the last round are not \
+                     fewer than {:.0}% of it; the freeze saves them",
+                    opts.min_shrink * 100.0
+                );
+                t.keep_for_freeze(scanned);
+                return Ok(());
+            }
+        }
+        let r = t.write_round(scanned)?;
         tracing::info!(
             round = r.round,
             bytes = r.bytes,
@@ -923,16 +991,8 @@ pub fn run_rounds(
             "pre-copy round"
         );
         progress(&r);
-        if r.round >= opts.max_rounds.max(1) {
+        if r.round >= opts.max_rounds.max(1) || (r.round > 1 && r.bytes <= opts.stop_below_bytes) {
             return Ok(());
-        }
-        if r.round > 1 {
-            if r.bytes <= opts.stop_below_bytes {
-                return Ok(());
-            }
-            if prev.is_some_and(|p| r.bytes as f64 > p as f64 * opts.min_shrink) {
-                return Ok(());
-            }
         }
         prev = Some(r.bytes);
     }
