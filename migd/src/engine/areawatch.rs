@@ -275,7 +275,11 @@ mod tests {
                 "{what}: {e}"
             );
         }
-        assert_eq!(watched(&mut p, "getpid"), Ok(()));
+        // Quiet again afterwards. The interpreter may hand an emptied arena back
+        // (munmap) at any line after the thread's objects are gone, which the watch
+        // rightly sees: a few tries, one of them quiet.
+        let tries: Vec<Result<(), String>> = (0..3).map(|_| watched(&mut p, "getpid")).collect();
+        assert!(tries.iter().any(|t| t.is_ok()), "{tries:?}");
     }
 
     /// A thread the watch did not start on is never taken as quiet.
