@@ -207,12 +207,19 @@ pub(super) struct Source {
     /// Warm chunks to free at the next read (the last read's slice may point
     /// into them until then).
     warm_spent: Vec<u64>,
+    /// Warm chunks no run needs, given back [`UNNEEDED_PER_READ`] at each read
+    /// (from the end: the next to give back is last).
+    warm_unneeded: Vec<u64>,
     /// Per chunk of pages.img: whether its warm copy matched its CRC (checked at
     /// its first use; a chunk that does not match is read from the store).
     warm_checked: Vec<Option<bool>>,
     /// Bytes served from `warm`.
     pub(super) warm_served: u64,
 }
+
+/// Warm chunks no run needs given back at each read: 16 MiB, about half a
+/// millisecond.
+const UNNEEDED_PER_READ: usize = 16;
 
 impl Source {
     pub(super) fn new(
@@ -237,6 +244,7 @@ impl Source {
         warm: Option<WarmPages>,
     ) -> Source {
         let mut warm_need = vec![0u64; chunk_crcs.len()];
+        let mut unneeded = Vec::new();
         let mut warm = warm;
         if let Some(w) = warm.as_mut() {
             for (_, pages, off) in runs {
@@ -250,9 +258,12 @@ impl Source {
                 }
             }
             // Chunks no run needs (copies replaced in the last rounds): their
-            // memory serves the first copies.
-            for (c, _) in warm_need.iter().enumerate().filter(|(_, &n)| n == 0) {
-                w.drop_chunk(c as u64);
+            // memory serves the first copies. Given back a few at each read, not
+            // here: this runs in the freeze, and freeing GiBs takes ~30 ms a GiB.
+            for (c, _) in warm_need.iter().enumerate().rev().filter(|(_, &n)| n == 0) {
+                if w.has(c as u64) {
+                    unneeded.push(c as u64);
+                }
             }
         }
         Source {
@@ -274,6 +285,7 @@ impl Source {
             warm,
             warm_need,
             warm_spent: Vec::new(),
+            warm_unneeded: unneeded,
             warm_served: 0,
         }
     }
@@ -478,7 +490,12 @@ impl Source {
         }
         let (c0, c1) = (off / image::CHUNK, (off + len - 1) / image::CHUNK);
         if let Some(w) = self.warm.as_mut() {
-            for c in self.warm_spent.drain(..) {
+            let rest = self.warm_unneeded.len().saturating_sub(UNNEEDED_PER_READ);
+            for c in self
+                .warm_spent
+                .drain(..)
+                .chain(self.warm_unneeded.drain(rest..))
+            {
                 w.drop_chunk(c);
             }
         }
@@ -602,12 +619,16 @@ mod tests {
         ];
         let mut src = Source::of(dir.path(), (5 * c, crcs, 0), runs.into_iter(), Some(w));
         assert!(
-            !src.warm.as_ref().unwrap().has(4),
-            "chunk 4, which no run needs, is given back at once"
+            src.warm.as_ref().unwrap().has(4),
+            "chunk 4 is not given back in the restore (the freeze)"
         );
         let chunk = |i: u64| &data[(i * c) as usize..((i + 1) * c) as usize];
 
         assert_eq!(src.read(0, c).unwrap(), chunk(0));
+        assert!(
+            !src.warm.as_ref().unwrap().has(4),
+            "chunk 4, which no run needs, is given back at the first read"
+        );
         assert_eq!(src.warm_served, c, "chunk 0 comes from memory");
         // Chunk 1's copy does not match its CRC: the span is read from the store.
         assert_eq!(
