@@ -150,6 +150,10 @@ pub struct MigdConfig {
     pub precopy_max_rounds: u32,
     /// Pre-copy: freeze once a round wrote fewer bytes than this.
     pub precopy_stop_below_bytes: u64,
+    /// Pre-copy: when the rounds stop shrinking (the process writes its memory
+    /// about as fast as the store takes it), hold it frozen up to this share of
+    /// the time, in percent, so that they shrink again; 0: never.
+    pub precopy_throttle_max_percent: u32,
     /// Lazy: how long reading pages from the store may keep failing while the
     /// process waits on them; past it the process is killed and the loss reported.
     pub lazy_store_bound_secs: u64,
@@ -181,6 +185,7 @@ impl Default for MigdConfig {
             state_dir: PathBuf::from("/var/lib/ferry"),
             precopy_max_rounds: 8,
             precopy_stop_below_bytes: 8 << 20,
+            precopy_throttle_max_percent: 0,
             lazy_store_bound_secs: 60,
             lazy_prefetch_mib_per_sec: 0,
             precopy_warm_mib: 4096,

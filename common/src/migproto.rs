@@ -74,6 +74,7 @@ impl std::fmt::Display for Mode {
 pub struct PrecopyPlan {
     pub max_rounds: u32,
     pub stop_below_bytes: u64,
+    pub throttle_max_percent: u32,
 }
 
 /// How a held process's image is written (from the mode and the source node's

@@ -45,6 +45,10 @@ pub enum Cmd {
         /// With --precopy: freeze once a round wrote at most this many bytes.
         #[arg(long, default_value_t = 4 << 20, requires = "precopy")]
         precopy_stop_below: u64,
+        /// With --precopy: when rounds stop shrinking, hold the process frozen up
+        /// to this share of the time, in percent (0: never).
+        #[arg(long, default_value_t = 0, requires = "precopy")]
+        precopy_throttle: u32,
     },
     /// Rebuild a process from an image and let it run.
     Restore {
@@ -193,8 +197,12 @@ pub fn run_dump_precopy(
                     r.pages, r.bytes, r.reused_pages, r.untracked_areas, r.ms
                 );
             } else {
+                let held = match r.throttle_percent {
+                    0 => String::new(),
+                    p => format!(", held frozen {p}% of the time"),
+                };
                 println!(
-                    "precopy round {}: {} pages ({} bytes) written in {:.1} ms, process running",
+                    "precopy round {}: {} pages ({} bytes) written in {:.1} ms, process running{held}",
                     r.round, r.pages, r.bytes, r.ms
                 );
             }

@@ -14,6 +14,7 @@ fn main() -> anyhow::Result<()> {
                 precopy,
                 precopy_rounds,
                 precopy_stop_below,
+                precopy_throttle,
             }),
             _,
         ) => {
@@ -21,6 +22,7 @@ fn main() -> anyhow::Result<()> {
                 let opts = migd::engine::track::PrecopyOptions {
                     max_rounds: precopy_rounds,
                     stop_below_bytes: precopy_stop_below,
+                    throttle_max_percent: precopy_throttle,
                     ..Default::default()
                 };
                 migd::cli::run_dump_precopy(pid, images, leave_running, json, &opts)

@@ -278,6 +278,7 @@ fn a_round_not_worth_writing_leaves_its_pages_to_the_freeze() {
         max_rounds: 5,
         stop_below_bytes: 0,
         min_shrink: 0.0,
+        throttle_max_percent: 0,
     };
     let mut reports: Vec<RoundReport> = Vec::new();
     let mut held = dump_frozen_precopy(pid, &images, &opts, None, |r| reports.push(r.clone()))
@@ -294,6 +295,52 @@ fn a_round_not_worth_writing_leaves_its_pages_to_the_freeze() {
     restore_and_wait(&images, "rewriter");
     assert_same_output(
         "rewriter, round 2 left to the freeze",
+        &reference,
+        &std::fs::read(&out).unwrap(),
+    );
+}
+
+#[test]
+fn rounds_that_do_not_shrink_throttle_the_process_and_it_restores_byte_exact() {
+    let _g = serial();
+    let dir = tempdir();
+    let exe = compile_c(dir.path(), "rewriter", REWRITER_C, &[]);
+    let argv = [exe.to_str().unwrap(), "2500", "16"];
+    let ref_out = dir.path().join("ref.out");
+    assert!(spawn(dir.path(), &argv, &ref_out).wait().unwrap().success());
+    let reference = std::fs::read(&ref_out).unwrap();
+
+    let out = dir.path().join("mig.out");
+    let mut child = spawn(dir.path(), &argv, &out);
+    let pid = child.id() as i32;
+    wait_line(&out, "ready");
+    // No shrink is enough: each round after the first raises the throttle (50%,
+    // then 75%, its most here); the round after that is left to the freeze.
+    let opts = PrecopyOptions {
+        max_rounds: 8,
+        stop_below_bytes: 0,
+        min_shrink: 0.0,
+        throttle_max_percent: 75,
+    };
+    let mut reports: Vec<RoundReport> = Vec::new();
+    let images = dir.path().join("img");
+    let mut held = dump_frozen_precopy(pid, &images, &opts, None, |r| reports.push(r.clone()))
+        .expect("pre-copy dump");
+    held.settle();
+    held.kill();
+    let _ = child.wait();
+    let throttles: Vec<(u32, bool, u32)> = reports
+        .iter()
+        .map(|r| (r.round, r.frozen, r.throttle_percent))
+        .collect();
+    assert_eq!(
+        throttles,
+        vec![(1, false, 0), (2, false, 50), (3, false, 75), (4, true, 0)],
+        "{reports:?}"
+    );
+    restore_and_wait(&images, "rewriter");
+    assert_same_output(
+        "rewriter, throttled during pre-copy",
         &reference,
         &std::fs::read(&out).unwrap(),
     );
@@ -376,6 +423,7 @@ fn memory_freed_or_remapped_during_precopy_comes_back_as_zeros_not_stale_data() 
         max_rounds: 3,
         stop_below_bytes: 0,
         min_shrink: f64::INFINITY,
+        throttle_max_percent: 0,
     };
     let mut reports: Vec<RoundReport> = Vec::new();
     let mut held = dump_frozen_precopy(pid, &images, &opts, None, |r| {

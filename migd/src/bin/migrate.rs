@@ -70,6 +70,10 @@ enum Internal {
         /// Pre-copy: freeze once a round wrote at most this many bytes.
         #[arg(long, default_value_t = 8 << 20)]
         precopy_below: u64,
+        /// Pre-copy: when rounds stop shrinking, hold the process frozen up to this
+        /// share of the time (percent; 0: never).
+        #[arg(long, default_value_t = 0)]
+        precopy_throttle: u32,
         /// Lazy: write the pages served on demand after the freeze, in the
         /// background; the store may stay unwritable this many seconds.
         #[arg(long)]
@@ -128,6 +132,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             settle_socket,
             precopy_rounds,
             precopy_below,
+            precopy_throttle,
             late_bound,
         }) => std::process::exit(migd::daemon::helpers::keeper_main(
             pid,
@@ -138,6 +143,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             precopy_rounds.map(|max_rounds| PrecopyOptions {
                 max_rounds,
                 stop_below_bytes: precopy_below,
+                throttle_max_percent: precopy_throttle,
                 ..PrecopyOptions::default()
             }),
             late_bound.map(std::time::Duration::from_secs),

@@ -216,7 +216,7 @@ fn stdin_lines() -> mpsc::Receiver<Option<String>> {
 /// After commit it keeps the shadow; if migd or home-proxy (its peer) goes away, it
 /// listens at `socket` for a restarted one, and signals wait queued in the shadow.
 /// With `precopy`, pages are written in rounds while the process runs (a line
-/// `round <n> <bytes> <ms>` each) before the freeze writes the rest. With `late`
+/// `round <n> <bytes> <ms> <throttle%>` each) before the freeze writes the rest. With `late`
 /// (the store bound), pages served on demand are written after the freeze, while
 /// the copy already runs; the original is killed or made the shadow only once they
 /// are all in (see `engine::late`). With `settle_socket` (migd's keepers), the end
@@ -263,7 +263,10 @@ pub fn keeper_main(
         None => dump_frozen(pid, &images, late),
         Some(opts) => dump_frozen_precopy(pid, &images, opts, late, |r| {
             if !r.frozen {
-                say(&format!("round {} {} {:.3}", r.round, r.bytes, r.ms));
+                say(&format!(
+                    "round {} {} {:.3} {}",
+                    r.round, r.bytes, r.ms, r.throttle_percent
+                ));
             }
         }),
     };

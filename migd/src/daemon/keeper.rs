@@ -123,7 +123,9 @@ impl Keeper {
             cmd.arg("--precopy-rounds")
                 .arg(p.max_rounds.to_string())
                 .arg("--precopy-below")
-                .arg(p.stop_below_bytes.to_string());
+                .arg(p.stop_below_bytes.to_string())
+                .arg("--precopy-throttle")
+                .arg(p.throttle_max_percent.to_string());
         }
         if let Some(secs) = plan.late_bound_secs {
             cmd.arg("--late-bound").arg(secs.to_string());
@@ -147,14 +149,18 @@ impl Keeper {
             to,
             lines,
         };
-        // `round <n> <bytes> <ms>` per pre-copy round, then `dumped` or `error`.
+        // `round <n> <bytes> <ms> <throttle%>` per pre-copy round, then `dumped` or `error`.
         let mut rounds = 0;
         let first = loop {
             let line = keeper.lines.next_line().await.ok().flatten();
             match line.as_deref().and_then(|l| l.strip_prefix("round ")) {
                 Some(r) => {
                     rounds += 1;
-                    tracing::info!(pid, round = r, "pre-copy round written (n bytes ms)");
+                    tracing::info!(
+                        pid,
+                        round = r,
+                        "pre-copy round written (n bytes ms throttle%)"
+                    );
                 }
                 None => break line,
             }

@@ -244,6 +244,7 @@ pub async fn prepare(
         precopy: mode.precopies().then_some(PrecopyPlan {
             max_rounds: d.config.migd.precopy_max_rounds,
             stop_below_bytes: d.config.migd.precopy_stop_below_bytes,
+            throttle_max_percent: d.config.migd.precopy_throttle_max_percent,
         }),
         late_bound_secs: (mode.lazy() && d.config.migd.lazy_late_pages)
             .then_some(d.config.migd.lazy_store_bound_secs),

@@ -16,4 +16,5 @@ pub mod regs;
 pub mod restore;
 #[cfg(test)]
 pub(crate) mod testproc;
+pub mod throttle;
 pub mod track;

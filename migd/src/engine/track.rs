@@ -29,6 +29,7 @@ use super::inject::InjectError;
 use super::late::Deferral;
 use super::maps::{parse_smaps, MapArea};
 use super::procfs;
+use super::throttle::Throttle;
 use crate::sys::{self, kabi, uffd::Uffd};
 use nix::errno::Errno;
 use std::collections::BTreeMap;
@@ -48,6 +49,9 @@ pub struct PrecopyOptions {
     /// round's bytes written again: the dirty set no longer shrinks, more rounds
     /// would not help. That round is not written (the freeze saves its pages).
     pub min_shrink: f64,
+    /// When rounds stop shrinking, hold the process frozen up to this share of the
+    /// time (percent; 0: never) before giving up on them (see `engine::throttle`).
+    pub throttle_max_percent: u32,
 }
 
 impl Default for PrecopyOptions {
@@ -56,6 +60,7 @@ impl Default for PrecopyOptions {
             max_rounds: 10,
             stop_below_bytes: 4 << 20,
             min_shrink: 0.8,
+            throttle_max_percent: 0,
         }
     }
 }
@@ -75,6 +80,9 @@ pub struct RoundReport {
     /// Tracked areas saved in full at the freeze because their tracking was lost
     /// (mapped or remapped during the rounds); final freeze only.
     pub untracked_areas: usize,
+    /// The share of the time the process was held frozen during the round
+    /// (percent, see `engine::throttle`).
+    pub throttle_percent: u32,
     pub ms: f64,
 }
 
@@ -955,47 +963,90 @@ fn inject_userfaultfd(pid: i32, frozen: &Frozen, smaps: &[MapArea]) -> Result<Uf
 }
 
 /// Runs rounds on `t` until `opts` says to freeze, reporting each to `progress`.
-/// Each round's size is known from its scan, before its pages are written: a round
-/// that would not shrink the dirty set enough is not written at all (its pages are
-/// left to the freeze), so a process writing faster than the store takes its pages
-/// costs one round, not two.
+/// Each round's size is known from its scan, before its pages are written. A round
+/// that would not shrink the dirty set enough raises the throttle (see
+/// `engine::throttle`: the process held frozen a share of the time, up to
+/// `opts.throttle_max_percent`) and is written; once the throttle is at its most (or
+/// off), such a round is not written at all (its pages are left to the freeze), so a
+/// process writing faster than the store takes pages costs one round, not two.
 pub fn run_rounds(
     t: &mut Tracker,
     opts: &PrecopyOptions,
     progress: &mut dyn FnMut(&RoundReport),
 ) -> Result<(), DumpError> {
     let mut prev: Option<u64> = None;
-    loop {
+    let mut throttle: Option<Throttle> = None;
+    let r = loop {
         let scanned = t.scan_round()?;
+        let percent = throttle.as_ref().map_or(0, Throttle::percent);
         if let Some(p) = prev {
-            if scanned.bytes > opts.stop_below_bytes
-                && scanned.bytes as f64 > p as f64 * opts.min_shrink
-            {
-                tracing::info!(
-                    round = scanned.round,
-                    bytes = scanned.bytes,
-                    previous = p,
-                    "pre-copy stops: the pages written since the last round are not \
-                     fewer than {:.0}% of it; the freeze saves them",
-                    opts.min_shrink * 100.0
-                );
-                t.keep_for_freeze(scanned);
-                return Ok(());
+            let shrinks = scanned.bytes as f64 <= p as f64 * opts.min_shrink;
+            if scanned.bytes > opts.stop_below_bytes && !shrinks {
+                match next_throttle(percent, opts.throttle_max_percent) {
+                    Some(more) => {
+                        tracing::info!(
+                            round = scanned.round,
+                            bytes = scanned.bytes,
+                            previous = p,
+                            "pre-copy does not converge (it writes its memory about as \
+                             fast as the store takes it): holding the process frozen \
+                             {more}% of the time"
+                        );
+                        match &throttle {
+                            Some(th) => th.set(more),
+                            None => throttle = Some(Throttle::start(t.pid(), more)),
+                        }
+                    }
+                    None => {
+                        tracing::info!(
+                            round = scanned.round,
+                            bytes = scanned.bytes,
+                            previous = p,
+                            throttle_percent = percent,
+                            "pre-copy stops: the pages written since the last round are \
+                             not fewer than {:.0}% of it; the freeze saves them",
+                            opts.min_shrink * 100.0
+                        );
+                        t.keep_for_freeze(scanned);
+                        break Ok(());
+                    }
+                }
             }
         }
-        let r = t.write_round(scanned)?;
+        let mut r = t.write_round(scanned)?;
+        r.throttle_percent = throttle.as_ref().map_or(0, Throttle::percent);
         tracing::info!(
             round = r.round,
             bytes = r.bytes,
             ms = r.ms,
+            throttle_percent = r.throttle_percent,
             "pre-copy round"
         );
         progress(&r);
         if r.round >= opts.max_rounds.max(1) || (r.round > 1 && r.bytes <= opts.stop_below_bytes) {
-            return Ok(());
+            break Ok(());
         }
         prev = Some(r.bytes);
+    };
+    if let Some(th) = throttle {
+        let held = th.stop();
+        tracing::info!(
+            held_ms = held.as_secs_f64() * 1e3,
+            "pre-copy throttle ended"
+        );
     }
+    r
+}
+
+/// The throttle after `percent` when the rounds do not shrink: 50%, then half of
+/// what is left each time, up to `max`; `None` if it cannot rise.
+fn next_throttle(percent: u32, max: u32) -> Option<u32> {
+    let next = match percent {
+        0 => 50,
+        p => p + (100 - p) / 2,
+    }
+    .min(max);
+    (next > percent).then_some(next)
 }
 
 #[cfg(test)]
@@ -1073,6 +1124,17 @@ mod tests {
                 .filter(|&p| inx(p) || iny(p))
                 .collect::<Vec<_>>()
         );
+    }
+
+    #[test]
+    fn the_throttle_rises_by_halves_of_what_is_left_up_to_its_most() {
+        assert_eq!(next_throttle(0, 90), Some(50));
+        assert_eq!(next_throttle(50, 90), Some(75));
+        assert_eq!(next_throttle(75, 90), Some(87));
+        assert_eq!(next_throttle(87, 90), Some(90));
+        assert_eq!(next_throttle(90, 90), None);
+        assert_eq!(next_throttle(0, 0), None, "0: no throttle");
+        assert_eq!(next_throttle(0, 30), Some(30));
     }
 
     #[test]
