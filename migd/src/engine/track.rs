@@ -976,7 +976,7 @@ pub fn run_rounds(
 ) -> Result<(), DumpError> {
     let mut prev: Option<u64> = None;
     let mut throttle: Option<Throttle> = None;
-    let r = loop {
+    loop {
         let scanned = t.scan_round()?;
         let percent = throttle.as_ref().map_or(0, Throttle::percent);
         if let Some(p) = prev {
@@ -1008,7 +1008,7 @@ pub fn run_rounds(
                             opts.min_shrink * 100.0
                         );
                         t.keep_for_freeze(scanned);
-                        break Ok(());
+                        break;
                     }
                 }
             }
@@ -1024,10 +1024,10 @@ pub fn run_rounds(
         );
         progress(&r);
         if r.round >= opts.max_rounds.max(1) || (r.round > 1 && r.bytes <= opts.stop_below_bytes) {
-            break Ok(());
+            break;
         }
         prev = Some(r.bytes);
-    };
+    }
     if let Some(th) = throttle {
         let held = th.stop();
         tracing::info!(
@@ -1035,7 +1035,7 @@ pub fn run_rounds(
             "pre-copy throttle ended"
         );
     }
-    r
+    Ok(())
 }
 
 /// The throttle after `percent` when the rounds do not shrink: 50%, then half of
