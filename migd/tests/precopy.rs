@@ -255,12 +255,14 @@ fn precopy_dump_of_a_process_rewriting_256mib_restores_byte_exact() {
     assert_same_output("256 MiB rewriter, pre-copy dump", &reference, &got);
 }
 
-#[test]
-fn a_round_not_worth_writing_leaves_its_pages_to_the_freeze() {
+/// Runs the rewriter for `steps` steps, dumps it with pre-copy as `opts` says while
+/// it runs, restores the image and checks that the output is byte-identical to an
+/// unmigrated run's; returns the rounds' and the freeze's reports.
+fn rewriter_precopy(steps: &str, opts: &PrecopyOptions, what: &str) -> Vec<RoundReport> {
     let _g = serial();
     let dir = tempdir();
     let exe = compile_c(dir.path(), "rewriter", REWRITER_C, &[]);
-    let argv = [exe.to_str().unwrap(), "2000", "16"];
+    let argv = [exe.to_str().unwrap(), steps, "16"];
     let ref_out = dir.path().join("ref.out");
     assert!(spawn(dir.path(), &argv, &ref_out).wait().unwrap().success());
     let reference = std::fs::read(&ref_out).unwrap();
@@ -271,6 +273,19 @@ fn a_round_not_worth_writing_leaves_its_pages_to_the_freeze() {
     wait_line(&out, "ready");
     std::thread::sleep(Duration::from_millis(200));
     let images = dir.path().join("img");
+    let mut reports: Vec<RoundReport> = Vec::new();
+    let mut held = dump_frozen_precopy(pid, &images, opts, None, |r| reports.push(r.clone()))
+        .expect("pre-copy dump");
+    held.settle();
+    held.kill();
+    let _ = child.wait();
+    restore_and_wait(&images, what);
+    assert_same_output(what, &reference, &std::fs::read(&out).unwrap());
+    reports
+}
+
+#[test]
+fn a_round_not_worth_writing_leaves_its_pages_to_the_freeze() {
     // No shrink is enough: round 2's scan (pages written during round 1) is never
     // written, and its pages, write-protected again by that scan, must reach the
     // image at the freeze all the same (else the restore finds round 1's copies).
@@ -280,40 +295,17 @@ fn a_round_not_worth_writing_leaves_its_pages_to_the_freeze() {
         min_shrink: 0.0,
         throttle_max_percent: 0,
     };
-    let mut reports: Vec<RoundReport> = Vec::new();
-    let mut held = dump_frozen_precopy(pid, &images, &opts, None, |r| reports.push(r.clone()))
-        .expect("pre-copy dump");
-    held.settle();
-    held.kill();
-    let _ = child.wait();
+    let reports = rewriter_precopy("2000", &opts, "rewriter, round 2 left to the freeze");
     assert_eq!(reports.len(), 2, "round 1, then the freeze: {reports:?}");
     assert!(reports[1].frozen);
     assert!(
         reports[1].pages > 0,
         "the freeze wrote nothing, yet the process wrote pages all through round 1: {reports:?}"
     );
-    restore_and_wait(&images, "rewriter");
-    assert_same_output(
-        "rewriter, round 2 left to the freeze",
-        &reference,
-        &std::fs::read(&out).unwrap(),
-    );
 }
 
 #[test]
 fn rounds_that_do_not_shrink_throttle_the_process_and_it_restores_byte_exact() {
-    let _g = serial();
-    let dir = tempdir();
-    let exe = compile_c(dir.path(), "rewriter", REWRITER_C, &[]);
-    let argv = [exe.to_str().unwrap(), "2500", "16"];
-    let ref_out = dir.path().join("ref.out");
-    assert!(spawn(dir.path(), &argv, &ref_out).wait().unwrap().success());
-    let reference = std::fs::read(&ref_out).unwrap();
-
-    let out = dir.path().join("mig.out");
-    let mut child = spawn(dir.path(), &argv, &out);
-    let pid = child.id() as i32;
-    wait_line(&out, "ready");
     // No shrink is enough: each round after the first raises the throttle (50%,
     // then 75%, its most here); the round after that is left to the freeze.
     let opts = PrecopyOptions {
@@ -322,13 +314,7 @@ fn rounds_that_do_not_shrink_throttle_the_process_and_it_restores_byte_exact() {
         min_shrink: 0.0,
         throttle_max_percent: 75,
     };
-    let mut reports: Vec<RoundReport> = Vec::new();
-    let images = dir.path().join("img");
-    let mut held = dump_frozen_precopy(pid, &images, &opts, None, |r| reports.push(r.clone()))
-        .expect("pre-copy dump");
-    held.settle();
-    held.kill();
-    let _ = child.wait();
+    let reports = rewriter_precopy("2500", &opts, "rewriter, throttled during pre-copy");
     let throttles: Vec<(u32, bool, u32)> = reports
         .iter()
         .map(|r| (r.round, r.frozen, r.throttle_percent))
@@ -337,12 +323,6 @@ fn rounds_that_do_not_shrink_throttle_the_process_and_it_restores_byte_exact() {
         throttles,
         vec![(1, false, 0), (2, false, 50), (3, false, 75), (4, true, 0)],
         "{reports:?}"
-    );
-    restore_and_wait(&images, "rewriter");
-    assert_same_output(
-        "rewriter, throttled during pre-copy",
-        &reference,
-        &std::fs::read(&out).unwrap(),
     );
 }
 
