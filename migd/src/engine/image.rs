@@ -25,9 +25,10 @@ pub const LATE_DONE: u32 = u32::MAX;
 /// round, and each round's end once the next round starts): pages.img's length
 /// then (u64: the bytes below it are on the store's server), the number of ranges
 /// (u64), and that many `(start, end)` byte ranges of pages.img (u64 each) whose
-/// page copies were replaced since the record before; little-endian. pages.img is only appended to, so the bytes below a
-/// listed length never change. The destination reads them while later rounds run
-/// (`engine::restore::warm`), skipping what was replaced.
+/// page copies were replaced since the record before; little-endian. pages.img is
+/// only appended to, so the bytes below a listed length never change. The
+/// destination reads them while later rounds run (`engine::restore::warm`),
+/// skipping what was replaced.
 pub const PAGES_READY_FILE: &str = "pages.ready";
 /// Replaced ranges one pages.ready record lists at most (the largest are kept: the
 /// list only saves the destination reads).

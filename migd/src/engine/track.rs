@@ -441,14 +441,16 @@ impl Tracker {
         } = s;
         self.rounds = round;
         let pid = self.pid;
-        // The last round's pages, synced at its end, are announced now that
-        // another round follows (the last round's never are, so that the
-        // destination does not read them in the freeze that follows it), with the
-        // copies this round replaces: the destination need not read those.
+        // Every saved copy of this round's pages is replaced now (by its new copy,
+        // or, unreadable in this round, forgotten), and said so in the next
+        // pages.ready record: the destination need not read them. The last round's
+        // pages, synced at its end, are announced now that another round follows
+        // (the last round's never are, so that the destination does not read them
+        // in the freeze that follows it).
+        for &(s, e) in &regions {
+            self.note_replaced(s, e);
+        }
         if let Some(len) = self.synced.take() {
-            for &(s, e) in &regions {
-                self.note_replaced(s, e);
-            }
             self.note_ready(len);
         }
         let mut pw = self
@@ -602,9 +604,6 @@ impl Tracker {
                 }
                 let mut at = 0u64;
                 for (k, &(a, n)) in batch.iter().enumerate() {
-                    // Older copies of these pages are replaced (or, unreadable
-                    // now, forgotten): pages.ready tells the destination.
-                    self.note_replaced(a, a + n);
                     if ok[k] {
                         let off = pw.write(&buf[at as usize..(at + n) as usize])?;
                         self.map.insert(a, a + n, off);
@@ -616,7 +615,7 @@ impl Tracker {
                     at += n;
                 }
                 // (Not after the round's last batch: the round's end is said
-                // when the next round starts, see `round`.)
+                // when the next round starts, see `write_round`.)
                 if !strict && j < pieces.len() {
                     self.note_ready_within(pw);
                 }
