@@ -5,11 +5,13 @@
 //! transport every tarpc service runs over ([`transport`]), the RPC service traits and
 //! their wire types ([`fsproto`] for the file service, [`migproto`] for migd and
 //! home-proxy), the tracing set-up every binary calls first ([`logging`]) and the
-//! signal daemons stop on ([`shutdown`]).
+//! signal daemons stop on ([`shutdown`]), and the allocator set-up of daemons that
+//! move data ([`alloc`]).
 //!
 //! It owns no daemon logic: `fs-server`, `fuse-client`, `migd` and `home-proxy`
 //! depend on it; it depends on none of them.
 
+pub mod alloc;
 pub mod auth;
 pub mod config;
 pub mod fault;

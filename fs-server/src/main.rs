@@ -18,6 +18,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     common::logging::init("fs-server");
+    common::alloc::keep_large_buffers();
     let args = Args::parse();
     let config = NodeConfig::load(&args.config)?;
     let addr = config.fs_addr(config.me());

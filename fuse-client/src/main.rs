@@ -17,6 +17,7 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     common::logging::init("fuse-client");
+    common::alloc::keep_large_buffers();
     let args = Args::parse();
     let config = common::config::NodeConfig::load(&args.config)?;
     let rt = tokio::runtime::Builder::new_multi_thread()

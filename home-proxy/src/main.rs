@@ -17,6 +17,7 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     common::logging::init("home-proxy");
+    common::alloc::keep_large_buffers();
     let args = Args::parse();
     let config = common::config::NodeConfig::load(&args.config)?;
     let node = config.node.clone();

@@ -3,6 +3,7 @@ use migd::cli::{Cli, Cmd};
 
 fn main() -> anyhow::Result<()> {
     common::logging::init("migd");
+    common::alloc::keep_large_buffers();
     let cli = Cli::parse();
     match (cli.cmd, cli.config) {
         (
