@@ -732,7 +732,7 @@ pub struct PageWriter {
 impl PageWriter {
     pub fn create(dir: &Path) -> Result<PageWriter, ImageError> {
         let path = dir.join(PAGES_FILE);
-        let f = std::fs::File::create(&path).map_err(io_err(&path))?;
+        let f = crate::sys::create_write(&path, crate::sys::on_fuse(dir)).map_err(io_err(&path))?;
         Ok(PageWriter {
             path,
             file: std::io::BufWriter::with_capacity(4 << 20, f),

@@ -13,11 +13,13 @@
 //!
 //! Numbers are stored plus one so that a record still zero (a hole the reader's view
 //! of the file may show while a write is on its way) is never taken for chunk 0: a
-//! reader stops at it and reads again from there. The writer of a file opens it for
-//! each write and closes it (the close pushes the write through its node's caches to
-//! fs-server); the reader drops its node's cached pages of the part it reads next and
-//! asks for the size afresh before each look ([`fresh_view`]): a page cached while the
-//! file was shorter holds zeros where the other side's later writes are.
+//! reader stops at it and reads again from there. Every write reaches fs-server
+//! before the next starts: the flusher keeps late.img and late.ready open and
+//! flushes the handle after each write ([`sys::flush_checked`]); late.want's writer
+//! opens and closes it for each record. The reader opens the file for each look,
+//! drops its node's cached pages of the part it reads next and asks for the size
+//! afresh ([`fresh_view`]): a page cached while the file was shorter holds zeros
+//! where the other side's later writes are.
 //!
 //! Dump side: [`Deferral`] (which pages wait, where they will go). Source side after
 //! the freeze: [`Flusher`]. Destination side: [`LateReader`].
@@ -26,7 +28,7 @@ use super::image::{self, AreaKind, ThreadImage, CHUNK, LATE};
 use super::maps::MapArea;
 use crate::sys;
 use std::collections::{HashSet, VecDeque};
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -267,6 +269,15 @@ struct Flush {
     stop: Arc<AtomicBool>,
     background: Arc<AtomicBool>,
     mem: Option<File>,
+    /// Whether late.img and late.ready are written with O_DIRECT (see
+    /// [`sys::on_fuse`]); the 8-byte records then also need no read of the page
+    /// they land in.
+    direct: bool,
+    /// late.img, open for writing between writes (see
+    /// [`with_file_kept`](Self::with_file_kept)).
+    img: Option<File>,
+    /// late.ready, likewise.
+    ready: Option<File>,
     want_off: u64,
     wants: VecDeque<u64>,
     ready_records: u64,
@@ -297,6 +308,7 @@ impl Flush {
         background: Arc<AtomicBool>,
     ) -> Flush {
         let len = runs.last().map_or(0, |r| r.off + r.len);
+        let direct = sys::on_fuse(&images);
         Flush {
             pid,
             images,
@@ -306,6 +318,9 @@ impl Flush {
             stop,
             background,
             mem: File::open(format!("/proc/{pid}/mem")).ok(),
+            direct,
+            img: None,
+            ready: None,
             want_off: 0,
             wants: VecDeque::new(),
             ready_records: 0,
@@ -321,6 +336,24 @@ impl Flush {
         &mut self,
         name: &str,
         write: bool,
+        op: impl FnMut(&File) -> std::io::Result<T>,
+    ) -> Result<T, FlushEnd> {
+        self.with_file_kept(name, write, None, op)
+    }
+
+    /// [`with_file`](Self::with_file), keeping the file open in `kept` between uses
+    /// (late.img and late.ready, written the whole flush: an open and a close per
+    /// write cost two round trips to fs-server, and each open by one side while the
+    /// other holds the file open makes fs-server call the holder back). A flush of
+    /// the handle
+    /// ([`sys::flush_checked`]) stands for the close: the writes are at fs-server
+    /// when `op` is done. A handle that failed is dropped and the next try opens
+    /// the file afresh.
+    fn with_file_kept<T>(
+        &mut self,
+        name: &str,
+        write: bool,
+        mut kept: Option<&mut Option<File>>,
         mut op: impl FnMut(&File) -> std::io::Result<T>,
     ) -> Result<T, FlushEnd> {
         let path = self.images.join(name);
@@ -331,7 +364,13 @@ impl Flush {
             if self.stop.load(Ordering::SeqCst) {
                 return Err(FlushEnd::Stopped);
             }
-            let r = match OpenOptions::new().read(!write).write(write).open(&path) {
+            let held = kept.as_mut().and_then(|k| k.take());
+            let opened = match (held, write) {
+                (Some(f), _) => Ok(f),
+                (None, true) => sys::open_write(&path, self.direct),
+                (None, false) => File::open(&path),
+            };
+            let r = match opened {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                     return Err(FlushEnd::NotNeeded {
                         bytes: 0,
@@ -339,9 +378,19 @@ impl Flush {
                     })
                 }
                 Err(e) => Err(e),
-                // The close's answer counts: a write fuse-client queued and could not
-                // deliver (fs-server went away meanwhile) is reported there.
-                Ok(f) => op(&f).and_then(|v| sys::close_checked(f).map(|()| v)),
+                // The close's (or flush's) answer counts: a write fuse-client queued
+                // and could not deliver (fs-server went away meanwhile) is reported
+                // there.
+                Ok(f) => match kept.as_mut() {
+                    None => op(&f).and_then(|v| sys::close_checked(f).map(|()| v)),
+                    Some(k) => {
+                        let r = op(&f).and_then(|v| sys::flush_checked(&f).map(|()| v));
+                        if r.is_ok() {
+                            **k = Some(f);
+                        }
+                        r
+                    }
+                },
             };
             match r {
                 Ok(v) => {
@@ -422,11 +471,12 @@ impl Flush {
         Step::Go
     }
 
-    /// Gathers chunk `c` of late.img from the process's memory into `buf`.
-    fn gather(&mut self, c: u64, buf: &mut Vec<u8>) -> Result<(), String> {
-        let lo = c * CHUNK;
-        let hi = (lo + CHUNK).min(self.len);
-        buf.clear();
+    /// Gathers chunks `c0..c0 + n` of late.img from the process's memory into `buf`
+    /// (runs cover late.img without gaps: every byte of `buf` is read; its length
+    /// changes only for a short last batch, so that it is not zeroed each time).
+    fn gather(&mut self, c0: u64, n: u64, buf: &mut Vec<u8>) -> Result<(), String> {
+        let lo = c0 * CHUNK;
+        let hi = (lo + n * CHUNK).min(self.len);
         buf.resize((hi - lo) as usize, 0);
         let mut i = self.runs.partition_point(|r| r.off + r.len <= lo);
         while i < self.runs.len() && self.runs[i].off < hi {
@@ -495,60 +545,71 @@ impl Flush {
     }
 
     /// Writes chunks `c0..c0 + n` (gathered in `buf`) and lists them in late.ready.
-    fn put(&mut self, c0: u64, n: u64, buf: &[u8]) -> Result<(), FlushEnd> {
-        self.with_file(image::LATE_FILE, true, |f| f.write_all_at(buf, c0 * CHUNK))?;
+    fn put(&mut self, c0: u64, n: u64, buf: &[u8], st: &mut FlushStats) -> Result<(), FlushEnd> {
+        let t = Instant::now();
+        let mut img = self.img.take();
+        let written = self.with_file_kept(image::LATE_FILE, true, Some(&mut img), |f| {
+            f.write_all_at(buf, c0 * CHUNK)
+        });
+        self.img = img;
+        written?;
+        st.put_img += t.elapsed();
         let mut recs = Vec::with_capacity(8 * n as usize);
         for (k, piece) in buf.chunks(CHUNK as usize).enumerate() {
             recs.extend_from_slice(&(c0 as u32 + k as u32 + 1).to_le_bytes());
             recs.extend_from_slice(&crc32c::crc32c(piece).to_le_bytes());
         }
         let at = self.ready_records * 8;
-        self.with_file(image::LATE_READY_FILE, true, |f| f.write_all_at(&recs, at))?;
+        let mut ready = self.ready.take();
+        let listed = self.with_file_kept(image::LATE_READY_FILE, true, Some(&mut ready), |f| {
+            f.write_all_at(&recs, at)
+        });
+        self.ready = ready;
+        listed?;
         self.ready_records += n;
         Ok(())
     }
 
     fn run(mut self) -> FlushEnd {
-        let mut written = 0u64;
-        match self.flush(&mut written) {
+        let mut st = FlushStats::default();
+        let end = match self.flush(&mut st) {
             // Counted here: the step that found the flush not needed does not know
             // what was written before it.
             FlushEnd::NotNeeded { why, .. } => FlushEnd::NotNeeded {
-                bytes: written,
+                bytes: st.bytes,
                 why,
             },
             end => end,
-        }
+        };
+        st.log();
+        end
     }
 
-    /// The flush: `written` counts the bytes written to late.img.
-    fn flush(&mut self, written: &mut u64) -> FlushEnd {
+    /// The flush: `st` counts what was written and where the time went.
+    fn flush(&mut self, st: &mut FlushStats) -> FlushEnd {
         let t0 = Instant::now();
         let chunks = self.len.div_ceil(CHUNK);
         let mut done = vec![false; chunks as usize];
         let mut next = 0u64;
         let mut background = 0u64;
         let mut buf = Vec::with_capacity((BATCH * CHUNK) as usize);
-        let mut one = Vec::with_capacity(CHUNK as usize);
         let mut checks = 0;
-        // Where the time goes (debug figures): wants read, pages gathered, written.
-        let mut ph = crate::phases::Phases::new("late_flush");
-        let (mut t_wants, mut t_gather, mut t_put) =
-            (Duration::ZERO, Duration::ZERO, Duration::ZERO);
         loop {
             if self.stop.load(Ordering::SeqCst) {
                 return FlushEnd::Stopped;
             }
             let t = Instant::now();
             let wants = self.read_wants(chunks);
-            t_wants += t.elapsed();
+            st.wants += t.elapsed();
             if let Step::End(end) = wants {
                 return end;
             }
             let (c0, n, wanted) = match self.pick(&done, &mut next, t0, background) {
                 Pick::Chunks { first, n, wanted } => (first, n, wanted),
                 Pick::Wait(pause) => {
+                    let t = Instant::now();
                     std::thread::sleep(pause.min(Duration::from_millis(2)));
+                    st.waited += t.elapsed();
                     continue;
                 }
                 Pick::Finished => {
@@ -578,45 +639,38 @@ impl Flush {
                     continue;
                 }
             };
-            buf.clear();
             let t = Instant::now();
-            for c in c0..c0 + n {
-                if let Err(e) = self.gather(c, &mut one) {
-                    return FlushEnd::Failed(e);
-                }
-                buf.extend_from_slice(&one);
+            if let Err(e) = self.gather(c0, n, &mut buf) {
+                return FlushEnd::Failed(e);
             }
             let t1 = Instant::now();
-            t_gather += t1 - t;
-            if let Err(end) = self.put(c0, n, &buf) {
+            st.gather += t1 - t;
+            if let Err(end) = self.put(c0, n, &buf, st) {
                 return end;
             }
-            t_put += t1.elapsed();
+            st.put += t1.elapsed();
             for c in c0..c0 + n {
                 done[c as usize] = true;
             }
-            if !wanted {
+            if wanted {
+                st.wanted_writes += 1;
+            } else {
+                st.batch_writes += 1;
                 background += buf.len() as u64;
             }
-            *written += buf.len() as u64;
+            st.bytes += buf.len() as u64;
         }
-        ph.mark("written");
+        let t = Instant::now();
+        // Their writes were flushed one by one; the syncs below open afresh.
+        drop((self.img.take(), self.ready.take()));
         for name in [image::LATE_FILE, image::LATE_READY_FILE] {
             if let Err(end) = self.with_file(name, true, |f| f.sync_all()) {
                 return end;
             }
         }
-        ph.mark("synced");
-        tracing::debug!(
-            wants_ms = t_wants.as_secs_f64() * 1e3,
-            gather_ms = t_gather.as_secs_f64() * 1e3,
-            put_ms = t_put.as_secs_f64() * 1e3,
-            bytes = *written,
-            "phases: {}",
-            ph.summary()
-        );
+        st.sync += t.elapsed();
         FlushEnd::Done {
-            bytes: *written,
+            bytes: st.bytes,
             ms: t0.elapsed().as_secs_f64() * 1e3,
         }
     }
@@ -648,6 +702,42 @@ impl Flush {
             }
         }
         Ok((0..chunks).filter(|&c| !listed[c as usize]).collect())
+    }
+}
+
+/// What a flush wrote and where its time went (a debug line at its end).
+#[derive(Default)]
+struct FlushStats {
+    bytes: u64,
+    /// Writes of chunks the destination waited for / of batches nobody asked for.
+    wanted_writes: u64,
+    batch_writes: u64,
+    /// Reading late.want, gathering pages, writing (late.img and late.ready),
+    /// waiting (held back), syncing at the end.
+    wants: Duration,
+    gather: Duration,
+    put: Duration,
+    /// Of `put`: late.img's open, write and close.
+    put_img: Duration,
+    waited: Duration,
+    sync: Duration,
+}
+
+impl FlushStats {
+    fn log(&self) {
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        tracing::debug!(
+            bytes = self.bytes,
+            wanted_writes = self.wanted_writes,
+            batch_writes = self.batch_writes,
+            wants_ms = ms(self.wants),
+            gather_ms = ms(self.gather),
+            put_ms = ms(self.put),
+            put_img_ms = ms(self.put_img),
+            waited_ms = ms(self.waited),
+            sync_ms = ms(self.sync),
+            "late flush: where the time went"
+        );
     }
 }
 
@@ -689,6 +779,12 @@ pub struct LateReader {
     /// Where our next want record goes (known after the first).
     want_off: Option<u64>,
     wanted: HashSet<u64>,
+    /// Whether late.want is written with O_DIRECT (see [`sys::on_fuse`]).
+    direct: bool,
+    /// Looks at late.ready and records appended to late.want (a debug line at
+    /// [`done`](Self::done)).
+    polls: u64,
+    wants_sent: u64,
 }
 
 impl LateReader {
@@ -702,6 +798,9 @@ impl LateReader {
             ready_off: 0,
             want_off: None,
             wanted: HashSet::new(),
+            direct: sys::on_fuse(dir),
+            polls: 0,
+            wants_sent: 0,
         }
     }
 
@@ -719,6 +818,7 @@ impl LateReader {
             return Ok(());
         }
         let p = self.dir.join(image::LATE_READY_FILE);
+        self.polls += 1;
         self.ready = Some(File::open(&p).map_err(|e| format!("open {}: {e}", p.display()))?);
         let f = self.ready.as_ref().unwrap();
         fresh_view(f, self.ready_off);
@@ -759,10 +859,8 @@ impl LateReader {
     /// records (the file's size when it first writes).
     fn append_want(&mut self, rec: u32) -> Result<(), String> {
         let p = self.dir.join(image::LATE_WANT_FILE);
-        let f = OpenOptions::new()
-            .write(true)
-            .open(&p)
-            .map_err(|e| format!("open {}: {e}", p.display()))?;
+        let f =
+            sys::open_write(&p, self.direct).map_err(|e| format!("open {}: {e}", p.display()))?;
         let at = match self.want_off {
             Some(at) => at,
             None => f.metadata().map(|m| m.len() / 4 * 4).unwrap_or(0),
@@ -771,6 +869,7 @@ impl LateReader {
             .and_then(|()| sys::close_checked(f))
             .map_err(|e| format!("writing {}: {e}", p.display()))?;
         self.want_off = Some(at + 4);
+        self.wants_sent += 1;
         Ok(())
     }
 
@@ -820,6 +919,14 @@ impl LateReader {
     /// Tells the source that nothing more is needed (best effort: the source also
     /// stops when the image is removed).
     pub fn done(&mut self) {
+        if self.polls > 0 {
+            tracing::debug!(
+                polls = self.polls,
+                wants = self.wants_sent,
+                "late.ready looks and late.want records"
+            );
+            self.polls = 0;
+        }
         if self.missing > 0 {
             if let Err(e) = self.append_want(image::LATE_DONE) {
                 tracing::debug!(error = %e, "could not tell the source the late pages are in");

@@ -255,6 +255,13 @@ pub fn close_checked(f: std::fs::File) -> std::io::Result<()> {
     nix::unistd::close(f.into_raw_fd()).map_err(std::io::Error::from)
 }
 
+/// Pushes what was written through `f` to the file system's server without closing
+/// `f`: closes a duplicate of it, which makes the kernel send FUSE a flush (fuse-client
+/// then waits for the writes it queued) and returns what that says.
+pub fn flush_checked(f: &std::fs::File) -> std::io::Result<()> {
+    close_checked(f.try_clone()?)
+}
+
 /// Drops this node's clean cached pages of `f` in `[off, off + len)` (len 0: to
 /// the end; posix_fadvise DONTNEED), so that the next read asks the file system:
 /// for a FUSE file another node writes, a page cached while it was shorter holds
@@ -620,14 +627,24 @@ pub fn kill(pid: i32, sig: i32) -> Result<(), Errno> {
     check(unsafe { libc::kill(pid, sig) } as libc::c_long).map(drop)
 }
 
-/// Whether `path` is on a FUSE file system (`/...`). Pages read from the store
-/// once are read from there with O_DIRECT: the page cache would only cost a copy
-/// and its upkeep (1.7 CPU-seconds per GiB read through `/...` here instead of 2.2,
-/// in the same time with four readers). Local files (the engine's tests) are read
-/// through the page cache.
+/// Whether `path` is on a FUSE file system (`/...`). Image files on the store are
+/// read and written there with O_DIRECT: each page goes through once, and the page
+/// cache would only cost a copy and its upkeep (reads: 1.7 CPU-seconds per GiB
+/// through `/...` here instead of 2.2, in the same time with four readers; writes:
+/// 8 MiB writes 0.9 GB/s instead of 0.6, the kernel sending the 1 MiB requests of
+/// one write together). FUSE asks no alignment of O_DIRECT buffers or offsets.
+/// Local files (the engine's tests) go through the page cache.
 pub fn on_fuse(path: &Path) -> bool {
     nix::sys::statfs::statfs(path)
         .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::FUSE_SUPER_MAGIC)
+}
+
+fn direct_flag(direct: bool) -> i32 {
+    if direct {
+        libc::O_DIRECT
+    } else {
+        0
+    }
 }
 
 /// Opens `path` for reading, with O_DIRECT when `direct` (see [`on_fuse`]).
@@ -635,7 +652,29 @@ pub fn open_read(path: &Path, direct: bool) -> std::io::Result<std::fs::File> {
     use std::os::unix::fs::OpenOptionsExt;
     std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(if direct { libc::O_DIRECT } else { 0 })
+        .custom_flags(direct_flag(direct))
+        .open(path)
+}
+
+/// Opens the existing file `path` for writing, with O_DIRECT when `direct` (see
+/// [`on_fuse`]).
+pub fn open_write(path: &Path, direct: bool) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(direct_flag(direct))
+        .open(path)
+}
+
+/// Creates (or truncates) `path` for writing, with O_DIRECT when `direct` (see
+/// [`on_fuse`]).
+pub fn create_write(path: &Path, direct: bool) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(direct_flag(direct))
         .open(path)
 }
 

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 const CACHE_CHUNKS: usize = 16;
 
 /// Late chunks read at once at most (see [`Source::read_chunk`]).
-const LATE_SPAN: u64 = 4;
+const LATE_SPAN: u64 = 8;
 
 /// Chunks of pages.img read ahead of a sequential reader (the prefetch).
 const AHEAD_CHUNKS: u64 = 8;
@@ -169,11 +169,14 @@ pub(super) struct PageFile {
     pub(super) path: PathBuf,
     file: Option<std::fs::File>,
     pub(super) len: u64,
+    /// Read with O_DIRECT (on `/...`, see `sys::on_fuse`).
+    direct: bool,
 }
 
 impl PageFile {
     pub(super) fn new(path: PathBuf, len: u64) -> PageFile {
         PageFile {
+            direct: path.parent().is_some_and(crate::sys::on_fuse),
             path,
             file: None,
             len,
@@ -381,7 +384,7 @@ impl Source {
 
     /// Reads chunk `key` into the cache (this thread, now). A late chunk comes with
     /// the listed chunks right after it (up to [`LATE_SPAN`] in one read: the source
-    /// writes them a few at a time, and each read of late.img is a fresh open and a
+    /// writes them a batch at a time, and each read of late.img is a fresh open and a
     /// few round trips to the store).
     fn read_chunk(&mut self, key: u64) -> Result<usize, SourceError> {
         let crc = self.crc(key)?;
@@ -407,7 +410,7 @@ impl Source {
             pf.file = None;
         }
         if pf.file.is_none() {
-            let f = std::fs::File::open(&pf.path)
+            let f = crate::sys::open_read(&pf.path, pf.direct)
                 .map_err(|e| SourceError::store(format!("open {}: {e}", pf.path.display())))?;
             pf.file = Some(f);
         }
