@@ -345,10 +345,9 @@ impl Flush {
     /// (late.img and late.ready, written the whole flush: an open and a close per
     /// write cost two round trips to fs-server, and each open by one side while the
     /// other holds the file open makes fs-server call the holder back). A flush of
-    /// the handle
-    /// ([`sys::flush_checked`]) stands for the close: the writes are at fs-server
-    /// when `op` is done. A handle that failed is dropped and the next try opens
-    /// the file afresh.
+    /// the handle ([`sys::flush_checked`]) stands for the close: the writes are at
+    /// fs-server when `op` is done. A handle that failed is dropped and the next
+    /// try opens the file afresh.
     fn with_file_kept<T>(
         &mut self,
         name: &str,
@@ -717,7 +716,7 @@ struct FlushStats {
     wants: Duration,
     gather: Duration,
     put: Duration,
-    /// Of `put`: late.img's open, write and close.
+    /// Of `put`: late.img's write and flush.
     put_img: Duration,
     waited: Duration,
     sync: Duration,
