@@ -203,6 +203,92 @@ fn stop_cont_and_term_at_home_reach_the_migrated_process_and_the_shell_sees_deat
     );
 }
 
+/// A parent that tells what `waitpid` says of its child: forks, runs `argv[1:]` in
+/// the child, and appends `stopped`, `continued` and `exit N` / `signal N` to
+/// /tmp/events as it sees them.
+const WAITING_PARENT: &str = r#"
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.argv[1], sys.argv[1:])
+def say(w):
+    with open("/tmp/events", "a") as f:
+        f.write(w + "\n")
+while True:
+    _, st = os.waitpid(pid, os.WUNTRACED | os.WCONTINUED)
+    if os.WIFSTOPPED(st):
+        say("stopped")
+    elif os.WIFCONTINUED(st):
+        say("continued")
+    elif os.WIFEXITED(st):
+        say("exit %d" % os.WEXITSTATUS(st)); break
+    else:
+        say("signal %d" % os.WTERMSIG(st)); break
+"#;
+
+#[test]
+fn the_parent_at_home_sees_its_migrated_child_stop_continue_and_die() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let s = setup();
+    let c = &s.c;
+    c.sh_ok(
+        "ws1",
+        &format!("rm -f /tmp/events; cat > /tmp/parent.py <<'PY'\n{WAITING_PARENT}\nPY"),
+    );
+    let child = spawn_shell(
+        c,
+        "ws1",
+        &format!(
+            "python3 /tmp/parent.py {} /tmp/out 100000 0 100000",
+            s.prog.display()
+        ),
+    );
+    let pid = wait_for(|| {
+        let o = c.sh("ws1", "pgrep -xn prog && test $(wc -l < /tmp/out) -ge 3");
+        let t = String::from_utf8_lossy(&o.stdout).trim().to_string();
+        (o.status.success() && !t.is_empty()).then(|| t.parse::<i32>().unwrap())
+    })
+    .expect("prog did not start under its python3 parent at ws1");
+    migrate(c, pid, "ws2");
+    let remote = progs_on(c, "ws2");
+    assert_eq!(remote.len(), 1, "prog is not running at ws2");
+    let events = || c.sh_ok("ws1", "cat /tmp/events 2>/dev/null || true");
+
+    c.sh_ok("ws1", &format!("kill -STOP {pid}"));
+    wait_for(|| events().contains("stopped").then_some(())).unwrap_or_else(|| {
+        panic!(
+            "the parent at ws1 did not see its child stop; events: {:?}, prog at ws2: {}",
+            events(),
+            state_on(c, "ws2", remote[0])
+        )
+    });
+    assert!(
+        state_on(c, "ws2", remote[0]).contains("stopped"),
+        "prog at ws2 should be stopped as its parent sees it"
+    );
+
+    c.sh_ok("ws1", &format!("kill -CONT {pid}"));
+    wait_for(|| events().contains("continued").then_some(())).unwrap_or_else(|| {
+        panic!(
+            "the parent at ws1 did not see its child continue; events: {:?}",
+            events()
+        )
+    });
+    keeps_writing(c, "prog did not go on writing after SIGCONT at home");
+
+    c.sh_ok("ws1", &format!("kill -TERM {pid}"));
+    assert_eq!(
+        finish_shell(c, child),
+        "status=0",
+        "the parent should end well"
+    );
+    assert_eq!(
+        events().trim(),
+        "stopped\ncontinued\nsignal 15",
+        "what the parent at ws1 saw of its child, in order"
+    );
+}
+
 #[test]
 fn refused_migrations_leave_the_process_running_untouched() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());

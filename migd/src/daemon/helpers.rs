@@ -457,7 +457,18 @@ fn shadow_loop(
         // queued in the shadow.
         if link.connected() {
             match (shadow.stop_pending(), stop_sent) {
-                (true, false) => stop_sent = link.say(&format!("signal {}", libc::SIGSTOP)),
+                (true, false) => {
+                    stop_sent = link.say(&format!("signal {}", libc::SIGSTOP));
+                    // Forwarded: the shadow stops too, for its parent to see.
+                    if stop_sent {
+                        match shadow.take_stop() {
+                            Ok(stopped) => tracing::info!(pid, stopped, "SIGSTOP at home"),
+                            Err(e) => {
+                                tracing::warn!(pid, error = %e, "the shadow could not take a SIGSTOP")
+                            }
+                        }
+                    }
+                }
                 (false, true) => stop_sent = false,
                 _ => {}
             }

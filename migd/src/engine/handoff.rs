@@ -493,6 +493,49 @@ impl Shadow {
         self.pending_raw() & (1 << (libc::SIGSTOP - 1)) != 0
     }
 
+    /// Lets a queued SIGSTOP stop the shadow for real, so that its parent sees it
+    /// stopped (`waitpid(WUNTRACED)`, SIGCHLD with CLD_STOPPED) as it would see the
+    /// process itself: the leader, aimed at the gadget's harmless call, is resumed;
+    /// the SIGSTOP is delivered before it runs any instruction (a delivery stop),
+    /// is let through, and the shadow enters group-stop, which the kernel reports to
+    /// the real parent (we are not it) and to us as a ptrace stop, where we keep it.
+    /// Should the SIGSTOP be gone meanwhile (a SIGCONT removed it), the gadget's call
+    /// runs and traps, and nothing else happens. Its registers are put back either
+    /// way. Returns whether it stopped. Its injected calls work from that stop as
+    /// from any other; a later SIGCONT is taken and forwarded as any signal, and
+    /// the parent hears of it (CLD_CONTINUED) the next time the shadow passes
+    /// through the kernel's signal delivery.
+    pub fn take_stop(&self) -> Result<bool, HandoffError> {
+        use super::freeze::StopKind;
+        let leader = &self.held.frozen.threads[0];
+        let saved = leader.regs()?;
+        let mut r = saved;
+        r.rip = self.gadget;
+        r.rax = libc::SYS_getpid as u64;
+        r.orig_rax = u64::MAX;
+        leader.set_regs(&r)?;
+        let mut sig = 0;
+        let stopped = loop {
+            match leader.cont_and_wait(sig, false)? {
+                // The delivery stop: let it through.
+                StopKind::Signal(libc::SIGSTOP) => sig = libc::SIGSTOP,
+                // The group-stop it entered (or a stop of ours before that).
+                StopKind::Event if sig == libc::SIGSTOP => break true,
+                StopKind::Signal(libc::SIGTRAP) => break false,
+                StopKind::Event | StopKind::Syscall | StopKind::PtraceEvent(_) => sig = 0,
+                StopKind::Signal(s) => {
+                    leader.set_regs(&saved)?;
+                    return Err(HandoffError::Other {
+                        pid: self.held.pid(),
+                        what: format!("letting a SIGSTOP stop the shadow: signal {s} came"),
+                    });
+                }
+            }
+        };
+        leader.set_regs(&saved)?;
+        Ok(stopped)
+    }
+
     /// Takes every signal queued for the shadow (rt_sigtimedwait with a zero timeout,
     /// run inside it) and returns their numbers, in the order taken.
     pub fn take_signals(&self) -> Result<Vec<i32>, HandoffError> {
