@@ -115,20 +115,16 @@ impl<In, Out: Serialize> Encoder<Out> for FrameCodec<In, Out> {
         }
         dst.reserve(LEN_BYTES + size);
         let start = dst.len();
-        dst.put_u32(0);
-        let written = wire()
-            .serialize_into(dst.writer(), &item)
-            .map_err(|e| std::io::Error::other(format!("encoding a frame: {e}")));
-        let len = dst.len() - start - LEN_BYTES;
-        if let Err(e) = written {
+        dst.put_u32(size as u32);
+        wire().serialize_into(dst.writer(), &item).map_err(|e| {
             dst.truncate(start);
-            return Err(e);
-        }
-        if len > self.max_frame {
-            dst.truncate(start);
-            return Err(self.too_long(len, "outgoing"));
-        }
-        dst[start..start + LEN_BYTES].copy_from_slice(&(len as u32).to_be_bytes());
+            std::io::Error::other(format!("encoding a frame: {e}"))
+        })?;
+        debug_assert_eq!(
+            dst.len() - start - LEN_BYTES,
+            size,
+            "bincode's size is exact"
+        );
         Ok(())
     }
 }

@@ -509,11 +509,10 @@ impl Shadow {
         use super::freeze::StopKind;
         let leader = &self.held.frozen.threads[0];
         let saved = leader.regs()?;
-        let mut r = saved;
-        r.rip = self.gadget;
-        r.rax = libc::SYS_getpid as u64;
-        r.orig_rax = u64::MAX;
-        leader.set_regs(&r)?;
+        let inj = Injector {
+            gadget: self.gadget,
+        };
+        inj.aim(leader, libc::SYS_getpid, &[])?;
         let mut sig = 0;
         let stopped = loop {
             match leader.cont_and_wait(sig, false)? {

@@ -72,6 +72,21 @@ impl Injector {
     pub fn call(&self, t: &Stopped, nr: i64, args: &[u64]) -> Result<Outcome, InjectError> {
         let tid = t.tid;
         let perr = |source| InjectError::Ptrace { tid, nr, source };
+        self.aim(t, nr, args)?;
+        let new_tid = run_to_trap(t, nr)?;
+        let out = t.regs().map_err(perr)?;
+        Ok(Outcome {
+            ret: out.rax as i64,
+            new_tid,
+        })
+    }
+
+    /// Sets `t`'s registers so that, once resumed, it runs `nr(args)` at the gadget
+    /// and traps after it; runs nothing (see [`call`](Self::call)). `t`'s registers
+    /// are clobbered.
+    pub fn aim(&self, t: &Stopped, nr: i64, args: &[u64]) -> Result<(), InjectError> {
+        let tid = t.tid;
+        let perr = |source| InjectError::Ptrace { tid, nr, source };
         let mut r = t.regs().map_err(perr)?;
         r.rip = self.gadget;
         r.rax = nr as u64;
@@ -84,13 +99,7 @@ impl Injector {
         r.r10 = a(3);
         r.r8 = a(4);
         r.r9 = a(5);
-        t.set_regs(&r).map_err(perr)?;
-        let new_tid = run_to_trap(t, nr)?;
-        let out = t.regs().map_err(perr)?;
-        Ok(Outcome {
-            ret: out.rax as i64,
-            new_tid,
-        })
+        t.set_regs(&r).map_err(perr)
     }
 
     /// Runs `calls` in `t` in one stop, not one each: the [`BATCH`] code, planted by

@@ -543,15 +543,26 @@ impl Flush {
         }
     }
 
+    /// Writes `data` at `at` in file `name` of the image, kept open in the field
+    /// `slot` gives (see [`with_file_kept`](Self::with_file_kept)).
+    fn write_kept(
+        &mut self,
+        name: &str,
+        slot: fn(&mut Flush) -> &mut Option<File>,
+        data: &[u8],
+        at: u64,
+    ) -> Result<(), FlushEnd> {
+        let mut kept = slot(self).take();
+        let written =
+            self.with_file_kept(name, true, Some(&mut kept), |f| f.write_all_at(data, at));
+        *slot(self) = kept;
+        written
+    }
+
     /// Writes chunks `c0..c0 + n` (gathered in `buf`) and lists them in late.ready.
     fn put(&mut self, c0: u64, n: u64, buf: &[u8], st: &mut FlushStats) -> Result<(), FlushEnd> {
         let t = Instant::now();
-        let mut img = self.img.take();
-        let written = self.with_file_kept(image::LATE_FILE, true, Some(&mut img), |f| {
-            f.write_all_at(buf, c0 * CHUNK)
-        });
-        self.img = img;
-        written?;
+        self.write_kept(image::LATE_FILE, |fl| &mut fl.img, buf, c0 * CHUNK)?;
         st.put_img += t.elapsed();
         let mut recs = Vec::with_capacity(8 * n as usize);
         for (k, piece) in buf.chunks(CHUNK as usize).enumerate() {
@@ -559,12 +570,7 @@ impl Flush {
             recs.extend_from_slice(&crc32c::crc32c(piece).to_le_bytes());
         }
         let at = self.ready_records * 8;
-        let mut ready = self.ready.take();
-        let listed = self.with_file_kept(image::LATE_READY_FILE, true, Some(&mut ready), |f| {
-            f.write_all_at(&recs, at)
-        });
-        self.ready = ready;
-        listed?;
+        self.write_kept(image::LATE_READY_FILE, |fl| &mut fl.ready, &recs, at)?;
         self.ready_records += n;
         Ok(())
     }
