@@ -14,8 +14,13 @@
 //!   committed(id) --------------------------->  forget the store image
 //!                          ...
 //!                          signal(id, sig) -->  deliver to the process (MigdService)
+//!                          output(chunk) <--  what it wrote to a pipe at home (ProxyService)
 //!                          exited(id, st) <---  the process ended (ProxyService)
 //! ```
+//!
+//! A pipe whose reader stayed at home is relayed: the process writes into a pipe at
+//! its host, the host's migd reads it and sends the bytes home ([`OutputChunk`]),
+//! and home-proxy writes them into the shadow's own fd (docs/migration.md, "Pipes").
 //!
 //! Any failure before commit: `abort` to both; the original is thawed where it was.
 //! A move onward (`move_to`, asked by home's migd of the host) runs the same steps
@@ -263,6 +268,32 @@ pub struct Handover {
     pub eager: Option<Vec<u8>>,
 }
 
+/// Bytes a migrated process wrote into a relayed pipe at its host, for the pipe the
+/// shadow holds at fd `fd` at home. `offset` is the position of `data`'s first byte
+/// in what this move's host relayed for that fd (`stream` names the move: its image
+/// directory), so that a chunk sent again after a lost answer is not written twice;
+/// `None` (a relay started again by a restarted migd, which does not know it):
+/// where home is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputChunk {
+    pub id: String,
+    pub stream: String,
+    pub fd: i32,
+    pub offset: Option<u64>,
+    #[serde(with = "serde_bytes")]
+    pub data: Vec<u8>,
+}
+
+/// What became of an [`OutputChunk`] at home.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Output {
+    /// The first `bytes` bytes of the chunk are in the pipe at home (fewer than
+    /// all: the pipe was full; send the rest again); the stream is at `end` now.
+    Taken { bytes: u64, end: u64 },
+    /// Nobody reads that pipe at home any more (the process would get SIGPIPE).
+    ReaderGone,
+}
+
 /// The service home-proxy offers on `ports.proxy`: the home side of migrated
 /// processes. migd of the same node asks it to hold a process leaving home (freeze,
 /// dump, keep frozen), then to commit (the original becomes the shadow) or abort
@@ -286,6 +317,9 @@ pub trait ProxyService {
     async fn abort(id: String) -> MigResult<()>;
     /// The process moved on to another host.
     async fn moved(id: String, host: String, host_pid: i32) -> MigResult<()>;
+    /// Bytes the process wrote at its host into a pipe whose reader is at home:
+    /// written into the shadow's fd, as much as fits without waiting long.
+    async fn output(chunk: OutputChunk) -> MigResult<Output>;
     /// The process ended on its host with this raw wait status: end the shadow alike.
     async fn exited(id: String, status: i32) -> MigResult<()>;
     /// The shadows held here.

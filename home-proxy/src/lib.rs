@@ -24,8 +24,8 @@
 use common::auth::ClusterKey;
 use common::config::NodeConfig;
 use common::migproto::{
-    HeldImage, HoldPlan, MigError, MigResult, MigdServiceClient, ProcessEntry, ProxyService,
-    Running,
+    HeldImage, HoldPlan, MigError, MigResult, MigdServiceClient, Output, OutputChunk, ProcessEntry,
+    ProxyService, Running,
 };
 use migd::daemon::keeper::Keeper;
 use std::collections::HashMap;
@@ -35,6 +35,8 @@ use tarpc::context::Context;
 use tarpc::server::Channel;
 use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
+
+mod output;
 
 /// Why home-proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -66,7 +68,12 @@ pub struct Proxy {
     helper_exe: PathBuf,
     /// Held before commit.
     held: Mutex<HashMap<String, Keeper>>,
+    /// Held originals whose move is decided: (pid, host), for output relayed from
+    /// the host before the commit reaches us.
+    decided: Mutex<HashMap<String, (i32, String)>>,
     shadows: Mutex<HashMap<String, Shadow>>,
+    /// How far the relayed pipes got (see [`output`]).
+    streams: output::Streams,
 }
 
 impl Proxy {
@@ -153,6 +160,8 @@ pub async fn serve(
         helper_exe,
         held: Mutex::new(HashMap::new()),
         shadows: Mutex::new(HashMap::new()),
+        decided: Mutex::new(HashMap::new()),
+        streams: Default::default(),
     });
     if let Ok(a) = listener.local_addr() {
         tracing::info!(addr = %a, node = %p.config.node, "home-proxy listening");
@@ -264,6 +273,11 @@ impl ProxyService for Conn {
             why,
         })?;
         self.p.record(&entry);
+        self.p
+            .decided
+            .lock()
+            .unwrap()
+            .insert(id.clone(), (entry.pid, entry.host.clone()));
         tracing::info!(id = %id, host = %entry.host, "decided: the original never thaws on its own now");
         Ok(())
     }
@@ -280,6 +294,7 @@ impl ProxyService for Conn {
         let span = tracing::info_span!("shadow", id = %id, pid = entry.pid, host = %entry.host);
         span.in_scope(|| tracing::info!("committed: the original is the shadow now"));
         keeper.send("commit-shadow");
+        self.p.decided.lock().unwrap().remove(&id);
         self.p.record(&entry);
         self.p.shadows.lock().unwrap().insert(
             id.clone(),
@@ -299,6 +314,7 @@ impl ProxyService for Conn {
         match keeper {
             Some(k) => {
                 tracing::info!(id = %id, "abort: thawing the original");
+                self.p.decided.lock().unwrap().remove(&id);
                 // The record `decided` may have written goes with it.
                 let _ = std::fs::remove_file(self.p.dir().join(format!("{id}.json")));
                 k.end("abort").await;
@@ -317,6 +333,40 @@ impl ProxyService for Conn {
         rec.entry.since = migd::daemon::now_secs();
         self.p.record(&rec.entry);
         Ok(())
+    }
+
+    async fn output(self, _: Context, chunk: OutputChunk) -> MigResult<Output> {
+        let me = self.p.config.node.clone();
+        // Where the process is now, by the shadow or, before the commit reached us,
+        // by the decision; only that host may write into its pipes.
+        let route = self
+            .p
+            .shadows
+            .lock()
+            .unwrap()
+            .get(&chunk.id)
+            .map(|s| (s.entry.pid, s.entry.host.clone()))
+            .or_else(|| self.p.decided.lock().unwrap().get(&chunk.id).cloned());
+        let (pid, host) = route.ok_or_else(|| self.unknown(&chunk.id))?;
+        if host != self.peer {
+            return Err(MigError::Refused {
+                node: me,
+                why: format!(
+                    "{} runs at {host}, not at {}: its output comes from there only",
+                    chunk.id, self.peer
+                ),
+            });
+        }
+        let p = self.p.clone();
+        let fd = chunk.fd;
+        let r = tokio::task::spawn_blocking(move || p.streams.write(pid, &chunk))
+            .await
+            .map_err(|e| format!("the writer panicked: {e}"))
+            .and_then(|r| r);
+        if let Ok(Output::ReaderGone) = r {
+            tracing::info!(pid, fd, from = %self.peer, "relayed output: nobody reads that pipe here any more");
+        }
+        r.map_err(|why| MigError::Failed { node: me, why })
     }
 
     async fn exited(self, _: Context, id: String, status: i32) -> MigResult<()> {
@@ -511,6 +561,7 @@ async fn watch(p: Arc<Proxy>, id: String, mut keeper: Keeper) {
     }
     keeper.wait().await;
     p.shadows.lock().unwrap().remove(&id);
+    p.streams.forget(&id);
     let _ = std::fs::remove_file(p.dir().join(format!("{id}.json")));
     tracing::info!("shadow ended");
 }

@@ -288,6 +288,7 @@ fn run_restore_with(
             manifest: None,
             eager: None,
             warm: Default::default(),
+            relay_pipes: false,
         },
         inherit,
         |r| {
@@ -367,6 +368,7 @@ pub fn run_restore_lazy(
                         .map_err(|e| anyhow::anyhow!("reading pages.img ahead: {e}"))?,
                 ),
             },
+            relay_pipes: false,
         },
         &lazy.options(),
         inherit,

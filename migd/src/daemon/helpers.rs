@@ -818,13 +818,14 @@ pub fn restorer_main(
         manifest,
         eager,
         warm,
+        relay_pipes: true,
     };
     if let Some(lazy) = lazy {
         return restorer_lazy(&opts, &lazy, &mut link);
     }
     let mut committed = false;
     let result = restore_paused(&opts, |r| {
-        link.say(&format!("running {} {:.3}", r.outer_pid, r.restore_ms));
+        say_running(&mut link, r);
         // The copy is shaped but kept stopped: it runs only once the source
         // commits (the original there is then frozen for good). `abort`, or the end
         // of input (migd died), kills it before it ever ran.
@@ -854,6 +855,23 @@ pub fn restorer_main(
             1
         }
     }
+}
+
+/// Says that the copy is restored (held until the commit): `relays <our pid>
+/// <fd>:<read end>...` first if the process writes into pipes read at home (migd
+/// reads our read ends through pidfd_getfd and sends the bytes home; we keep them
+/// open for the process's life, so that a restarted migd can take them again), then
+/// `running <host pid> <ms>`.
+fn say_running(link: &mut Link, r: &crate::engine::restore::RestoreReport) {
+    if !r.relays.is_empty() {
+        let ends: Vec<String> = r
+            .relays
+            .iter()
+            .map(|(fd, rfd)| format!("{fd}:{rfd}"))
+            .collect();
+        link.say(&format!("relays {} {}", std::process::id(), ends.join(" ")));
+    }
+    link.say(&format!("running {} {:.3}", r.outer_pid, r.restore_ms));
 }
 
 /// Says `line` to the peer, waiting for a new one (a restarted migd) if it is gone.
@@ -914,7 +932,7 @@ fn restorer_lazy(opts: &RestoreOptions, lazy: &LazyOptions, link: &mut Link) -> 
     let r = lr.report;
     let mut pager = lr.pager;
     let total = r.lazy_bytes.unwrap_or(0);
-    link.say(&format!("running {} {:.3}", r.outer_pid, r.restore_ms));
+    say_running(link, &r);
     tracing::info!(
         pid = r.pid,
         lazy_bytes = total,

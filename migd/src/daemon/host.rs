@@ -506,7 +506,12 @@ async fn restore(
         let _ = child.wait().await;
         return Err(ended(format!("the restorer went away: {e}")));
     }
-    let first = lines.next_line().await.ok().flatten().unwrap_or_default();
+    let mut first = lines.next_line().await.ok().flatten().unwrap_or_default();
+    // The pipes the process writes into whose reader is at home, if any.
+    let relays = first.starts_with("relays ").then(|| first.clone());
+    if relays.is_some() {
+        first = lines.next_line().await.ok().flatten().unwrap_or_default();
+    }
     ph.mark("until running");
     let Some(rest) = first.strip_prefix("running ") else {
         let _ = child.wait().await;
@@ -536,6 +541,10 @@ async fn restore(
     let json = serde_json::to_string(&entry).expect("entries serialize");
     // The move's image name, for a restarted migd to remove it once every page is in.
     let _ = std::fs::write(records.join(format!("{id}.image")), &offer.image);
+    // Where its relayed pipes are, for a restarted migd to take them again.
+    if let Some(r) = &relays {
+        let _ = std::fs::write(records.join(format!("{id}.relays")), r);
+    }
     if let Err(e) = std::fs::write(records.join(format!("{id}.json")), json) {
         tracing::warn!(error = %e, "cannot record the foreign process; a restarted migd will not know it");
     }
@@ -551,7 +560,7 @@ async fn restore(
             restored_at: std::time::Instant::now(),
         },
     );
-    tokio::spawn(watch(d.clone(), id, lines, Some(child)).in_current_span());
+    tokio::spawn(watch(d.clone(), id, lines, Some(child), relays).in_current_span());
     ph.mark("records");
     ph.log();
     Ok(Running {
@@ -612,8 +621,21 @@ fn image_of(d: &Daemon, id: &str) -> String {
 }
 
 /// Follows a foreign process's restorer until the process ends, then reports the
-/// end home (unless it moved on) and forgets it.
-async fn watch(d: Arc<Daemon>, id: String, mut lines: LineSource, child: Option<Child>) {
+/// end home (unless it moved on) and forgets it. `relays`: the restorer's line
+/// naming the pipes to relay home (see [`super::relay`]); the end is reported once
+/// they are all relayed.
+async fn watch(
+    d: Arc<Daemon>,
+    id: String,
+    mut lines: LineSource,
+    child: Option<Child>,
+    relays: Option<String>,
+) {
+    if let Some(line) = relays {
+        if let Err(e) = super::relay::start(&d, &id, &line) {
+            tracing::error!(error = %e, "its pipes to home cannot be relayed; what it writes into them stays at this host");
+        }
+    }
     let mut status = None;
     while let Ok(Some(l)) = lines.next_line().await {
         if let Some(s) = l.strip_prefix("exit ") {
@@ -635,6 +657,12 @@ async fn watch(d: Arc<Daemon>, id: String, mut lines: LineSource, child: Option<
             tracing::warn!(line = %l, "restorer");
         }
     }
+    // Every byte it wrote reaches home before its end is reported (the relays end
+    // once the process and its pid namespace are gone).
+    let relayed = d.relays.lock().unwrap().remove(&id);
+    if let Some(r) = relayed {
+        r.finish().await;
+    }
     // A lazily restored process that ended before all its pages were in.
     remove_image(&d, &image_of(&d, &id));
     if let Some(mut c) = child {
@@ -644,6 +672,7 @@ async fn watch(d: Arc<Daemon>, id: String, mut lines: LineSource, child: Option<
     let records = d.foreign_dir();
     let _ = std::fs::remove_file(records.join(format!("{id}.json")));
     let _ = std::fs::remove_file(records.join(format!("{id}.image")));
+    let _ = std::fs::remove_file(records.join(format!("{id}.relays")));
     let _ = std::fs::remove_file(records.join(format!("{id}.sock")));
     let rec = d.foreign.lock().unwrap().remove(&id);
     if let Some(r) = rec.as_ref().filter(|r| r.committed) {
@@ -706,13 +735,14 @@ pub async fn adopt_foreign(d: &Arc<Daemon>) {
                         restored_at: std::time::Instant::now(),
                     },
                 );
+                let relays = std::fs::read_to_string(path.with_extension("relays")).ok();
                 let d = d.clone();
                 tokio::spawn(
                     async move {
                         // Our end stays open: the restorer takes a closed one for a
                         // peer gone again.
                         let _to = to;
-                        watch(d, id, lines, None).await
+                        watch(d, id, lines, None, relays).await
                     }
                     .instrument(span),
                 );

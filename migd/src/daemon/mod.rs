@@ -25,6 +25,7 @@ pub mod helpers;
 pub mod host;
 pub mod keeper;
 pub mod local;
+pub mod relay;
 pub mod settle;
 pub mod source;
 pub mod sys;
@@ -106,6 +107,8 @@ pub struct Daemon {
     /// (across its look and its `abort_home`), so that neither acts on what the
     /// other is changing.
     pub home_gate: tokio::sync::Mutex<()>,
+    /// The relayed pipes of foreign processes running here, by id (see [`relay`]).
+    pub relays: Mutex<HashMap<String, std::sync::Arc<relay::RelaySet>>>,
 }
 
 impl Daemon {
@@ -270,6 +273,7 @@ pub async fn serve(
         homing: Mutex::new(HashMap::new()),
         committed_gone: Mutex::new(Default::default()),
         home_gate: tokio::sync::Mutex::new(()),
+        relays: Mutex::new(HashMap::new()),
     });
     tracing::info!(%addr, socket = %sock_path.display(), node = %d.config.node, "migd listening");
     host::adopt_foreign(&d).await;

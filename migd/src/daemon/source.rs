@@ -195,6 +195,10 @@ async fn with_page_progress<T>(
     }
 }
 
+/// How long a move from a host waits, the process frozen, for its relayed pipes to
+/// reach home (see [`super::relay`]).
+const RELAY_DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Offer, dump (keeping the original frozen), restore at `dest`, commit there. On
 /// failure nothing runs at `dest` and the original was thawed where it was; on
 /// success the caller ends the original (shadow or kill): the copy at `dest` is the
@@ -323,6 +327,25 @@ pub async fn prepare(
             return Err(e);
         }
     };
+    // A process moving on from here may have written into pipes relayed home: all
+    // of it reaches home before the copy at `dest` may write more (its image's
+    // pipes do not carry those bytes).
+    if let Some(relays) = super::relay::of(d, &id) {
+        if let Err(left) = relays.drained(RELAY_DRAIN).await {
+            let _ = peer.abort(long_ctx(), id.clone()).await;
+            holder.abort(d, &id).await;
+            let _ = std::fs::remove_dir_all(&images);
+            let left: Vec<String> = left
+                .iter()
+                .map(|(fd, n)| format!("fd {fd}: {n} bytes"))
+                .collect();
+            return Err(fail(format!(
+                "what it wrote into pipes read at home did not get there within {} s ({}): is the reader there stopped? The process was thawed and runs on at {me}, unchanged",
+                RELAY_DRAIN.as_secs(),
+                left.join(", ")
+            )));
+        }
+    }
     if rounds > 0 {
         progress(
             tx,

@@ -84,6 +84,41 @@ pub struct Manifest {
     pub posix_timers: Vec<PosixTimer>,
 }
 
+impl Manifest {
+    /// The pipes the process writes into and whose reader is outside it (a parent's
+    /// or a shell's pipe, say `prog | sort`): (lowest fd naming the pipe, its inode),
+    /// one per pipe. A migration relays them home instead of giving the process a
+    /// pipe nobody reads (docs/migration.md, "Pipes").
+    pub fn outside_pipes(&self) -> Vec<(i32, u64)> {
+        outside_pipes(&self.fds)
+    }
+}
+
+/// See [`Manifest::outside_pipes`].
+fn outside_pipes(fds: &[FdImage]) -> Vec<(i32, u64)> {
+    let read_inside = |inode: u64| {
+        fds.iter().any(
+            |f| matches!(f.kind, FdKind::Pipe { inode: i, write_end: false, .. } if i == inode),
+        )
+    };
+    let mut sorted: Vec<&FdImage> = fds.iter().collect();
+    sorted.sort_by_key(|f| f.fd);
+    let mut out: Vec<(i32, u64)> = Vec::new();
+    for f in sorted {
+        if let FdKind::Pipe {
+            inode,
+            write_end: true,
+            ..
+        } = f.kind
+        {
+            if !read_inside(inode) && !out.iter().any(|&(_, i)| i == inode) {
+                out.push((f.fd, inode));
+            }
+        }
+    }
+    out
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ThreadImage {
     /// The tid as the process saw it.
@@ -820,8 +855,50 @@ fn slash() -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::EagerPages;
+    use super::{outside_pipes, EagerPages, FdImage, FdKind};
     use std::path::Path;
+
+    fn pipe_fd(fd: i32, inode: u64, write_end: bool) -> FdImage {
+        FdImage {
+            fd,
+            flags: if write_end { libc::O_WRONLY } else { 0 },
+            cloexec: false,
+            dup_of: None,
+            kind: FdKind::Pipe {
+                inode,
+                write_end,
+                size: 65536,
+                data: Vec::new(),
+            },
+        }
+    }
+
+    /// Relayed: write ends whose read end is elsewhere, once per pipe, by the lowest
+    /// fd naming it. Not relayed: pipes read inside the process, read ends, files.
+    #[test]
+    fn only_pipes_written_here_and_read_elsewhere_are_relayed() {
+        let fds = vec![
+            pipe_fd(7, 100, true), // stdout's pipe again, by a higher fd
+            pipe_fd(1, 100, true),
+            pipe_fd(2, 100, true),
+            pipe_fd(0, 200, false), // stdin: read here
+            pipe_fd(4, 300, true),  // a pipe to itself
+            pipe_fd(3, 300, false),
+            pipe_fd(9, 400, true), // another pipe read elsewhere
+            FdImage {
+                fd: 5,
+                flags: 0,
+                cloexec: false,
+                dup_of: None,
+                kind: FdKind::File {
+                    path: "/tmp/x".into(),
+                    pos: 0,
+                },
+            },
+        ];
+        assert_eq!(outside_pipes(&fds), vec![(1, 100), (9, 400)]);
+        assert!(outside_pipes(&[]).is_empty());
+    }
 
     #[test]
     fn eager_pages_come_back_as_they_went_and_any_damage_is_refused() {

@@ -40,6 +40,10 @@ pub struct RestoreOptions {
     /// pages.img's first bytes if they were read while pre-copy ran (see [`warm`]):
     /// a lazy restore's pager takes the chunks it holds from there.
     pub warm: warm::Handed,
+    /// Give each pipe the process writes into and whose reader is outside it
+    /// ([`Manifest::outside_pipes`]) a new pipe whose read end stays with the caller
+    /// (see [`RestoreReport::relays`]), instead of a pipe nobody reads.
+    pub relay_pipes: bool,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -62,6 +66,11 @@ pub struct RestoreReport {
     /// the stub), for [`lazy::Pager::resume`].
     #[serde(skip_serializing_if = "Option::is_none")]
     pub uffd_stub_fd: Option<i32>,
+    /// With [`RestoreOptions::relay_pipes`]: (the process's fd, the read end's fd
+    /// number in the caller) for each relayed pipe. The read ends stay open in the
+    /// caller for its whole life (whoever relays the bytes reads a copy of them).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub relays: Vec<(i32, i32)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -425,16 +434,30 @@ fn start(
     let pages = pages?;
     ph.mark("precheck + pages.img (lazy: eager chunks read)");
     let gadget = free_hole(&m.areas, GADGET_LEN, &[])?;
+    let mut inherit = inherit.to_vec();
+    let relay_pipes = match opts.relay_pipes {
+        true => relay_pipes(&m, &mut inherit)?,
+        false => Vec::new(),
+    };
     let t0 = Instant::now();
     let sp = spawn::spawn(m.pid, gadget, GADGET_LEN as usize)?;
     ph.mark("spawn");
+    // The process has its copies of the write ends (fork); ours would keep the
+    // relayed pipes from ever reaching their end.
+    let relays: Vec<(i32, i32)> = relay_pipes
+        .into_iter()
+        .map(|(fd, read, write)| {
+            drop(write);
+            (fd, std::os::fd::IntoRawFd::into_raw_fd(read))
+        })
+        .collect();
     let ctx = Ctx {
         pid: sp.target,
         leader: sp.leader,
         inj: Injector { gadget },
         gadget,
         gadget_len: GADGET_LEN,
-        inherit: inherit.to_vec(),
+        inherit,
         memfds: Default::default(),
     };
     let shaped = (|| {
@@ -500,8 +523,40 @@ fn start(
         restore_ms: t0.elapsed().as_secs_f64() * 1e3,
         lazy_bytes,
         uffd_stub_fd: pager.as_ref().and_then(|p: &lazy::Pager| p.stub_fd()),
+        relays,
     };
     Ok((report, link, pager, paused))
+}
+
+/// A new pipe for each of the image's pipes whose reader is outside the process
+/// ([`Manifest::outside_pipes`]), with the image's capacity: its write end is
+/// handed to the process in place of the image's pipe (added to `inherit`, so
+/// nothing is refilled: the bytes buffered at the dump are still in the pipe the
+/// reader reads). Returns (the process's fd, read end, write end) for each.
+fn relay_pipes(
+    m: &Manifest,
+    inherit: &mut Vec<(i32, String)>,
+) -> Result<Vec<(i32, std::os::fd::OwnedFd, std::os::fd::OwnedFd)>, RestoreError> {
+    let mut out = Vec::new();
+    for (fd, inode) in m.outside_pipes() {
+        let key = format!("pipe:[{inode}]");
+        if inherit.iter().any(|(_, k)| *k == key) {
+            continue; // the caller hands this pipe in itself
+        }
+        let (r, w) = sys::pipe().map_err(|e| RestoreError::Other {
+            what: format!("fd {fd}: a pipe to relay: {e}"),
+        })?;
+        let size = m.fds.iter().find_map(|f| match f.kind {
+            image::FdKind::Pipe { inode: i, size, .. } if i == inode => Some(size),
+            _ => None,
+        });
+        if let Some(size) = size {
+            let _ = sys::set_pipe_size(w.as_raw_fd(), size);
+        }
+        inherit.push((w.as_raw_fd(), key));
+        out.push((fd, r, w));
+    }
+    Ok(out)
 }
 
 /// pages.img as the shaping reads it (see [`Pages`]).

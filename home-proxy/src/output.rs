@@ -1,0 +1,205 @@
+//! Relayed output: what a migrated process writes at its host into a pipe whose
+//! reader is here (migd's `daemon::relay` sends it) is written into the pipe the
+//! shadow holds at the same fd number.
+//!
+//! The pipe is opened again through `/proc/<shadow>/fd/<fd>` (a pipe opened so is
+//! the same pipe, with an open file description of our own), non-blocking, so that
+//! the shadow's own flags stay as they are and a full pipe never holds a call for
+//! long: what does not fit within [`WAIT`] is left for the host to send again.
+//! How far each stream got is counted here, so a chunk sent twice (its answer lost)
+//! is written once.
+
+use common::migproto::{Output, OutputChunk};
+use std::collections::HashMap;
+use std::io::Write;
+use std::os::fd::AsFd;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long one call waits for room in a full pipe.
+const WAIT: Duration = Duration::from_millis(200);
+
+/// A relayed stream: (migration id, the host's stream name, fd).
+type StreamKey = (String, String, i32);
+
+/// Bytes written so far into each relayed stream.
+#[derive(Default)]
+pub struct Streams {
+    at: Mutex<HashMap<StreamKey, Arc<Mutex<u64>>>>,
+}
+
+impl Streams {
+    /// Writes `chunk` into fd `chunk.fd` of process `pid` (a shadow, or an original
+    /// held frozen). Blocks for at most [`WAIT`]; call it off the async threads.
+    pub fn write(&self, pid: i32, chunk: &OutputChunk) -> Result<Output, String> {
+        let key = (chunk.id.clone(), chunk.stream.clone(), chunk.fd);
+        let pos = self.at.lock().unwrap().entry(key).or_default().clone();
+        // One writer per stream at a time (a chunk sent again while the first try
+        // still writes waits for it, then finds its bytes counted).
+        let mut pos = pos.lock().unwrap();
+        let start = chunk.offset.unwrap_or(*pos);
+        if start > *pos {
+            return Err(format!(
+                "fd {}: bytes {}..{start} of this stream never came",
+                chunk.fd, *pos
+            ));
+        }
+        let len = chunk.data.len();
+        let skip = ((*pos - start) as usize).min(len);
+        if skip == len {
+            return Ok(Output::Taken {
+                bytes: len as u64,
+                end: *pos,
+            });
+        }
+        let path = format!("/proc/{pid}/fd/{}", chunk.fd);
+        let mut f = match std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(&path)
+        {
+            Ok(f) => f,
+            // A pipe with no reader left.
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => return Ok(Output::ReaderGone),
+            Err(e) => return Err(format!("opening {path}: {e}")),
+        };
+        let is_pipe = f
+            .metadata()
+            .map(|m| m.file_type().is_fifo())
+            .unwrap_or(false);
+        if !is_pipe {
+            return Err(format!(
+                "fd {} of pid {pid} is not a pipe (nothing written)",
+                chunk.fd
+            ));
+        }
+        let deadline = Instant::now() + WAIT;
+        let mut done = skip;
+        let mut gone = false;
+        while done < len {
+            match f.write(&chunk.data[done..]) {
+                Ok(k) => done += k,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        break;
+                    }
+                    wait_writable(&f, left);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                    gone = true;
+                    break;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(format!("writing into {path}: {e}")),
+            }
+        }
+        *pos += (done - skip) as u64;
+        if gone {
+            return Ok(Output::ReaderGone);
+        }
+        Ok(Output::Taken {
+            bytes: done as u64,
+            end: *pos,
+        })
+    }
+
+    /// Forgets the streams of migration `id` (it ended, or came home).
+    pub fn forget(&self, id: &str) {
+        self.at.lock().unwrap().retain(|(i, _, _), _| i != id);
+    }
+}
+
+/// Waits up to `d` for room in a pipe.
+fn wait_writable(f: &std::fs::File, d: Duration) {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let ms = d.as_millis().clamp(1, 1000) as u16;
+    let mut fds = [PollFd::new(f.as_fd(), PollFlags::POLLOUT)];
+    let _ = poll(&mut fds, PollTimeout::from(ms));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+    use std::os::fd::AsRawFd;
+
+    fn chunk(offset: Option<u64>, data: &[u8]) -> OutputChunk {
+        OutputChunk {
+            id: "ws1-1-0".into(),
+            stream: "img".into(),
+            fd: 0,
+            offset,
+            data: data.to_vec(),
+        }
+    }
+
+    /// Our own pipe, written through /proc/self/fd as home-proxy writes a shadow's.
+    #[test]
+    fn chunks_are_written_once_in_order_and_a_lost_reader_is_told() {
+        let (r, w) = nix::unistd::pipe().unwrap();
+        let s = Streams::default();
+        let mut c = chunk(Some(0), b"hello ");
+        c.fd = w.as_raw_fd();
+        let pid = std::process::id() as i32;
+        assert_eq!(
+            s.write(pid, &c).unwrap(),
+            Output::Taken { bytes: 6, end: 6 }
+        );
+        // Sent again (its answer lost): counted, not written.
+        assert_eq!(
+            s.write(pid, &c).unwrap(),
+            Output::Taken { bytes: 6, end: 6 }
+        );
+        // Overlapping: only the new part is written.
+        c.offset = Some(3);
+        c.data = b"lo world".to_vec();
+        assert_eq!(
+            s.write(pid, &c).unwrap(),
+            Output::Taken { bytes: 8, end: 11 }
+        );
+        // A restarted relay: where home is.
+        c.offset = None;
+        c.data = b"!".to_vec();
+        assert_eq!(
+            s.write(pid, &c).unwrap(),
+            Output::Taken { bytes: 1, end: 12 }
+        );
+        // A gap is an error, and nothing is written.
+        c.offset = Some(20);
+        assert!(s.write(pid, &c).is_err());
+        let mut got = vec![0u8; 12];
+        std::fs::File::from(r).read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"hello world!");
+        // The reader is gone now.
+        c.offset = None;
+        assert_eq!(s.write(pid, &c).unwrap(), Output::ReaderGone);
+    }
+
+    #[test]
+    fn a_full_pipe_takes_what_fits_and_says_so() {
+        let (_r, w) = nix::unistd::pipe().unwrap();
+        let s = Streams::default();
+        let mut c = chunk(Some(0), &vec![7u8; 1 << 20]);
+        c.fd = w.as_raw_fd();
+        let t = Instant::now();
+        let Output::Taken { bytes, end } = s.write(std::process::id() as i32, &c).unwrap() else {
+            panic!("the reader is there");
+        };
+        assert!(bytes > 0 && bytes < 1 << 20, "took {bytes}");
+        assert_eq!(bytes, end);
+        assert!(t.elapsed() < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn an_fd_that_is_not_a_pipe_is_refused() {
+        let f = std::fs::File::open("/dev/null").unwrap();
+        let mut c = chunk(Some(0), b"x");
+        c.fd = f.as_raw_fd();
+        let e = Streams::default()
+            .write(std::process::id() as i32, &c)
+            .unwrap_err();
+        assert!(e.contains("not a pipe"), "{e}");
+    }
+}
