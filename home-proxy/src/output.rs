@@ -34,7 +34,15 @@ impl Streams {
     /// held frozen). Blocks for at most [`WAIT`]; call it off the async threads.
     pub fn write(&self, pid: i32, chunk: &OutputChunk) -> Result<Output, String> {
         let key = (chunk.id.clone(), chunk.stream.clone(), chunk.fd);
-        let pos = self.at.lock().unwrap().entry(key).or_default().clone();
+        // A stream not seen yet (its first chunk, or home-proxy restarted since)
+        // starts where the chunk says.
+        let pos = self
+            .at
+            .lock()
+            .unwrap()
+            .entry(key)
+            .or_insert_with(|| Arc::new(Mutex::new(chunk.offset.unwrap_or(0))))
+            .clone();
         // One writer per stream at a time (a chunk sent again while the first try
         // still writes waits for it, then finds its bytes counted).
         let mut pos = pos.lock().unwrap();
@@ -175,6 +183,26 @@ mod tests {
         // The reader is gone now.
         c.offset = None;
         assert_eq!(s.write(pid, &c).unwrap(), Output::ReaderGone);
+    }
+
+    /// After a restart of home-proxy (nothing counted) a relay goes on at its offset.
+    #[test]
+    fn a_stream_not_seen_yet_starts_where_its_chunk_says() {
+        let (r, w) = nix::unistd::pipe().unwrap();
+        let s = Streams::default();
+        let mut c = chunk(Some(1000), b"abc");
+        c.fd = w.as_raw_fd();
+        let pid = std::process::id() as i32;
+        assert_eq!(
+            s.write(pid, &c).unwrap(),
+            Output::Taken {
+                bytes: 3,
+                end: 1003
+            }
+        );
+        let mut got = [0u8; 3];
+        std::fs::File::from(r).read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"abc");
     }
 
     #[test]

@@ -83,6 +83,62 @@ fn a_pipe_read_at_home_gets_every_byte_wherever_its_writer_runs() {
     );
 }
 
+/// While python3 at ws2 writes into its pipe to `cat` at ws1, ws2's migd and then
+/// ws1's home-proxy are killed (-9) and restarted: the restarted migd takes the
+/// relay back from the restorer (the bytes it had not delivered are still in the
+/// pipe at ws2), the restarted home-proxy takes the stream where it was, and `cat`
+/// gets exactly the bytes of an unmigrated run.
+#[test]
+fn relayed_output_survives_restarts_of_the_hosts_migd_and_of_home_proxy() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let mut c = cluster();
+    let script = c.dir().join("count.py");
+    std::fs::write(&script, COUNT_PY).unwrap();
+    let script = script.display().to_string();
+    let n = 300;
+    let want = c.sh_ok(
+        "ws1",
+        &format!("python3 {script} /dev/stdout {n} 0 | cat > /tmp/ref; cat /tmp/ref"),
+    );
+    let shell = spawn_shell(
+        &c,
+        "ws1",
+        &format!(
+            "python3 {script} /dev/stdout {n} 0.05 | cat > /tmp/piped; echo writer=${{PIPESTATUS[0]}}"
+        ),
+    );
+    let pid = wait_for(|| {
+        let p = pids_of(&c, "ws1", "python3");
+        (p.len() == 1 && lines_in(&c, "/tmp/piped") >= 5).then(|| p[0])
+    })
+    .expect("python3 did not start at ws1");
+    migrate_ok(&c, "ws1", pid, "ws2", &[]);
+    grows(&c, "/tmp/piped", "no bytes came home from ws2");
+    c.kill_daemon("ws2", "migd", ferry_tests::Signal::SIGKILL);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    c.restart_daemon("ws2", "migd");
+    grows(&c, "/tmp/piped", "no bytes after ws2's migd restarted");
+    c.kill_daemon("ws1", "home-proxy", ferry_tests::Signal::SIGKILL);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    c.restart_daemon("ws1", "home-proxy");
+    grows(
+        &c,
+        "/tmp/piped",
+        "no bytes after ws1's home-proxy restarted",
+    );
+    let out = finish_shell(&c, shell);
+    assert_eq!(
+        out, "writer=4\nstatus=0",
+        "python3's exit status, through the shadow"
+    );
+    let got = c.sh_ok("ws1", "cat /tmp/piped");
+    assert_eq!(got.len(), want.len(), "bytes that reached cat at ws1");
+    assert!(
+        got == want,
+        "cat at ws1 got other bytes than an unmigrated run"
+    );
+}
+
 /// `yes` fills its pipe to a reader at ws1 that waits, then takes three lines and
 /// quits. Moved to ws2 meanwhile, `yes` waits there for room, as it would at home,
 /// and when the reader quits it dies of SIGPIPE, as it would at home: the shell sees
