@@ -15,6 +15,7 @@
 //!                          ...
 //!                          signal(id, sig) -->  deliver to the process (MigdService)
 //!                          output(chunk) <--  what it wrote to a pipe at home (ProxyService)
+//!                          input(ask) <------  what home wrote to a pipe it reads
 //!                          exited(id, st) <---  the process ended (ProxyService)
 //! ```
 //!
@@ -294,6 +295,36 @@ pub enum Output {
     ReaderGone,
 }
 
+/// A host's request for what the writer at home put into a pipe the migrated
+/// process reads (its fd `fd` at home). `taken`: how many bytes of this stream the
+/// host has put into the process's pipe so far; home takes those out of its pipe
+/// (until then it only copied them, so nothing is lost if the host goes away).
+/// `None` (a restarted migd, which does not know): what home took out already.
+/// `max`: room in the process's pipe (0: only take out what was taken).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InputAsk {
+    pub id: String,
+    pub stream: String,
+    pub fd: i32,
+    pub taken: Option<u64>,
+    pub max: u32,
+}
+
+/// Home's answer to an [`InputAsk`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Input {
+    /// The next bytes (none if nothing came within a second), the first of them at
+    /// position `at` of the stream.
+    Data {
+        at: u64,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
+    /// Every writer at home has closed the pipe and it is empty: the process reads
+    /// the end.
+    End,
+}
+
 /// The service home-proxy offers on `ports.proxy`: the home side of migrated
 /// processes. migd of the same node asks it to hold a process leaving home (freeze,
 /// dump, keep frozen), then to commit (the original becomes the shadow) or abort
@@ -320,6 +351,9 @@ pub trait ProxyService {
     /// Bytes the process wrote at its host into a pipe whose reader is at home:
     /// written into the shadow's fd, as much as fits without waiting long.
     async fn output(chunk: OutputChunk) -> MigResult<Output>;
+    /// What the writer at home put into a pipe the process reads at its host: read
+    /// from the shadow's fd (see [`InputAsk`]).
+    async fn input(ask: InputAsk) -> MigResult<Input>;
     /// The process ended on its host with this raw wait status: end the shadow alike.
     async fn exited(id: String, status: i32) -> MigResult<()>;
     /// The shadows held here.

@@ -24,8 +24,8 @@
 use common::auth::ClusterKey;
 use common::config::NodeConfig;
 use common::migproto::{
-    HeldImage, HoldPlan, MigError, MigResult, MigdServiceClient, Output, OutputChunk, ProcessEntry,
-    ProxyService, Running,
+    HeldImage, HoldPlan, Input, InputAsk, MigError, MigResult, MigdServiceClient, Output,
+    OutputChunk, ProcessEntry, ProxyService, Running,
 };
 use migd::daemon::keeper::Keeper;
 use std::collections::HashMap;
@@ -36,7 +36,7 @@ use tarpc::server::Channel;
 use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 
-mod output;
+mod pipes;
 
 /// Why home-proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -72,8 +72,8 @@ pub struct Proxy {
     /// the host before the commit reaches us.
     decided: Mutex<HashMap<String, (i32, String)>>,
     shadows: Mutex<HashMap<String, Shadow>>,
-    /// How far the relayed pipes got (see [`output`]).
-    streams: output::Streams,
+    /// How far the relayed pipes got (see [`pipes`]).
+    streams: pipes::Streams,
 }
 
 impl Proxy {
@@ -200,6 +200,23 @@ impl Conn {
             node: self.p.config.node.clone(),
             id: id.to_string(),
         }
+    }
+}
+
+impl Conn {
+    /// Where migration `id`'s process is now: (its pid here, its host), by the
+    /// shadow or, before the commit reached us, by the decision.
+    fn route(&self, id: &str) -> MigResult<(i32, String)> {
+        let shadow = self
+            .p
+            .shadows
+            .lock()
+            .unwrap()
+            .get(id)
+            .map(|s| (s.entry.pid, s.entry.host.clone()));
+        shadow
+            .or_else(|| self.p.decided.lock().unwrap().get(id).cloned())
+            .ok_or_else(|| self.unknown(id))
     }
 }
 
@@ -337,17 +354,8 @@ impl ProxyService for Conn {
 
     async fn output(self, _: Context, chunk: OutputChunk) -> MigResult<Output> {
         let me = self.p.config.node.clone();
-        // Where the process is now, by the shadow or, before the commit reached us,
-        // by the decision; only that host may write into its pipes.
-        let route = self
-            .p
-            .shadows
-            .lock()
-            .unwrap()
-            .get(&chunk.id)
-            .map(|s| (s.entry.pid, s.entry.host.clone()))
-            .or_else(|| self.p.decided.lock().unwrap().get(&chunk.id).cloned());
-        let (pid, host) = route.ok_or_else(|| self.unknown(&chunk.id))?;
+        // Only the process's host may write into its pipes.
+        let (pid, host) = self.route(&chunk.id)?;
         if host != self.peer {
             return Err(MigError::Refused {
                 node: me,
@@ -367,6 +375,26 @@ impl ProxyService for Conn {
             tracing::info!(pid, fd, from = %self.peer, "relayed output: nobody reads that pipe here any more");
         }
         r.map_err(|why| MigError::Failed { node: me, why })
+    }
+
+    async fn input(self, _: Context, ask: InputAsk) -> MigResult<Input> {
+        let me = self.p.config.node.clone();
+        let (pid, host) = self.route(&ask.id)?;
+        if host != self.peer {
+            return Err(MigError::Refused {
+                node: me,
+                why: format!(
+                    "{} runs at {host}, not at {}: its input goes there only",
+                    ask.id, self.peer
+                ),
+            });
+        }
+        let p = self.p.clone();
+        tokio::task::spawn_blocking(move || p.streams.read(pid, &ask))
+            .await
+            .map_err(|e| format!("the reader panicked: {e}"))
+            .and_then(|r| r)
+            .map_err(|why| MigError::Failed { node: me, why })
     }
 
     async fn exited(self, _: Context, id: String, status: i32) -> MigResult<()> {

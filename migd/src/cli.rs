@@ -289,6 +289,7 @@ fn run_restore_with(
             eager: None,
             warm: Default::default(),
             relay_pipes: false,
+            refill_relayed_input: false,
         },
         inherit,
         |r| {
@@ -369,6 +370,7 @@ pub fn run_restore_lazy(
                 ),
             },
             relay_pipes: false,
+            refill_relayed_input: false,
         },
         &lazy.options(),
         inherit,

@@ -139,10 +139,89 @@ fn relayed_output_survives_restarts_of_the_hosts_migd_and_of_home_proxy() {
     );
 }
 
+/// `cat` reads a pipe that python3 at ws1 writes into, and moves from ws1 to ws2,
+/// to ws3 and home again while it reads: it copies exactly the bytes of an
+/// unmigrated run, and reads the end when python3 closes the pipe at ws1. Before
+/// relaying, cat read what was buffered at the first move, then the end.
+#[test]
+fn a_pipe_written_at_home_is_read_whole_wherever_its_reader_runs() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let c = cluster();
+    let script = c.dir().join("count.py");
+    std::fs::write(&script, COUNT_PY).unwrap();
+    let script = script.display().to_string();
+    let n = 400;
+    let want = c.sh_ok(
+        "ws1",
+        &format!("python3 {script} /dev/stdout {n} 0 | cat > /tmp/ref; cat /tmp/ref"),
+    );
+    let shell = spawn_shell(
+        &c,
+        "ws1",
+        &format!(
+            "python3 {script} /dev/stdout {n} 0.05 | cat > /tmp/copied; echo writer=${{PIPESTATUS[0]}} reader=${{PIPESTATUS[1]}}"
+        ),
+    );
+    let pid = wait_for(|| {
+        let p = pids_of(&c, "ws1", "cat");
+        (p.len() == 1 && lines_in(&c, "/tmp/copied") >= 5).then(|| p[0])
+    })
+    .expect("cat did not start at ws1");
+    migrate_ok(&c, "ws1", pid, "ws2", &[]);
+    grows(&c, "/tmp/copied", "cat at ws2 copies nothing more");
+    migrate_ok(&c, "ws1", pid, "ws3", &[]);
+    grows(&c, "/tmp/copied", "cat at ws3 copies nothing more");
+    migrate_ok(&c, "ws1", pid, "home", &[]);
+    grows(&c, "/tmp/copied", "cat back home copies nothing more");
+    let out = finish_shell(&c, shell);
+    assert_eq!(out, "writer=4 reader=0\nstatus=0", "exit statuses");
+    let got = c.sh_ok("ws1", "cat /tmp/copied");
+    assert_eq!(got.len(), want.len(), "bytes cat copied");
+    assert!(got == want, "cat copied other bytes than an unmigrated run");
+}
+
+/// sha256sum, moved to ws2 while python3 at ws1 still writes into its pipe,
+/// prints at ws2 the sum of everything python3 wrote once python3 closes the pipe:
+/// the sum of an unmigrated run.
+#[test]
+fn a_reader_at_its_host_reads_the_end_when_the_writer_at_home_closes_the_pipe() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let c = cluster();
+    let script = c.dir().join("count.py");
+    std::fs::write(&script, COUNT_PY).unwrap();
+    let script = script.display().to_string();
+    let n = 120;
+    let want = c.sh_ok(
+        "ws1",
+        &format!("python3 {script} /dev/stdout {n} 0 | sha256sum"),
+    );
+    let shell = spawn_shell(
+        &c,
+        "ws1",
+        &format!("python3 {script} /dev/stdout {n} 0.05 | sha256sum > /tmp/sum"),
+    );
+    let pid = wait_for(|| pids_of(&c, "ws1", "sha256sum").first().copied())
+        .expect("sha256sum did not start at ws1");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    migrate_ok(&c, "ws1", pid, "ws2", &[]);
+    assert_eq!(
+        pids_of(&c, "ws2", "sha256sum").len(),
+        1,
+        "sha256sum runs at ws2"
+    );
+    let out = finish_shell(&c, shell);
+    assert_eq!(out, "status=0");
+    assert_eq!(
+        c.sh_ok("ws1", "cat /tmp/sum"),
+        want,
+        "the sum sha256sum printed at ws2"
+    );
+}
+
 /// `yes` fills its pipe to a reader at ws1 that waits, then takes three lines and
 /// quits. Moved to ws2 meanwhile, `yes` waits there for room, as it would at home,
-/// and when the reader quits it dies of SIGPIPE, as it would at home: the shell sees
-/// status 141. (Before relaying, it died of SIGPIPE at ws2 at once.)
+/// and when the reader quits it gets EPIPE and dies of SIGPIPE, as it would at home:
+/// the shell sees status 141. (Before relaying, it died of SIGPIPE at ws2 at once.)
 #[test]
 fn a_writer_whose_reader_at_home_quits_dies_of_sigpipe_as_at_home() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());

@@ -110,6 +110,10 @@ enum Internal {
         /// Lazy: background prefetch cap in MiB/s (0: none).
         #[arg(long, default_value_t = 0)]
         prefetch_mib_per_sec: u64,
+        /// The image was dumped at a host: the bytes it holds of pipes read from
+        /// home were relayed already, and go into the process's new pipes.
+        #[arg(long)]
+        refill_input: bool,
     },
 }
 
@@ -159,21 +163,25 @@ fn run(args: Args) -> anyhow::Result<()> {
             lazy,
             store_bound,
             prefetch_mib_per_sec,
+            refill_input,
         }) => std::process::exit(migd::daemon::helpers::restorer_main(
             &images,
             &home,
             &superroot,
             &stage,
             socket.as_deref(),
-            &migd::daemon::helpers::Warming {
-                files: warm,
-                pages: warm_pages_mib << 20,
+            migd::daemon::helpers::Restoring {
+                warm: migd::daemon::helpers::Warming {
+                    files: warm,
+                    pages: warm_pages_mib << 20,
+                },
+                refill_input,
+                lazy: lazy.then(|| LazyOptions {
+                    store_bound: std::time::Duration::from_secs(store_bound),
+                    prefetch_rate: prefetch_mib_per_sec << 20,
+                    ..LazyOptions::default()
+                }),
             },
-            lazy.then(|| LazyOptions {
-                store_bound: std::time::Duration::from_secs(store_bound),
-                prefetch_rate: prefetch_mib_per_sec << 20,
-                ..LazyOptions::default()
-            }),
         )),
         None => {}
     }

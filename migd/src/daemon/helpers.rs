@@ -62,6 +62,9 @@ struct Link {
     reads: bool,
     /// Keeps a write-only link's (empty) input open.
     _quiet: Option<mpsc::Sender<Option<String>>>,
+    /// The restorer's relay control socket, until its thread takes it (see
+    /// [`relay_control`]).
+    relay_control: Option<std::os::unix::net::UnixDatagram>,
 }
 
 enum Heard {
@@ -80,6 +83,7 @@ impl Link {
             unlistened: None,
             reads: true,
             _quiet: None,
+            relay_control: None,
         }
     }
 
@@ -94,6 +98,7 @@ impl Link {
             unlistened: None,
             reads: true,
             _quiet: None,
+            relay_control: None,
         }
     }
 
@@ -107,6 +112,7 @@ impl Link {
             unlistened: None,
             reads: false,
             _quiet: Some(tx),
+            relay_control: None,
         }
     }
 
@@ -681,6 +687,17 @@ fn raw_bytes(n: usize) -> Option<Vec<u8>> {
     Some(buf)
 }
 
+/// How a restorer restores (besides where from and into what).
+pub struct Restoring {
+    pub warm: Warming,
+    /// The image was dumped at a host: the bytes it holds of pipes the process
+    /// reads from home were taken out of home's pipes already and go into its
+    /// new pipes here (`RestoreOptions::refill_relayed_input`).
+    pub refill_input: bool,
+    /// Lazily (pages fault in from the store).
+    pub lazy: Option<LazyOptions>,
+}
+
 /// What a restorer reads while the source writes the image.
 pub struct Warming {
     /// Files the process maps (home paths), read into the page cache.
@@ -704,9 +721,13 @@ pub fn restorer_main(
     superroot: &Path,
     stage: &Path,
     socket: Option<&Path>,
-    warm: &Warming,
-    lazy: Option<LazyOptions>,
+    how: Restoring,
 ) -> i32 {
+    let Restoring {
+        warm,
+        refill_input,
+        lazy,
+    } = how;
     let mut ph = crate::phases::Phases::new("restorer");
     // Bound before the root changes (the path is the host's); a new peer (a
     // restarted migd) is let in only once the copy is committed: before that, the
@@ -714,6 +735,7 @@ pub fn restorer_main(
     let mut link = Link::write_only();
     if let Some(p) = socket {
         link.bind_for_later(p);
+        link.relay_control = bind_relay_control(&relay_control_path(p));
     }
     // The image is reached through the super-root opened here, with the host's view
     // (it does not exist yet: the source writes it while the view is built).
@@ -819,6 +841,7 @@ pub fn restorer_main(
         eager,
         warm,
         relay_pipes: true,
+        refill_relayed_input: refill_input,
     };
     if let Some(lazy) = lazy {
         return restorer_lazy(&opts, &lazy, &mut link);
@@ -858,20 +881,64 @@ pub fn restorer_main(
 }
 
 /// Says that the copy is restored (held until the commit): `relays <our pid>
-/// <fd>:<read end>...` first if the process writes into pipes read at home (migd
-/// reads our read ends through pidfd_getfd and sends the bytes home; we keep them
-/// open for the process's life, so that a restarted migd can take them again), then
-/// `running <host pid> <ms>`.
+/// <fd>:<our end>:<w|r>...` first if the process has pipes whose other end is at
+/// home (`w`: it writes; migd reads our read end through pidfd_getfd and sends the
+/// bytes home; `r`: it reads; migd writes what home sends into our write end), then
+/// `running <host pid> <ms>`. We keep those ends open, so that a restarted migd can
+/// take them again, until migd tells us to close one (see [`relay_control`]).
 fn say_running(link: &mut Link, r: &crate::engine::restore::RestoreReport) {
     if !r.relays.is_empty() {
         let ends: Vec<String> = r
             .relays
             .iter()
-            .map(|(fd, rfd)| format!("{fd}:{rfd}"))
+            .map(|x| {
+                let dir = if x.pipe.writes { 'w' } else { 'r' };
+                format!("{}:{}:{dir}", x.pipe.fd, x.end)
+            })
             .collect();
         link.say(&format!("relays {} {}", std::process::id(), ends.join(" ")));
+        if let Some(ctl) = link.relay_control.take() {
+            let ends: Vec<i32> = r.relays.iter().map(|x| x.end).collect();
+            // After the restore's fork: this process may have threads now.
+            std::thread::spawn(move || relay_control(ctl, ends));
+        }
     }
     link.say(&format!("running {} {:.3}", r.outer_pid, r.restore_ms));
+}
+
+/// The restorer's relay control socket: `<socket>.relayctl` beside its line socket.
+pub fn relay_control_path(socket: &Path) -> PathBuf {
+    socket.with_extension("relayctl")
+}
+
+fn bind_relay_control(path: &Path) -> Option<std::os::unix::net::UnixDatagram> {
+    let _ = std::fs::remove_file(path);
+    std::os::unix::net::UnixDatagram::bind(path)
+        .map_err(|e| tracing::warn!(socket = %path.display(), error = %e, "cannot bind the relay control socket"))
+        .ok()
+}
+
+/// Closes our end of a relayed pipe when migd says `close <fd>` (a datagram on
+/// the relay control socket; any migd of this node, the one that started us or a
+/// restarted one): the reader at home is gone (the process then gets EPIPE, as it
+/// would have there) or the writer at home is (the process then reads the end).
+/// Only our relay ends are closed, each once.
+fn relay_control(ctl: std::os::unix::net::UnixDatagram, mut ends: Vec<i32>) {
+    let mut b = [0u8; 64];
+    while !ends.is_empty() {
+        let Ok(n) = ctl.recv(&mut b) else { return };
+        let fd = std::str::from_utf8(&b[..n])
+            .ok()
+            .and_then(|l| l.trim().strip_prefix("close "))
+            .and_then(|v| v.parse::<i32>().ok());
+        if let Some(i) = fd.and_then(|fd| ends.iter().position(|&e| e == fd)) {
+            let fd = ends.swap_remove(i);
+            // A relay end this process keeps for this purpose only
+            // (RestoreReport::relays): nothing else here uses or closes it.
+            crate::sys::close_kept(fd);
+            tracing::info!(fd, "relay end closed, as migd said");
+        }
+    }
 }
 
 /// Says `line` to the peer, waiting for a new one (a restarted migd) if it is gone.

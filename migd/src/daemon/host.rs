@@ -66,6 +66,7 @@ impl Restorer {
             } else {
                 "0".to_string()
             })
+            .args((offer.source != offer.home).then_some("--refill-input"))
             .args(if offer.mode.lazy() {
                 vec![
                     "--lazy".to_string(),
@@ -336,6 +337,10 @@ impl MigdService for Conn {
     }
 }
 
+/// How long a move from here waits for home to count what the process's input
+/// pipes hold here (see [`super::relay::RelaySet::pause_input`]).
+const RELAY_PAUSE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Moves the foreign process of migration `id` running here on to `dest` (its home
 /// included: it then goes back into its shadow). On success the copy here is killed
 /// without a report home; on failure it runs on here.
@@ -366,6 +371,25 @@ pub async fn move_on(
     async {
         let uid = super::owner(entry.host_pid).unwrap_or(0);
         let offer = offer_for(d, id, &entry.home, entry.pid, &entry.comm, uid, mode);
+        // No more input from home from now on: what the process has not read yet
+        // travels in its image (see `relay`).
+        let relays = super::relay::of(d, id);
+        if let Some(r) = &relays {
+            if let Err(fds) = r.pause_input(RELAY_PAUSE).await {
+                r.resume_input();
+                return Err(MigError::Failed {
+                    node: me.clone(),
+                    why: format!(
+                        "its home could not be told within {} s how much of its input (fds {fds:?}) it has here; nothing was changed",
+                        RELAY_PAUSE.as_secs()
+                    ),
+                });
+            }
+        }
+        let ready = prepare(d, entry.host_pid, offer, dest, HoldAt::Keeper, tx).await;
+        if let (Err(_), Some(r)) = (&ready, &relays) {
+            r.resume_input();
+        }
         let Ready {
             holder,
             running,
@@ -374,7 +398,7 @@ pub async fn move_on(
             late_bytes,
             images,
             ..
-        } = prepare(d, entry.host_pid, offer, dest, HoldAt::Keeper, tx).await?;
+        } = ready?;
         common::fault::point("mover-after-commit");
         // Commit: the copy here ends without a report home.
         if let Some(f) = d.foreign.lock().unwrap().get_mut(id) {
@@ -673,6 +697,9 @@ async fn watch(
     let _ = std::fs::remove_file(records.join(format!("{id}.json")));
     let _ = std::fs::remove_file(records.join(format!("{id}.image")));
     let _ = std::fs::remove_file(records.join(format!("{id}.relays")));
+    let _ = std::fs::remove_file(super::helpers::relay_control_path(
+        &records.join(format!("{id}.sock")),
+    ));
     let _ = std::fs::remove_file(records.join(format!("{id}.sock")));
     let rec = d.foreign.lock().unwrap().remove(&id);
     if let Some(r) = rec.as_ref().filter(|r| r.committed) {

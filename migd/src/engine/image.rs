@@ -84,35 +84,50 @@ pub struct Manifest {
     pub posix_timers: Vec<PosixTimer>,
 }
 
+/// A pipe with one end in the process and the other outside it (see
+/// [`Manifest::outside_pipes`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct OutsidePipe {
+    /// The lowest fd of the process naming this end.
+    pub fd: i32,
+    pub inode: u64,
+    /// The process holds the write end (it writes, someone outside reads); else the
+    /// read end (someone outside writes).
+    pub writes: bool,
+}
+
 impl Manifest {
-    /// The pipes the process writes into and whose reader is outside it (a parent's
-    /// or a shell's pipe, say `prog | sort`): (lowest fd naming the pipe, its inode),
-    /// one per pipe. A migration relays them home instead of giving the process a
-    /// pipe nobody reads (docs/migration.md, "Pipes").
-    pub fn outside_pipes(&self) -> Vec<(i32, u64)> {
+    /// The pipes with one end in the process and the other outside it: a parent's
+    /// or a shell's pipe, say `prog | sort` (prog writes) or `cat f | prog` (prog
+    /// reads); one per pipe, by the lowest fd naming it. A migration relays them
+    /// from and to home instead of giving the process pipes nobody else holds
+    /// (docs/migration.md, "Pipes").
+    pub fn outside_pipes(&self) -> Vec<OutsidePipe> {
         outside_pipes(&self.fds)
     }
 }
 
 /// See [`Manifest::outside_pipes`].
-fn outside_pipes(fds: &[FdImage]) -> Vec<(i32, u64)> {
-    let read_inside = |inode: u64| {
-        fds.iter().any(
-            |f| matches!(f.kind, FdKind::Pipe { inode: i, write_end: false, .. } if i == inode),
-        )
+fn outside_pipes(fds: &[FdImage]) -> Vec<OutsidePipe> {
+    let held = |inode: u64, write_end: bool| {
+        fds.iter().any(|f| {
+            matches!(f.kind, FdKind::Pipe { inode: i, write_end: w, .. } if i == inode && w == write_end)
+        })
     };
     let mut sorted: Vec<&FdImage> = fds.iter().collect();
     sorted.sort_by_key(|f| f.fd);
-    let mut out: Vec<(i32, u64)> = Vec::new();
+    let mut out: Vec<OutsidePipe> = Vec::new();
     for f in sorted {
         if let FdKind::Pipe {
-            inode,
-            write_end: true,
-            ..
+            inode, write_end, ..
         } = f.kind
         {
-            if !read_inside(inode) && !out.iter().any(|&(_, i)| i == inode) {
-                out.push((f.fd, inode));
+            if !held(inode, !write_end) && !out.iter().any(|p| p.inode == inode) {
+                out.push(OutsidePipe {
+                    fd: f.fd,
+                    inode,
+                    writes: write_end,
+                });
             }
         }
     }
@@ -855,7 +870,7 @@ fn slash() -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{outside_pipes, EagerPages, FdImage, FdKind};
+    use super::{outside_pipes, EagerPages, FdImage, FdKind, OutsidePipe};
     use std::path::Path;
 
     fn pipe_fd(fd: i32, inode: u64, write_end: bool) -> FdImage {
@@ -873,15 +888,15 @@ mod tests {
         }
     }
 
-    /// Relayed: write ends whose read end is elsewhere, once per pipe, by the lowest
-    /// fd naming it. Not relayed: pipes read inside the process, read ends, files.
+    /// Relayed: ends whose other end is elsewhere, once per pipe, by the lowest fd
+    /// naming it. Not relayed: pipes with both ends in the process, files.
     #[test]
-    fn only_pipes_written_here_and_read_elsewhere_are_relayed() {
+    fn only_pipes_with_one_end_outside_are_relayed() {
         let fds = vec![
             pipe_fd(7, 100, true), // stdout's pipe again, by a higher fd
             pipe_fd(1, 100, true),
             pipe_fd(2, 100, true),
-            pipe_fd(0, 200, false), // stdin: read here
+            pipe_fd(0, 200, false), // stdin: written outside
             pipe_fd(4, 300, true),  // a pipe to itself
             pipe_fd(3, 300, false),
             pipe_fd(9, 400, true), // another pipe read elsewhere
@@ -896,7 +911,11 @@ mod tests {
                 },
             },
         ];
-        assert_eq!(outside_pipes(&fds), vec![(1, 100), (9, 400)]);
+        let p = |fd, inode, writes| OutsidePipe { fd, inode, writes };
+        assert_eq!(
+            outside_pipes(&fds),
+            vec![p(0, 200, false), p(1, 100, true), p(9, 400, true)]
+        );
         assert!(outside_pipes(&[]).is_empty());
     }
 

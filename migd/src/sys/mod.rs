@@ -613,6 +613,13 @@ pub fn set_pipe_size(fd: RawFd, size: i32) -> Result<(), Errno> {
     check(unsafe { libc::fcntl(fd, libc::F_SETPIPE_SZ, size) } as libc::c_long).map(drop)
 }
 
+/// Closes an fd this process keeps by number (not owned by any Rust value, such
+/// as a restorer's relay ends): the caller vouches that nothing else uses it.
+pub fn close_kept(fd: RawFd) {
+    // SAFETY: close takes an integer; the caller guarantees no live owner of `fd`.
+    unsafe { libc::close(fd) };
+}
+
 /// ioctl(fd, FIONREAD): bytes buffered in a pipe or FIFO.
 pub fn fionread(fd: RawFd) -> Result<usize, Errno> {
     let mut n: libc::c_int = 0;

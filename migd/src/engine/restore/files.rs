@@ -25,7 +25,13 @@ pub fn restore_fds(ctx: &Ctx, m: &Manifest, pages: &[u8]) -> Result<(), RestoreE
     let pidfd = sys::pidfd_open(ctx.pid).map_err(|e| RestoreError::Other {
         what: format!("pidfd_open({}): {e}", ctx.pid),
     })?;
+    // Fds handed in stay where they are until parked themselves: no park lands on
+    // one (it would replace it, or be it: dup3 onto itself fails).
+    let handed: Vec<i32> = ctx.inherit.iter().map(|(fd, _)| *fd).collect();
     let mut park = |ctx: &Ctx, tmp: i32, parks: &mut Vec<i32>| -> Result<i32, RestoreError> {
+        while handed.contains(&next_park) {
+            next_park += 1;
+        }
         let p = next_park;
         next_park += 1;
         ctx.ok(

@@ -108,6 +108,23 @@ fn check(pid: i32, m: &Manifest, kept: &[i32]) -> Result<(), RestoreError> {
     };
     for f in &m.fds {
         if kept.contains(&f.fd) {
+            // A pipe it reads from home: the bytes its host had put into its pipe
+            // there (taken out of the pipe here already) and it had not read yet
+            // cannot go back in front of what the writer here wrote since.
+            if let FdKind::Pipe {
+                write_end: false,
+                data,
+                ..
+            } = &f.kind
+            {
+                if !data.is_empty() {
+                    return Err(refuse(format!(
+                        "fd {}: {} bytes of its input from the pipe here are at its host and not read yet; they would be lost going home (try again once it has read them)",
+                        f.fd,
+                        data.len()
+                    )));
+                }
+            }
             continue;
         }
         match &f.kind {

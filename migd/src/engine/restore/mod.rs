@@ -40,10 +40,15 @@ pub struct RestoreOptions {
     /// pages.img's first bytes if they were read while pre-copy ran (see [`warm`]):
     /// a lazy restore's pager takes the chunks it holds from there.
     pub warm: warm::Handed,
-    /// Give each pipe the process writes into and whose reader is outside it
-    /// ([`Manifest::outside_pipes`]) a new pipe whose read end stays with the caller
-    /// (see [`RestoreReport::relays`]), instead of a pipe nobody reads.
+    /// Give each pipe with one end outside the process
+    /// ([`Manifest::outside_pipes`]) a new pipe whose other end stays with the
+    /// caller (see [`RestoreReport::relays`]), instead of a pipe nobody else holds.
     pub relay_pipes: bool,
+    /// With `relay_pipes`: put the bytes the image holds for a pipe the process
+    /// reads into its new pipe (the image was dumped at a host, where they had been
+    /// relayed from home already). Not for an image dumped at home: those bytes are
+    /// still in the pipe there.
+    pub refill_relayed_input: bool,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -66,11 +71,20 @@ pub struct RestoreReport {
     /// the stub), for [`lazy::Pager::resume`].
     #[serde(skip_serializing_if = "Option::is_none")]
     pub uffd_stub_fd: Option<i32>,
-    /// With [`RestoreOptions::relay_pipes`]: (the process's fd, the read end's fd
-    /// number in the caller) for each relayed pipe. The read ends stay open in the
-    /// caller for its whole life (whoever relays the bytes reads a copy of them).
+    /// With [`RestoreOptions::relay_pipes`]: each relayed pipe, and the fd number
+    /// of its other end in the caller. Those ends stay open in the caller (whoever
+    /// relays the bytes uses a copy of them) until it closes them.
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub relays: Vec<(i32, i32)>,
+    pub relays: Vec<Relayed>,
+}
+
+/// A relayed pipe (see [`RestoreReport::relays`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Relayed {
+    /// The process's end: its lowest fd naming it, and whether it writes.
+    pub pipe: image::OutsidePipe,
+    /// The other end's fd number in the caller.
+    pub end: i32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -436,19 +450,22 @@ fn start(
     let gadget = free_hole(&m.areas, GADGET_LEN, &[])?;
     let mut inherit = inherit.to_vec();
     let relay_pipes = match opts.relay_pipes {
-        true => relay_pipes(&m, &mut inherit)?,
+        true => relay_pipes(&m, &mut inherit, opts.refill_relayed_input)?,
         false => Vec::new(),
     };
     let t0 = Instant::now();
     let sp = spawn::spawn(m.pid, gadget, GADGET_LEN as usize)?;
     ph.mark("spawn");
-    // The process has its copies of the write ends (fork); ours would keep the
-    // relayed pipes from ever reaching their end.
-    let relays: Vec<(i32, i32)> = relay_pipes
+    // The process has its copies of its ends (fork); ours would keep the relayed
+    // pipes from ever reaching their end.
+    let relays: Vec<Relayed> = relay_pipes
         .into_iter()
-        .map(|(fd, read, write)| {
-            drop(write);
-            (fd, std::os::fd::IntoRawFd::into_raw_fd(read))
+        .map(|(pipe, theirs, ours)| {
+            drop(theirs);
+            Relayed {
+                pipe,
+                end: std::os::fd::IntoRawFd::into_raw_fd(ours),
+            }
         })
         .collect();
     let ctx = Ctx {
@@ -528,33 +545,60 @@ fn start(
     Ok((report, link, pager, paused))
 }
 
-/// A new pipe for each of the image's pipes whose reader is outside the process
-/// ([`Manifest::outside_pipes`]), with the image's capacity: its write end is
-/// handed to the process in place of the image's pipe (added to `inherit`, so
-/// nothing is refilled: the bytes buffered at the dump are still in the pipe the
-/// reader reads). Returns (the process's fd, read end, write end) for each.
+/// A new pipe for each of the image's pipes with one end outside the process
+/// ([`Manifest::outside_pipes`]), with the image's capacity: the process's end is
+/// handed to it in place of the image's (added to `inherit`, so nothing is
+/// refilled: the bytes buffered at the dump are still in the pipe outside), but
+/// with `refill_input` the image's bytes of a pipe the process reads are put in.
+/// Returns (the pipe, the process's end, the other end) for each.
 fn relay_pipes(
     m: &Manifest,
     inherit: &mut Vec<(i32, String)>,
-) -> Result<Vec<(i32, std::os::fd::OwnedFd, std::os::fd::OwnedFd)>, RestoreError> {
+    refill_input: bool,
+) -> Result<
+    Vec<(
+        image::OutsidePipe,
+        std::os::fd::OwnedFd,
+        std::os::fd::OwnedFd,
+    )>,
+    RestoreError,
+> {
     let mut out = Vec::new();
-    for (fd, inode) in m.outside_pipes() {
-        let key = format!("pipe:[{inode}]");
+    for pipe in m.outside_pipes() {
+        let key = format!("pipe:[{}]", pipe.inode);
         if inherit.iter().any(|(_, k)| *k == key) {
             continue; // the caller hands this pipe in itself
         }
-        let (r, w) = sys::pipe().map_err(|e| RestoreError::Other {
-            what: format!("fd {fd}: a pipe to relay: {e}"),
-        })?;
-        let size = m.fds.iter().find_map(|f| match f.kind {
-            image::FdKind::Pipe { inode: i, size, .. } if i == inode => Some(size),
-            _ => None,
-        });
-        if let Some(size) = size {
+        let err = |what: String| RestoreError::Other {
+            what: format!("fd {}: a pipe to relay: {what}", pipe.fd),
+        };
+        let (r, w) = sys::pipe().map_err(|e| err(e.to_string()))?;
+        // The image's pipe: its capacity, and bytes only with the first fd naming it.
+        let of_pipe = || {
+            m.fds.iter().filter_map(|f| match &f.kind {
+                image::FdKind::Pipe {
+                    inode, size, data, ..
+                } if *inode == pipe.inode => Some((*size, data.as_slice())),
+                _ => None,
+            })
+        };
+        let size = of_pipe().map(|(s, _)| s).max().unwrap_or(0);
+        let data: &[u8] = of_pipe()
+            .map(|(_, d)| d)
+            .find(|d| !d.is_empty())
+            .unwrap_or(&[]);
+        if size > 0 {
             let _ = sys::set_pipe_size(w.as_raw_fd(), size);
         }
-        inherit.push((w.as_raw_fd(), key));
-        out.push((fd, r, w));
+        if refill_input && !pipe.writes && !data.is_empty() {
+            let n = sys::write_raw(w.as_raw_fd(), data);
+            if n != data.len() as isize {
+                return Err(err(format!("refilling: wrote {n} of {} bytes", data.len())));
+            }
+        }
+        let (theirs, ours) = if pipe.writes { (w, r) } else { (r, w) };
+        inherit.push((theirs.as_raw_fd(), key));
+        out.push((pipe, theirs, ours));
     }
     Ok(out)
 }

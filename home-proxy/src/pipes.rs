@@ -1,24 +1,31 @@
-//! Relayed output: what a migrated process writes at its host into a pipe whose
-//! reader is here (migd's `daemon::relay` sends it) is written into the pipe the
-//! shadow holds at the same fd number.
+//! Relayed pipes: a migrated process's pipes whose other end is here stay here
+//! (migd's `daemon::relay` at its host relays them).
+//!
+//! - Output (it writes, the reader is here): what it writes at its host is written
+//!   into the pipe the shadow holds at the same fd number.
+//! - Input (it reads, the writer is here): what the writer puts into the pipe the
+//!   shadow holds is copied to the host, and taken out of the pipe here once the
+//!   host says it has put it into the process's pipe there.
 //!
 //! The pipe is opened again through `/proc/<shadow>/fd/<fd>` (a pipe opened so is
 //! the same pipe, with an open file description of our own), non-blocking, so that
-//! the shadow's own flags stay as they are and a full pipe never holds a call for
-//! long: what does not fit within [`WAIT`] is left for the host to send again.
-//! How far each stream got is counted here, so a chunk sent twice (its answer lost)
-//! is written once.
+//! the shadow's own flags stay as they are and a call never waits long. How far
+//! each stream got is counted here, so a chunk sent twice (its answer lost) is
+//! written once, and one asked for twice is taken out once.
 
-use common::migproto::{Output, OutputChunk};
+use common::migproto::{Input, InputAsk, Output, OutputChunk};
 use std::collections::HashMap;
-use std::io::Write;
-use std::os::fd::AsFd;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// How long one call waits for room in a full pipe.
 const WAIT: Duration = Duration::from_millis(200);
+
+/// How long one call waits for input to come.
+const INPUT_WAIT: Duration = Duration::from_secs(1);
 
 /// A relayed stream: (migration id, the host's stream name, fd).
 type StreamKey = (String, String, i32);
@@ -117,6 +124,96 @@ impl Streams {
     pub fn forget(&self, id: &str) {
         self.at.lock().unwrap().retain(|(i, _, _), _| i != id);
     }
+
+    /// Answers `ask` from fd `ask.fd` of process `pid` (see [`InputAsk`]): takes out
+    /// what the host has taken, then copies (tee) up to `max` next bytes, waiting
+    /// for them up to [`INPUT_WAIT`]. Call it off the async threads.
+    pub fn read(&self, pid: i32, ask: &InputAsk) -> Result<Input, String> {
+        let key = (ask.id.clone(), ask.stream.clone(), ask.fd);
+        // A stream not seen yet (its first ask, or home-proxy restarted since: then
+        // a chunk copied but not counted as taken comes again) starts at `taken`.
+        let pos = self
+            .at
+            .lock()
+            .unwrap()
+            .entry(key)
+            .or_insert_with(|| Arc::new(Mutex::new(ask.taken.unwrap_or(0))))
+            .clone();
+        let mut pos = pos.lock().unwrap();
+        let taken = ask.taken.unwrap_or(*pos);
+        if taken < *pos {
+            return Err(format!(
+                "fd {}: the host has {taken} bytes of this stream, fewer than the {} taken out here",
+                ask.fd, *pos
+            ));
+        }
+        let path = format!("/proc/{pid}/fd/{}", ask.fd);
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(&path)
+            .map_err(|e| format!("opening {path}: {e}"))?;
+        if !f
+            .metadata()
+            .map(|m| m.file_type().is_fifo())
+            .unwrap_or(false)
+        {
+            return Err(format!("fd {} of pid {pid} is not a pipe", ask.fd));
+        }
+        let mut f = f;
+        let mut left = (taken - *pos) as usize;
+        let mut scratch = vec![0u8; left.min(1 << 20)];
+        while left > 0 {
+            let want = left.min(scratch.len());
+            match f.read(&mut scratch[..want]) {
+                Ok(0) => break,
+                Ok(k) => left -= k,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
+        *pos = taken - left as u64;
+        if left > 0 {
+            return Err(format!(
+                "fd {}: {left} bytes the host has were no longer in the pipe here (read by another reader?)",
+                ask.fd
+            ));
+        }
+        let at = *pos;
+        if ask.max == 0 {
+            return Ok(Input::Data {
+                at,
+                data: Vec::new(),
+            });
+        }
+        wait_readable(&f, INPUT_WAIT);
+        let (r, w) = migd::sys::pipe().map_err(|e| format!("pipe: {e}"))?;
+        let max = ask.max as usize;
+        let _ = migd::sys::set_pipe_size(w.as_raw_fd(), max.max(4096) as i32);
+        match migd::sys::tee(f.as_raw_fd(), w.as_raw_fd(), max) {
+            Ok(0) => Ok(Input::End),
+            Ok(k) => {
+                let mut data = vec![0u8; k];
+                std::fs::File::from(r)
+                    .read_exact(&mut data)
+                    .map_err(|e| format!("reading what tee copied: {e}"))?;
+                Ok(Input::Data { at, data })
+            }
+            Err(nix::errno::Errno::EAGAIN) => Ok(Input::Data {
+                at,
+                data: Vec::new(),
+            }),
+            Err(e) => Err(format!("tee from {path}: {e}")),
+        }
+    }
+}
+
+/// Waits up to `d` for bytes (or the end) in a pipe.
+fn wait_readable(f: &std::fs::File, d: Duration) {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let ms = d.as_millis().clamp(1, 10_000) as u16;
+    let mut fds = [PollFd::new(f.as_fd(), PollFlags::POLLIN)];
+    let _ = poll(&mut fds, PollTimeout::from(ms));
 }
 
 /// Waits up to `d` for room in a pipe.
@@ -218,6 +315,43 @@ mod tests {
         assert!(bytes > 0 && bytes < 1 << 20, "took {bytes}");
         assert_eq!(bytes, end);
         assert!(t.elapsed() < Duration::from_secs(5));
+    }
+
+    fn ask(taken: Option<u64>, max: u32, fd: i32) -> InputAsk {
+        InputAsk {
+            id: "ws1-1-0".into(),
+            stream: "img".into(),
+            fd,
+            taken,
+            max,
+        }
+    }
+
+    /// Copied, not taken, until the host says it has the bytes; taken once; then
+    /// the end once the writer is gone and the pipe is empty.
+    #[test]
+    fn input_is_taken_out_only_once_the_host_has_it() {
+        let (r, w) = nix::unistd::pipe().unwrap();
+        let mut w = std::fs::File::from(w);
+        w.write_all(b"abcdef").unwrap();
+        let s = Streams::default();
+        let pid = std::process::id() as i32;
+        let fd = r.as_raw_fd();
+        let data = |i: Input| match i {
+            Input::Data { data, .. } => data,
+            Input::End => panic!("not the end yet"),
+        };
+        assert_eq!(data(s.read(pid, &ask(Some(0), 4, fd)).unwrap()), b"abcd");
+        // The answer was lost: asked again, the same bytes.
+        assert_eq!(data(s.read(pid, &ask(Some(0), 4, fd)).unwrap()), b"abcd");
+        // The host put 4 in: they go, the rest comes.
+        assert_eq!(data(s.read(pid, &ask(Some(4), 100, fd)).unwrap()), b"ef");
+        // The host says it has fewer than were taken out: refused.
+        assert!(s.read(pid, &ask(Some(2), 100, fd)).is_err());
+        // Only taking out (max 0), then the end.
+        assert!(data(s.read(pid, &ask(Some(6), 0, fd)).unwrap()).is_empty());
+        drop(w);
+        assert_eq!(s.read(pid, &ask(None, 100, fd)).unwrap(), Input::End);
     }
 
     #[test]
