@@ -204,9 +204,10 @@ impl Conn {
 }
 
 impl Conn {
-    /// Where migration `id`'s process is now: (its pid here, its host), by the
-    /// shadow or, before the commit reached us, by the decision.
-    fn route(&self, id: &str) -> MigResult<(i32, String)> {
+    /// The pid here of migration `id`'s process (its shadow, or before the commit
+    /// reached us, the original held for it), if the caller is the node it runs
+    /// at now: only that node may relay its pipes.
+    fn pid_for_its_host(&self, id: &str) -> MigResult<i32> {
         let shadow = self
             .p
             .shadows
@@ -214,9 +215,19 @@ impl Conn {
             .unwrap()
             .get(id)
             .map(|s| (s.entry.pid, s.entry.host.clone()));
-        shadow
+        let (pid, host) = shadow
             .or_else(|| self.p.decided.lock().unwrap().get(id).cloned())
-            .ok_or_else(|| self.unknown(id))
+            .ok_or_else(|| self.unknown(id))?;
+        if host != self.peer {
+            return Err(MigError::Refused {
+                node: self.p.config.node.clone(),
+                why: format!(
+                    "{id} runs at {host}, not at {}: its pipes are relayed from there only",
+                    self.peer
+                ),
+            });
+        }
+        Ok(pid)
     }
 }
 
@@ -354,17 +365,7 @@ impl ProxyService for Conn {
 
     async fn output(self, _: Context, chunk: OutputChunk) -> MigResult<Output> {
         let me = self.p.config.node.clone();
-        // Only the process's host may write into its pipes.
-        let (pid, host) = self.route(&chunk.id)?;
-        if host != self.peer {
-            return Err(MigError::Refused {
-                node: me,
-                why: format!(
-                    "{} runs at {host}, not at {}: its output comes from there only",
-                    chunk.id, self.peer
-                ),
-            });
-        }
+        let pid = self.pid_for_its_host(&chunk.id)?;
         let p = self.p.clone();
         let fd = chunk.fd;
         let r = tokio::task::spawn_blocking(move || p.streams.write(pid, &chunk))
@@ -379,16 +380,7 @@ impl ProxyService for Conn {
 
     async fn input(self, _: Context, ask: InputAsk) -> MigResult<Input> {
         let me = self.p.config.node.clone();
-        let (pid, host) = self.route(&ask.id)?;
-        if host != self.peer {
-            return Err(MigError::Refused {
-                node: me,
-                why: format!(
-                    "{} runs at {host}, not at {}: its input goes there only",
-                    ask.id, self.peer
-                ),
-            });
-        }
+        let pid = self.pid_for_its_host(&ask.id)?;
         let p = self.p.clone();
         tokio::task::spawn_blocking(move || p.streams.read(pid, &ask))
             .await

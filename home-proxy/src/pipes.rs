@@ -40,16 +40,7 @@ impl Streams {
     /// Writes `chunk` into fd `chunk.fd` of process `pid` (a shadow, or an original
     /// held frozen). Blocks for at most [`WAIT`]; call it off the async threads.
     pub fn write(&self, pid: i32, chunk: &OutputChunk) -> Result<Output, String> {
-        let key = (chunk.id.clone(), chunk.stream.clone(), chunk.fd);
-        // A stream not seen yet (its first chunk, or home-proxy restarted since)
-        // starts where the chunk says.
-        let pos = self
-            .at
-            .lock()
-            .unwrap()
-            .entry(key)
-            .or_insert_with(|| Arc::new(Mutex::new(chunk.offset.unwrap_or(0))))
-            .clone();
+        let pos = self.stream(&chunk.id, &chunk.stream, chunk.fd, chunk.offset);
         // One writer per stream at a time (a chunk sent again while the first try
         // still writes waits for it, then finds its bytes counted).
         let mut pos = pos.lock().unwrap();
@@ -120,6 +111,17 @@ impl Streams {
         })
     }
 
+    /// How far a stream got. One not seen yet (its first chunk, or home-proxy
+    /// restarted since) starts at `start` (what the host says), else at 0.
+    fn stream(&self, id: &str, stream: &str, fd: i32, start: Option<u64>) -> Arc<Mutex<u64>> {
+        self.at
+            .lock()
+            .unwrap()
+            .entry((id.to_string(), stream.to_string(), fd))
+            .or_insert_with(|| Arc::new(Mutex::new(start.unwrap_or(0))))
+            .clone()
+    }
+
     /// Forgets the streams of migration `id` (it ended, or came home).
     pub fn forget(&self, id: &str) {
         self.at.lock().unwrap().retain(|(i, _, _), _| i != id);
@@ -129,16 +131,9 @@ impl Streams {
     /// what the host has taken, then copies (tee) up to `max` next bytes, waiting
     /// for them up to [`INPUT_WAIT`]. Call it off the async threads.
     pub fn read(&self, pid: i32, ask: &InputAsk) -> Result<Input, String> {
-        let key = (ask.id.clone(), ask.stream.clone(), ask.fd);
-        // A stream not seen yet (its first ask, or home-proxy restarted since: then
-        // a chunk copied but not counted as taken comes again) starts at `taken`.
-        let pos = self
-            .at
-            .lock()
-            .unwrap()
-            .entry(key)
-            .or_insert_with(|| Arc::new(Mutex::new(ask.taken.unwrap_or(0))))
-            .clone();
+        // After a restart of home-proxy, a chunk copied but not counted as taken
+        // comes again.
+        let pos = self.stream(&ask.id, &ask.stream, ask.fd, ask.taken);
         let mut pos = pos.lock().unwrap();
         let taken = ask.taken.unwrap_or(*pos);
         if taken < *pos {

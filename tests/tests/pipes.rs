@@ -1,15 +1,17 @@
-//! Pipes stay at home: a migrated process that writes into a pipe whose reader is at
-//! its home (`prog | cat` started there) keeps writing into that pipe from wherever
-//! it runs; its host relays the bytes home (docs/migration.md, "Pipes"). On the
-//! 3-node local cluster (ws1 is home). Needs root and the workspace's release
-//! binaries.
+//! Pipes stay at home: a migrated process whose pipe has its other end at its home
+//! (`prog | cat` or `cat f | prog` started there) keeps writing into or reading
+//! from that pipe wherever it runs; its host relays the bytes (docs/migration.md,
+//! "Pipes"). On the 3-node local cluster (ws1 is home). Needs root and the
+//! workspace's release binaries.
 
+use std::process::Child;
 use std::sync::Mutex;
+use std::time::Duration;
 
 use ferry_tests::work::{
     finish_shell, migrate_ok, pids_of, spawn_shell, wait_for, wait_up_to, COUNT_PY,
 };
-use ferry_tests::Cluster;
+use ferry_tests::{Cluster, Signal};
 
 /// One 3-node cluster at a time: they are heavy for a small machine.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
@@ -34,6 +36,64 @@ fn grows(c: &Cluster, path: &str, what: &str) {
         .unwrap_or_else(|| panic!("{what}\n{}\n{}", c.logs("ws1", 20), c.logs("ws2", 20)));
 }
 
+/// A pipeline at ws1 whose writer is count.py (tests/programs), printing `n` lines
+/// into the pipe to `reader`.
+struct Piped {
+    /// count.py in the cluster directory (seen by every node).
+    script: String,
+    n: usize,
+}
+
+impl Piped {
+    fn new(c: &Cluster, n: usize) -> Piped {
+        let script = c.dir().join("count.py");
+        std::fs::write(&script, COUNT_PY).unwrap();
+        Piped {
+            script: script.display().to_string(),
+            n,
+        }
+    }
+
+    /// What `reader` prints from an unmigrated run at full speed.
+    fn reference(&self, c: &Cluster, reader: &str) -> String {
+        let (script, n) = (&self.script, self.n);
+        c.sh_ok(
+            "ws1",
+            &format!("python3 {script} /dev/stdout {n} 0 | {reader}"),
+        )
+    }
+
+    /// Starts the pipeline at ws1 (lines 0.05 s apart) under a shell, followed by
+    /// `then`; returns the shell.
+    fn start(&self, c: &Cluster, reader: &str, then: &str) -> Child {
+        let (script, n) = (&self.script, self.n);
+        spawn_shell(
+            c,
+            "ws1",
+            &format!("python3 {script} /dev/stdout {n} 0.05 | {reader}; {then}"),
+        )
+    }
+}
+
+/// The pid at ws1 of the only process named `comm`, once `out` has 5 lines.
+fn pid_once_written(c: &Cluster, comm: &str, out: &str) -> i32 {
+    wait_for(|| {
+        let p = pids_of(c, "ws1", comm);
+        (p.len() == 1 && lines_in(c, out) >= 5).then(|| p[0])
+    })
+    .unwrap_or_else(|| panic!("{comm} did not start at ws1"))
+}
+
+/// `path` at ws1 holds exactly `want`.
+fn holds_exactly(c: &Cluster, path: &str, want: &str) {
+    let got = c.sh_ok("ws1", &format!("cat {path}"));
+    assert_eq!(got.len(), want.len(), "bytes in {path} at ws1");
+    assert!(
+        got == want,
+        "{path} at ws1 holds other bytes than an unmigrated run's"
+    );
+}
+
 /// python3 writes its lines into a pipe read by `cat` at ws1, and moves from ws1 to
 /// ws2, to ws3 and home again while it writes: `cat` gets every byte, in order, as
 /// from a run that never moved, and the shell sees python3's own exit status.
@@ -43,27 +103,11 @@ fn grows(c: &Cluster, path: &str, what: &str) {
 fn a_pipe_read_at_home_gets_every_byte_wherever_its_writer_runs() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let c = cluster();
-    let script = c.dir().join("count.py");
-    std::fs::write(&script, COUNT_PY).unwrap();
-    let script = script.display().to_string();
-    let n = 400;
-    let want = c.sh_ok(
-        "ws1",
-        &format!("python3 {script} /dev/stdout {n} 0 | cat > /tmp/ref; cat /tmp/ref"),
-    );
-    assert_eq!(want.lines().count(), n, "the reference run");
-    let shell = spawn_shell(
-        &c,
-        "ws1",
-        &format!(
-            "python3 {script} /dev/stdout {n} 0.05 | cat > /tmp/piped; echo writer=${{PIPESTATUS[0]}}"
-        ),
-    );
-    let pid = wait_for(|| {
-        let p = pids_of(&c, "ws1", "python3");
-        (p.len() == 1 && lines_in(&c, "/tmp/piped") >= 5).then(|| p[0])
-    })
-    .expect("python3 did not start at ws1");
+    let p = Piped::new(&c, 400);
+    let want = p.reference(&c, "cat");
+    assert_eq!(want.lines().count(), 400, "the reference run");
+    let shell = p.start(&c, "cat > /tmp/piped", "echo writer=${PIPESTATUS[0]}");
+    let pid = pid_once_written(&c, "python3", "/tmp/piped");
     migrate_ok(&c, "ws1", pid, "ws2", &[]);
     grows(&c, "/tmp/piped", "no bytes came home from ws2");
     migrate_ok(&c, "ws1", pid, "ws3", &[]);
@@ -75,12 +119,7 @@ fn a_pipe_read_at_home_gets_every_byte_wherever_its_writer_runs() {
         out, "writer=4\nstatus=0",
         "python3's exit status, through the shadow"
     );
-    let got = c.sh_ok("ws1", "cat /tmp/piped");
-    assert_eq!(got.len(), want.len(), "bytes that reached cat at ws1");
-    assert!(
-        got == want,
-        "cat at ws1 got other bytes than an unmigrated run"
-    );
+    holds_exactly(&c, "/tmp/piped", &want);
 }
 
 /// While python3 at ws2 writes into its pipe to `cat` at ws1, ws2's migd and then
@@ -92,51 +131,28 @@ fn a_pipe_read_at_home_gets_every_byte_wherever_its_writer_runs() {
 fn relayed_output_survives_restarts_of_the_hosts_migd_and_of_home_proxy() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let mut c = cluster();
-    let script = c.dir().join("count.py");
-    std::fs::write(&script, COUNT_PY).unwrap();
-    let script = script.display().to_string();
-    let n = 300;
-    let want = c.sh_ok(
-        "ws1",
-        &format!("python3 {script} /dev/stdout {n} 0 | cat > /tmp/ref; cat /tmp/ref"),
-    );
-    let shell = spawn_shell(
-        &c,
-        "ws1",
-        &format!(
-            "python3 {script} /dev/stdout {n} 0.05 | cat > /tmp/piped; echo writer=${{PIPESTATUS[0]}}"
-        ),
-    );
-    let pid = wait_for(|| {
-        let p = pids_of(&c, "ws1", "python3");
-        (p.len() == 1 && lines_in(&c, "/tmp/piped") >= 5).then(|| p[0])
-    })
-    .expect("python3 did not start at ws1");
+    let p = Piped::new(&c, 300);
+    let want = p.reference(&c, "cat");
+    let shell = p.start(&c, "cat > /tmp/piped", "echo writer=${PIPESTATUS[0]}");
+    let pid = pid_once_written(&c, "python3", "/tmp/piped");
     migrate_ok(&c, "ws1", pid, "ws2", &[]);
     grows(&c, "/tmp/piped", "no bytes came home from ws2");
-    c.kill_daemon("ws2", "migd", ferry_tests::Signal::SIGKILL);
-    std::thread::sleep(std::time::Duration::from_millis(500));
-    c.restart_daemon("ws2", "migd");
-    grows(&c, "/tmp/piped", "no bytes after ws2's migd restarted");
-    c.kill_daemon("ws1", "home-proxy", ferry_tests::Signal::SIGKILL);
-    std::thread::sleep(std::time::Duration::from_millis(500));
-    c.restart_daemon("ws1", "home-proxy");
-    grows(
-        &c,
-        "/tmp/piped",
-        "no bytes after ws1's home-proxy restarted",
-    );
+    for (node, daemon) in [("ws2", "migd"), ("ws1", "home-proxy")] {
+        c.kill_daemon(node, daemon, Signal::SIGKILL);
+        std::thread::sleep(Duration::from_millis(500));
+        c.restart_daemon(node, daemon);
+        grows(
+            &c,
+            "/tmp/piped",
+            &format!("no bytes after {node}'s {daemon} restarted"),
+        );
+    }
     let out = finish_shell(&c, shell);
     assert_eq!(
         out, "writer=4\nstatus=0",
         "python3's exit status, through the shadow"
     );
-    let got = c.sh_ok("ws1", "cat /tmp/piped");
-    assert_eq!(got.len(), want.len(), "bytes that reached cat at ws1");
-    assert!(
-        got == want,
-        "cat at ws1 got other bytes than an unmigrated run"
-    );
+    holds_exactly(&c, "/tmp/piped", &want);
 }
 
 /// `cat` reads a pipe that python3 at ws1 writes into, and moves from ws1 to ws2,
@@ -147,26 +163,14 @@ fn relayed_output_survives_restarts_of_the_hosts_migd_and_of_home_proxy() {
 fn a_pipe_written_at_home_is_read_whole_wherever_its_reader_runs() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let c = cluster();
-    let script = c.dir().join("count.py");
-    std::fs::write(&script, COUNT_PY).unwrap();
-    let script = script.display().to_string();
-    let n = 400;
-    let want = c.sh_ok(
-        "ws1",
-        &format!("python3 {script} /dev/stdout {n} 0 | cat > /tmp/ref; cat /tmp/ref"),
-    );
-    let shell = spawn_shell(
+    let p = Piped::new(&c, 400);
+    let want = p.reference(&c, "cat");
+    let shell = p.start(
         &c,
-        "ws1",
-        &format!(
-            "python3 {script} /dev/stdout {n} 0.05 | cat > /tmp/copied; echo writer=${{PIPESTATUS[0]}} reader=${{PIPESTATUS[1]}}"
-        ),
+        "cat > /tmp/copied",
+        "echo writer=${PIPESTATUS[0]} reader=${PIPESTATUS[1]}",
     );
-    let pid = wait_for(|| {
-        let p = pids_of(&c, "ws1", "cat");
-        (p.len() == 1 && lines_in(&c, "/tmp/copied") >= 5).then(|| p[0])
-    })
-    .expect("cat did not start at ws1");
+    let pid = pid_once_written(&c, "cat", "/tmp/copied");
     migrate_ok(&c, "ws1", pid, "ws2", &[]);
     grows(&c, "/tmp/copied", "cat at ws2 copies nothing more");
     migrate_ok(&c, "ws1", pid, "ws3", &[]);
@@ -175,9 +179,35 @@ fn a_pipe_written_at_home_is_read_whole_wherever_its_reader_runs() {
     grows(&c, "/tmp/copied", "cat back home copies nothing more");
     let out = finish_shell(&c, shell);
     assert_eq!(out, "writer=4 reader=0\nstatus=0", "exit statuses");
-    let got = c.sh_ok("ws1", "cat /tmp/copied");
-    assert_eq!(got.len(), want.len(), "bytes cat copied");
-    assert!(got == want, "cat copied other bytes than an unmigrated run");
+    holds_exactly(&c, "/tmp/copied", &want);
+}
+
+/// `sed -u` between python3 and `cat` at ws1 (a pipe from home, a pipe to home)
+/// moves to ws2, to ws3 and home while the lines flow: `cat` gets exactly what an
+/// unmigrated pipeline gives.
+#[test]
+fn a_filter_between_two_pipes_at_home_moves_and_passes_every_byte() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let c = cluster();
+    let p = Piped::new(&c, 400);
+    let want = p.reference(&c, "sed -u s/1/one/g | cat");
+    assert!(want.contains("one"), "the reference run");
+    let shell = p.start(
+        &c,
+        "sed -u s/1/one/g | cat > /tmp/filtered",
+        "echo ${PIPESTATUS[*]}",
+    );
+    let pid = pid_once_written(&c, "sed", "/tmp/filtered");
+    for dest in ["ws2", "ws3", "home"] {
+        migrate_ok(&c, "ws1", pid, dest, &[]);
+        grows(
+            &c,
+            "/tmp/filtered",
+            &format!("sed at {dest} passes nothing more"),
+        );
+    }
+    assert_eq!(finish_shell(&c, shell), "4 0 0\nstatus=0", "exit statuses");
+    holds_exactly(&c, "/tmp/filtered", &want);
 }
 
 /// sha256sum, moved to ws2 while python3 at ws1 still writes into its pipe,
@@ -187,35 +217,20 @@ fn a_pipe_written_at_home_is_read_whole_wherever_its_reader_runs() {
 fn a_reader_at_its_host_reads_the_end_when_the_writer_at_home_closes_the_pipe() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let c = cluster();
-    let script = c.dir().join("count.py");
-    std::fs::write(&script, COUNT_PY).unwrap();
-    let script = script.display().to_string();
-    let n = 120;
-    let want = c.sh_ok(
-        "ws1",
-        &format!("python3 {script} /dev/stdout {n} 0 | sha256sum"),
-    );
-    let shell = spawn_shell(
-        &c,
-        "ws1",
-        &format!("python3 {script} /dev/stdout {n} 0.05 | sha256sum > /tmp/sum"),
-    );
+    let p = Piped::new(&c, 120);
+    let want = p.reference(&c, "sha256sum");
+    let shell = p.start(&c, "sha256sum > /tmp/sum", "true");
     let pid = wait_for(|| pids_of(&c, "ws1", "sha256sum").first().copied())
         .expect("sha256sum did not start at ws1");
-    std::thread::sleep(std::time::Duration::from_millis(500));
+    std::thread::sleep(Duration::from_millis(500));
     migrate_ok(&c, "ws1", pid, "ws2", &[]);
     assert_eq!(
         pids_of(&c, "ws2", "sha256sum").len(),
         1,
         "sha256sum runs at ws2"
     );
-    let out = finish_shell(&c, shell);
-    assert_eq!(out, "status=0");
-    assert_eq!(
-        c.sh_ok("ws1", "cat /tmp/sum"),
-        want,
-        "the sum sha256sum printed at ws2"
-    );
+    assert_eq!(finish_shell(&c, shell), "status=0");
+    holds_exactly(&c, "/tmp/sum", &want);
 }
 
 /// `yes` fills its pipe to a reader at ws1 that waits, then takes three lines and
@@ -234,9 +249,9 @@ fn a_writer_whose_reader_at_home_quits_dies_of_sigpipe_as_at_home() {
     let pid =
         wait_for(|| pids_of(&c, "ws1", "yes").first().copied()).expect("yes did not start at ws1");
     // Full pipe: yes is blocked in write.
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    std::thread::sleep(Duration::from_millis(300));
     migrate_ok(&c, "ws1", pid, "ws2", &[]);
-    std::thread::sleep(std::time::Duration::from_secs(1));
+    std::thread::sleep(Duration::from_secs(1));
     assert_eq!(
         pids_of(&c, "ws2", "yes").len(),
         1,
@@ -245,7 +260,7 @@ fn a_writer_whose_reader_at_home_quits_dies_of_sigpipe_as_at_home() {
     let out = finish_shell(&c, shell);
     assert_eq!(out, "yes=141\nstatus=0", "yes died of SIGPIPE");
     assert_eq!(c.sh_ok("ws1", "cat /tmp/head"), "y\ny\ny\n");
-    let gone = wait_up_to(std::time::Duration::from_secs(10), || {
+    let gone = wait_up_to(Duration::from_secs(10), || {
         pids_of(&c, "ws2", "yes").is_empty().then_some(())
     });
     assert!(gone.is_some(), "yes still runs at ws2");
