@@ -300,21 +300,24 @@ pub enum Output {
 /// host has put into the process's pipe so far; home takes those out of its pipe
 /// (until then it only copied them, so nothing is lost if the host goes away).
 /// `None` (a restarted migd, which does not know): what home took out already.
-/// `max`: room in the process's pipe (0: only take out what was taken).
+/// `skip`: bytes after those the host holds already, not in the process's pipe yet
+/// (they are not sent again). `max`: how many more it wants (0: only take out what
+/// was taken).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InputAsk {
     pub id: String,
     pub stream: String,
     pub fd: i32,
     pub taken: Option<u64>,
+    pub skip: u32,
     pub max: u32,
 }
 
 /// Home's answer to an [`InputAsk`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Input {
-    /// The next bytes (none if nothing came within a second), the first of them at
-    /// position `at` of the stream.
+    /// The next bytes (none if nothing came: within a second if the host held
+    /// none), the first of them at position `at` of the stream.
     Data {
         at: u64,
         #[serde(with = "serde_bytes")]

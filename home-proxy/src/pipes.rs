@@ -24,8 +24,12 @@ use std::time::{Duration, Instant};
 /// How long one call waits for room in a full pipe.
 const WAIT: Duration = Duration::from_millis(200);
 
-/// How long one call waits for input to come.
+/// How long one call waits for input to come (if the host holds none).
 const INPUT_WAIT: Duration = Duration::from_secs(1);
+
+/// The capacity given to a pipe at home that a migrated process reads: how far
+/// its writer can get ahead of the relay (each ask takes what the pipe holds).
+const INPUT_PIPE: i32 = 1 << 20;
 
 /// A relayed stream: (migration id, the host's stream name, fd).
 type StreamKey = (String, String, i32);
@@ -128,8 +132,9 @@ impl Streams {
     }
 
     /// Answers `ask` from fd `ask.fd` of process `pid` (see [`InputAsk`]): takes out
-    /// what the host has taken, then copies (tee) up to `max` next bytes, waiting
-    /// for them up to [`INPUT_WAIT`]. Call it off the async threads.
+    /// what the host has taken, then copies (tee) up to `max` bytes after the
+    /// `skip` the host holds, waiting for them up to [`INPUT_WAIT`] if it holds
+    /// none. Call it off the async threads.
     pub fn read(&self, pid: i32, ask: &InputAsk) -> Result<Input, String> {
         // After a restart of home-proxy, a chunk copied but not counted as taken
         // comes again.
@@ -174,24 +179,33 @@ impl Streams {
                 ask.fd
             ));
         }
-        let at = *pos;
+        let skip = ask.skip as usize;
+        let at = *pos + skip as u64;
         if ask.max == 0 {
             return Ok(Input::Data {
                 at,
                 data: Vec::new(),
             });
         }
-        wait_readable(&f, INPUT_WAIT);
+        // Room for the writer to get ahead (the pipe only grows).
+        if migd::sys::pipe_size(f.as_raw_fd()).is_ok_and(|n| n < INPUT_PIPE) {
+            let _ = migd::sys::set_pipe_size(f.as_raw_fd(), INPUT_PIPE);
+        }
+        if skip == 0 {
+            wait_readable(&f, INPUT_WAIT);
+        }
         let (r, w) = migd::sys::pipe().map_err(|e| format!("pipe: {e}"))?;
-        let max = ask.max as usize;
-        let _ = migd::sys::set_pipe_size(w.as_raw_fd(), max.max(4096) as i32);
-        match migd::sys::tee(f.as_raw_fd(), w.as_raw_fd(), max) {
+        let want = skip + ask.max as usize;
+        let _ =
+            migd::sys::set_pipe_size(w.as_raw_fd(), want.clamp(4096, INPUT_PIPE as usize) as i32);
+        match migd::sys::tee(f.as_raw_fd(), w.as_raw_fd(), want) {
             Ok(0) => Ok(Input::End),
             Ok(k) => {
                 let mut data = vec![0u8; k];
                 std::fs::File::from(r)
                     .read_exact(&mut data)
                     .map_err(|e| format!("reading what tee copied: {e}"))?;
+                data.drain(..skip.min(k));
                 Ok(Input::Data { at, data })
             }
             Err(nix::errno::Errno::EAGAIN) => Ok(Input::Data {
@@ -318,6 +332,7 @@ mod tests {
             stream: "img".into(),
             fd,
             taken,
+            skip: 0,
             max,
         }
     }
@@ -341,6 +356,16 @@ mod tests {
         assert_eq!(data(s.read(pid, &ask(Some(0), 4, fd)).unwrap()), b"abcd");
         // The host put 4 in: they go, the rest comes.
         assert_eq!(data(s.read(pid, &ask(Some(4), 100, fd)).unwrap()), b"ef");
+        // The host holds 1 more byte than it put in (skip): from the one after.
+        let mut a = ask(Some(4), 100, fd);
+        a.skip = 1;
+        assert_eq!(
+            s.read(pid, &a).unwrap(),
+            Input::Data {
+                at: 5,
+                data: b"f".to_vec()
+            }
+        );
         // The host says it has fewer than were taken out: refused.
         assert!(s.read(pid, &ask(Some(2), 100, fd)).is_err());
         // Only taking out (max 0), then the end.

@@ -12,10 +12,10 @@
 //!   slow reader at home slows the writer here, as a pipe does. Each chunk carries
 //!   its offset in the relayed stream: a chunk sent again after a lost answer is
 //!   not written twice.
-//! - Input (the process reads): while there is room in its pipe, home is asked for
-//!   what the writer there put into the shadow's pipe
-//!   ([`common::migproto::ProxyService::input`]); home copies it, and takes it out
-//!   of its pipe once told it is in the process's pipe here (the next ask says how
+//! - Input (the process reads): home is asked for what the writer there put into
+//!   the shadow's pipe ([`common::migproto::ProxyService::input`]), up to 1 MiB
+//!   ahead of what the process's pipe takes; home copies it, and takes it out of
+//!   its pipe once told it is in the process's pipe here (the next ask says how
 //!   much is).
 //! - Order: the host reports the process's end home only after every output relay
 //!   has reached the end of its pipe ([`RelaySet::finish`]), so the reader at home
@@ -399,8 +399,14 @@ async fn pump_out(
     }
 }
 
+/// How much a relay of input holds beyond what the process's pipe holds.
+const INPUT_AHEAD: usize = 1 << 20;
+
 /// Relays one pipe the process reads until the writer at home closes it (see the
-/// module's doc). Runs until then, or until [`RelaySet::finish`] stops it.
+/// module's doc). Up to [`INPUT_AHEAD`] bytes are held here beyond what the
+/// process's pipe takes (home still has them: it takes bytes out of its pipe only
+/// once they are in the process's). Runs until the end, or until
+/// [`RelaySet::finish`] stops it.
 async fn pump_in(
     d: Arc<Daemon>,
     to: Target,
@@ -409,19 +415,20 @@ async fn pump_in(
     end: i32,
     mut paused: watch::Receiver<bool>,
 ) {
-    let wfd = pipe.as_raw_fd();
-    let capacity = crate::sys::pipe_size(wfd).unwrap_or(65536).max(4096) as usize;
     // Bytes of the stream put into the process's pipe (unknown after a restart
-    // until home answers), and whether home was told so.
+    // until home answers), whether home was told so, and the bytes after those.
     let mut taken: Option<u64> = None;
     let mut told = true;
+    let mut held: Vec<u8> = Vec::new();
     let mut client: Option<ProxyServiceClient> = None;
     let mut tries = 0u32;
     loop {
         if *paused.borrow_and_update() {
+            // What is held here stays at home (not taken out there).
+            held.clear();
             if !told {
-                let ask = ask(&to, relay.fd, taken, 0);
-                if let Err(e) = ask_home(&d, &to.home, &mut client, ask).await {
+                let a = ask(&to, relay.fd, taken, 0, 0);
+                if let Err(e) = ask_home(&d, &to.home, &mut client, a).await {
                     client = None;
                     tracing::warn!(error = %e, "telling home what the process's pipe holds; trying again");
                     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -438,20 +445,46 @@ async fn pump_in(
             relay.parked.store(false, Ordering::SeqCst);
             continue;
         }
-        // Room in the process's pipe (it reads), or a pause.
-        tokio::select! {
-            r = pipe.writable() => if let Err(e) = r {
-                tracing::debug!(error = %e, "the process's pipe is gone");
-                return;
-            },
-            _ = paused.changed() => continue,
+        // Into the process's pipe, what fits now.
+        if !held.is_empty() {
+            match pipe.try_write(&held) {
+                Ok(k) => {
+                    held.drain(..k);
+                    taken = taken.map(|t| t + k as u64);
+                    told = false;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => {
+                    // The process closed its end: nobody here reads any more.
+                    tracing::debug!(error = %e, "the process's pipe is closed");
+                    return;
+                }
+            }
         }
-        let room = capacity.saturating_sub(crate::sys::fionread(wfd).unwrap_or(0));
-        if room == 0 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
+        if held.len() >= INPUT_AHEAD {
+            // Home learns at once what went in (a restarted migd would not know),
+            // then the process's pipe is waited on.
+            if !told {
+                let a = ask(&to, relay.fd, taken, held.len() as u32, 0);
+                match ask_home(&d, &to.home, &mut client, a).await {
+                    Ok(_) => told = true,
+                    Err(_) => client = None,
+                }
+            }
+            tokio::select! {
+                r = pipe.writable() => if r.is_err() { return },
+                _ = paused.changed() => {}
+            }
             continue;
         }
-        let a = ask(&to, relay.fd, taken, room.min(CHUNK) as u32);
+        // More from home.
+        let a = ask(
+            &to,
+            relay.fd,
+            taken,
+            held.len() as u32,
+            (INPUT_AHEAD - held.len()).min(CHUNK) as u32,
+        );
         let answer = tokio::select! {
             a = ask_home(&d, &to.home, &mut client, a) => a,
             _ = paused.changed() => continue,
@@ -459,24 +492,24 @@ async fn pump_in(
         match answer {
             Ok(Input::Data { at, data }) => {
                 tries = 0;
-                taken = Some(at);
+                // `at` follows what is held here.
+                taken = Some(at - held.len() as u64);
                 told = true;
-                if data.is_empty() {
-                    continue;
-                }
-                match put(&pipe, &data).await {
-                    Ok(()) => {
-                        taken = Some(at + data.len() as u64);
-                        told = false;
-                    }
-                    Err(e) => {
-                        // The process closed its end: nobody here reads any more.
-                        tracing::debug!(error = %e, "the process's pipe is closed");
-                        return;
+                if data.is_empty() && !held.is_empty() {
+                    // Nothing new, and the process's pipe was full: wait for room.
+                    tokio::select! {
+                        r = pipe.writable() => if r.is_err() { return },
+                        _ = paused.changed() => {}
+                        _ = tokio::time::sleep(Duration::from_millis(100)) => {}
                     }
                 }
+                held.extend_from_slice(&data);
             }
             Ok(Input::End) => {
+                if let Err(e) = put(&pipe, &held).await {
+                    tracing::debug!(error = %e, "the process's pipe is closed");
+                    return;
+                }
                 tracing::info!("the writer at home closed the pipe: the process reads its end");
                 drop(pipe);
                 to.close_theirs(end);
@@ -495,17 +528,18 @@ async fn pump_in(
     }
 }
 
-fn ask(to: &Target, fd: i32, taken: Option<u64>, max: u32) -> InputAsk {
+fn ask(to: &Target, fd: i32, taken: Option<u64>, skip: u32, max: u32) -> InputAsk {
     InputAsk {
         id: to.id.clone(),
         stream: to.stream.clone(),
         fd,
         taken,
+        skip,
         max,
     }
 }
 
-/// Writes all of `data` into the process's pipe (there was room for it).
+/// Writes all of `data` into the process's pipe.
 async fn put(pipe: &pipe::Sender, mut data: &[u8]) -> std::io::Result<()> {
     while !data.is_empty() {
         pipe.writable().await?;
