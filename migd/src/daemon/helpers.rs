@@ -405,7 +405,7 @@ fn shadow_loop(
             let t0 = std::time::Instant::now();
             while t0.elapsed() < Duration::from_secs(1) {
                 if let Some(status) = sys::exited(pid) {
-                    tracing::info!(pid, "the original was killed before it became the shadow");
+                    tracing::info!(pid, status, error = %e, "the original was killed before it became the shadow");
                     say_gone(&mut link, status);
                     return 0;
                 }

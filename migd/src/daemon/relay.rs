@@ -591,10 +591,7 @@ async fn send(
     chunk: OutputChunk,
 ) -> Result<Output, String> {
     let c = connect(d, home, client).await?;
-    match c.output(super::long_ctx(), chunk).await {
-        Ok(r) => r.map_err(|e| e.to_string()),
-        Err(e) => Err(format!("home-proxy at {home}: {e}")),
-    }
+    super::flat(home, c.output(super::long_ctx(), chunk).await).map_err(|e| e.to_string())
 }
 
 /// One ask for input to home-proxy.
@@ -605,10 +602,7 @@ async fn ask_home(
     ask: InputAsk,
 ) -> Result<Input, String> {
     let c = connect(d, home, client).await?;
-    match c.input(super::long_ctx(), ask).await {
-        Ok(r) => r.map_err(|e| e.to_string()),
-        Err(e) => Err(format!("home-proxy at {home}: {e}")),
-    }
+    super::flat(home, c.input(super::long_ctx(), ask).await).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
