@@ -9,6 +9,10 @@
 //! process's end (`exited`), the keeper makes the shadow exit with the same status or
 //! die of the same signal, so the parent's wait() sees the truth.
 //!
+//! Pipes whose other end is here stay here: the host relays what the process
+//! writes into them (`output`) and reads from them (`input`), and [`pipes`] writes
+//! into and reads from the shadow's own pipes.
+//!
 //! Going home (`restore_into`, `commit_home`, `abort_home`, asked by this node's
 //! migd): the shadow's keeper restores the image into the shadow itself (same pid,
 //! same parent), holds it stopped until the commit, then lets it run and exits;

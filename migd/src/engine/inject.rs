@@ -46,8 +46,6 @@ pub enum InjectError {
         nr: i64,
         source: FreezeError,
     },
-    #[error("injecting syscall {nr} into tid {tid}: unexpected stop (signal {sig})")]
-    Unexpected { tid: i32, nr: i64, sig: i32 },
     #[error("syscall {what} in tid {tid} failed: {errno}")]
     Failed {
         tid: i32,
@@ -184,8 +182,27 @@ fn write_all(pid: i32, addr: u64, bytes: &[u8]) -> Result<(), nix::errno::Errno>
 }
 
 /// Lets `t` run from where its registers point until the gadget's `int3`; returns
-/// the thread a `clone` among the calls made, if any.
+/// the thread a `clone` among the calls made, if any. A signal that comes to the
+/// thread meanwhile (a `kill -STOP` while a shadow is being made, say) is not
+/// delivered in the middle of the calls: it is held back and sent to the thread
+/// again once they are done, so it is pending as before.
 fn run_to_trap(t: &Stopped, nr: i64) -> Result<Option<i32>, InjectError> {
+    let tid = t.tid;
+    let mut held_back: Vec<i32> = Vec::new();
+    let r = run_to_trap_holding(t, nr, &mut held_back);
+    for s in held_back {
+        if let Err(errno) = sys::tkill(tid, s) {
+            tracing::warn!(tid, sig = s, %errno, "a signal held back while calls were injected could not be sent again");
+        }
+    }
+    r
+}
+
+fn run_to_trap_holding(
+    t: &Stopped,
+    nr: i64,
+    held_back: &mut Vec<i32>,
+) -> Result<Option<i32>, InjectError> {
     let tid = t.tid;
     let perr = |source| InjectError::Ptrace { tid, nr, source };
     let mut new_tid = None;
@@ -207,7 +224,10 @@ fn run_to_trap(t: &Stopped, nr: i64) -> Result<Option<i32>, InjectError> {
                 sig = 0;
             }
             StopKind::Event | StopKind::Syscall => sig = 0,
-            StopKind::Signal(s) => return Err(InjectError::Unexpected { tid, nr, sig: s }),
+            StopKind::Signal(s) => {
+                held_back.push(s);
+                sig = 0;
+            }
         }
     }
     Ok(new_tid)

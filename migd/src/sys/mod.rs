@@ -628,6 +628,12 @@ pub fn fionread(fd: RawFd) -> Result<usize, Errno> {
     Ok(n as usize)
 }
 
+/// tkill(tid, sig): sends `sig` to one thread.
+pub fn tkill(tid: i32, sig: i32) -> Result<(), Errno> {
+    // SAFETY: tkill takes only integers.
+    check(unsafe { libc::syscall(libc::SYS_tkill, tid, sig) }).map(drop)
+}
+
 /// Sends `sig` to a process.
 pub fn kill(pid: i32, sig: i32) -> Result<(), Errno> {
     // SAFETY: kill takes only integers.
