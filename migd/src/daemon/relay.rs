@@ -162,11 +162,7 @@ pub fn start(d: &Arc<Daemon>, id: &str, line: &str) -> Result<(), String> {
             let peek = ours.try_clone().map_err(|e| format!("fd {fd}: dup: {e}"))?;
             // Made non-blocking: the restorer's copy shares the flag, and never reads.
             let Ok(pipe) = pipe::Receiver::from_owned_fd(ours) else {
-                tracing::info!(
-                    fd,
-                    end = e.end,
-                    "a relay end that is no pipe (closed, its number reused): that relay has ended"
-                );
+                no_pipe(e);
                 continue;
             };
             let relay = Arc::new(OutRelay {
@@ -179,11 +175,7 @@ pub fn start(d: &Arc<Daemon>, id: &str, line: &str) -> Result<(), String> {
             outs.push(relay);
         } else {
             let Ok(pipe) = pipe::Sender::from_owned_fd(ours) else {
-                tracing::info!(
-                    fd,
-                    end = e.end,
-                    "a relay end that is no pipe (closed, its number reused): that relay has ended"
-                );
+                no_pipe(e);
                 continue;
             };
             let relay = Arc::new(InRelay {
@@ -218,6 +210,16 @@ pub fn start(d: &Arc<Daemon>, id: &str, line: &str) -> Result<(), String> {
         }),
     );
     Ok(())
+}
+
+/// Logs that relay end `e` of the restorer is no pipe any more: closed since (see
+/// `Target::close_theirs`) and its number reused, so that relay has ended.
+fn no_pipe(e: End) {
+    tracing::info!(
+        fd = e.fd,
+        end = e.end,
+        "a relay end that is no pipe (closed, its number reused): that relay has ended"
+    );
 }
 
 /// The relays of foreign process `id`, if it has any.
